@@ -1,0 +1,1 @@
+"""Shared pieces of the InferenceServer platform: the wire contract, safe zips, the CLI."""

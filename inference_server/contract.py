@@ -1,0 +1,185 @@
+"""The wire contract shared by every service: task states, status codes, schemas, routes.
+
+Every service and the client import from here; nothing in this module is copied elsewhere.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import IntEnum, StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SERVICE_TOKEN_HEADER = "X-Service-Token"
+CONSUMER_ID_HEADER = "X-Consumer-Id"
+
+HUMAN_READABLE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+HUMAN_READABLE_ID_RE = re.compile(HUMAN_READABLE_ID_PATTERN)
+# A docker image reference: [registry[:port]/]path[:tag][@digest], kept deliberately strict.
+CONTAINER_TAG_PATTERN = (
+    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._/-][a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$"
+)
+CONTAINER_TAG_RE = re.compile(CONTAINER_TAG_PATTERN)
+TASK_UID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
+TASK_UID_RE = re.compile(TASK_UID_PATTERN)
+
+
+class TaskStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    DELETED = "deleted"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self not in (TaskStatus.PENDING, TaskStatus.RUNNING)
+
+
+class V12Code(IntEnum):
+    """The custom HTTP codes InferenceServer v1.2 clients switch on when polling a task."""
+
+    PENDING = 551
+    FAILED = 552
+    OUTPUT_MISSING = 553
+    NOT_FOUND = 554
+
+
+def v12_code_for(status: TaskStatus, output_present: bool) -> int:
+    """The v1.2 poll answer for a task: 200 means the output zip follows."""
+    if status in (TaskStatus.PENDING, TaskStatus.RUNNING):
+        return V12Code.PENDING
+    if status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+        return V12Code.FAILED
+    if status == TaskStatus.DELETED:
+        return V12Code.NOT_FOUND
+    if status == TaskStatus.FINISHED and output_present:
+        return 200
+    return V12Code.OUTPUT_MISSING
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+class ModelLimits(BaseModel):
+    """Per-model resource limits and isolation; None means the platform default."""
+
+    timeout_s: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+    memory_mb: int | None = Field(default=None, ge=16, le=4 * 1024 * 1024)
+    cpus: float | None = Field(default=None, gt=0, le=1024)
+    pids: int | None = Field(default=None, ge=8, le=1_000_000)
+    allow_network: bool = False
+    run_as_root: bool = False
+
+
+class ModelPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    human_readable_id: str
+    container_tag: str
+    description: str
+    use_gpu: bool
+    model_available: bool
+    model_zip_sha256: str | None = None
+    timeout_s: int | None = None
+    memory_mb: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+    allow_network: bool = False
+    run_as_root: bool = False
+    created_at: datetime
+
+
+class TaskPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    uid: str
+    model_human_readable_id: str
+    status: TaskStatus
+    priority: int = 0
+    attempts: int = 0
+    exit_code: int | None = None
+    error: str | None = None
+    input_sha256: str | None = None
+    output_sha256: str | None = None
+    output_present: bool = False
+    consumer_id: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class TaskClaim(BaseModel):
+    """What a consumer receives when it wins a task: everything needed to run it."""
+
+    task: TaskPublic
+    model: ModelPublic
+    lease_seconds: int
+
+
+class HeartbeatReply(BaseModel):
+    """The consumer keeps running only while `keep_running` is true (false once cancelled)."""
+
+    keep_running: bool
+    status: TaskStatus
+
+
+class TaskFailure(BaseModel):
+    error: str = Field(max_length=20_000)
+    exit_code: int | None = None
+    retryable: bool = False
+
+
+class TaskRelease(BaseModel):
+    """A consumer giving a task back unrun (shutdown, infrastructure error)."""
+
+    reason: str = Field(max_length=2_000)
+
+
+class HealthReport(BaseModel):
+    status: str
+    checks: dict[str, str]
+
+
+class PrivateRoutes:
+    """Paths of the private API, relative to its base URL."""
+
+    MODELS = "/models"
+    MODEL = "/models/{human_readable_id}"
+    MODEL_ZIP = "/models/{human_readable_id}/zip"
+    TASKS = "/tasks"
+    TASK = "/tasks/{uid}"
+    TASK_CANCEL = "/tasks/{uid}/cancel"
+    TASK_INPUT = "/tasks/{uid}/input"
+    TASK_OUTPUT = "/tasks/{uid}/output"
+    TASK_LOGS = "/tasks/{uid}/logs"
+    TASK_CLAIM = "/tasks/{uid}/claim"
+    TASK_HEARTBEAT = "/tasks/{uid}/heartbeat"
+    TASK_FAIL = "/tasks/{uid}/fail"
+    TASK_RELEASE = "/tasks/{uid}/release"
+    HEALTH_LIVE = "/health/live"
+    HEALTH_READY = "/health/ready"
+
+
+class PublicRoutes:
+    """Paths of the public API; the first five are the v1.2 ones existing clients call."""
+
+    TASKS = "/api/tasks/"
+    TASK = "/api/tasks/{uid}"
+    MODELS = "/api/models/"
+    TASK_STATUS = "/api/tasks/{uid}/status"
+    TASK_LOGS = "/api/tasks/{uid}/logs"
+    TASK_CANCEL = "/api/tasks/{uid}/cancel"
+    HEALTH_LIVE = "/health/live"
+    HEALTH_READY = "/health/ready"
+    METRICS = "/metrics"
+
+
+ZIP_MEDIA_TYPE = "application/zip"
+LOG_MEDIA_TYPE = "text/plain; charset=utf-8"
