@@ -1,0 +1,255 @@
+"""Runs the platform's services as local processes: the embedded default, and the test harness.
+
+Each service is its own OS process (as in production), so a test can SIGKILL a consumer or
+restart the private API exactly as a crash would, and `standalone` is the same code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger("inference_server.launcher")
+
+SERVICE_TOKEN_FILE = "service.token"
+_PR_SET_PDEATHSIG = 1
+
+
+def _detach_and_die_with_parent() -> None:
+    """Runs in the child: own process group (a terminal's Ctrl-C reaches only the launcher, which
+    then stops the children in order), and SIGTERM if the launcher itself dies."""
+    os.setsid()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def load_or_create_secret(path: Path, nbytes: int = 32) -> str:
+    """A secret kept in the data folder, so restarts of the platform agree on it."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(nbytes)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(value + "\n")
+    return value
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    popen: subprocess.Popen | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        try:
+            self.popen = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_detach_and_die_with_parent,
+            )
+        finally:
+            log_file.close()
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None, f"{self.name} was never started"
+        return self.popen.pid
+
+    def send(self, signum: int) -> None:
+        if self.running:
+            assert self.popen is not None
+            self.popen.send_signal(signum)
+
+    def wait(self, timeout: float) -> int | None:
+        if self.popen is None:
+            return None
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if not self.running:
+            return
+        self.send(signal.SIGTERM)
+        if self.wait(timeout) is None:
+            log.warning("%s did not stop within %.0fs after SIGTERM; killing it", self.name, timeout)
+            self.send(signal.SIGKILL)
+            self.wait(10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+@dataclass
+class LocalPlatform:
+    """Private API, public API and N consumers as child processes sharing one data folder."""
+
+    data_dir: Path
+    public_port: int
+    consumers: int = 1
+    private_port: int | None = None
+    host: str = "127.0.0.1"
+    rabbitmq_url: str | None = None
+    queue_name: str | None = None
+    database_url: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    python: str = sys.executable
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.data_dir = self.data_dir.resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.private_port is None:
+            self.private_port = free_port()
+        self.service_token = os.environ.get("IS_SERVICE_TOKEN") or load_or_create_secret(
+            self.data_dir / SERVICE_TOKEN_FILE
+        )
+
+    @property
+    def public_url(self) -> str:
+        return f"http://{self.host}:{self.public_port}"
+
+    @property
+    def private_url(self) -> str:
+        return f"http://{self.host}:{self.private_port}"
+
+    def base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "IS_DATA_DIR": str(self.data_dir),
+                "IS_SERVICE_TOKEN": self.service_token,
+                "IS_PRIVATE_API_URL": self.private_url,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env["IS_DATABASE_URL"] = (
+            self.database_url or env.get("IS_DATABASE_URL") or f"sqlite:///{self.data_dir / 'inference.db'}"
+        )
+        if self.rabbitmq_url:
+            env["IS_RABBITMQ_URL"] = self.rabbitmq_url
+        if self.queue_name:
+            env["IS_QUEUE_NAME"] = self.queue_name
+        env.update(self.extra_env)
+        return env
+
+    def _service(self, name: str, module: str, *args: str) -> ServiceProcess:
+        process = ServiceProcess(
+            name=name,
+            argv=[self.python, "-m", module, *args],
+            env=self.base_env(),
+            log_path=self.data_dir / "logs" / f"{name}.log",
+        )
+        self.processes[name] = process
+        return process
+
+    def start(self, timeout: float = 60.0) -> None:
+        try:
+            private = self._service(
+                "private-api", "private_api", "--host", self.host, "--port", str(self.private_port)
+            )
+            private.start()
+            self.wait_healthy(private, f"{self.private_url}/health/ready", timeout)
+            public = self._service(
+                "public-api", "public_api", "--host", self.host, "--port", str(self.public_port)
+            )
+            public.start()
+            self.wait_healthy(public, f"{self.public_url}/health/ready", timeout)
+            for index in range(self.consumers):
+                self.start_consumer(index)
+        except BaseException:
+            self.stop()
+            raise
+
+    def consumer_name(self, index: int) -> str:
+        return f"consumer-{index}"
+
+    def start_consumer(self, index: int, gpu: str | None = None) -> ServiceProcess:
+        args = ["--consumer-id", f"{socket.gethostname()}-{self.data_dir.name}-{index}"]
+        if gpu is not None:
+            args += ["--gpu", gpu]
+        consumer = self._service(self.consumer_name(index), "job_consumer", *args)
+        consumer.start()
+        return consumer
+
+    def restart(self, name: str, timeout: float = 60.0) -> None:
+        process = self.processes[name]
+        process.stop()
+        process.start()
+        process.restarts += 1
+        if name == "private-api":
+            self.wait_healthy(process, f"{self.private_url}/health/ready", timeout)
+        elif name == "public-api":
+            self.wait_healthy(process, f"{self.public_url}/health/ready", timeout)
+
+    def wait_healthy(self, process: ServiceProcess, url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last_error = "no answer yet"
+        while time.monotonic() < deadline:
+            if not process.running:
+                raise RuntimeError(f"{process.name} exited during start-up:\n{process.log_tail()}")
+            try:
+                response = httpx.get(url, timeout=2.0)
+                if response.status_code == 200:
+                    return
+                last_error = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last_error = str(exc)
+            time.sleep(0.1)
+        raise RuntimeError(f"{process.name} not ready at {url} after {timeout:.0f}s ({last_error}):\n"
+                           f"{process.log_tail()}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        # Consumers first, so none is left running a task against an API that is gone.
+        ordered = sorted(self.processes.values(), key=lambda p: not p.name.startswith("consumer"))
+        for process in ordered:
+            process.send(signal.SIGTERM)
+        for process in ordered:
+            process.stop(timeout)
+
+    def supervise_once(self) -> list[str]:
+        """Restart any child that died on its own; returns the names restarted."""
+        restarted = []
+        for process in self.processes.values():
+            if process.popen is not None and not process.running:
+                log.warning("%s exited with %s; restarting it\n%s", process.name,
+                            process.popen.returncode, process.log_tail(10))
+                process.start()
+                process.restarts += 1
+                restarted.append(process.name)
+        return restarted

@@ -1,0 +1,87 @@
+"""Fixtures shared by every test package: the real RabbitMQ, PostgreSQL and Docker engine.
+
+`make test` runs scripts/setup.sh first, so these services are up; a fixture that cannot
+reach one fails loudly rather than skipping, because a skipped infrastructure test proves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import Iterator
+
+import docker
+import pika
+import psycopg
+import pytest
+
+RABBITMQ_URL = os.environ.get("IS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+POSTGRES_ADMIN_DSN = os.environ.get(
+    "IS_TEST_POSTGRES_DSN", "postgresql://inference_test:inference_test@127.0.0.1:5432/inference_test"
+)
+BASE_IMAGE = os.environ.get("IS_BASE_IMAGE", "inference-server/base:bookworm")
+# Every container, volume and queue a test session makes carries this, so cleanup checks
+# look only at what this session made even when other sessions share the engine.
+TEST_SESSION_ID = f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    connection.close()
+    return RABBITMQ_URL
+
+
+@pytest.fixture
+def queue_name(rabbitmq_url: str) -> Iterator[str]:
+    """A queue name no other test uses; the queue is deleted afterwards."""
+    name = f"is-test-{TEST_SESSION_ID}-{secrets.token_hex(4)}"
+    yield name
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        connection.channel().queue_delete(name)
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    client = docker.from_env()
+    client.ping()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_client: docker.DockerClient) -> str:
+    docker_client.images.get(BASE_IMAGE)
+    return BASE_IMAGE
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (SQLAlchemy URL), dropped after the test."""
+    name = f"is_test_{secrets.token_hex(6)}"
+    with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    yield f"{base}/{name}"
+    with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'inference.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request) -> str:
+    """Runs a test once against SQLite and once against PostgreSQL."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture(scope="session")
+def test_session_id() -> str:
+    return TEST_SESSION_ID
