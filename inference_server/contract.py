@@ -165,6 +165,7 @@ class PrivateRoutes:
     TASK_RELEASE = "/tasks/{uid}/release"
     HEALTH_LIVE = "/health/live"
     HEALTH_READY = "/health/ready"
+    METRICS = "/metrics"
 
 
 class PublicRoutes:
@@ -183,3 +184,8 @@ class PublicRoutes:
 
 ZIP_MEDIA_TYPE = "application/zip"
 LOG_MEDIA_TYPE = "text/plain; charset=utf-8"
+
+# Declared identically by the private API (publisher) and every consumer: RabbitMQ refuses a
+# redeclaration with other arguments (PRECONDITION_FAILED). Task priorities are 0..MAX_PRIORITY.
+TASK_QUEUE_ARGUMENTS: dict[str, int] = {"x-max-priority": 10}
+MAX_PRIORITY = 9

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import httpx
 
+from inference_server.contract import SERVICE_TOKEN_HEADER
+
 log = logging.getLogger("inference_server.launcher")
 
 SERVICE_TOKEN_FILE = "service.token"
@@ -218,13 +220,15 @@ class LocalPlatform:
             self.wait_healthy(process, f"{self.public_url}/health/ready", timeout)
 
     def wait_healthy(self, process: ServiceProcess, url: str, timeout: float) -> None:
+        # The private API answers readiness only to holders of the service token.
+        headers = {SERVICE_TOKEN_HEADER: self.service_token}
         deadline = time.monotonic() + timeout
         last_error = "no answer yet"
         while time.monotonic() < deadline:
             if not process.running:
                 raise RuntimeError(f"{process.name} exited during start-up:\n{process.log_tail()}")
             try:
-                response = httpx.get(url, timeout=2.0)
+                response = httpx.get(url, headers=headers, timeout=2.0)
                 if response.status_code == 200:
                     return
                 last_error = f"HTTP {response.status_code}: {response.text[:200]}"

@@ -1,0 +1,242 @@
+"""`infer`: the command line for users of the public API.
+
+Exit status: 0 success, 1 any failure (one line `infer: error: ...` on stderr), 2 bad usage,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from pydantic import BaseModel
+
+from inference_client.client import InferenceClient, InferenceClientError
+from inference_server.contract import MAX_PRIORITY, TaskStatus
+from inference_server.zipsafe import UnsafeZipError, ZipLimits, extract_zip
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+# Outputs come from our own server, and segmentation masks legitimately compress far beyond any
+# bomb-guard ratio; the size limit on what is written still applies.
+OUTPUT_ZIP_LIMITS = ZipLimits(max_ratio=float("inf"), allow_empty=True)
+
+Handler = Callable[[InferenceClient, argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the same one-line form as every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        _say_error(f"{message} (see '{self.prog} --help')")
+        raise SystemExit(2)
+
+
+def _say_error(message: str) -> None:
+    print(f"infer: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _print_json(value: BaseModel | list[BaseModel]) -> None:
+    if isinstance(value, list):
+        print(json.dumps([item.model_dump(mode="json") for item in value], indent=2))
+    else:
+        print(value.model_dump_json(indent=2))
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    # None lets tqdm decide: bars only when stderr is a terminal.
+    return True if args.progress else None
+
+
+def _save_output(client: InferenceClient, uid: str, out: str | None, progress: bool | None) -> None:
+    """Write the output zip to `out` (default <uid>.zip), or unpack it when `out` is a folder."""
+    if out is None:
+        out = f"{uid}.zip"
+    if not (out.endswith(("/", os.sep)) or Path(out).is_dir()):
+        saved = client.download(uid, out, progress=progress)
+        print(f"infer: output of task {uid} saved to {saved}", file=sys.stderr)
+        return
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="infer-download-") as scratch:
+        archive = client.download(uid, Path(scratch) / f"{uid}.zip", progress=progress)
+        extract_zip(archive, folder, OUTPUT_ZIP_LIMITS)
+    print(f"infer: output of task {uid} unpacked in {folder}", file=sys.stderr)
+
+
+def _models_list(client: InferenceClient, args: argparse.Namespace) -> int:
+    models = client.list_models()
+    if args.json:
+        _print_json(models)
+        return 0
+    rows = [("ID", "CONTAINER TAG", "GPU", "MODEL ZIP", "DESCRIPTION")]
+    rows += [
+        (m.human_readable_id, m.container_tag, "yes" if m.use_gpu else "no",
+         "yes" if m.model_available else "no", m.description)
+        for m in models
+    ]  # fmt: skip
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4])
+    return 0
+
+
+def _models_add(client: InferenceClient, args: argparse.Namespace) -> int:
+    model = client.add_model(
+        args.container_tag,
+        args.human_readable_id,
+        args.description,
+        use_gpu=args.gpu,
+        model_zip=args.model_zip,
+        progress=_progress(args),
+    )
+    _print_json(model)
+    return 0
+
+
+def _submit(client: InferenceClient, args: argparse.Namespace) -> int:
+    uid = client.submit(args.model, args.path, priority=args.priority, progress=_progress(args))
+    print(uid, flush=True)
+    if not args.wait:
+        return 0
+    task = client.wait(uid, poll_interval=args.poll_interval, timeout=args.timeout)
+    if task.status != TaskStatus.FINISHED:
+        reason = f": {task.error}" if task.error else ""
+        raise InferenceClientError(None, f"task {uid} {task.status}{reason}")
+    _save_output(client, uid, args.output, _progress(args))
+    return 0
+
+
+def _status(client: InferenceClient, args: argparse.Namespace) -> int:
+    _print_json(client.status(args.uid))
+    return 0
+
+
+def _get(client: InferenceClient, args: argparse.Namespace) -> int:
+    _save_output(client, args.uid, args.output, _progress(args))
+    return 0
+
+
+def _logs(client: InferenceClient, args: argparse.Namespace) -> int:
+    text = client.logs(args.uid)
+    sys.stdout.write(text if not text or text.endswith("\n") else text + "\n")
+    return 0
+
+
+def _cancel(client: InferenceClient, args: argparse.Namespace) -> int:
+    _print_json(client.cancel(args.uid))
+    return 0
+
+
+def _delete(client: InferenceClient, args: argparse.Namespace) -> int:
+    _print_json(client.delete(args.uid))
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="infer",
+        description="Submit zips to models on an InferenceServer and fetch the results.",
+        epilog="Token: --token, else IS_API_TOKEN, else <IS_DATA_DIR or ./data>/operator.key.",
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("IS_URL") or DEFAULT_URL,
+        help=f"public API base URL (env IS_URL, default {DEFAULT_URL})",
+    )
+    parser.add_argument("--token", help="API token, sent as 'Authorization: Bearer'")
+    parser.add_argument("--insecure", action="store_true", help="do not verify the TLS certificate")
+    parser.add_argument(
+        "--progress", action="store_true", help="show progress bars even when stderr is not a terminal"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    models = commands.add_parser("models", help="list or register models")
+    model_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    models_list = model_commands.add_parser("list", help="list the models")
+    models_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    models_list.set_defaults(handler=_models_list)
+    models_add = model_commands.add_parser("add", help="register a model (operators)")
+    models_add.add_argument("--container-tag", required=True, help="Docker image of the model")
+    models_add.add_argument("--id", dest="human_readable_id", required=True, help="name tasks use")
+    models_add.add_argument("--description", required=True)
+    models_add.add_argument("--gpu", action="store_true", help="the model needs a GPU")
+    models_add.add_argument("--model-zip", metavar="PATH", help="zip or folder mounted at /model")
+    models_add.set_defaults(handler=_models_add)
+
+    submit = commands.add_parser("submit", help="submit a zip or a folder as a task; prints its uid")
+    submit.add_argument("model", metavar="MODEL", help="the model's id")
+    submit.add_argument("path", metavar="PATH", help="a zip file, or a folder to zip")
+    submit.add_argument("--wait", action="store_true", help="wait for the task, then fetch its output")
+    submit.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="with --wait: where to save (default <uid>.zip; a folder unzips)",
+    )
+    submit.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        choices=range(MAX_PRIORITY + 1),
+        metavar="N",
+        help=f"0-{MAX_PRIORITY}, higher runs sooner",
+    )
+    submit.add_argument("--timeout", type=_positive_float, metavar="S", help="with --wait: give up after S s")
+    submit.add_argument(
+        "--poll-interval", type=_positive_float, default=2.0, metavar="S", help="with --wait (default 2)"
+    )
+    submit.set_defaults(handler=_submit)
+
+    for name, handler, text in (
+        ("status", _status, "a task's status as JSON"),
+        ("logs", _logs, "a task's container log"),
+        ("cancel", _cancel, "cancel a pending or running task"),
+        ("delete", _delete, "delete a task and its data"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("uid", metavar="UID")
+        command.set_defaults(handler=handler)
+
+    get = commands.add_parser("get", help="download a finished task's output")
+    get.add_argument("uid", metavar="UID")
+    get.add_argument("-o", "--output", metavar="OUT", help="default <uid>.zip; a folder (or OUT/) unzips")
+    get.set_defaults(handler=_get)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        with InferenceClient(args.url, token=args.token, verify=not args.insecure) as client:
+            return handler(client, args)
+    except InferenceClientError as exc:
+        _say_error(str(exc))
+    except UnsafeZipError as exc:
+        _say_error(f"the output zip cannot be unpacked safely: {exc}")
+    except OSError as exc:
+        _say_error(str(exc))
+    except KeyboardInterrupt:
+        _say_error("interrupted")
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

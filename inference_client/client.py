@@ -1,0 +1,374 @@
+"""A small client for the public API that scripts can import.
+
+    from inference_client import InferenceClient
+
+    with InferenceClient("https://inference.example.org") as client:
+        uid = client.submit("my-model", "scans/")
+        task = client.wait(uid)
+        client.download(uid, "result.zip")
+
+Uploads and downloads stream from and to disk, so a zip of any size needs little memory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+from pydantic import TypeAdapter, ValidationError
+from tqdm import tqdm
+
+from inference_server.contract import ModelPublic, PublicRoutes, TaskPublic, V12Code
+from inference_server.zipsafe import zip_directory
+
+CHUNK_SIZE = 1024 * 1024
+TOKEN_FILE_NAME = "operator.key"
+
+_V12_MEANINGS = {
+    V12Code.PENDING: "the task is not finished yet (pending or running)",
+    V12Code.FAILED: "the task failed or was cancelled",
+    V12Code.OUTPUT_MISSING: "the task finished but its output is missing",
+    V12Code.NOT_FOUND: "the task is unknown or was deleted",
+}
+_MODEL_LIST = TypeAdapter(list[ModelPublic])
+
+
+class InferenceClientError(Exception):
+    """Anything that went wrong; `status_code` is the HTTP status, None when no answer came."""
+
+    def __init__(self, status_code: int | None, detail: str) -> None:
+        self.status_code = status_code
+        self.detail = detail
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        if self.status_code is None:
+            return self.detail
+        meaning = _V12_MEANINGS.get(self.status_code)
+        if meaning is not None:
+            return f"{meaning} ({self.status_code}): {self.detail}"
+        return f"HTTP {self.status_code}: {self.detail}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def resolve_token(token: str | None = None) -> str | None:
+    """The API token: the argument, else IS_API_TOKEN, else <IS_DATA_DIR or ./data>/operator.key."""
+    if token:
+        return token.strip()
+    from_env = os.environ.get("IS_API_TOKEN", "").strip()
+    if from_env:
+        return from_env
+    token_file = Path(os.environ.get("IS_DATA_DIR") or "data") / TOKEN_FILE_NAME
+    try:
+        return token_file.read_text(encoding="utf-8").strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise InferenceClientError(None, f"cannot read the token file {token_file}: {exc}") from exc
+
+
+def _format_detail(detail: Any) -> str:
+    """FastAPI validation errors come as a list; show them as `where: what` pairs."""
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict) and "msg" in item:
+                where = ".".join(str(part) for part in item.get("loc", ()))
+                parts.append(f"{where}: {item['msg']}" if where else str(item["msg"]))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    return str(detail)
+
+
+def _error_from(response: httpx.Response) -> InferenceClientError:
+    try:
+        body = response.json()
+        detail = body["detail"] if isinstance(body, dict) and "detail" in body else body
+    except ValueError:
+        # A proxy's HTML error page or similar: keep it short and on one line.
+        detail = " ".join(response.text.split())[:300] or response.reason_phrase
+    return InferenceClientError(response.status_code, _format_detail(detail))
+
+
+def _progress_bar(total: int | None, description: str, progress: bool | None) -> tqdm:
+    # progress None: show the bar only when stderr is a terminal (tqdm's disable=None).
+    disable = {True: False, False: True, None: None}[progress]
+    return tqdm(
+        total=total,
+        desc=description,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=disable,
+        leave=False,
+    )
+
+
+def _quoted(uid: str) -> str:
+    # A uid is one path segment: "../models/" must not turn into another route.
+    return urllib.parse.quote(uid, safe="")
+
+
+def _safe_filename(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    return cleaned or "upload.zip"
+
+
+def multipart_file_body(
+    path: Path, *, field: str, on_chunk: Callable[[int], object]
+) -> tuple[dict[str, str], Iterator[bytes]]:
+    """A multipart/form-data body with one file field, produced chunk by chunk from disk.
+
+    The length is known up front (headers + file size), so the request is sent with a
+    Content-Length rather than chunked, and the file is never held in memory.
+    """
+    boundary = f"inference-client-{secrets.token_hex(12)}"
+    head = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="{field}"; filename="{_safe_filename(path.name)}"\r\n'
+        "Content-Type: application/zip\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    size = path.stat().st_size
+    headers = {
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Content-Length": str(len(head) + size + len(tail)),
+    }
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        with path.open("rb") as source:
+            while chunk := source.read(CHUNK_SIZE):
+                on_chunk(len(chunk))
+                yield chunk
+        yield tail
+
+    return headers, chunks()
+
+
+@contextmanager
+def _as_zip(path: Path) -> Iterator[Path]:
+    """The zip to upload: the file itself, or a folder zipped into a temporary file."""
+    if path.is_dir():
+        with tempfile.TemporaryDirectory(prefix="infer-upload-") as scratch:
+            archive = Path(scratch) / f"{_safe_filename(path.resolve().name)}.zip"
+            if zip_directory(path, archive) == 0:
+                raise InferenceClientError(None, f"{path}: the folder holds no files")
+            yield archive
+    elif path.is_file():
+        yield path
+    else:
+        raise InferenceClientError(None, f"{path}: no such file or folder")
+
+
+class InferenceClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        verify: bool | str = True,
+        timeout: float = 60.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        headers = {"User-Agent": "inference-client"}
+        resolved = resolve_token(token)
+        if resolved:
+            headers["Authorization"] = f"Bearer {resolved}"
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            verify=verify,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            follow_redirects=True,
+        )
+        # After an upload the server checks the whole zip before answering: allow it time.
+        self._upload_timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0), read=max(timeout, 900.0))
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _transport_error(self, exc: httpx.HTTPError) -> InferenceClientError:
+        if isinstance(exc, httpx.ConnectError):
+            return InferenceClientError(None, f"cannot connect to {self.base_url}: {exc}")
+        if isinstance(exc, httpx.TimeoutException):
+            return InferenceClientError(None, f"{self.base_url} did not answer in time ({exc!r})")
+        return InferenceClientError(None, f"request to {self.base_url} failed: {exc!r}")
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from exc
+        if response.is_error:
+            raise _error_from(response)
+        return response
+
+    @contextmanager
+    def _stream(self, method: str, path: str) -> Iterator[httpx.Response]:
+        try:
+            with self._http.stream(method, path) as response:
+                if response.is_error:
+                    response.read()
+                    raise _error_from(response)
+                yield response
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from exc
+
+    def _upload(
+        self, path: str, *, params: dict[str, Any], zip_path: Path | None, progress: bool | None
+    ) -> Any:
+        if zip_path is None:
+            return self._request("POST", path, params=params).json()
+        total = zip_path.stat().st_size
+        with _progress_bar(total, f"upload {zip_path.name}", progress) as bar:
+            headers, body = multipart_file_body(zip_path, field="zip_file", on_chunk=bar.update)
+            response = self._request(
+                "POST", path, params=params, headers=headers, content=body, timeout=self._upload_timeout
+            )
+        return response.json()
+
+    @staticmethod
+    def _parse(schema: Any, data: Any) -> Any:
+        try:
+            return (
+                schema.validate_python(data)
+                if isinstance(schema, TypeAdapter)
+                else schema.model_validate(data)
+            )
+        except ValidationError as exc:
+            raise InferenceClientError(None, f"unexpected answer from the server: {exc}") from exc
+
+    # -- models --------------------------------------------------------------------------------
+
+    def list_models(self) -> list[ModelPublic]:
+        return self._parse(_MODEL_LIST, self._request("GET", PublicRoutes.MODELS).json())
+
+    def add_model(
+        self,
+        container_tag: str,
+        human_readable_id: str,
+        description: str = "",
+        *,
+        use_gpu: bool = False,
+        model_zip: str | Path | None = None,
+        progress: bool | None = False,
+        **limits: Any,
+    ) -> ModelPublic:
+        """Register a model; `model_zip` (a zip or a folder) is unpacked at /model for every task.
+
+        `limits` are passed on as query parameters: timeout_s, memory_mb, cpus, pids,
+        allow_network, run_as_root.
+        """
+        params: dict[str, Any] = {
+            "container_tag": container_tag,
+            "human_readable_id": human_readable_id,
+            "description": description,
+            "model_available": model_zip is not None,
+            "use_gpu": use_gpu,
+            **{key: value for key, value in limits.items() if value is not None},
+        }
+        if model_zip is None:
+            data = self._upload(PublicRoutes.MODELS, params=params, zip_path=None, progress=progress)
+        else:
+            with _as_zip(Path(model_zip)) as archive:
+                data = self._upload(PublicRoutes.MODELS, params=params, zip_path=archive, progress=progress)
+        return self._parse(ModelPublic, data)
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    def submit(
+        self, model_id: str, path: str | Path, priority: int = 0, progress: bool | None = False
+    ) -> str:
+        """Upload a zip, or a folder zipped on the fly, as a task for `model_id`; returns its uid."""
+        params: dict[str, Any] = {"model_human_readable_id": model_id}
+        if priority:
+            # Left out at 0 so a plain v1.2 server, which knows no priorities, is served too.
+            params["priority"] = priority
+        with _as_zip(Path(path)) as archive:
+            data = self._upload(PublicRoutes.TASKS, params=params, zip_path=archive, progress=progress)
+        if isinstance(data, dict) and isinstance(data.get("uid"), str):
+            return data["uid"]
+        if not isinstance(data, str):
+            raise InferenceClientError(None, f"unexpected answer to a submission: {data!r}")
+        return data
+
+    def status(self, uid: str) -> TaskPublic:
+        return self._parse(
+            TaskPublic, self._request("GET", PublicRoutes.TASK_STATUS.format(uid=_quoted(uid))).json()
+        )
+
+    def wait(self, uid: str, poll_interval: float = 2.0, timeout: float | None = None) -> TaskPublic:
+        """Poll until the task is finished, failed, cancelled or gone; returns its last status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            task = self.status(uid)
+            if task.status.is_terminal:
+                return task
+            if deadline is not None and time.monotonic() >= deadline:
+                raise InferenceClientError(
+                    None, f"task {uid} is still {task.status} after waiting {timeout:g} s"
+                )
+            pause = poll_interval if deadline is None else min(poll_interval, deadline - time.monotonic())
+            time.sleep(max(pause, 0.0))
+
+    def download(self, uid: str, dest_path: str | Path, progress: bool | None = False) -> Path:
+        """Save the output zip of a finished task; a failed download leaves no partial file."""
+        destination = Path(dest_path)
+        partial = destination.with_name(f".{destination.name}.{secrets.token_hex(4)}.part")
+        try:
+            with self._stream("GET", PublicRoutes.TASK.format(uid=_quoted(uid))) as response:
+                length = response.headers.get("content-length")
+                total = int(length) if length and length.isdigit() else None
+                with (
+                    _progress_bar(total, f"download {destination.name}", progress) as bar,
+                    partial.open("wb") as sink,
+                ):
+                    for chunk in response.iter_bytes(CHUNK_SIZE):
+                        sink.write(chunk)
+                        bar.update(len(chunk))
+            partial.replace(destination)
+        except OSError as exc:
+            raise InferenceClientError(None, f"cannot write {destination}: {exc}") from exc
+        finally:
+            partial.unlink(missing_ok=True)
+        return destination
+
+    def logs(self, uid: str) -> str:
+        return self._request("GET", PublicRoutes.TASK_LOGS.format(uid=_quoted(uid))).text
+
+    def cancel(self, uid: str) -> TaskPublic:
+        return self._parse(
+            TaskPublic, self._request("POST", PublicRoutes.TASK_CANCEL.format(uid=_quoted(uid))).json()
+        )
+
+    def delete(self, uid: str) -> TaskPublic:
+        return self._parse(
+            TaskPublic, self._request("DELETE", PublicRoutes.TASK.format(uid=_quoted(uid))).json()
+        )

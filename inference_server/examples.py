@@ -1,0 +1,57 @@
+"""Building the example models' images and registering them, for `make run`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import docker
+import httpx
+
+from inference_server.contract import SERVICE_TOKEN_HEADER, PrivateRoutes
+from models_examples.catalog import EXAMPLES, ExampleModel, build_example_images
+
+DEFAULT_BASE_IMAGE = "inference-server/base:bookworm"
+
+
+def register_model(private_url: str, service_token: str, example: ExampleModel) -> bool:
+    """Register one example; False when a model with that id is already there."""
+    params = {
+        "container_tag": example.container_tag,
+        "human_readable_id": example.human_readable_id,
+        "description": example.description,
+        "model_available": str(example.model_available).lower(),
+        "use_gpu": str(example.use_gpu).lower(),
+    }
+    headers = {SERVICE_TOKEN_HEADER: service_token}
+    with tempfile.TemporaryDirectory() as scratch:
+        model_zip = example.make_model_zip(Path(scratch) / "model.zip")
+        with httpx.Client(base_url=private_url, headers=headers, timeout=120) as client:
+            if model_zip is None:
+                response = client.post(PrivateRoutes.MODELS, params=params)
+            else:
+                with open(model_zip, "rb") as handle:
+                    response = client.post(
+                        PrivateRoutes.MODELS, params=params,
+                        files={"zip_file": ("model.zip", handle, "application/zip")},
+                    )
+    if response.status_code == 409:
+        return False
+    if response.status_code >= 400:
+        raise RuntimeError(f"registering {example.human_readable_id} failed: "
+                           f"{response.status_code} {response.text[:300]}")
+    return True
+
+
+def register_examples(private_url: str, service_token: str) -> list[str]:
+    """Build every example image from the local base image and register the models."""
+    base_image = os.environ.get("IS_BASE_IMAGE", DEFAULT_BASE_IMAGE)
+    client = docker.from_env()
+    try:
+        build_example_images(client, base_image)
+    finally:
+        client.close()
+    for example in EXAMPLES:
+        register_model(private_url, service_token, example)
+    return [example.human_readable_id for example in EXAMPLES]

@@ -1,0 +1,82 @@
+"""`python -m job_consumer [--gpu ID] [--consumer-id NAME] [--max-tasks N]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from types import FrameType
+
+import docker.errors
+from pydantic import ValidationError
+
+from job_consumer.config import ConsumerSettings
+from job_consumer.consumer import Consumer, ConsumerConfigError
+
+log = logging.getLogger("job_consumer")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m job_consumer",
+        description="Run inference tasks from RabbitMQ in Docker containers, one at a time.",
+    )
+    parser.add_argument("--gpu", help="GPU id this consumer owns (overrides IS_GPU; empty = CPU only)")
+    parser.add_argument("--consumer-id", help="stable name of this consumer (overrides IS_CONSUMER_ID)")
+    parser.add_argument(
+        "--max-tasks", type=int, default=None, metavar="N", help="exit after running N tasks (default: never)"
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    args = parser.parse_args(argv)
+    if args.max_tasks is not None and args.max_tasks < 1:
+        parser.error("--max-tasks must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
+    )
+    overrides = {}
+    if args.gpu is not None:
+        overrides["gpu"] = args.gpu
+    if args.consumer_id is not None:
+        overrides["consumer_id"] = args.consumer_id
+    try:
+        settings = ConsumerSettings(**overrides)
+    except ValidationError as exc:
+        log.error("invalid configuration:\n%s", exc)
+        return 2
+
+    try:
+        consumer = Consumer(settings, max_tasks=args.max_tasks)
+    except docker.errors.DockerException as exc:
+        log.error("cannot reach the Docker engine: %s", exc)
+        return 2
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        # First signal: finish the current task, then exit. Second: stop it now and release it.
+        now = consumer.stop_requested
+        log.info(
+            "%s received: %s",
+            signal.Signals(signum).name,
+            "stopping now" if now else "finishing the current task",
+        )
+        consumer.request_stop(now=now)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        consumer.run()
+    except ConsumerConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The consumer's settings: read once from IS_* environment variables at start-up."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from inference_server.zipsafe import ZipLimits
+
+# Consumer ids end up in Docker labels, HTTP headers and file names, so keep them plain.
+CONSUMER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _default_consumer_id(gpu: str | None) -> str:
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:80] or "consumer"
+    # A GPU consumer keeps its id across restarts, so the leftovers of a crash (containers,
+    # work dirs) are recognised as its own and cleaned; a CPU consumer may share the host.
+    return f"{host}-gpu{gpu}" if gpu is not None else f"{host}-{os.getpid()}"
+
+
+class ConsumerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IS_", extra="ignore")
+
+    private_api_url: str = "http://127.0.0.1:8001"
+    service_token: SecretStr
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    queue_name: str = "inference_tasks"
+    gpu: str | None = None
+    consumer_id: str = ""
+    data_dir: Path = Path("./data")
+    work_dir: Path | None = None
+
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    amqp_heartbeat_s: int = Field(default=30, ge=0)
+    http_connect_timeout_s: float = Field(default=5.0, gt=0)
+    http_read_timeout_s: float = Field(default=30.0, gt=0)
+    reconnect_backoff_max_s: float = Field(default=30.0, gt=0)
+    cleanup_interval_s: float = Field(default=300.0, gt=0)
+    # How long finished work keeps trying to reach an unreachable private API before leaving
+    # the task to the lease reaper.
+    report_retry_s: float = Field(default=120.0, ge=0)
+
+    default_timeout_s: int = Field(default=3600, ge=1)
+    default_memory_mb: int = Field(default=8192, ge=16)
+    default_cpus: float = Field(default=2.0, gt=0)
+    default_pids: int = Field(default=512, ge=8)
+    stop_grace_s: int = Field(default=2, ge=0)
+    max_log_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+
+    zip_max_total_bytes: int = Field(default=20 * 1024**3, ge=1)
+    zip_max_files: int = Field(default=100_000, ge=1)
+    zip_max_ratio: float = Field(default=200.0, gt=1)
+
+    @field_validator("service_token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("IS_SERVICE_TOKEN must not be empty")
+        return value
+
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _blank_gpu_is_none(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value.strip() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _fill_derived(self) -> ConsumerSettings:
+        if not self.consumer_id:
+            self.consumer_id = _default_consumer_id(self.gpu)
+        if not CONSUMER_ID_RE.match(self.consumer_id):
+            raise ValueError(
+                f"consumer id {self.consumer_id!r} must be 1-128 letters, digits, '.', '_' or '-'"
+            )
+        # Bind mounts need absolute host paths, so the work dir is resolved here once.
+        self.work_dir = (self.work_dir or self.data_dir / "work").resolve()
+        return self
+
+    @property
+    def zip_limits(self) -> ZipLimits:
+        return ZipLimits(
+            max_total_bytes=self.zip_max_total_bytes,
+            max_files=self.zip_max_files,
+            max_ratio=self.zip_max_ratio,
+        )
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        assert self.work_dir is not None  # set by the validator
+        return self.work_dir

@@ -1,0 +1,199 @@
+"""The consumer's only way to the data: the private API, over HTTP with the service token."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from inference_server.contract import (
+    CONSUMER_ID_HEADER,
+    LOG_MEDIA_TYPE,
+    SERVICE_TOKEN_HEADER,
+    ZIP_MEDIA_TYPE,
+    HeartbeatReply,
+    PrivateRoutes,
+    TaskClaim,
+    TaskFailure,
+    TaskPublic,
+    TaskRelease,
+)
+from job_consumer.config import ConsumerSettings
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+# Answers that mean "the service is there but cannot serve now": treated like a dropped
+# connection, so the caller backs off and retries instead of giving up on the task.
+UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
+
+
+class PrivateApiUnavailable(Exception):
+    """The private API could not be reached or answered 502/503/504: try again later."""
+
+
+class PrivateApiHttpError(Exception):
+    """The private API answered with an error status; `detail` is its explanation."""
+
+    def __init__(self, method: str, path: str, status_code: int, detail: str) -> None:
+        super().__init__(f"{method} {path} -> {status_code}: {detail}")
+        self.status_code = status_code
+        self.detail = detail
+
+    @property
+    def is_conflict(self) -> bool:
+        """409: this consumer does not (or no longer) hold the task, or the task is already done."""
+        return self.status_code == 409
+
+
+def _detail_of(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    if isinstance(body, dict) and "detail" in body:
+        return str(body["detail"])[:2000]
+    return str(body)[:500]
+
+
+class PrivateApiClient:
+    """One HTTP client per consumer process; every method maps errors to the two exceptions above."""
+
+    def __init__(
+        self,
+        base_url: str,
+        service_token: str,
+        consumer_id: str,
+        *,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.consumer_id = consumer_id
+        self._client = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={SERVICE_TOKEN_HEADER: service_token, CONSUMER_ID_HEADER: consumer_id},
+            # Read/write timeouts apply per chunk, so big streamed bodies are not cut short.
+            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
+            transport=transport,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: ConsumerSettings) -> PrivateApiClient:
+        return cls(
+            settings.private_api_url,
+            settings.service_token.get_secret_value(),
+            settings.consumer_id,
+            connect_timeout_s=settings.http_connect_timeout_s,
+            read_timeout_s=settings.http_read_timeout_s,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> PrivateApiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    @staticmethod
+    def _path(route: str, **params: str) -> str:
+        return route.format(**{key: quote(value, safe="") for key, value in params.items()})
+
+    def _check(self, method: str, path: str, response: httpx.Response) -> None:
+        if response.status_code in UNAVAILABLE_STATUSES:
+            raise PrivateApiUnavailable(f"{method} {path} -> {response.status_code}: {_detail_of(response)}")
+        if response.is_error:
+            raise PrivateApiHttpError(method, path, response.status_code, _detail_of(response))
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise PrivateApiUnavailable(f"{method} {path}: {exc!r}") from exc
+        self._check(method, path, response)
+        return response
+
+    def _download(self, path: str, dest: Path) -> str:
+        """Stream a body into `dest` (never whole in memory); returns its sha256."""
+        digest = hashlib.sha256()
+        try:
+            with self._client.stream("GET", path) as response:
+                if response.is_error:
+                    response.read()
+                    self._check("GET", path, response)
+                with open(dest, "wb") as sink:
+                    for chunk in response.iter_bytes(CHUNK):
+                        digest.update(chunk)
+                        sink.write(chunk)
+        except httpx.TransportError as exc:
+            dest.unlink(missing_ok=True)
+            raise PrivateApiUnavailable(f"GET {path}: {exc!r}") from exc
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+        return digest.hexdigest()
+
+    # --- the calls the consumer makes -------------------------------------------------------
+
+    def claim(self, uid: str) -> TaskClaim | None:
+        """Win the task; None when it is not ours to run (409: taken, done, cancelled; 404: gone)."""
+        path = self._path(PrivateRoutes.TASK_CLAIM, uid=uid)
+        try:
+            response = self._request("POST", path)
+        except PrivateApiHttpError as exc:
+            if exc.status_code in (404, 409):
+                log.info("task %s not claimable (%s): %s", uid, exc.status_code, exc.detail)
+                return None
+            raise
+        return TaskClaim.model_validate(response.json())
+
+    def heartbeat(self, uid: str) -> HeartbeatReply:
+        response = self._request("POST", self._path(PrivateRoutes.TASK_HEARTBEAT, uid=uid))
+        return HeartbeatReply.model_validate(response.json())
+
+    def get_task(self, uid: str) -> TaskPublic:
+        response = self._request("GET", self._path(PrivateRoutes.TASK, uid=uid))
+        return TaskPublic.model_validate(response.json())
+
+    def download_input(self, uid: str, dest: Path) -> str:
+        return self._download(self._path(PrivateRoutes.TASK_INPUT, uid=uid), dest)
+
+    def download_model_zip(self, human_readable_id: str, dest: Path) -> str:
+        return self._download(self._path(PrivateRoutes.MODEL_ZIP, human_readable_id=human_readable_id), dest)
+
+    def upload_logs(self, uid: str, text: str) -> None:
+        self._request(
+            "PUT",
+            self._path(PrivateRoutes.TASK_LOGS, uid=uid),
+            content=text.encode("utf-8", errors="replace"),
+            headers={"Content-Type": LOG_MEDIA_TYPE},
+        )
+
+    def upload_output(self, uid: str, zip_path: Path) -> TaskPublic:
+        path = self._path(PrivateRoutes.TASK_OUTPUT, uid=uid)
+        with open(zip_path, "rb") as body:
+            # httpx reads a file object in chunks, so the zip is never held whole in memory.
+            response = self._request("POST", path, files={"zip_file": ("output.zip", body, ZIP_MEDIA_TYPE)})
+        return TaskPublic.model_validate(response.json())
+
+    def fail(self, uid: str, failure: TaskFailure) -> TaskPublic:
+        response = self._request(
+            "POST", self._path(PrivateRoutes.TASK_FAIL, uid=uid), json=failure.model_dump(mode="json")
+        )
+        return TaskPublic.model_validate(response.json())
+
+    def release(self, uid: str, reason: str) -> TaskPublic:
+        response = self._request(
+            "POST",
+            self._path(PrivateRoutes.TASK_RELEASE, uid=uid),
+            json=TaskRelease(reason=reason[:2000]).model_dump(mode="json"),
+        )
+        return TaskPublic.model_validate(response.json())

@@ -1,0 +1,264 @@
+"""Runs one model container for one task: sibling container, locked down, always removed."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import docker.errors
+import requests
+from docker.models.containers import Container
+from docker.types import DeviceRequest, LogConfig
+
+from inference_server.contract import ModelPublic
+from job_consumer.config import ConsumerSettings
+
+log = logging.getLogger(__name__)
+
+LABEL_MANAGED = "inference-server.managed"
+LABEL_CONSUMER = "inference-server.consumer"
+LABEL_TASK = "inference-server.task"
+UNPRIVILEGED_USER = "65534:65534"  # nobody:nogroup
+POLL_S = 1.0
+# Docker's own copy of the logs is capped too, so a model printing without end cannot fill
+# the disk; the newest part is what survives rotation, and that is what users need.
+CONTAINER_LOG_CONFIG = LogConfig(type=LogConfig.types.JSON, config={"max-size": "10m", "max-file": "2"})
+
+
+class ModelRunError(Exception):
+    """The container could not be run at all (not a model failure); `retryable`: may another try work."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    timeout_s: int
+    memory_mb: int
+    cpus: float
+    pids: int
+    allow_network: bool
+    run_as_root: bool
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exit_code: int | None
+    timed_out: bool
+    oom_killed: bool
+    cancelled: bool
+    logs: str
+    duration_s: float
+    limits: RunLimits
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0 and not (self.timed_out or self.oom_killed or self.cancelled)
+
+
+def _never() -> bool:
+    return False
+
+
+class ModelRunner:
+    """Starts the model image with /input, /output and /model bind-mounted, and waits for it."""
+
+    def __init__(self, docker_client: docker.DockerClient, settings: ConsumerSettings) -> None:
+        self.docker = docker_client
+        self.settings = settings
+        self._host_cpus: float | None = None
+
+    def limits_for(self, model: ModelPublic) -> RunLimits:
+        cpus = model.cpus or self.settings.default_cpus
+        return RunLimits(
+            timeout_s=model.timeout_s or self.settings.default_timeout_s,
+            memory_mb=model.memory_mb or self.settings.default_memory_mb,
+            # Docker refuses a CPU quota above the engine's core count; a smaller host still runs it.
+            cpus=min(cpus, self._engine_cpus()),
+            pids=model.pids or self.settings.default_pids,
+            allow_network=model.allow_network,
+            run_as_root=model.run_as_root,
+        )
+
+    def _engine_cpus(self) -> float:
+        if self._host_cpus is None:
+            try:
+                self._host_cpus = float(self.docker.info().get("NCPU") or 1)
+            except (docker.errors.APIError, requests.exceptions.RequestException):
+                return self.settings.default_cpus
+        return self._host_cpus
+
+    def labels_for(self, task_uid: str) -> dict[str, str]:
+        return {
+            LABEL_MANAGED: "true",
+            LABEL_CONSUMER: self.settings.consumer_id,
+            LABEL_TASK: task_uid,
+        }
+
+    def container_options(
+        self, *, task_uid: str, model: ModelPublic, input_dir: Path, output_dir: Path, model_dir: Path | None
+    ) -> dict:
+        """Everything passed to `containers.create`, kept apart so it can be inspected."""
+        limits = self.limits_for(model)
+        # Same absolute path inside and outside: a consumer that itself runs in a container,
+        # with the engine's socket and the work dir mounted at the same path, still works.
+        volumes = {
+            str(input_dir.resolve()): {"bind": "/input", "mode": "ro"},
+            str(output_dir.resolve()): {"bind": "/output", "mode": "rw"},
+        }
+        if model_dir is not None:
+            volumes[str(model_dir.resolve())] = {"bind": "/model", "mode": "ro"}
+        options: dict = {
+            "image": model.container_tag,
+            "name": f"is-task-{task_uid}-{secrets.token_hex(3)}",
+            "labels": self.labels_for(task_uid),
+            "volumes": volumes,
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "mem_limit": f"{limits.memory_mb}m",
+            # Equal to mem_limit: no swap on top, so the memory limit is the real limit.
+            "memswap_limit": f"{limits.memory_mb}m",
+            "nano_cpus": int(limits.cpus * 1e9),
+            "pids_limit": limits.pids,
+            "log_config": CONTAINER_LOG_CONFIG,
+        }
+        if not limits.allow_network:
+            options["network_mode"] = "none"
+        if not limits.run_as_root:
+            options["user"] = UNPRIVILEGED_USER
+        if model.use_gpu and self.settings.gpu is not None:
+            options["device_requests"] = [
+                DeviceRequest(device_ids=[self.settings.gpu], capabilities=[["gpu"]])
+            ]
+        elif model.use_gpu:
+            log.warning(
+                "model %s wants a GPU but this consumer has none; running on CPU", model.human_readable_id
+            )
+        return options
+
+    def run(
+        self,
+        *,
+        task_uid: str,
+        model: ModelPublic,
+        input_dir: Path,
+        output_dir: Path,
+        model_dir: Path | None = None,
+        should_stop: Callable[[], bool] = _never,
+    ) -> RunResult:
+        options = self.container_options(
+            task_uid=task_uid, model=model, input_dir=input_dir, output_dir=output_dir, model_dir=model_dir
+        )
+        limits = self.limits_for(model)
+        try:
+            self.docker.images.get(model.container_tag)
+        except docker.errors.ImageNotFound as exc:
+            raise ModelRunError(
+                f"image {model.container_tag!r} of model {model.human_readable_id!r} is not present "
+                f"on the Docker engine of consumer {self.settings.consumer_id}",
+                retryable=False,
+            ) from exc
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            raise ModelRunError(f"Docker engine unavailable: {exc}", retryable=True) from exc
+
+        started = time.monotonic()
+        if should_stop():
+            return RunResult(None, False, False, True, "", 0.0, limits)
+        container: Container | None = None
+        try:
+            # create + start rather than run(): run() pulls on a missing image and, if start
+            # fails, leaves a created container behind without returning a handle to it.
+            try:
+                container = self.docker.containers.create(**options)
+                container.start()
+            except docker.errors.ImageNotFound as exc:
+                raise ModelRunError(
+                    f"image {model.container_tag!r} disappeared: {exc}", retryable=False
+                ) from exc
+            except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+                raise ModelRunError(f"could not start the model container: {exc}", retryable=True) from exc
+            log.info("task %s: container %s started (%s)", task_uid, container.short_id, model.container_tag)
+            exit_code, timed_out, cancelled = self._wait(container, limits, started, should_stop)
+            container.reload()
+            oom_killed = bool(container.attrs.get("State", {}).get("OOMKilled"))
+            logs = container.logs(stdout=True, stderr=True).decode("utf-8", errors="replace")
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            raise ModelRunError(f"lost the model container: {exc}", retryable=True) from exc
+        finally:
+            if container is not None:
+                self._remove(container)
+        return RunResult(
+            exit_code=exit_code,
+            timed_out=timed_out,
+            oom_killed=oom_killed,
+            cancelled=cancelled,
+            logs=logs,
+            duration_s=time.monotonic() - started,
+            limits=limits,
+        )
+
+    def _wait(
+        self, container: Container, limits: RunLimits, started: float, should_stop: Callable[[], bool]
+    ) -> tuple[int | None, bool, bool]:
+        """Wait for the exit, killing it at the deadline or stopping it when asked to."""
+        deadline = started + limits.timeout_s
+        timed_out = cancelled = False
+        while True:
+            wait_s = max(0.05, min(POLL_S, deadline - time.monotonic()))
+            try:
+                status = container.wait(timeout=wait_s)
+                return status.get("StatusCode"), timed_out, cancelled
+            except requests.exceptions.RequestException:
+                # docker-py reports the wait's read timeout as a connection error; a reload
+                # tells "still running" (succeeds) from "engine gone" (raises) apart.
+                container.reload()
+                if container.status not in ("created", "running", "restarting", "paused"):
+                    continue
+            if timed_out or cancelled:
+                continue
+            try:
+                if time.monotonic() >= deadline:
+                    log.warning(
+                        "container %s ran past its %ss timeout; killing it",
+                        container.short_id,
+                        limits.timeout_s,
+                    )
+                    timed_out = True
+                    container.kill()
+                elif should_stop():
+                    log.info("container %s: stop requested", container.short_id)
+                    cancelled = True
+                    container.stop(timeout=self.settings.stop_grace_s)
+            except docker.errors.APIError as exc:
+                # Most likely it exited on its own in the meantime; the next wait says so.
+                log.info("container %s: %s", container.short_id, exc)
+
+    def _remove(self, container: Container) -> None:
+        try:
+            container.remove(force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            # The periodic sweep of labelled containers will find it again.
+            log.warning("could not remove container %s: %s", container.short_id, exc)
+
+    def remove_leftovers(self, keep_task_uid: str | None = None) -> int:
+        """Remove this consumer's labelled containers except the current task's (crash leftovers)."""
+        filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_CONSUMER}={self.settings.consumer_id}"]}
+        removed = 0
+        # sparse: no inspect per container, so one vanishing meanwhile cannot fail the listing.
+        for container in self.docker.containers.list(all=True, sparse=True, filters=filters):
+            task_uid = (container.attrs.get("Labels") or {}).get(LABEL_TASK)
+            if keep_task_uid is not None and task_uid == keep_task_uid:
+                continue
+            log.info("removing leftover container %s of task %s", container.short_id, task_uid)
+            self._remove(container)
+            removed += 1
+        return removed

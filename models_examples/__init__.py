@@ -1,0 +1,1 @@
+"""Example models for the platform; `catalog` lists them and builds their images."""

@@ -1,0 +1,43 @@
+"""`python -m private_api --host H --port P`: upgrade the database, then serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from private_api.config import PrivateSettings
+from private_api.db import upgrade_database
+from private_api.main import create_app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m private_api", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = PrivateSettings()
+    except ValidationError as exc:
+        # Most often IS_SERVICE_TOKEN missing or too short: say so and refuse to start.
+        problems = "; ".join(
+            f"IS_{'_'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
+            for error in exc.errors()
+        )
+        print(f"private_api: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    upgrade_database(settings.database_url)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The private API's settings: one class, read from IS_* environment variables, built once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from inference_server.zipsafe import ZipLimits
+
+_DEFAULT_ZIP_LIMITS = ZipLimits()
+
+
+class PrivateSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IS_", extra="ignore")
+
+    database_url: str = "sqlite:///./data/inference.db"
+    data_dir: Path = Path("./data")
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    queue_name: str = Field(default="inference_tasks", min_length=1, max_length=255)
+    # No default on purpose: a private API reachable with a guessable token is an open door,
+    # so a missing or short token stops the service at start-up rather than at first use.
+    service_token: SecretStr = Field(min_length=16)
+
+    lease_seconds: int = Field(default=60, ge=1, le=24 * 3600)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    max_upload_bytes: int = Field(default=50 * 1024**3, ge=1)
+    # Logs past this size are cut (with a note), not refused: a chatty model must not lose its result.
+    max_log_bytes: int = Field(default=16 * 1024**2, ge=1024)
+    zip_max_total_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_total_bytes, ge=1)
+    zip_max_files: int = Field(default=_DEFAULT_ZIP_LIMITS.max_files, ge=1)
+    zip_max_ratio: float = Field(default=_DEFAULT_ZIP_LIMITS.max_ratio, gt=1)
+
+    reaper_interval_s: float = Field(default=2.0, gt=0)
+    outbox_interval_s: float = Field(default=2.0, gt=0)
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def input_zip_limits(self) -> ZipLimits:
+        """Limits for zips users send: task inputs and model zips."""
+        return ZipLimits(
+            max_total_bytes=self.zip_max_total_bytes,
+            max_files=self.zip_max_files,
+            max_ratio=self.zip_max_ratio,
+        )
+
+    @property
+    def output_zip_limits(self) -> ZipLimits:
+        """Outputs come from our own consumer: still no unsafe names, but segmentation masks
+        compress extremely well and a model may legitimately write nothing."""
+        return ZipLimits(
+            max_total_bytes=max(self.zip_max_total_bytes, 1024**4),
+            max_files=max(self.zip_max_files, 1_000_000),
+            max_ratio=float("inf"),
+            allow_empty=True,
+        )

@@ -1,0 +1,49 @@
+"""The domain errors the service raises; errors.py turns each into one HTTP status, in one place."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """Base of every error a caller can cause; the message is the `detail` the caller sees."""
+
+    status_code = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class BadInput(DomainError):
+    """The request is well-formed but its content is unusable (not a zip, unsafe zip, bad multipart)."""
+
+    status_code = 400
+
+
+class Unauthorized(DomainError):
+    status_code = 401
+
+
+class NotFound(DomainError):
+    status_code = 404
+
+
+class Conflict(DomainError):
+    """The resource is not in a state that allows the request (already claimed, finished, named)."""
+
+    status_code = 409
+
+
+class TooLarge(DomainError):
+    status_code = 413
+
+
+class Unprocessable(DomainError):
+    """A required part of the request is missing or contradicts another part."""
+
+    status_code = 422
+
+
+class Unavailable(DomainError):
+    """A dependency (database, broker) cannot be reached right now; retrying later may work."""
+
+    status_code = 503

@@ -1,0 +1,69 @@
+"""The private API application: `create_app(settings)` wires settings, database, blobs and broker."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from private_api.blobs import BlobStore
+from private_api.config import PrivateSettings
+from private_api.db import make_engine, make_session_factory, schema_revision_problem
+from private_api.errors import install_error_handlers
+from private_api.maintenance import MaintenanceLoop
+from private_api.metrics import Metrics
+from private_api.queue import TaskPublisher
+from private_api.routes import api_router
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: PrivateSettings | None = None) -> FastAPI:
+    """Build the app; the database must already be migrated (db.upgrade_database)."""
+    settings = settings if settings is not None else PrivateSettings()
+    engine = make_engine(settings.database_url)
+    session_factory = make_session_factory(engine)
+    blobs = BlobStore(settings.blob_dir)
+    publisher = TaskPublisher(settings.rabbitmq_url, settings.queue_name)
+    maintenance = MaintenanceLoop(
+        session_factory=session_factory,
+        publisher=publisher,
+        max_attempts=settings.max_attempts,
+        reaper_interval_s=settings.reaper_interval_s,
+        outbox_interval_s=settings.outbox_interval_s,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        problem = await run_in_threadpool(schema_revision_problem, engine)
+        if problem is not None:
+            raise RuntimeError(problem)
+        await run_in_threadpool(blobs.remove_stale_temp_files)
+        maintenance.start()
+        log.info("private API ready (queue %s, data in %s)", settings.queue_name, settings.data_dir)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(maintenance.stop)
+            await run_in_threadpool(publisher.close)
+            engine.dispose()
+
+    app = FastAPI(
+        title="InferenceServer private API",
+        summary="Database, blob store and queue behind the public API and the job consumers.",
+        version="1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = session_factory
+    app.state.blobs = blobs
+    app.state.publisher = publisher
+    app.state.maintenance = maintenance
+    app.state.metrics = Metrics(session_factory)
+    install_error_handlers(app)
+    app.include_router(api_router)
+    return app

@@ -1,0 +1,92 @@
+"""The private API's background thread: the outbox and the lease reaper.
+
+One daemon thread, stopped through an Event by the app's lifespan. It also keeps the
+publisher's idle RabbitMQ connection alive (pika's BlockingConnection only answers broker
+heartbeats when someone calls into it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from private_api import service
+from private_api.queue import TaskPublisher
+
+log = logging.getLogger(__name__)
+
+KEEP_ALIVE_S = 5.0
+
+
+class MaintenanceLoop:
+    def __init__(
+        self,
+        *,
+        session_factory: sessionmaker[Session],
+        publisher: TaskPublisher,
+        max_attempts: int,
+        reaper_interval_s: float,
+        outbox_interval_s: float,
+    ) -> None:
+        self._session_factory = session_factory
+        self._publisher = publisher
+        self._max_attempts = max_attempts
+        self._reaper_interval_s = reaper_interval_s
+        self._outbox_interval_s = outbox_interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("maintenance loop already started")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="private-api-maintenance", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.error("maintenance thread did not stop within %.0fs", timeout_s)
+            self._thread = None
+
+    def reap_once(self) -> int:
+        with self._session_factory() as session:
+            return service.reap_expired_leases(
+                session=session, publisher=self._publisher, max_attempts=self._max_attempts
+            )
+
+    def publish_once(self) -> int:
+        with self._session_factory() as session:
+            return service.publish_unpublished(session=session, publisher=self._publisher)
+
+    def _guarded(self, step: Callable[[], int]) -> None:
+        # One failed round (database briefly away) must not end the loop; it is logged and retried.
+        try:
+            step()
+        except Exception:
+            log.exception("maintenance step %s failed; retrying next round", step.__name__)
+
+    def _run(self) -> None:
+        next_reap = next_outbox = time.monotonic()
+        while not self._stop.is_set():
+            self._guarded(self._keep_alive)
+            now = time.monotonic()
+            if now >= next_reap:
+                self._guarded(self.reap_once)
+                next_reap = time.monotonic() + self._reaper_interval_s
+            if now >= next_outbox:
+                self._guarded(self.publish_once)
+                next_outbox = time.monotonic() + self._outbox_interval_s
+            # Wake at least every few seconds: the broker connection needs its heartbeats answered.
+            wake_at = min(next_reap, next_outbox, time.monotonic() + KEEP_ALIVE_S)
+            self._stop.wait(max(0.01, wake_at - time.monotonic()))
+
+    def _keep_alive(self) -> int:
+        self._publisher.keep_alive()
+        return 0

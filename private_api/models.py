@@ -1,0 +1,138 @@
+"""The database tables, as typed SQLAlchemy ORM classes; migrations/versions/ creates them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from inference_server.contract import TaskStatus
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Always-aware UTC datetimes on both databases.
+
+    SQLite keeps no time zone and hands back naive values; comparing those with aware ones
+    (lease expiry) would raise, so values are normalised to UTC on the way in and out.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        # SQLite stores text; dropping the offset keeps every stored value in one sortable format.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class StatusType(TypeDecorator[TaskStatus]):
+    """TaskStatus stored as its plain string value (portable, readable in SQL, no native enum)."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value: TaskStatus | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else TaskStatus(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> TaskStatus | None:
+        return None if value is None else TaskStatus(value)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    human_readable_id: Mapped[str] = mapped_column(String(128), unique=True)
+    container_tag: Mapped[str] = mapped_column(String(512))
+    description: Mapped[str] = mapped_column(Text)
+    use_gpu: Mapped[bool]
+    model_available: Mapped[bool]
+    model_zip_key: Mapped[str | None] = mapped_column(String(255))
+    model_zip_sha256: Mapped[str | None] = mapped_column(String(64))
+    # None means "the platform default" (IS_DEFAULT_* on the consumer).
+    timeout_s: Mapped[int | None]
+    memory_mb: Mapped[int | None]
+    cpus: Mapped[float | None] = mapped_column(Float)
+    pids: Mapped[int | None]
+    allow_network: Mapped[bool]
+    run_as_root: Mapped[bool]
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        Index("ix_tasks_status", "status"),
+        Index("ix_tasks_status_lease_expires_at", "status", "lease_expires_at"),
+        Index("ix_tasks_model_id", "model_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = mapped_column(String(64), unique=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    status: Mapped[TaskStatus] = mapped_column(StatusType)
+    priority: Mapped[int]
+    attempts: Mapped[int]
+    exit_code: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    input_blob_key: Mapped[str | None] = mapped_column(String(255))
+    input_sha256: Mapped[str | None] = mapped_column(String(64))
+    output_blob_key: Mapped[str | None] = mapped_column(String(255))
+    output_sha256: Mapped[str | None] = mapped_column(String(64))
+    log_blob_key: Mapped[str | None] = mapped_column(String(255))
+    consumer_id: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Outbox marker: NULL while a pending task still has to be put on the queue.
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The API key owner who submitted the task; filled in once API keys exist.
+    owner: Mapped[str | None] = mapped_column(String(255))
+
+    # Every task answer names its model, so load it in the same query.
+    model: Mapped[Model] = relationship(lazy="joined", innerjoin=True)
+
+    @property
+    def model_human_readable_id(self) -> str:
+        return self.model.human_readable_id
+
+    @property
+    def output_present(self) -> bool:
+        return self.output_blob_key is not None

@@ -1,0 +1,36 @@
+"""Streaming a stored blob back: chunked reads from an already open file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from fastapi.responses import StreamingResponse
+
+from private_api.blobs import BlobStore
+from private_api.exceptions import NotFound
+
+CHUNK_BYTES = 1024 * 1024
+
+
+def _chunks(handle: BinaryIO) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            yield chunk
+
+
+def blob_response(
+    blobs: BlobStore, key: str, *, media_type: str, filename: str, missing_detail: str
+) -> StreamingResponse:
+    """Open now, stream later: the open file survives a delete racing with the download."""
+    try:
+        handle = blobs.open(key)
+    except FileNotFoundError:
+        raise NotFound(missing_detail) from None
+    size = os.fstat(handle.fileno()).st_size
+    return StreamingResponse(
+        _chunks(handle),
+        media_type=media_type,
+        headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{filename}"'},
+    )

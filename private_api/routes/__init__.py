@@ -1,0 +1,13 @@
+"""All routers of the private API, assembled in one place."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from private_api.routes import consumer, health, models, tasks
+
+api_router = APIRouter()
+api_router.include_router(health.router)
+api_router.include_router(models.router)
+api_router.include_router(tasks.router)
+api_router.include_router(consumer.router)

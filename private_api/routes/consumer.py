@@ -1,0 +1,138 @@
+"""Task routes only job consumers call; each names the consumer in X-Consumer-Id."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from inference_server.contract import (
+    HeartbeatReply,
+    PrivateRoutes,
+    TaskClaim,
+    TaskFailure,
+    TaskPublic,
+    TaskRelease,
+)
+from private_api import service
+from private_api.deps import (
+    BlobsDep,
+    ConsumerIdDep,
+    PublisherDep,
+    SessionDep,
+    SettingsDep,
+    require_service_token,
+)
+from private_api.uploads import receive_log, zip_request_body, zip_upload
+
+router = APIRouter(tags=["consumer"], dependencies=[Depends(require_service_token)])
+
+
+@router.post(PrivateRoutes.TASK_CLAIM, response_model=TaskClaim)
+def claim_task(uid: str, consumer_id: ConsumerIdDep, session: SessionDep, settings: SettingsDep) -> TaskClaim:
+    return service.claim_task(
+        session=session,
+        uid=uid,
+        consumer_id=consumer_id,
+        lease_seconds=settings.lease_seconds,
+        max_attempts=settings.max_attempts,
+    )
+
+
+@router.post(PrivateRoutes.TASK_HEARTBEAT, response_model=HeartbeatReply)
+def heartbeat(
+    uid: str, consumer_id: ConsumerIdDep, session: SessionDep, settings: SettingsDep
+) -> HeartbeatReply:
+    return service.heartbeat(
+        session=session, uid=uid, consumer_id=consumer_id, lease_seconds=settings.lease_seconds
+    )
+
+
+@router.post(
+    PrivateRoutes.TASK_OUTPUT, response_model=TaskPublic, openapi_extra=zip_request_body(required=True)
+)
+async def upload_output(
+    request: Request,
+    uid: str,
+    consumer_id: ConsumerIdDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    blobs: BlobsDep,
+) -> TaskPublic:
+    await run_in_threadpool(service.require_holder, session=session, uid=uid, consumer_id=consumer_id)
+    await run_in_threadpool(session.close)
+    async with zip_upload(
+        request,
+        blobs=blobs,
+        kind="outputs",
+        max_bytes=settings.max_upload_bytes,
+        limits=settings.output_zip_limits,
+    ) as output_blob:
+        return await run_in_threadpool(
+            service.store_output, session=session, uid=uid, consumer_id=consumer_id, output_blob=output_blob
+        )
+
+
+@router.post(PrivateRoutes.TASK_FAIL, response_model=TaskPublic)
+def fail_task(
+    uid: str,
+    failure: TaskFailure,
+    consumer_id: ConsumerIdDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    publisher: PublisherDep,
+) -> TaskPublic:
+    return service.fail_task(
+        session=session,
+        publisher=publisher,
+        uid=uid,
+        consumer_id=consumer_id,
+        failure=failure,
+        max_attempts=settings.max_attempts,
+    )
+
+
+@router.post(PrivateRoutes.TASK_RELEASE, response_model=TaskPublic)
+def release_task(
+    uid: str, release: TaskRelease, consumer_id: ConsumerIdDep, session: SessionDep, publisher: PublisherDep
+) -> TaskPublic:
+    return service.release_task(
+        session=session, publisher=publisher, uid=uid, consumer_id=consumer_id, release=release
+    )
+
+
+@router.put(
+    PrivateRoutes.TASK_LOGS,
+    status_code=204,
+    response_class=Response,
+    openapi_extra={"requestBody": {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def put_task_logs(
+    request: Request,
+    uid: str,
+    consumer_id: ConsumerIdDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    blobs: BlobsDep,
+) -> Response:
+    await run_in_threadpool(
+        service.require_holder,
+        session=session,
+        uid=uid,
+        consumer_id=consumer_id,
+        statuses=service.LOG_WRITABLE_STATUSES,
+    )
+    await run_in_threadpool(session.close)
+    log_blob = await receive_log(request, blobs=blobs, max_bytes=settings.max_log_bytes)
+    try:
+        await run_in_threadpool(
+            service.store_logs,
+            session=session,
+            blobs=blobs,
+            uid=uid,
+            consumer_id=consumer_id,
+            log_blob=log_blob,
+        )
+    except BaseException:
+        await run_in_threadpool(blobs.delete, log_blob.key)
+        raise
+    return Response(status_code=204)

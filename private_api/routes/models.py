@@ -1,0 +1,75 @@
+"""Model registration and lookup (operators, through the public API)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from inference_server.contract import ZIP_MEDIA_TYPE, ModelPublic, PrivateRoutes
+from private_api import service
+from private_api.deps import BlobsDep, SessionDep, SettingsDep, require_service_token
+from private_api.responses import blob_response
+from private_api.schemas import ModelCreate
+from private_api.uploads import optional_zip_upload, zip_request_body
+
+router = APIRouter(tags=["models"], dependencies=[Depends(require_service_token)])
+
+
+@router.post(
+    PrivateRoutes.MODELS,
+    status_code=201,
+    response_model=ModelPublic,
+    openapi_extra=zip_request_body(required=False),
+)
+async def create_model(
+    request: Request,
+    params: Annotated[ModelCreate, Query()],
+    session: SessionDep,
+    settings: SettingsDep,
+    blobs: BlobsDep,
+) -> ModelPublic:
+    await run_in_threadpool(
+        service.ensure_model_name_free, session=session, human_readable_id=params.human_readable_id
+    )
+    # Hand the connection back while the zip streams in; a large model zip takes a while.
+    await run_in_threadpool(session.close)
+    async with optional_zip_upload(
+        request,
+        blobs=blobs,
+        kind="models",
+        max_bytes=settings.max_upload_bytes,
+        limits=settings.input_zip_limits,
+    ) as model_zip:
+        return await run_in_threadpool(
+            service.create_model, session=session, params=params, model_zip=model_zip
+        )
+
+
+@router.get(PrivateRoutes.MODELS, response_model=list[ModelPublic])
+def list_models(session: SessionDep) -> list[ModelPublic]:
+    return service.list_models(session=session)
+
+
+@router.get(PrivateRoutes.MODEL, response_model=ModelPublic)
+def get_model(human_readable_id: str, session: SessionDep) -> ModelPublic:
+    return service.get_model(session=session, human_readable_id=human_readable_id)
+
+
+@router.get(PrivateRoutes.MODEL_ZIP, response_class=StreamingResponse)
+def get_model_zip(human_readable_id: str, session: SessionDep, blobs: BlobsDep) -> StreamingResponse:
+    key = service.model_zip_key(session=session, human_readable_id=human_readable_id)
+    return blob_response(
+        blobs,
+        key,
+        media_type=ZIP_MEDIA_TYPE,
+        filename=f"{human_readable_id}.zip",
+        missing_detail=f"the zip file of model {human_readable_id!r} is missing from storage",
+    )
+
+
+@router.delete(PrivateRoutes.MODEL, response_model=ModelPublic)
+def delete_model(human_readable_id: str, session: SessionDep, blobs: BlobsDep) -> ModelPublic:
+    return service.delete_model(session=session, blobs=blobs, human_readable_id=human_readable_id)

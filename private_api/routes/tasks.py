@@ -1,0 +1,131 @@
+"""Task routes the public API relays for users: submit, status, downloads, cancel, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from inference_server.contract import (
+    HUMAN_READABLE_ID_PATTERN,
+    LOG_MEDIA_TYPE,
+    MAX_PRIORITY,
+    ZIP_MEDIA_TYPE,
+    PrivateRoutes,
+    TaskPublic,
+)
+from private_api import service
+from private_api.deps import (
+    BlobsDep,
+    MetricsDep,
+    PublisherDep,
+    SessionDep,
+    SettingsDep,
+    require_service_token,
+)
+from private_api.exceptions import NotFound
+from private_api.responses import blob_response
+from private_api.uploads import zip_request_body, zip_upload
+
+router = APIRouter(tags=["tasks"], dependencies=[Depends(require_service_token)])
+
+
+@router.post(
+    PrivateRoutes.TASKS,
+    status_code=201,
+    response_model=TaskPublic,
+    openapi_extra=zip_request_body(required=True),
+)
+async def submit_task(
+    request: Request,
+    model_human_readable_id: Annotated[str, Query(pattern=HUMAN_READABLE_ID_PATTERN, max_length=128)],
+    session: SessionDep,
+    settings: SettingsDep,
+    blobs: BlobsDep,
+    publisher: PublisherDep,
+    metrics: MetricsDep,
+    priority: Annotated[int, Query(ge=0, le=MAX_PRIORITY)] = 0,
+) -> TaskPublic:
+    # Unknown model: refuse before a byte of the upload is stored.
+    await run_in_threadpool(service.get_model, session=session, human_readable_id=model_human_readable_id)
+    await run_in_threadpool(session.close)  # no connection held while the body streams in
+    async with zip_upload(
+        request,
+        blobs=blobs,
+        kind="inputs",
+        max_bytes=settings.max_upload_bytes,
+        limits=settings.input_zip_limits,
+    ) as input_blob:
+        task = await run_in_threadpool(
+            service.create_task,
+            session=session,
+            model_human_readable_id=model_human_readable_id,
+            priority=priority,
+            input_blob=input_blob,
+        )
+    metrics.submissions.labels(model=model_human_readable_id).inc()
+    # After the commit: a broker outage leaves the task to the outbox, never fails the submit.
+    await run_in_threadpool(service.publish_task, session=session, publisher=publisher, uid=task.uid)
+    return task
+
+
+@router.get(PrivateRoutes.TASK, response_model=TaskPublic)
+def get_task(uid: str, session: SessionDep) -> TaskPublic:
+    return service.get_task(session=session, uid=uid)
+
+
+@router.get(PrivateRoutes.TASK_INPUT, response_class=StreamingResponse)
+def get_task_input(uid: str, session: SessionDep, blobs: BlobsDep) -> StreamingResponse:
+    key = service.input_blob_key(session=session, uid=uid)
+    return blob_response(
+        blobs,
+        key,
+        media_type=ZIP_MEDIA_TYPE,
+        filename=f"{uid}-input.zip",
+        missing_detail=f"the input of task {uid} is missing from storage",
+    )
+
+
+@router.get(
+    PrivateRoutes.TASK_OUTPUT,
+    response_class=StreamingResponse,
+    responses={
+        404: {"description": "task unknown, or finished with its output missing"},
+        409: {"description": "not finished"},
+    },
+)
+def get_task_output(uid: str, session: SessionDep, blobs: BlobsDep) -> StreamingResponse:
+    key = service.output_blob_key(session=session, uid=uid)
+    return blob_response(
+        blobs,
+        key,
+        media_type=ZIP_MEDIA_TYPE,
+        filename=f"{uid}.zip",
+        missing_detail=f"task {uid} is finished but its output is missing from storage",
+    )
+
+
+@router.get(PrivateRoutes.TASK_LOGS, response_class=PlainTextResponse)
+def get_task_logs(uid: str, session: SessionDep, blobs: BlobsDep) -> Response:
+    key = service.log_blob_key(session=session, uid=uid)
+    if key is None:
+        return Response(content=b"", media_type=LOG_MEDIA_TYPE)
+    try:
+        return blob_response(
+            blobs, key, media_type=LOG_MEDIA_TYPE, filename=f"{uid}.log", missing_detail="log missing"
+        )
+    except NotFound:
+        # Replaced by a newer upload between the lookup and the open: the newer one is next time's.
+        return Response(content=b"", media_type=LOG_MEDIA_TYPE)
+
+
+@router.post(PrivateRoutes.TASK_CANCEL, response_model=TaskPublic)
+def cancel_task(uid: str, session: SessionDep) -> TaskPublic:
+    return service.cancel_task(session=session, uid=uid)
+
+
+@router.delete(PrivateRoutes.TASK, response_model=TaskPublic)
+def delete_task(uid: str, session: SessionDep, blobs: BlobsDep) -> TaskPublic:
+    return service.delete_task(session=session, blobs=blobs, uid=uid)

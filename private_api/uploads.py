@@ -1,0 +1,291 @@
+"""Request bodies straight into the blob store: one pass, bounded memory, size limit while streaming.
+
+A multipart body is parsed as it arrives (python-multipart's push parser); the bytes of the
+file field go to a BlobWriter in ~1 MiB batches written from a worker thread, so neither the
+event loop blocks on disk nor is a file ever held whole in memory. The upload is cut off with
+413 as soon as it crosses the limit, and every failure path deletes what was written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from inference_server.zipsafe import UnsafeZipError, ZipLimits, inspect_zip
+from private_api.blobs import BlobStore, BlobTooLarge, BlobWriter, StoredBlob
+from private_api.exceptions import BadInput, TooLarge, Unprocessable
+
+ZIP_FIELD = "zip_file"
+FLUSH_BYTES = 1024 * 1024
+# Room for boundaries, part headers and the odd extra text field around the file.
+FORM_OVERHEAD_BYTES = 1024 * 1024
+
+
+def zip_request_body(*, required: bool) -> dict:
+    """OpenAPI for a body this module parses by hand (FastAPI cannot see it)."""
+    schema: dict = {
+        "type": "object",
+        "properties": {ZIP_FIELD: {"type": "string", "format": "binary"}},
+    }
+    if required:
+        schema["required"] = [ZIP_FIELD]
+    return {"requestBody": {"required": required, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+class _FormSink:
+    """python-multipart callbacks: collect part headers, buffer the wanted field's bytes."""
+
+    def __init__(self, blobs: BlobStore, *, kind: str, field: str, max_bytes: int) -> None:
+        self._blobs = blobs
+        self._kind = kind
+        self._field = field.encode()
+        self._max_bytes = max_bytes
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        self._in_file_part = False
+        self._other_bytes = 0
+        self.writer: BlobWriter | None = None
+        self.buffer = bytearray()
+        self.file_part_ended = False
+        self.stored: StoredBlob | None = None
+        self.body_complete = False
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._on_part_begin,
+            "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value,
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+            "on_part_data": self._on_part_data,
+            "on_part_end": self._on_part_end,
+            "on_end": self._on_end,
+        }
+
+    def _on_part_begin(self) -> None:
+        self._headers.clear()
+        self._in_file_part = False
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        self._headers[bytes(self._header_name).strip().lower()] = bytes(self._header_value).strip()
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _on_headers_finished(self) -> None:
+        disposition = self._headers.get(b"content-disposition", b"").decode("latin-1")
+        _, options = parse_options_header(disposition)
+        if options.get(b"name") != self._field:
+            return
+        if self.writer is not None or self.stored is not None:
+            raise BadInput(f"the multipart body has more than one {self._field.decode()!r} field")
+        self.writer = self._blobs.writer(self._kind, suffix=".zip", max_bytes=self._max_bytes)
+        self._in_file_part = True
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_file_part:
+            assert self.writer is not None
+            if self.writer.size + len(self.buffer) + (end - start) > self._max_bytes:
+                raise BlobTooLarge(
+                    f"{self._field.decode()} is larger than the limit of {self._max_bytes} bytes"
+                )
+            self.buffer += data[start:end]
+            return
+        # Other fields are ignored, but not without bound.
+        self._other_bytes += end - start
+        if self._other_bytes > FORM_OVERHEAD_BYTES:
+            raise TooLarge(f"form fields besides {self._field.decode()!r} exceed {FORM_OVERHEAD_BYTES} bytes")
+
+    def _on_part_end(self) -> None:
+        if self._in_file_part:
+            self._in_file_part = False
+            self.file_part_ended = True
+
+    def _on_end(self) -> None:
+        self.body_complete = True
+
+    # Disk work, run in a worker thread by the receiving coroutine.
+
+    def flush(self) -> None:
+        if self.writer is not None and self.buffer:
+            self.writer.write(self.buffer)
+            self.buffer.clear()
+        if self.writer is not None and self.file_part_ended:
+            self.stored = self.writer.commit()
+            self.writer = None
+
+    def discard(self, blobs: BlobStore) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        if self.stored is not None:
+            blobs.delete(self.stored.key)
+            self.stored = None
+
+
+def _declared_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadInput("Content-Length is not a number") from None
+
+
+async def _receive_multipart_file(
+    request: Request, *, blobs: BlobStore, kind: str, field: str, max_bytes: int, required: bool
+) -> StoredBlob | None:
+    mime, options = parse_options_header(request.headers.get("content-type"))
+    length = _declared_length(request)
+    if mime != b"multipart/form-data":
+        if not required and not mime and not length and "transfer-encoding" not in request.headers:
+            return None
+        raise Unprocessable(f"send a multipart/form-data body with the file field {field!r}")
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise BadInput("the multipart/form-data Content-Type has no boundary")
+    if length is not None and length > max_bytes + FORM_OVERHEAD_BYTES:
+        # Refuse before reading a byte: honest clients learn at once, nothing touches the disk.
+        raise TooLarge(f"the upload ({length} bytes) is larger than the limit of {max_bytes} bytes")
+
+    sink = _FormSink(blobs, kind=kind, field=field, max_bytes=max_bytes)
+    try:
+        parser = MultipartParser(boundary, sink.callbacks())
+        async for chunk in request.stream():
+            parser.write(chunk)
+            if len(sink.buffer) >= FLUSH_BYTES or sink.file_part_ended:
+                await run_in_threadpool(sink.flush)
+        parser.finalize()
+        await run_in_threadpool(sink.flush)
+        if not sink.body_complete or sink.writer is not None:
+            raise BadInput("the multipart body ended before its closing boundary (upload cut short?)")
+    except FormParserError as exc:
+        await run_in_threadpool(sink.discard, blobs)
+        raise BadInput(f"malformed multipart body: {exc}") from exc
+    except BaseException:
+        await run_in_threadpool(sink.discard, blobs)
+        raise
+    if sink.stored is None and required:
+        raise Unprocessable(f"the multipart body has no file field {field!r}")
+    return sink.stored
+
+
+def _check_zip(blobs: BlobStore, blob: StoredBlob, field: str, limits: ZipLimits) -> None:
+    try:
+        inspect_zip(blobs.path(blob.key), limits)
+    except UnsafeZipError as exc:
+        blobs.delete(blob.key)
+        raise BadInput(f"{field}: {exc}") from exc
+
+
+@contextlib.asynccontextmanager
+async def optional_zip_upload(
+    request: Request,
+    *,
+    blobs: BlobStore,
+    kind: str,
+    max_bytes: int,
+    limits: ZipLimits,
+    field: str = ZIP_FIELD,
+    required: bool = False,
+) -> AsyncIterator[StoredBlob | None]:
+    """Stream the zip of a multipart body into the store, check it, and yield it.
+
+    If the `async with` block raises (the row could not be committed), the blob is deleted:
+    nothing is ever left half-stored.
+    """
+    blob = await _receive_multipart_file(
+        request, blobs=blobs, kind=kind, field=field, max_bytes=max_bytes, required=required
+    )
+    if blob is None:
+        yield None
+        return
+    await run_in_threadpool(_check_zip, blobs, blob, field, limits)
+    try:
+        yield blob
+    except BaseException:
+        await run_in_threadpool(blobs.delete, blob.key)
+        raise
+
+
+@contextlib.asynccontextmanager
+async def zip_upload(
+    request: Request,
+    *,
+    blobs: BlobStore,
+    kind: str,
+    max_bytes: int,
+    limits: ZipLimits,
+    field: str = ZIP_FIELD,
+) -> AsyncIterator[StoredBlob]:
+    """Like `optional_zip_upload`, for a body that must carry the zip (422 without it)."""
+    async with optional_zip_upload(
+        request, blobs=blobs, kind=kind, max_bytes=max_bytes, limits=limits, field=field, required=True
+    ) as blob:
+        if blob is None:  # _receive_multipart_file raised already; this keeps the type exact
+            raise Unprocessable(f"the multipart body has no file field {field!r}")
+        yield blob
+
+
+class _HeadAndTail:
+    """Keeps the first and the last `half` bytes of a stream: where a model's log says why."""
+
+    def __init__(self, writer: BlobWriter, limit: int) -> None:
+        self._writer = writer
+        self._head_room = limit // 2
+        self._tail_size = limit - self._head_room
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.cut = 0
+
+    def feed(self, chunk: bytes) -> None:
+        take = min(self._head_room, len(chunk))
+        if take:
+            self.head += chunk[:take]
+            self._head_room -= take
+            chunk = chunk[take:]
+        if chunk:
+            self.tail += chunk
+            excess = len(self.tail) - self._tail_size
+            if excess > 0:
+                del self.tail[:excess]  # cheap: CPython bytearrays drop a prefix in O(1)
+                self.cut += excess
+
+    def flush_head(self) -> None:
+        if self.head:
+            self._writer.write(self.head)
+            self.head.clear()
+
+    def finish(self) -> StoredBlob:
+        self.flush_head()
+        if self.cut:
+            self._writer.write(f"\n[... {self.cut} bytes of log cut by the private API ...]\n".encode())
+        self._writer.write(self.tail)
+        return self._writer.commit()
+
+
+async def receive_log(request: Request, *, blobs: BlobStore, max_bytes: int) -> StoredBlob:
+    """Stream a raw log body into the store; past `max_bytes` the middle is cut, not refused."""
+    writer = blobs.writer("logs", suffix=".txt")
+    keeper = _HeadAndTail(writer, max_bytes)
+    try:
+        async for chunk in request.stream():
+            keeper.feed(chunk)
+            if len(keeper.head) >= FLUSH_BYTES:
+                await run_in_threadpool(keeper.flush_head)
+        return await run_in_threadpool(keeper.finish)
+    except BaseException:
+        await run_in_threadpool(writer.abort)
+        raise

@@ -1,0 +1,29 @@
+"""Settings of the public API: read once from IS_* environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class PublicSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IS_", extra="ignore")
+
+    private_api_url: str = Field(default="http://127.0.0.1:8001", pattern=r"^https?://")
+    # No default on purpose: a public API that cannot prove itself to the private API is useless,
+    # so it must fail at start-up, not at the first request.
+    service_token: SecretStr
+    private_api_connect_timeout_s: float = Field(default=5.0, gt=0)
+    private_api_read_timeout_s: float = Field(default=60.0, gt=0)
+    # After an upload the private API checks the whole zip before answering; a big archive takes
+    # minutes, so the wait for that answer has its own, longer limit.
+    private_api_upload_timeout_s: float = Field(default=900.0, gt=0)
+    private_api_max_connections: int = Field(default=100, ge=1)
+    max_upload_bytes: int = Field(default=20 * 1024**3, ge=1)
+
+    @field_validator("service_token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("IS_SERVICE_TOKEN must not be empty")
+        return value

@@ -1,0 +1,50 @@
+"""The public API application: the only service users (and Traefik) talk to."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from public_api.config import PublicSettings
+from public_api.errors import install_error_handlers
+from public_api.metrics import Metrics, MetricsMiddleware
+from public_api.routes import health, models, tasks
+from public_api.upstream import PrivateAPI
+
+DESCRIPTION = """\
+Submit a zip of inputs to a named model, poll, and download a zip of outputs.
+
+The five `/api/tasks/` and `/api/models/` routes keep InferenceServer v1.2 semantics, including
+its custom poll codes: **551** pending or running, **552** failed or cancelled, **553** finished
+but output missing, **554** unknown or deleted. Every other error is JSON with a `detail`.
+"""
+
+
+def create_app(settings: PublicSettings | None = None) -> FastAPI:
+    settings = settings or PublicSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # One pooled client per process: connections to the private API are reused by all requests.
+        app.state.private_api = PrivateAPI.from_settings(settings)
+        try:
+            yield
+        finally:
+            await app.state.private_api.aclose()
+
+    app = FastAPI(
+        title="InferenceServer public API",
+        version="1.3.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    install_error_handlers(app)
+    app.include_router(tasks.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,63 @@
+"""OpenAPI fragments for routes that read their body as a raw stream.
+
+Those handlers declare no body parameter (declaring one would make FastAPI parse and buffer the
+upload), so the multipart form they expect is described here for /docs instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inference_server.contract import V12Code
+
+
+def zip_upload_body(*, required: bool, description: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "zip_file": {
+                                "type": "string",
+                                "format": "binary",
+                                "contentMediaType": "application/zip",
+                                "description": description,
+                            }
+                        },
+                        "required": ["zip_file"] if required else [],
+                    }
+                }
+            },
+        }
+    }
+
+
+def error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "properties": {"detail": {"type": "string"}}},
+            }
+        },
+    }
+
+
+ZIP_CONTENT = {"application/zip": {"schema": {"type": "string", "format": "binary"}}}
+
+V12_POLL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The task finished: its output zip.", "content": ZIP_CONTENT},
+    V12Code.PENDING.value: error("551: the task is pending or running; ask again later."),
+    V12Code.FAILED.value: error("552: the task failed or was cancelled; `detail` says why."),
+    V12Code.OUTPUT_MISSING.value: error("553: the task finished but its output is missing."),
+    V12Code.NOT_FOUND.value: error("554: no such task, or it was deleted."),
+}
+
+UPSTREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    502: error("The private API failed or refused this service."),
+    503: error("The private API is unreachable."),
+    504: error("The private API did not answer in time."),
+}

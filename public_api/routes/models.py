@@ -1,0 +1,79 @@
+"""Model routes: the v1.2 list and register."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from inference_server.contract import (
+    CONTAINER_TAG_PATTERN,
+    HUMAN_READABLE_ID_PATTERN,
+    ModelPublic,
+    PublicRoutes,
+)
+from public_api import service
+from public_api.deps import PrivateAPIDep, SettingsDep, current_principal, require_operator
+from public_api.relay import upload_body
+from public_api.routes._docs import UPSTREAM_RESPONSES, error, zip_upload_body
+
+router = APIRouter(tags=["models"], dependencies=[Depends(current_principal)], responses=UPSTREAM_RESPONSES)
+
+
+@router.get(PublicRoutes.MODELS.rstrip("/"), include_in_schema=False)
+@router.get(PublicRoutes.MODELS, summary="List models (v1.2)", response_model=list[ModelPublic])
+async def list_models(api: PrivateAPIDep) -> list[ModelPublic]:
+    return await service.list_models(api)
+
+
+@router.post(
+    PublicRoutes.MODELS.rstrip("/"), include_in_schema=False, dependencies=[Depends(require_operator)]
+)
+@router.post(
+    PublicRoutes.MODELS,
+    summary="Register a model (v1.2; operators)",
+    response_model=ModelPublic,
+    dependencies=[Depends(require_operator)],
+    responses={
+        400: error("The model zip is not a valid, safe zip."),
+        409: error("A model with this human_readable_id exists."),
+        413: error("The upload is larger than allowed."),
+    },
+    openapi_extra=zip_upload_body(
+        required=False, description="Optional static files for the model, unpacked at /model."
+    ),
+)
+async def register_model(
+    request: Request,
+    api: PrivateAPIDep,
+    settings: SettingsDep,
+    container_tag: Annotated[str, Query(pattern=CONTAINER_TAG_PATTERN, description="Docker image.")],
+    human_readable_id: Annotated[
+        str, Query(pattern=HUMAN_READABLE_ID_PATTERN, description="Stable name tasks are sent to.")
+    ],
+    description: Annotated[str, Query(max_length=10_000)] = "",
+    model_available: Annotated[bool | None, Query(description="True when zip_file is sent.")] = None,
+    use_gpu: bool | None = None,
+    timeout_s: Annotated[int | None, Query(description="Wall-clock limit per task.")] = None,
+    memory_mb: int | None = None,
+    cpus: float | None = None,
+    pids: int | None = None,
+    allow_network: bool | None = None,
+    run_as_root: bool | None = None,
+) -> ModelPublic:
+    params = {
+        "container_tag": container_tag,
+        "human_readable_id": human_readable_id,
+        "description": description,
+        "model_available": model_available,
+        "use_gpu": use_gpu,
+        "timeout_s": timeout_s,
+        "memory_mb": memory_mb,
+        "cpus": cpus,
+        "pids": pids,
+        "allow_network": allow_network,
+        "run_as_root": run_as_root,
+    }
+    return await service.register_model(
+        api, params=params, body=upload_body(request, settings.max_upload_bytes)
+    )

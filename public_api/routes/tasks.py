@@ -1,0 +1,115 @@
+"""Task routes: the v1.2 submit/poll/delete trio plus status, logs and cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import StreamingResponse
+
+from inference_server.contract import (
+    HUMAN_READABLE_ID_PATTERN,
+    LOG_MEDIA_TYPE,
+    MAX_PRIORITY,
+    TASK_UID_PATTERN,
+    ZIP_MEDIA_TYPE,
+    PublicRoutes,
+    TaskPublic,
+    V12Code,
+)
+from public_api import service
+from public_api.deps import PrivateAPIDep, SettingsDep, current_principal
+from public_api.relay import stream_back, upload_body
+from public_api.routes._docs import UPSTREAM_RESPONSES, V12_POLL_RESPONSES, error, zip_upload_body
+
+router = APIRouter(tags=["tasks"], dependencies=[Depends(current_principal)], responses=UPSTREAM_RESPONSES)
+
+TaskUid = Annotated[str, Path(pattern=TASK_UID_PATTERN, description="The uid returned at submission.")]
+
+
+# Without the slash too: a redirect would make clients send a large upload twice (or not at all).
+@router.post(PublicRoutes.TASKS.rstrip("/"), include_in_schema=False)
+@router.post(
+    PublicRoutes.TASKS,
+    summary="Submit a task (v1.2)",
+    response_model=str,
+    responses={
+        200: {"description": "The new task's uid, as a JSON string."},
+        400: error("The upload is not a valid, safe zip."),
+        404: error("No model with this id."),
+        413: error("The upload is larger than allowed."),
+    },
+    openapi_extra=zip_upload_body(required=True, description="The task's input files, zipped."),
+)
+async def submit_task(
+    request: Request,
+    api: PrivateAPIDep,
+    settings: SettingsDep,
+    model_human_readable_id: Annotated[
+        str, Query(pattern=HUMAN_READABLE_ID_PATTERN, description="The model that runs the task.")
+    ],
+    priority: Annotated[int, Query(ge=0, le=MAX_PRIORITY, description="Higher runs sooner.")] = 0,
+) -> str:
+    task = await service.submit_task(
+        api,
+        model_id=model_human_readable_id,
+        priority=priority,
+        body=upload_body(request, settings.max_upload_bytes),
+    )
+    # v1.2 clients json.loads() the body and expect the bare uid.
+    return task.uid
+
+
+@router.get(
+    PublicRoutes.TASK,
+    summary="Poll a task and download its output (v1.2)",
+    response_class=StreamingResponse,
+    responses=V12_POLL_RESPONSES,
+)
+async def poll_task(uid: TaskUid, api: PrivateAPIDep) -> StreamingResponse:
+    upstream = await service.open_output_v12(api, uid)
+    return stream_back(upstream, media_type=ZIP_MEDIA_TYPE, filename=f"{uid}.zip")
+
+
+@router.delete(
+    PublicRoutes.TASK,
+    summary="Delete a task, cancelling it if it runs (v1.2)",
+    response_model=TaskPublic,
+    responses={V12Code.NOT_FOUND.value: error("554: no such task, or it was already deleted.")},
+)
+async def delete_task(uid: TaskUid, api: PrivateAPIDep) -> TaskPublic:
+    return await service.delete_task_v12(api, uid)
+
+
+@router.get(
+    PublicRoutes.TASK_STATUS,
+    summary="A task's status as JSON",
+    response_model=TaskPublic,
+    responses={404: error("No such task, or it was deleted.")},
+)
+async def task_status(uid: TaskUid, api: PrivateAPIDep) -> TaskPublic:
+    return await service.get_task(api, uid)
+
+
+@router.get(
+    PublicRoutes.TASK_LOGS,
+    summary="A task's container log (stdout and stderr)",
+    response_class=StreamingResponse,
+    responses={
+        200: {"description": "The log so far; empty before the task ran.", "content": {"text/plain": {}}},
+        404: error("No such task."),
+    },
+)
+async def task_logs(uid: TaskUid, api: PrivateAPIDep) -> StreamingResponse:
+    upstream = await service.open_logs(api, uid)
+    return stream_back(upstream, media_type=LOG_MEDIA_TYPE)
+
+
+@router.post(
+    PublicRoutes.TASK_CANCEL,
+    summary="Cancel a pending or running task",
+    response_model=TaskPublic,
+    responses={404: error("No such task.")},
+)
+async def cancel_task(uid: TaskUid, api: PrivateAPIDep) -> TaskPublic:
+    return await service.cancel_task(api, uid)

@@ -1,0 +1,150 @@
+"""What each public route does, in terms of private API calls; the routes stay thin."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from inference_server.contract import (
+    HealthReport,
+    ModelPublic,
+    PrivateRoutes,
+    TaskPublic,
+    V12Code,
+    v12_code_for,
+)
+from public_api.errors import PublicAPIError, UpstreamHTTPError, UpstreamUnavailableError, V12Error
+from public_api.relay import UploadBody
+from public_api.upstream import PrivateAPI
+
+SchemaT = TypeVar("SchemaT", bound=BaseModel)
+_MODEL_LIST = TypeAdapter(list[ModelPublic])
+
+
+def _parse(schema: type[SchemaT], data: Any) -> SchemaT:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise UpstreamHTTPError(502, f"private API answered with an unexpected body: {exc}") from exc
+
+
+def _without_none(params: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def v12_detail(task: TaskPublic, code: int) -> str:
+    if code == V12Code.PENDING:
+        return f"task {task.uid} is {task.status}; ask again later"
+    if code == V12Code.FAILED:
+        reason = f": {task.error}" if task.error else ""
+        return f"task {task.uid} {task.status}{reason}"
+    if code == V12Code.NOT_FOUND:
+        return f"task {task.uid} was deleted"
+    return f"task {task.uid} is {task.status} but its output is missing"
+
+
+def unknown_task_v12(uid: str) -> V12Error:
+    return V12Error(V12Code.NOT_FOUND, f"task {uid} is unknown or was deleted")
+
+
+async def submit_task(api: PrivateAPI, *, model_id: str, priority: int, body: UploadBody) -> TaskPublic:
+    if body.chunks is None:
+        raise PublicAPIError(422, "the request needs a multipart body with the field 'zip_file'")
+    data = await api.upload(
+        PrivateRoutes.TASKS,
+        params={"model_human_readable_id": model_id, "priority": priority},
+        body=body.chunks,
+        headers=body.headers,
+    )
+    return _parse(TaskPublic, data)
+
+
+async def get_task(api: PrivateAPI, uid: str) -> TaskPublic:
+    return _parse(TaskPublic, await api.call("GET", PrivateRoutes.TASK.format(uid=uid)))
+
+
+async def _task_or_554(api: PrivateAPI, uid: str) -> TaskPublic:
+    try:
+        return await get_task(api, uid)
+    except UpstreamHTTPError as exc:
+        if exc.status_code == 404:
+            raise unknown_task_v12(uid) from exc
+        raise
+
+
+async def open_output_v12(api: PrivateAPI, uid: str) -> httpx.Response:
+    """The v1.2 poll: an open stream of the output zip, or the 551-554 answer for the task's state."""
+    task = await _task_or_554(api, uid)
+    code = v12_code_for(task.status, task.output_present)
+    if code != 200:
+        raise V12Error(code, v12_detail(task, code))
+    try:
+        return await api.open_stream("GET", PrivateRoutes.TASK_OUTPUT.format(uid=uid))
+    except UpstreamHTTPError as exc:
+        if exc.status_code not in (404, 409):
+            raise
+    # The task changed between the two calls (deleted, or its output vanished): answer for now.
+    task = await _task_or_554(api, uid)
+    code = v12_code_for(task.status, task.output_present)
+    if code == 200:
+        code = V12Code.OUTPUT_MISSING
+    raise V12Error(code, v12_detail(task, code))
+
+
+async def delete_task_v12(api: PrivateAPI, uid: str) -> TaskPublic:
+    try:
+        data = await api.call("DELETE", PrivateRoutes.TASK.format(uid=uid))
+    except UpstreamHTTPError as exc:
+        if exc.status_code == 404:
+            raise unknown_task_v12(uid) from exc
+        raise
+    return _parse(TaskPublic, data)
+
+
+async def cancel_task(api: PrivateAPI, uid: str) -> TaskPublic:
+    return _parse(TaskPublic, await api.call("POST", PrivateRoutes.TASK_CANCEL.format(uid=uid)))
+
+
+async def open_logs(api: PrivateAPI, uid: str) -> httpx.Response:
+    return await api.open_stream("GET", PrivateRoutes.TASK_LOGS.format(uid=uid))
+
+
+async def list_models(api: PrivateAPI) -> list[ModelPublic]:
+    data = await api.call("GET", PrivateRoutes.MODELS)
+    try:
+        return _MODEL_LIST.validate_python(data)
+    except ValidationError as exc:
+        raise UpstreamHTTPError(502, f"private API answered with an unexpected body: {exc}") from exc
+
+
+async def register_model(api: PrivateAPI, *, params: dict[str, Any], body: UploadBody) -> ModelPublic:
+    data = await api.upload(
+        PrivateRoutes.MODELS, params=_without_none(params), body=body.chunks, headers=body.headers
+    )
+    return _parse(ModelPublic, data)
+
+
+async def readiness(api: PrivateAPI) -> tuple[bool, HealthReport]:
+    """Ready when the private API answers and says its database and RabbitMQ are reachable."""
+    try:
+        response = await api.get_unchecked(PrivateRoutes.HEALTH_READY)
+    except UpstreamUnavailableError as exc:
+        report = HealthReport(status="unavailable", checks={"private_api": str(exc.detail)})
+        return False, report
+    try:
+        upstream_checks = HealthReport.model_validate(response.json()).checks
+    except (ValueError, ValidationError):
+        upstream_checks = {}
+    if response.status_code == 200:
+        private_state = "ok"
+    elif response.status_code in (401, 403):
+        private_state = "refused the public API's service token"
+    else:
+        private_state = f"not ready (HTTP {response.status_code})"
+    ready = response.status_code == 200
+    report = HealthReport(
+        status="ok" if ready else "unavailable", checks={"private_api": private_state, **upstream_checks}
+    )
+    return ready, report

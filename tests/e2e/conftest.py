@@ -1,0 +1,55 @@
+"""The whole platform as local processes (private API, public API, consumers) for end-to-end tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from inference_server.examples import register_model
+from inference_server.launcher import LocalPlatform, free_port
+from models_examples.catalog import EXAMPLES, build_example_images
+from tests.images import build_test_images
+
+PlatformFactory = Callable[..., LocalPlatform]
+
+
+@pytest.fixture(scope="session")
+def example_images(docker_client: docker.DockerClient, base_image: str) -> list[str]:
+    build_example_images(docker_client, base_image)
+    return [example.container_tag for example in EXAMPLES]
+
+
+@pytest.fixture(scope="session")
+def test_images(docker_client: docker.DockerClient, base_image: str) -> dict[str, str]:
+    return build_test_images(docker_client, base_image)
+
+
+@pytest.fixture
+def platform_factory(tmp_path: Path, rabbitmq_url: str, queue_name: str) -> Iterator[PlatformFactory]:
+    """Starts platforms on this test's own queue and data folder; all are stopped afterwards."""
+    started: list[LocalPlatform] = []
+
+    def start(consumers: int = 1, **extra_env: str) -> LocalPlatform:
+        platform = LocalPlatform(
+            data_dir=tmp_path / f"platform{len(started)}",
+            public_port=free_port(),
+            consumers=consumers,
+            rabbitmq_url=rabbitmq_url,
+            queue_name=queue_name,
+            extra_env={"IS_REAPER_INTERVAL_S": "0.5", **extra_env},
+        )
+        started.append(platform)
+        platform.start()
+        return platform
+
+    yield start
+    for platform in started:
+        platform.stop()
+
+
+def register_examples_on(platform: LocalPlatform) -> None:
+    for example in EXAMPLES:
+        register_model(platform.private_url, platform.service_token, example)

@@ -1,0 +1,1 @@
+"""Tests of the job consumer: runner, workspace, private API client and the consumer loop."""

@@ -1,0 +1,110 @@
+"""Fixtures for the consumer tests: test images, settings, a runner."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from job_consumer.config import ConsumerSettings
+from job_consumer.consumer import Consumer
+from job_consumer.runner import LABEL_CONSUMER, ModelRunner
+from tests.images import build_test_images
+from tests.job_consumer.stack import SERVICE_TOKEN, PrivateApiServer
+
+
+@pytest.fixture(scope="session")
+def test_images(docker_client: docker.DockerClient, base_image: str) -> dict[str, str]:
+    return build_test_images(docker_client, base_image)
+
+
+@pytest.fixture
+def consumer_id(test_session_id: str) -> str:
+    return f"{test_session_id}-{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, consumer_id: str) -> Callable[..., ConsumerSettings]:
+    def make(**overrides) -> ConsumerSettings:
+        values = {
+            "service_token": "test-service-token",
+            "consumer_id": consumer_id,
+            "work_dir": tmp_path / "work",
+            "default_timeout_s": 60,
+            "default_memory_mb": 256,
+            "default_cpus": 1,
+            "default_pids": 64,
+            "stop_grace_s": 1,
+        }
+        values.update(overrides)
+        return ConsumerSettings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings) -> ConsumerSettings:
+    return make_settings()
+
+
+@pytest.fixture
+def runner(docker_client: docker.DockerClient, settings: ConsumerSettings) -> Iterator[ModelRunner]:
+    yield ModelRunner(docker_client, settings)
+    # Whatever a test did, it leaves no container of this consumer behind.
+    leftovers = docker_client.containers.list(
+        all=True, sparse=True, filters={"label": f"{LABEL_CONSUMER}={settings.consumer_id}"}
+    )
+    for container in leftovers:
+        container.remove(force=True)
+    assert not leftovers, f"containers left behind: {[c.name for c in leftovers]}"
+
+
+@pytest.fixture
+def private_api(
+    tmp_path: Path, sqlite_url: str, rabbitmq_url: str, queue_name: str
+) -> Iterator[PrivateApiServer]:
+    server = PrivateApiServer(
+        data_dir=tmp_path / "api-data",
+        database_url=sqlite_url,
+        rabbitmq_url=rabbitmq_url,
+        queue_name=queue_name,
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_consumer(
+    make_settings, private_api: PrivateApiServer, rabbitmq_url: str, queue_name: str, docker_client
+) -> Iterator[Callable[..., Consumer]]:
+    """Consumers wired to the test's private API and queue; their leftovers are checked afterwards."""
+    made: list[Consumer] = []
+
+    def make(max_tasks: int | None = None, **overrides) -> Consumer:
+        values = {
+            "private_api_url": private_api.url,
+            "rabbitmq_url": rabbitmq_url,
+            "queue_name": queue_name,
+            "service_token": SERVICE_TOKEN,
+            "heartbeat_interval_s": 0.5,
+            "reconnect_backoff_max_s": 2,
+            "report_retry_s": 5,
+        }
+        values.update(overrides)
+        consumer = Consumer(make_settings(**values), max_tasks=max_tasks, docker_client=docker_client)
+        made.append(consumer)
+        return consumer
+
+    yield make
+    for consumer in made:
+        consumer.request_stop(now=True)
+        leftovers = docker_client.containers.list(
+            all=True, sparse=True, filters={"label": f"{LABEL_CONSUMER}={consumer.settings.consumer_id}"}
+        )
+        for container in leftovers:
+            container.remove(force=True)
+        assert not leftovers, f"containers left behind: {[c.name for c in leftovers]}"

@@ -1,0 +1,140 @@
+"""A real private API (its own create_app, migrated SQLite, real RabbitMQ queue) in a uvicorn
+thread, plus the calls the consumer tests make on it as an operator and as a user would.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import pika
+import uvicorn
+
+from inference_server.contract import (
+    SERVICE_TOKEN_HEADER,
+    ZIP_MEDIA_TYPE,
+    ModelPublic,
+    PrivateRoutes,
+    TaskPublic,
+)
+from private_api.config import PrivateSettings
+from private_api.db import upgrade_database
+from private_api.main import create_app
+
+SERVICE_TOKEN = "consumer-tests-service-token-0123456789"
+
+
+def make_zip(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def zip_members(data: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return {name: archive.read(name) for name in archive.namelist() if not name.endswith("/")}
+
+
+def queue_depth(rabbitmq_url: str, queue_name: str) -> int:
+    """Ready messages on the queue (unacked ones are not counted while their consumer lives)."""
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        method = connection.channel().queue_declare(queue_name, passive=True)
+        return method.method.message_count
+    finally:
+        connection.close()
+
+
+class PrivateApiServer:
+    """The private API on a free port; `stop()` shuts uvicorn down and waits for it."""
+
+    def __init__(self, *, data_dir: Path, database_url: str, rabbitmq_url: str, queue_name: str) -> None:
+        upgrade_database(database_url)
+        self.settings = PrivateSettings(
+            database_url=database_url,
+            data_dir=data_dir,
+            rabbitmq_url=rabbitmq_url,
+            queue_name=queue_name,
+            service_token=SERVICE_TOKEN,
+            lease_seconds=30,
+        )
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            create_app(self.settings), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="private-api", daemon=True)
+        self.http = httpx.Client(base_url=self.url, headers={SERVICE_TOKEN_HEADER: SERVICE_TOKEN}, timeout=60)
+
+    def start(self, timeout_s: float = 30.0) -> PrivateApiServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the private API died during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the private API did not start within {timeout_s} s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    # --- operator and user calls -------------------------------------------------------------
+
+    def register_model(
+        self, human_readable_id: str, container_tag: str, *, model_zip: bytes | None = None, **params
+    ) -> ModelPublic:
+        query = {
+            "human_readable_id": human_readable_id,
+            "container_tag": container_tag,
+            "description": f"consumer test model {human_readable_id}",
+            "model_available": model_zip is not None,
+            "use_gpu": False,
+            **params,
+        }
+        files = {"zip_file": ("model.zip", model_zip, ZIP_MEDIA_TYPE)} if model_zip is not None else None
+        response = self.http.post(PrivateRoutes.MODELS, params=query, files=files)
+        assert response.status_code == 201, response.text
+        return ModelPublic.model_validate(response.json())
+
+    def submit(self, human_readable_id: str, files: dict[str, bytes], priority: int = 0) -> TaskPublic:
+        response = self.http.post(
+            PrivateRoutes.TASKS,
+            params={"model_human_readable_id": human_readable_id, "priority": priority},
+            files={"zip_file": ("input.zip", make_zip(files), ZIP_MEDIA_TYPE)},
+        )
+        assert response.status_code == 201, response.text
+        return TaskPublic.model_validate(response.json())
+
+    def task(self, uid: str) -> TaskPublic:
+        response = self.http.get(PrivateRoutes.TASK.format(uid=uid))
+        assert response.status_code == 200, response.text
+        return TaskPublic.model_validate(response.json())
+
+    def cancel(self, uid: str) -> TaskPublic:
+        response = self.http.post(PrivateRoutes.TASK_CANCEL.format(uid=uid))
+        assert response.status_code == 200, response.text
+        return TaskPublic.model_validate(response.json())
+
+    def output(self, uid: str) -> dict[str, bytes]:
+        response = self.http.get(PrivateRoutes.TASK_OUTPUT.format(uid=uid))
+        assert response.status_code == 200, response.text
+        return zip_members(response.content)
+
+    def logs(self, uid: str) -> str:
+        response = self.http.get(PrivateRoutes.TASK_LOGS.format(uid=uid))
+        assert response.status_code == 200, response.text
+        return response.text

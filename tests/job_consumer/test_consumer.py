@@ -1,0 +1,291 @@
+"""The consumer loop against a real private API (in-process), real RabbitMQ and real Docker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+
+import pika
+import pytest
+
+from inference_server.contract import TASK_QUEUE_ARGUMENTS, TaskStatus
+from job_consumer.consumer import Consumer
+from job_consumer.runner import LABEL_CONSUMER, LABEL_MANAGED, LABEL_TASK
+from job_consumer.workspace import MODELS_DIR, OWNER_FILE, TEMP_PREFIX
+from tests import images
+from tests.job_consumer.helpers import ConsumerThread, wait_for
+from tests.job_consumer.stack import make_zip, queue_depth
+
+pytestmark = pytest.mark.docker
+
+COPY_SCRIPT = b'cp -R /input/. /output/ && echo "copied $(find /output -type f | wc -l) file(s)"\n'
+# Waits until the test drops /output/go (the test sees the host side of /output), then finishes.
+GATED_SCRIPT = (
+    b"echo waiting; while [ ! -f /output/go ]; do sleep 0.1; done\n"
+    b"rm /output/go; echo done > /output/result.txt; echo finished\n"
+)
+
+
+def hrid(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def consumers_on(rabbitmq_url: str, queue_name: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        return connection.channel().queue_declare(queue_name, passive=True).method.consumer_count
+    finally:
+        connection.close()
+
+
+def running_container(docker_client, uid: str):
+    found = docker_client.containers.list(
+        sparse=True, filters={"label": f"{LABEL_TASK}={uid}", "status": "running"}
+    )
+    return found[0] if found else None
+
+
+def task_containers(docker_client, uid: str) -> list:
+    return docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_TASK}={uid}"})
+
+
+def test_runs_a_task_uploads_output_and_logs_and_acks(
+    private_api, make_consumer, test_images, rabbitmq_url, queue_name, docker_client
+):
+    model_id = hrid("copy")
+    model = private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": COPY_SCRIPT}))
+    files = {"a.txt": b"alpha", "deep/er/b.bin": os.urandom(5000)}
+    task = private_api.submit(model_id, files)
+    consumer = make_consumer(max_tasks=1)
+
+    ran = ConsumerThread(consumer).start().join(60)
+
+    assert ran == 1
+    done = private_api.task(task.uid)
+    assert done.status == TaskStatus.FINISHED, done.error
+    assert done.attempts == 1
+    assert done.consumer_id == consumer.settings.consumer_id
+    assert private_api.output(task.uid) == files
+    logs = private_api.logs(task.uid)
+    assert "copied 2 file(s)" in logs
+    assert "[inference-server] exit code 0" in logs
+    # The consumer closed its connection: an unacked message would be back on the queue now.
+    assert queue_depth(rabbitmq_url, queue_name) == 0
+    work_dir = consumer.settings.resolved_work_dir
+    assert not (work_dir / task.uid).exists()
+    assert (work_dir / MODELS_DIR / model.model_zip_sha256 / "run.sh").read_bytes() == COPY_SCRIPT
+    assert task_containers(docker_client, task.uid) == []
+
+
+def test_model_zip_is_unpacked_once_and_reused(private_api, make_consumer, test_images):
+    model_id = hrid("copy")
+    model = private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": COPY_SCRIPT}))
+    first = private_api.submit(model_id, {"one.txt": b"1"})
+    second = private_api.submit(model_id, {"two.txt": b"2"})
+    consumer = make_consumer(max_tasks=2)
+    downloads: list[str] = []
+    original = consumer.api.download_model_zip
+
+    def counting_download(human_readable_id, dest):
+        downloads.append(human_readable_id)
+        return original(human_readable_id, dest)
+
+    consumer.api.download_model_zip = counting_download
+
+    assert ConsumerThread(consumer).start().join(60) == 2
+    assert private_api.task(first.uid).status == TaskStatus.FINISHED
+    assert private_api.output(second.uid) == {"two.txt": b"2"}
+    assert downloads == [model_id]
+    cached = consumer.settings.resolved_work_dir / MODELS_DIR / model.model_zip_sha256
+    assert oct(cached.stat().st_mode & 0o777) == oct(0o755)
+
+
+def test_failing_model_fails_the_task_with_exit_code_and_log_tail(private_api, make_consumer, test_images):
+    model_id = hrid("fail")
+    private_api.register_model(model_id, images.FAIL)
+    task = private_api.submit(model_id, {"x.txt": b"x"})
+
+    assert ConsumerThread(make_consumer(max_tasks=1)).start().join(60) == 1
+
+    failed = private_api.task(task.uid)
+    assert failed.status == TaskStatus.FAILED
+    assert failed.exit_code == 3
+    assert "exited with code 3" in failed.error
+    assert "fatal: synthetic failure" in failed.error
+    assert "working on it" in private_api.logs(task.uid)
+
+
+def test_timeout_fails_the_task_as_timeout(private_api, make_consumer, test_images):
+    model_id = hrid("sleep")
+    private_api.register_model(model_id, images.SLEEP, timeout_s=1)
+    task = private_api.submit(model_id, {"x.txt": b"x"})
+
+    assert ConsumerThread(make_consumer(max_tasks=1)).start().join(60) == 1
+
+    failed = private_api.task(task.uid)
+    assert failed.status == TaskStatus.FAILED
+    assert failed.error.startswith("timeout")
+    assert "killed after the 1 s timeout" in private_api.logs(task.uid)
+
+
+def test_missing_image_fails_that_task_and_the_consumer_goes_on(private_api, make_consumer, test_images):
+    broken_id, good_id = hrid("broken"), hrid("copy")
+    private_api.register_model(broken_id, "inference-server/not-built-anywhere:1")
+    private_api.register_model(good_id, images.SCRIPT, model_zip=make_zip({"run.sh": COPY_SCRIPT}))
+    broken = private_api.submit(broken_id, {"x.txt": b"x"})
+    good = private_api.submit(good_id, {"y.txt": b"y"})
+
+    assert ConsumerThread(make_consumer(max_tasks=2)).start().join(60) == 2
+
+    failed = private_api.task(broken.uid)
+    assert failed.status == TaskStatus.FAILED
+    assert "inference-server/not-built-anywhere:1" in failed.error
+    assert "not present" in failed.error
+    assert private_api.task(good.uid).status == TaskStatus.FINISHED
+
+
+def test_a_task_that_cannot_be_claimed_is_acked_and_skipped(
+    private_api, make_consumer, test_images, rabbitmq_url, queue_name
+):
+    model_id = hrid("copy")
+    private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": COPY_SCRIPT}))
+    cancelled = private_api.submit(model_id, {"x.txt": b"x"})
+    private_api.cancel(cancelled.uid)  # its message stays queued; claiming it answers 409
+    runnable = private_api.submit(model_id, {"y.txt": b"y"})
+
+    assert ConsumerThread(make_consumer(max_tasks=1)).start().join(60) == 1
+
+    skipped = private_api.task(cancelled.uid)
+    assert skipped.status == TaskStatus.CANCELLED
+    assert skipped.attempts == 0
+    assert private_api.task(runnable.uid).status == TaskStatus.FINISHED
+    assert queue_depth(rabbitmq_url, queue_name) == 0
+
+
+def test_cancel_through_the_api_stops_the_container(private_api, make_consumer, test_images, docker_client):
+    model_id = hrid("sleep")
+    private_api.register_model(model_id, images.SLEEP)
+    task = private_api.submit(model_id, {"x.txt": b"x"})
+    worker = ConsumerThread(make_consumer(max_tasks=1)).start()
+    wait_for(lambda: running_container(docker_client, task.uid), 30, "the model container to run")
+
+    private_api.cancel(task.uid)
+    cancelled_at = time.monotonic()
+    wait_for(lambda: not task_containers(docker_client, task.uid), 15, "the container to be removed")
+    stopped_after = time.monotonic() - cancelled_at
+
+    assert worker.join(30) == 1
+    assert stopped_after < 8  # heartbeat (0.5 s) + poll (1 s) + stop grace (1 s), with slack
+    assert private_api.task(task.uid).status == TaskStatus.CANCELLED
+    assert "stopped (cancelled)" in private_api.logs(task.uid)
+
+
+def test_first_stop_request_finishes_the_current_task(private_api, make_consumer, test_images, docker_client):
+    model_id = hrid("gated")
+    private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": GATED_SCRIPT}))
+    task = private_api.submit(model_id, {"x.txt": b"x"})
+    consumer = make_consumer()
+    worker = ConsumerThread(consumer).start()
+    wait_for(lambda: running_container(docker_client, task.uid), 30, "the model container to run")
+
+    consumer.request_stop(now=False)
+    (consumer.settings.resolved_work_dir / task.uid / "output" / "go").write_text("go")
+
+    assert worker.join(30) == 1
+    finished = private_api.task(task.uid)
+    assert finished.status == TaskStatus.FINISHED, finished.error
+    assert private_api.output(task.uid) == {"result.txt": b"done\n"}
+
+
+def test_second_stop_request_stops_the_container_and_releases_the_task(
+    private_api, make_consumer, test_images, docker_client, rabbitmq_url, queue_name
+):
+    model_id = hrid("sleep")
+    private_api.register_model(model_id, images.SLEEP)
+    task = private_api.submit(model_id, {"x.txt": b"x"})
+    waiting = private_api.submit(model_id, {"y.txt": b"y"})
+    consumer = make_consumer()
+    worker = ConsumerThread(consumer).start()
+    wait_for(lambda: running_container(docker_client, task.uid), 30, "the model container to run")
+
+    # While a task runs the consumer holds no message and does not consume: the second task
+    # stays ready for any other consumer.
+    assert consumer.current_task_uid == task.uid
+    assert queue_depth(rabbitmq_url, queue_name) == 1
+    assert consumers_on(rabbitmq_url, queue_name) == 0
+
+    consumer.request_stop(now=False)
+    consumer.request_stop(now=True)
+    stop_asked = time.monotonic()
+    assert worker.join(30) == 1
+    assert time.monotonic() - stop_asked < 10
+
+    released = private_api.task(task.uid)
+    assert released.status == TaskStatus.PENDING
+    assert released.attempts == 0  # a release does not use up an attempt
+    assert private_api.task(waiting.uid).status == TaskStatus.PENDING
+    assert task_containers(docker_client, task.uid) == []
+    # The released task was republished next to the one that waited.
+    wait_for(lambda: queue_depth(rabbitmq_url, queue_name) == 2, 10, "both tasks back on the queue")
+
+
+def test_unreachable_private_api_requeues_the_message(
+    make_settings, rabbitmq_url, queue_name, docker_client, caplog
+):
+    uid = f"unreachable{secrets.token_hex(8)}"
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        channel = connection.channel()
+        channel.queue_declare(queue_name, durable=True, arguments=TASK_QUEUE_ARGUMENTS)
+        channel.basic_publish("", queue_name, uid.encode(), pika.BasicProperties(delivery_mode=2))
+    finally:
+        connection.close()
+    settings = make_settings(
+        private_api_url="http://127.0.0.1:9",  # nothing listens on the discard port
+        rabbitmq_url=rabbitmq_url,
+        queue_name=queue_name,
+        reconnect_backoff_max_s=1,
+    )
+    consumer = Consumer(settings, docker_client=docker_client)
+    caplog.set_level(logging.WARNING, logger="job_consumer")
+    worker = ConsumerThread(consumer).start()
+
+    wait_for(
+        lambda: sum(f"task {uid}: private API unavailable" in r.getMessage() for r in caplog.records) >= 2,
+        30,
+        "two claim attempts against the unreachable API",
+    )
+    consumer.request_stop()
+    assert worker.join(15) == 0
+    assert queue_depth(rabbitmq_url, queue_name) == 1
+
+
+def test_start_up_removes_this_consumers_leftovers_only(make_settings, docker_client, test_images, tmp_path):
+    settings = make_settings()
+    work_dir = settings.resolved_work_dir
+    mine = work_dir / "leftoverworkdir00001"
+    theirs = work_dir / "leftoverworkdir00002"
+    temp = work_dir / MODELS_DIR / f"{TEMP_PREFIX}crashed"
+    for folder, owner in (
+        (mine, settings.consumer_id),
+        (theirs, "someone-else"),
+        (temp, settings.consumer_id),
+    ):
+        (folder / "output").mkdir(parents=True)
+        (folder / OWNER_FILE).write_text(owner)
+    labels = {LABEL_MANAGED: "true", LABEL_CONSUMER: settings.consumer_id, LABEL_TASK: "leftoverworkdir00001"}
+    docker_client.containers.create(images.SLEEP, labels=labels, network_mode="none")
+    try:
+        consumer = Consumer(settings, docker_client=docker_client)
+        consumer.request_stop()  # run() cleans up first, then sees the stop and returns
+        assert consumer.run() == 0
+
+        assert not task_containers(docker_client, "leftoverworkdir00001")
+        assert not mine.exists()
+        assert not temp.exists()
+        assert theirs.exists()
+    finally:
+        for leftover in task_containers(docker_client, "leftoverworkdir00001"):
+            leftover.remove(force=True)

@@ -1,0 +1,299 @@
+"""ModelRunner against the real Docker engine: mounts, sandbox, limits, stop, clean-up."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from pathlib import Path
+
+import docker
+import pytest
+
+from job_consumer.runner import LABEL_CONSUMER, LABEL_MANAGED, LABEL_TASK, ModelRunError, ModelRunner
+from tests import images
+from tests.job_consumer.helpers import make_model
+
+
+class Dirs:
+    def __init__(self, root: Path) -> None:
+        self.input = root / "input"
+        self.output = root / "output"
+        self.model = root / "model"
+        self.input.mkdir(parents=True)
+        self.output.mkdir()
+        os.chmod(self.output, 0o777)
+        self.model.mkdir()
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> Dirs:
+    return Dirs(tmp_path / "task")
+
+
+def uid() -> str:
+    return f"runnertest{secrets.token_hex(8)}"
+
+
+def run_script(runner: ModelRunner, dirs: Dirs, script: str, task_uid: str | None = None, **model_fields):
+    """Run the script image with `script` as /model/run.sh."""
+    (dirs.model / "run.sh").write_text(script)
+    os.chmod(dirs.model / "run.sh", 0o644)
+    model = make_model(images.SCRIPT, model_available=True, **model_fields)
+    return runner.run(
+        task_uid=task_uid or uid(),
+        model=model,
+        input_dir=dirs.input,
+        output_dir=dirs.output,
+        model_dir=dirs.model,
+    )
+
+
+def task_containers(docker_client: docker.DockerClient, task_uid: str) -> list:
+    return docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_TASK}={task_uid}"})
+
+
+@pytest.mark.docker
+def test_nested_input_is_copied_to_output_byte_for_byte(runner, dirs, test_images, docker_client):
+    files = {
+        "top.bin": os.urandom(70_000),
+        "a/b/c/deep.dat": os.urandom(1234),
+        "with space/name.txt": b"hello\n",
+    }
+    for name, data in files.items():
+        (dirs.input / name).parent.mkdir(parents=True, exist_ok=True)
+        (dirs.input / name).write_bytes(data)
+    task_uid = uid()
+
+    result = run_script(runner, dirs, "cp -R /input/. /output/ && echo copied\n", task_uid=task_uid)
+
+    assert result.exit_code == 0, result.logs
+    assert result.succeeded
+    for name, data in files.items():
+        assert (dirs.output / name).read_bytes() == data
+    assert "copied" in result.logs
+    assert task_containers(docker_client, task_uid) == []
+
+
+@pytest.mark.docker
+def test_default_sandbox_readonly_mounts_no_network_unprivileged(runner, dirs, test_images):
+    (dirs.input / "in.txt").write_text("input data")
+    (dirs.model / "weights.txt").write_text("model data")
+    script = r"""
+exec > /output/report.txt 2>&1
+echo "ids=$(id -u):$(id -g)"
+touch /input/new 2>/dev/null && echo input=writable || echo input=readonly
+touch /model/new 2>/dev/null && echo model=writable || echo model=readonly
+echo "model_content=$(cat /model/weights.txt)"
+echo "input_content=$(cat /input/in.txt)"
+echo "interfaces=$(ls /sys/class/net | tr '\n' ' ')"
+echo "capeff=$(grep CapEff /proc/self/status | tr -d '[:space:]')"
+echo "nonewprivs=$(grep NoNewPrivs /proc/self/status | tr -d '[:space:]')"
+"""
+    result = run_script(runner, dirs, script, memory_mb=64, pids=32)
+
+    assert result.exit_code == 0, result.logs
+    report = dict(
+        line.split("=", 1) for line in (dirs.output / "report.txt").read_text().splitlines() if "=" in line
+    )
+    assert report["ids"] == "65534:65534"
+    assert report["input"] == "readonly"
+    assert report["model"] == "readonly"
+    assert report["model_content"] == "model data"
+    assert report["input_content"] == "input data"
+    assert report["interfaces"].split() == ["lo"]
+    assert report["capeff"] == "CapEff:0000000000000000"
+    assert report["nonewprivs"] == "NoNewPrivs:1"
+    assert not (dirs.input / "new").exists()
+    assert result.limits.memory_mb == 64 and result.limits.pids == 32
+
+
+@pytest.mark.docker
+def test_runs_as_root_only_when_the_model_allows_it(runner, dirs, test_images):
+    result = run_script(runner, dirs, "id -u > /output/uid.txt\n", run_as_root=True)
+    assert result.exit_code == 0, result.logs
+    assert (dirs.output / "uid.txt").read_text().strip() == "0"
+
+
+@pytest.mark.docker
+def test_allow_network_gives_the_container_a_network(runner, dirs, test_images):
+    result = run_script(runner, dirs, "ls /sys/class/net > /output/net.txt\n", allow_network=True)
+    assert result.exit_code == 0, result.logs
+    assert len((dirs.output / "net.txt").read_text().split()) >= 2
+
+
+@pytest.mark.docker
+def test_nonzero_exit_reports_code_and_both_streams(runner, dirs, test_images):
+    result = run_script(runner, dirs, "echo to-stdout; echo to-stderr >&2; exit 3\n")
+    assert result.exit_code == 3
+    assert not result.succeeded
+    assert not result.timed_out and not result.oom_killed and not result.cancelled
+    assert "to-stdout" in result.logs and "to-stderr" in result.logs
+
+
+@pytest.mark.docker
+def test_timeout_kills_the_container_and_says_so(runner, dirs, test_images, docker_client):
+    task_uid = uid()
+    started = time.monotonic()
+    result = run_script(runner, dirs, "echo begun; sleep 120\n", task_uid=task_uid, timeout_s=2)
+    elapsed = time.monotonic() - started
+
+    assert result.timed_out
+    assert not result.succeeded
+    assert 2 <= elapsed < 15
+    assert "begun" in result.logs
+    assert task_containers(docker_client, task_uid) == []
+
+
+@pytest.mark.docker
+def test_out_of_memory_is_reported(runner, dirs, test_images):
+    script = 'python3 -c "blocks = [b\\"x\\" * (1 << 20) for _ in range(1024)]; print(len(blocks))"\n'
+    result = run_script(runner, dirs, script, memory_mb=32)
+    assert result.oom_killed, result.logs
+    assert result.exit_code == 137
+    assert not result.succeeded
+
+
+@pytest.mark.docker
+def test_should_stop_stops_the_container_within_seconds(runner, dirs, test_images, docker_client):
+    task_uid = uid()
+    (dirs.model / "run.sh").write_text("echo started; touch /output/started; exec sleep 120\n")
+    model = make_model(images.SCRIPT, model_available=True)
+    started_file = dirs.output / "started"
+    stop_asked_at: list[float] = []
+
+    def should_stop() -> bool:
+        # The condition is the model's own "I am running" marker, not a guessed delay.
+        if started_file.exists() and not stop_asked_at:
+            stop_asked_at.append(time.monotonic())
+        return bool(stop_asked_at)
+
+    result = runner.run(
+        task_uid=task_uid,
+        model=model,
+        input_dir=dirs.input,
+        output_dir=dirs.output,
+        model_dir=dirs.model,
+        should_stop=should_stop,
+    )
+    stopped_after = time.monotonic() - stop_asked_at[0]
+
+    assert result.cancelled
+    assert not result.succeeded
+    assert stopped_after < 8  # poll interval (1 s) + stop grace (1 s) + removal, with slack
+    assert "started" in result.logs
+    assert task_containers(docker_client, task_uid) == []
+
+
+@pytest.mark.docker
+def test_missing_image_is_a_clear_non_retryable_error(runner, dirs, docker_client):
+    task_uid = uid()
+    model = make_model("inference-server/no-such-image:never")
+    with pytest.raises(ModelRunError) as caught:
+        runner.run(task_uid=task_uid, model=model, input_dir=dirs.input, output_dir=dirs.output)
+    assert "inference-server/no-such-image:never" in str(caught.value)
+    assert "not present" in str(caught.value)
+    assert caught.value.retryable is False
+    assert task_containers(docker_client, task_uid) == []
+
+
+@pytest.mark.docker
+def test_containers_carry_the_labels_a_reaper_needs(runner, dirs, test_images, docker_client, settings):
+    task_uid = uid()
+    seen: dict = {}
+
+    def should_stop() -> bool:
+        # Polled while the container waits for the go file: look at it, then let it finish.
+        if not seen:
+            found = task_containers(docker_client, task_uid)
+            if found:
+                seen.update(found[0].attrs["Labels"])
+                (dirs.output / "go").write_text("go")
+        return False
+
+    (dirs.model / "run.sh").write_text("while [ ! -f /output/go ]; do sleep 0.1; done\n")
+    result = runner.run(
+        task_uid=task_uid,
+        model=make_model(images.SCRIPT, model_available=True),
+        input_dir=dirs.input,
+        output_dir=dirs.output,
+        model_dir=dirs.model,
+        should_stop=should_stop,
+    )
+    assert result.exit_code == 0
+    assert seen[LABEL_MANAGED] == "true"
+    assert seen[LABEL_CONSUMER] == settings.consumer_id
+    assert seen[LABEL_TASK] == task_uid
+    assert task_containers(docker_client, task_uid) == []
+
+
+@pytest.mark.docker
+def test_remove_leftovers_removes_only_this_consumers_containers(
+    runner, docker_client, test_images, settings
+):
+    mine_old = runner.labels_for("leftovertask0000001")
+    mine_current = runner.labels_for("leftovertask0000002")
+    other = {**runner.labels_for("leftovertask0000003"), LABEL_CONSUMER: f"{settings.consumer_id}-other"}
+    created = [
+        docker_client.containers.create(images.SLEEP, labels=labels, network_mode="none")
+        for labels in (mine_old, mine_current, other)
+    ]
+    try:
+        removed = runner.remove_leftovers(keep_task_uid="leftovertask0000002")
+        remaining = {
+            c.id
+            for c in docker_client.containers.list(all=True, sparse=True, filters={"label": LABEL_MANAGED})
+        }
+        assert removed == 1
+        assert created[0].id not in remaining
+        assert created[1].id in remaining
+        assert created[2].id in remaining
+    finally:
+        for container in created:
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)
+
+
+def test_gpu_is_requested_only_for_gpu_models_on_gpu_consumers(docker_client, make_settings, dirs):
+    def options(gpu: str | None, use_gpu: bool) -> dict:
+        runner = ModelRunner(docker_client, make_settings(gpu=gpu))
+        return runner.container_options(
+            task_uid=uid(),
+            model=make_model(images.SCRIPT, use_gpu=use_gpu),
+            input_dir=dirs.input,
+            output_dir=dirs.output,
+            model_dir=None,
+        )
+
+    with_gpu = options("1", True)
+    assert len(with_gpu["device_requests"]) == 1
+    assert with_gpu["device_requests"][0]["DeviceIDs"] == ["1"]
+    assert with_gpu["device_requests"][0]["Capabilities"] == [["gpu"]]
+    assert "device_requests" not in options("1", False)
+    assert "device_requests" not in options(None, True)
+    assert "/model" not in {v["bind"] for v in with_gpu["volumes"].values()}
+
+
+def test_container_options_mount_identical_absolute_host_paths(docker_client, settings, dirs):
+    runner = ModelRunner(docker_client, settings)
+    opts = runner.container_options(
+        task_uid=uid(),
+        model=make_model(images.SCRIPT, cpus=64, memory_mb=100, pids=50),
+        input_dir=dirs.input,
+        output_dir=dirs.output,
+        model_dir=dirs.model,
+    )
+    assert opts["volumes"] == {
+        str(dirs.input.resolve()): {"bind": "/input", "mode": "ro"},
+        str(dirs.output.resolve()): {"bind": "/output", "mode": "rw"},
+        str(dirs.model.resolve()): {"bind": "/model", "mode": "ro"},
+    }
+    assert opts["network_mode"] == "none"
+    assert opts["cap_drop"] == ["ALL"]
+    assert opts["security_opt"] == ["no-new-privileges"]
+    assert opts["user"] == "65534:65534"
+    assert opts["mem_limit"] == "100m" and opts["memswap_limit"] == "100m"
+    assert opts["pids_limit"] == 50
+    # 64 CPUs asked for, but never more than the engine has.
+    assert opts["nano_cpus"] == int(min(64, docker_client.info()["NCPU"]) * 1e9)

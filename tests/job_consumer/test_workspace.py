@@ -1,0 +1,171 @@
+"""Task work dirs and the model cache: permissions, ownership, unpack-once, racing consumers."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from inference_server.zipsafe import UnsafeZipError, ZipLimits
+from job_consumer.workspace import (
+    MODELS_DIR,
+    OWNER_FILE,
+    TEMP_PREFIX,
+    ModelCache,
+    ModelZipMismatch,
+    TaskWorkspace,
+    owned_task_dirs,
+)
+
+UID = "workspacetest0000001"
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def restrictive_umask():
+    # Whatever umask the consumer runs under, the unprivileged model must read its input.
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
+
+
+def test_workspace_layout_and_permissions(tmp_path, restrictive_umask):
+    workspace = TaskWorkspace.create(tmp_path, UID, "consumer-a")
+    assert workspace.root == tmp_path / UID
+    assert mode(workspace.output_dir) == 0o777
+    assert mode(workspace.input_dir) == 0o755
+    assert (workspace.root / OWNER_FILE).read_text() == "consumer-a"
+
+    workspace.input_zip.write_bytes(zip_bytes({"a/b/c.txt": b"deep", "top.txt": b"top"}))
+    workspace.unpack_input(ZipLimits())
+
+    assert (workspace.input_dir / "a" / "b" / "c.txt").read_bytes() == b"deep"
+    assert mode(workspace.input_dir / "a") == 0o755
+    assert mode(workspace.input_dir / "a" / "b") == 0o755
+    assert mode(workspace.input_dir / "top.txt") == 0o644
+    assert not workspace.input_zip.exists()
+
+    workspace.remove()
+    assert not workspace.root.exists()
+
+
+def test_workspace_create_replaces_a_leftover_of_an_earlier_attempt(tmp_path):
+    first = TaskWorkspace.create(tmp_path, UID, "consumer-a")
+    (first.output_dir / "stale.txt").write_text("old result")
+    second = TaskWorkspace.create(tmp_path, UID, "consumer-a")
+    assert list(second.output_dir.iterdir()) == []
+
+
+def test_unsafe_input_zip_is_refused(tmp_path):
+    workspace = TaskWorkspace.create(tmp_path, UID, "consumer-a")
+    workspace.input_zip.write_bytes(zip_bytes({"../escape.txt": b"x"}))
+    with pytest.raises(UnsafeZipError):
+        workspace.unpack_input(ZipLimits())
+    assert not (workspace.root / "escape.txt").exists()
+
+
+def test_owned_task_dirs_are_found_by_owner_file(tmp_path):
+    TaskWorkspace.create(tmp_path, "workspacetest0000001", "consumer-a")
+    TaskWorkspace.create(tmp_path, "workspacetest0000002", "consumer-b")
+    (tmp_path / MODELS_DIR).mkdir()
+    (tmp_path / "no-owner-file").mkdir()
+    assert owned_task_dirs(tmp_path, "consumer-a") == [tmp_path / "workspacetest0000001"]
+    assert owned_task_dirs(tmp_path / "missing", "consumer-a") == []
+
+
+class ZipServer:
+    """Stands in for the private API's model zip download; counts the calls."""
+
+    def __init__(self, data: bytes, barrier: threading.Barrier | None = None) -> None:
+        self.data = data
+        self.calls = 0
+        self.barrier = barrier
+        self.lock = threading.Lock()
+
+    def fetch(self, dest: Path) -> str:
+        with self.lock:
+            self.calls += 1
+        if self.barrier is not None:
+            self.barrier.wait(timeout=10)
+        dest.write_bytes(self.data)
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def test_model_zip_is_unpacked_once_per_sha256(tmp_path, restrictive_umask):
+    data = zip_bytes({"weights/w.json": b"{}"})
+    sha = hashlib.sha256(data).hexdigest()
+    server = ZipServer(data)
+    cache = ModelCache(tmp_path, "consumer-a", ZipLimits())
+
+    first = cache.get(sha, server.fetch)
+    second = cache.get(sha, server.fetch)
+
+    assert first == second == tmp_path / MODELS_DIR / sha
+    assert (first / "weights" / "w.json").read_bytes() == b"{}"
+    assert mode(first) == 0o755 and mode(first / "weights") == 0o755
+    assert server.calls == 1
+    assert [p.name for p in (tmp_path / MODELS_DIR).iterdir()] == [sha]
+
+
+def test_model_zip_with_another_digest_is_refused(tmp_path):
+    server = ZipServer(zip_bytes({"w.json": b"{}"}))
+    cache = ModelCache(tmp_path, "consumer-a", ZipLimits())
+    with pytest.raises(ModelZipMismatch):
+        cache.get("0" * 64, server.fetch)
+    assert list((tmp_path / MODELS_DIR).iterdir()) == []
+    with pytest.raises(ValueError):
+        cache.get("../../etc", server.fetch)
+
+
+def test_two_consumers_racing_for_one_model_both_get_a_complete_copy(tmp_path):
+    data = zip_bytes({f"part{i}.bin": os.urandom(1000) for i in range(20)})
+    sha = hashlib.sha256(data).hexdigest()
+    server = ZipServer(data, barrier=threading.Barrier(2))
+    caches = [ModelCache(tmp_path, f"consumer-{n}", ZipLimits()) for n in "ab"]
+    results: list[Path] = []
+    errors: list[BaseException] = []
+
+    def get(cache: ModelCache) -> None:
+        try:
+            results.append(cache.get(sha, server.fetch))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=get, args=(cache,)) for cache in caches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert errors == []
+    assert server.calls == 2  # both downloaded at once (the barrier proves they overlapped)
+    assert results == [tmp_path / MODELS_DIR / sha] * 2
+    assert len(list(results[0].iterdir())) == 20
+    assert [p.name for p in (tmp_path / MODELS_DIR).iterdir()] == [sha]
+
+
+def test_only_own_stale_temp_dirs_are_removed(tmp_path):
+    cache = ModelCache(tmp_path, "consumer-a", ZipLimits())
+    for name, owner in (("mine", "consumer-a"), ("theirs", "consumer-b")):
+        folder = tmp_path / MODELS_DIR / f"{TEMP_PREFIX}{name}"
+        folder.mkdir(parents=True)
+        (folder / OWNER_FILE).write_text(owner)
+    assert cache.remove_own_temp_dirs() == 1
+    assert sorted(p.name for p in (tmp_path / MODELS_DIR).iterdir()) == [f"{TEMP_PREFIX}theirs"]

@@ -1,0 +1,138 @@
+"""Small builders and probes shared by the private API tests."""
+
+from __future__ import annotations
+
+import io
+import stat
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pika
+from fastapi.testclient import TestClient
+from httpx import Response
+from sqlalchemy import func, select
+
+from inference_server.contract import CONSUMER_ID_HEADER, TASK_QUEUE_ARGUMENTS
+from private_api.config import PrivateSettings
+from private_api.models import Model, Task
+
+T = TypeVar("T")
+
+
+def make_zip(files: dict[str, bytes] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in (files if files is not None else {"scan.nii": b"voxels" * 100}).items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def zip_with_entry(info: zipfile.ZipInfo, data: bytes = b"x") -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(info, data)
+    return buffer.getvalue()
+
+
+def symlink_zip() -> bytes:
+    info = zipfile.ZipInfo("link")
+    info.create_system = 3
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return zip_with_entry(info, b"/etc/passwd")
+
+
+def register_model(client: TestClient, hrid: str = "seg-model", *, zip_bytes: bytes | None = None, **params) -> dict:
+    query = {
+        "human_readable_id": hrid,
+        "container_tag": "inference-server/test-script:1",
+        "description": "a test model",
+        "use_gpu": False,
+        "model_available": zip_bytes is not None,
+        **params,
+    }
+    files = {"zip_file": ("model.zip", zip_bytes, "application/zip")} if zip_bytes is not None else None
+    response = client.post("/models", params=query, files=files)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def submit(
+    client: TestClient, model: str = "seg-model", data: bytes | None = None, **params
+) -> Response:
+    files = {"zip_file": ("input.zip", make_zip() if data is None else data, "application/zip")}
+    return client.post("/tasks", params={"model_human_readable_id": model, **params}, files=files)
+
+
+def submit_ok(client: TestClient, model: str = "seg-model", data: bytes | None = None, **params) -> dict:
+    response = submit(client, model, data, **params)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def as_consumer(name: str) -> dict[str, str]:
+    return {CONSUMER_ID_HEADER: name}
+
+
+def claim(client: TestClient, uid: str, consumer: str = "consumer-a") -> Response:
+    return client.post(f"/tasks/{uid}/claim", headers=as_consumer(consumer))
+
+
+def stored_files(settings: PrivateSettings) -> list[Path]:
+    """Every file in the blob store, temp files of unfinished uploads included."""
+    return sorted(path for path in settings.blob_dir.rglob("*") if path.is_file())
+
+
+def row_counts(client: TestClient) -> tuple[int, int]:
+    with client.app.state.session_factory() as session:
+        return (
+            session.scalar(select(func.count()).select_from(Model)),
+            session.scalar(select(func.count()).select_from(Task)),
+        )
+
+
+def task_row(client: TestClient, uid: str) -> Task:
+    with client.app.state.session_factory() as session:
+        task = session.scalars(select(Task).where(Task.uid == uid)).one()
+        session.expunge(task)
+        return task
+
+
+def wait_for(condition: Callable[[], T], *, timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll until `condition()` is truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class QueueProbe:
+    """Reads what the private API published, straight from RabbitMQ."""
+
+    def __init__(self, url: str, queue: str) -> None:
+        self._connection = pika.BlockingConnection(pika.URLParameters(url))
+        self._channel = self._connection.channel()
+        # Same arguments as the publisher, so whoever declares first, both agree.
+        self._channel.queue_declare(queue, durable=True, arguments=TASK_QUEUE_ARGUMENTS)
+        self.queue = queue
+
+    def get(self, timeout: float = 5.0) -> tuple[str, pika.BasicProperties]:
+        def fetch():
+            method, properties, body = self._channel.basic_get(self.queue, auto_ack=True)
+            return None if method is None else (body.decode(), properties)
+
+        return wait_for(fetch, timeout=timeout, what=f"a message on {self.queue}")
+
+    def count(self) -> int:
+        return self._channel.queue_declare(
+            self.queue, durable=True, arguments=TASK_QUEUE_ARGUMENTS, passive=True
+        ).method.message_count
+
+    def close(self) -> None:
+        self._connection.close()

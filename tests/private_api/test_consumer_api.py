@@ -1,0 +1,268 @@
+"""The consumer's side: claim, heartbeat, output, failure, release, logs."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from datetime import datetime
+
+from inference_server.contract import TaskStatus
+from private_api import service
+from private_api.blobs import StoredBlob
+from private_api.exceptions import Conflict
+from tests.private_api.helpers import (
+    as_consumer,
+    claim,
+    make_zip,
+    register_model,
+    stored_files,
+    submit_ok,
+    task_row,
+)
+
+A = as_consumer("consumer-a")
+B = as_consumer("consumer-b")
+
+
+def upload_output(client, uid, data, headers=A):
+    return client.post(f"/tasks/{uid}/output", files={"zip_file": ("output.zip", data)}, headers=headers)
+
+
+def test_claim_gives_task_and_model_and_starts_a_lease(client, settings):
+    register_model(client, zip_bytes=make_zip({"weights.bin": b"w" * 100}), memory_mb=2048)
+    uid = submit_ok(client)["uid"]
+
+    response = claim(client, uid)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["task"]["status"] == TaskStatus.RUNNING
+    assert body["task"]["attempts"] == 1
+    assert body["task"]["consumer_id"] == "consumer-a"
+    assert body["task"]["started_at"] is not None
+    assert body["model"]["human_readable_id"] == "seg-model"
+    assert body["model"]["memory_mb"] == 2048
+    assert body["lease_seconds"] == settings.lease_seconds
+    row = task_row(client, uid)
+    assert 0 < (row.lease_expires_at - row.started_at).total_seconds() <= settings.lease_seconds + 1
+
+
+def test_claim_again_by_holder_is_the_same_claim_and_others_get_409(client):
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    first = claim(client, uid).json()
+
+    again = claim(client, uid)
+    other = claim(client, uid, consumer="consumer-b")
+
+    assert again.status_code == 200
+    assert again.json()["task"]["attempts"] == first["task"]["attempts"] == 1
+    assert again.json()["task"]["started_at"] == first["task"]["started_at"]
+    assert other.status_code == 409
+    assert "consumer-a" in other.json()["detail"]
+    assert claim(client, "unknown-unknown-unknown").status_code == 404
+    assert client.post(f"/tasks/{uid}/claim").status_code == 422  # no X-Consumer-Id
+
+
+def test_concurrent_claims_have_exactly_one_winner(client):
+    register_model(client)
+    uids = [submit_ok(client)["uid"] for _ in range(4)]
+    factory = client.app.state.session_factory
+    contenders = 4
+
+    for uid in uids:
+        barrier = threading.Barrier(contenders)
+        outcomes: list[str] = []
+        lock = threading.Lock()
+
+        def contend(name: str, uid: str = uid, barrier: threading.Barrier = barrier) -> None:
+            with factory() as session:
+                barrier.wait()
+                try:
+                    service.claim_task(
+                        session=session, uid=uid, consumer_id=name, lease_seconds=60, max_attempts=3
+                    )
+                    outcome = f"won:{name}"
+                except Conflict:
+                    outcome = "conflict"
+            with lock:
+                outcomes.append(outcome)
+
+        threads = [threading.Thread(target=contend, args=(f"c{i}",)) for i in range(contenders)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+
+        winners = [outcome for outcome in outcomes if outcome.startswith("won:")]
+        assert len(outcomes) == contenders
+        assert len(winners) == 1, outcomes
+        row = task_row(client, uid)
+        assert row.status == TaskStatus.RUNNING
+        assert row.attempts == 1
+        assert winners[0] == f"won:{row.consumer_id}"
+
+
+def test_heartbeat_extends_lease_and_reports_cancel(client):
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    claim(client, uid)
+    before: datetime = task_row(client, uid).lease_expires_at
+
+    beat = client.post(f"/tasks/{uid}/heartbeat", headers=A)
+
+    assert beat.status_code == 200
+    assert beat.json() == {"keep_running": True, "status": "running"}
+    assert task_row(client, uid).lease_expires_at > before
+    assert client.post(f"/tasks/{uid}/heartbeat", headers=B).status_code == 409
+
+    client.post(f"/tasks/{uid}/cancel")
+    stop = client.post(f"/tasks/{uid}/heartbeat", headers=A)
+    assert stop.status_code == 200
+    assert stop.json() == {"keep_running": False, "status": "cancelled"}
+
+
+def test_output_is_stored_once(client, settings):
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    claim(client, uid)
+    output = make_zip({"seg/mask.nii": b"\x00" * 50_000, "report.txt": b"done"})
+
+    refused_other = upload_output(client, uid, output, headers=B)
+    first = upload_output(client, uid, output)
+    second = upload_output(client, uid, make_zip({"other.txt": b"late"}))
+
+    assert refused_other.status_code == 409
+    assert first.status_code == 200, first.text
+    assert first.json()["status"] == TaskStatus.FINISHED
+    assert first.json()["output_present"] is True
+    assert first.json()["output_sha256"] == hashlib.sha256(output).hexdigest()
+    assert first.json()["exit_code"] == 0
+    assert second.status_code == 409
+    assert len(stored_files(settings)) == 2  # input + the one output, the refused uploads discarded
+    download = client.get(f"/tasks/{uid}/output")
+    assert download.status_code == 200
+    assert download.headers["content-type"] == "application/zip"
+    assert download.content == output
+    assert claim(client, uid).status_code == 409
+
+
+def test_empty_output_zip_is_accepted_and_a_bad_one_refused(client, settings):
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    claim(client, uid)
+
+    bad = upload_output(client, uid, b"not a zip")
+    assert bad.status_code == 400
+    assert task_row(client, uid).status == TaskStatus.RUNNING
+    empty = upload_output(client, uid, make_zip({}))
+    assert empty.status_code == 200, empty.text
+    assert empty.json()["status"] == TaskStatus.FINISHED
+    assert len(stored_files(settings)) == 2
+
+
+def test_retryable_failure_retries_until_max_attempts(start_app, make_settings, queue):
+    client = start_app(make_settings(max_attempts=2))
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    assert queue.get()[0] == uid
+    failure = {"error": "CUDA error: out of memory", "exit_code": 137, "retryable": True}
+
+    claim(client, uid)
+    retried = client.post(f"/tasks/{uid}/fail", json=failure, headers=A)
+
+    assert retried.status_code == 200
+    assert retried.json()["status"] == TaskStatus.PENDING
+    assert retried.json()["attempts"] == 1
+    assert queue.get()[0] == uid  # republished
+
+    assert claim(client, uid, consumer="consumer-b").json()["task"]["attempts"] == 2
+    final = client.post(f"/tasks/{uid}/fail", json=failure, headers=B)
+
+    assert final.status_code == 200
+    body = final.json()
+    assert body["status"] == TaskStatus.FAILED
+    assert body["error"] == "CUDA error: out of memory"
+    assert body["exit_code"] == 137
+    assert body["finished_at"] is not None
+    assert queue.count() == 0
+    assert client.post(f"/tasks/{uid}/fail", json=failure, headers=B).status_code == 409
+
+
+def test_non_retryable_failure_fails_at_once(client):
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    claim(client, uid)
+    response = client.post(f"/tasks/{uid}/fail", json={"error": "exit code 3: bad input", "exit_code": 3}, headers=A)
+    assert response.json()["status"] == TaskStatus.FAILED
+    assert response.json()["attempts"] == 1
+    assert client.get(f"/tasks/{uid}/output").status_code == 409
+    assert client.post(f"/tasks/{uid}/fail", json={"bad": "body"}, headers=A).status_code == 422
+
+
+def test_release_returns_task_uncounted_and_republishes(client, queue):
+    register_model(client)
+    uid = submit_ok(client, priority=3)["uid"]
+    queue.get()
+    claim(client, uid)
+
+    released = client.post(f"/tasks/{uid}/release", json={"reason": "consumer shutting down"}, headers=A)
+
+    assert released.status_code == 200
+    assert released.json()["status"] == TaskStatus.PENDING
+    assert released.json()["attempts"] == 0
+    assert released.json()["consumer_id"] is None
+    body, properties = queue.get()
+    assert body == uid
+    assert properties.priority == 3
+    assert client.post(f"/tasks/{uid}/release", json={"reason": "again"}, headers=A).status_code == 409
+    assert claim(client, uid, consumer="consumer-b").json()["task"]["attempts"] == 1
+
+
+def test_logs_replace_and_only_the_holder_writes(client, settings):
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    claim(client, uid)
+
+    assert client.put(f"/tasks/{uid}/logs", content=b"first\n", headers=A).status_code == 204
+    assert client.put(f"/tasks/{uid}/logs", content="second \u2713\n".encode(), headers=A).status_code == 204
+    refused = client.put(f"/tasks/{uid}/logs", content=b"intruder", headers=B)
+
+    assert refused.status_code == 409
+    assert client.get(f"/tasks/{uid}/logs").text == "second \u2713\n"
+    assert len(stored_files(settings)) == 2  # input + the latest log only
+
+
+def test_oversized_log_keeps_head_and_tail(start_app, make_settings):
+    client = start_app(make_settings(max_log_bytes=4096))
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    claim(client, uid)
+    log = b"START\n" + b"x" * 100_000 + b"\nTraceback: the real error\n"
+
+    assert client.put(f"/tasks/{uid}/logs", content=log, headers=A).status_code == 204
+
+    stored = client.get(f"/tasks/{uid}/logs").text
+    assert stored.startswith("START\n")
+    assert stored.endswith("Traceback: the real error\n")
+    assert "bytes of log cut" in stored
+    assert len(stored) < 4096 + 100
+
+
+def test_store_output_failure_leaves_blob_to_caller(client, settings):
+    """A refused output is reported as Conflict; the upload route then deletes the blob."""
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    with client.app.state.session_factory() as session:
+        try:
+            service.store_output(
+                session=session,
+                uid=uid,
+                consumer_id="nobody",
+                output_blob=StoredBlob(key="outputs/none.zip", sha256="0" * 64, size=0),
+            )
+        except Conflict as exc:
+            assert "pending" in exc.detail
+        else:
+            raise AssertionError("a pending task accepted an output")
+    assert task_row(client, uid).output_blob_key is None

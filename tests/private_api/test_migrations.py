@@ -1,0 +1,51 @@
+"""The schema comes only from the Alembic migrations, identically on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from fastapi.testclient import TestClient
+from sqlalchemy import inspect
+
+from private_api.db import downgrade_database, make_engine, upgrade_database
+from private_api.main import create_app
+from private_api.models import Base
+
+
+def test_upgrade_creates_the_schema_the_models_describe(database_url):
+    upgrade_database(database_url)
+    upgrade_database(database_url)  # a second start finds nothing to do
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            inspector = inspect(connection)
+            assert {"models", "tasks", "alembic_version"} <= set(inspector.get_table_names())
+            indexes = {index["name"]: index["column_names"] for index in inspector.get_indexes("tasks")}
+            assert indexes["ix_tasks_status"] == ["status"]
+            assert indexes["ix_tasks_status_lease_expires_at"] == ["status", "lease_expires_at"]
+            columns = {column["name"] for column in inspector.get_columns("tasks")}
+            assert {"uid", "owner", "published_at", "lease_expires_at", "log_blob_key"} <= columns
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_and_upgrade_again(database_url):
+    upgrade_database(database_url)
+    downgrade_database(database_url, "base")
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            assert not {"models", "tasks"} & set(inspect(connection).get_table_names())
+    finally:
+        engine.dispose()
+    upgrade_database(database_url)
+
+
+def test_app_refuses_to_start_on_an_unmigrated_database(make_settings):
+    app = create_app(make_settings())
+    with pytest.raises(RuntimeError, match="upgrade_database"), TestClient(app):
+        pass

@@ -1,0 +1,117 @@
+"""Registering, listing, downloading and deleting models."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from tests.private_api.helpers import (
+    claim,
+    make_zip,
+    register_model,
+    row_counts,
+    stored_files,
+    submit_ok,
+)
+
+
+def test_register_model_with_zip_and_download_it_back(client, settings):
+    model_zip = make_zip({"weights/model.pt": b"\x01\x02" * 10_000, "config.json": b"{}"})
+
+    model = register_model(
+        client, "liver-seg.v2", zip_bytes=model_zip, use_gpu=True, timeout_s=600, cpus=1.5, pids=64
+    )
+
+    assert model["human_readable_id"] == "liver-seg.v2"
+    assert model["model_available"] is True
+    assert model["use_gpu"] is True
+    assert model["model_zip_sha256"] == hashlib.sha256(model_zip).hexdigest()
+    assert (model["timeout_s"], model["cpus"], model["pids"], model["memory_mb"]) == (600, 1.5, 64, None)
+    assert model["allow_network"] is False and model["run_as_root"] is False
+    download = client.get("/models/liver-seg.v2/zip")
+    assert download.status_code == 200
+    assert download.headers["content-type"] == "application/zip"
+    assert download.content == model_zip
+    assert len(stored_files(settings)) == 1
+
+
+def test_register_without_zip_then_list_and_get(client):
+    register_model(client, "b-model")
+    register_model(client, "a-model", description="second", model_available="False")
+
+    listed = client.get("/models").json()
+    assert [model["human_readable_id"] for model in listed] == ["a-model", "b-model"]
+    got = client.get("/models/a-model")
+    assert got.status_code == 200
+    assert got.json()["description"] == "second"
+    assert got.json()["model_zip_sha256"] is None
+    no_zip = client.get("/models/a-model/zip")
+    assert no_zip.status_code == 404
+    assert "no model zip" in no_zip.json()["detail"]
+    assert client.get("/models/missing").status_code == 404
+
+
+def test_duplicate_name_is_409_and_stores_nothing(client, settings):
+    register_model(client, zip_bytes=make_zip())
+
+    duplicate = client.post(
+        "/models",
+        params={"human_readable_id": "seg-model", "container_tag": "other:1", "model_available": True},
+        files={"zip_file": ("m.zip", make_zip({"other": b"x"}))},
+    )
+
+    assert duplicate.status_code == 409
+    assert "already exists" in duplicate.json()["detail"]
+    assert row_counts(client) == (1, 0)
+    assert len(stored_files(settings)) == 1
+
+
+@pytest.mark.parametrize(
+    ("params", "files", "status", "detail"),
+    [
+        ({"human_readable_id": "bad id!"}, None, 422, "human_readable_id"),
+        ({"human_readable_id": "-leading-dash"}, None, 422, "human_readable_id"),
+        ({"container_tag": "UPPER/Case:1"}, None, 422, "container_tag"),
+        ({"container_tag": "img; rm -rf /"}, None, 422, "container_tag"),
+        ({"use_gpu": "maybe"}, None, 422, "use_gpu"),
+        ({"memory_mb": 1}, None, 422, "memory_mb"),
+        ({"timeout_s": 0}, None, 422, "timeout_s"),
+        ({"model_available": True}, None, 422, "zip_file"),
+        ({"model_available": False}, {"zip_file": ("m.zip", make_zip())}, 422, "model_available"),
+        ({"model_available": True}, {"zip_file": ("m.zip", b"not a zip")}, 400, "not a valid zip"),
+    ],
+)
+def test_bad_registration_is_refused_and_stores_nothing(client, settings, params, files, status, detail):
+    query = {"human_readable_id": "ok-model", "container_tag": "registry.local:5000/team/seg:1.0", **params}
+
+    response = client.post("/models", params=query, files=files)
+
+    assert response.status_code == status, response.text
+    assert detail in response.json()["detail"]
+    assert row_counts(client) == (0, 0)
+    assert stored_files(settings) == []
+
+
+def test_delete_model_removes_its_zip_and_finished_tasks_but_not_while_busy(client, settings):
+    register_model(client, zip_bytes=make_zip())
+    done = submit_ok(client)["uid"]
+    claim(client, done)
+    client.post(f"/tasks/{done}/fail", json={"error": "boom"}, headers={"X-Consumer-Id": "consumer-a"})
+    busy = submit_ok(client)["uid"]
+
+    refused = client.delete("/models/seg-model")
+    assert refused.status_code == 409
+    assert "1 pending or running" in refused.json()["detail"]
+
+    client.post(f"/tasks/{busy}/cancel")
+    deleted = client.delete("/models/seg-model")
+
+    assert deleted.status_code == 200
+    assert deleted.json()["human_readable_id"] == "seg-model"
+    assert row_counts(client) == (0, 0)
+    assert stored_files(settings) == []
+    assert client.get("/models/seg-model").status_code == 404
+    assert client.delete("/models/seg-model").status_code == 404
+    # The name is free again.
+    register_model(client)
