@@ -10,7 +10,7 @@ FROM ${BASE_IMAGE} AS build
 # build/wheels holds wheels made on the host by scripts/build_images.sh where containers cannot
 # reach the package index; the glob matches nothing on a machine without it, and pip then uses
 # the index.
-COPY docker/app/install.sh /usr/local/sbin/install-into-venv
+COPY docker-images/app/install.sh /usr/local/sbin/install-into-venv
 COPY pyproject.toml build/wheel[s] /tmp/wheels/
 RUN install-into-venv dependencies /tmp/wheels/pyproject.toml
 # .dockerignore lets in only the packages, pyproject.toml and README.md: never .env or certs.

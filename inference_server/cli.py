@@ -1,9 +1,9 @@
 """`inference-server`: the operator's command line.
 
-    inference-server standalone --port 8000 --data-dir ./data --consumers 1
-    inference-server private-api|public-api [--host H --port P]
-    inference-server consumer [--gpu ID]
-    inference-server db upgrade
+inference-server standalone --port 8000 --data-dir ./data --consumers 1
+inference-server private-api|public-api [--host H --port P]
+inference-server consumer [--gpu ID]
+inference-server db upgrade
 """
 
 from __future__ import annotations
@@ -46,9 +46,7 @@ def _cmd_standalone(args: argparse.Namespace) -> int:
     from inference_server.launcher import LocalPlatform
 
     gpus = _parse_gpus(args.gpus, args.consumers)
-    platform = LocalPlatform(
-        data_dir=Path(args.data_dir), public_port=args.port, consumers=0, host=args.host
-    )
+    platform = LocalPlatform(data_dir=Path(args.data_dir), public_port=args.port, consumers=0, host=args.host)
     stop_requested = threading.Event()
 
     def _on_signal(signum: int, _frame) -> None:
@@ -65,10 +63,14 @@ def _cmd_standalone(args: argparse.Namespace) -> int:
         if args.register_examples:
             registered = register_examples(platform.private_url, platform.service_token)
             print(f"example models ready: {', '.join(registered)}")
-        print(f"InferenceServer is up at {platform.public_url} (API docs: {platform.public_url}/docs); "
-              f"{len(gpus)} consumer(s); data in {platform.data_dir}; logs in {platform.data_dir / 'logs'}")
-        print(f"Submit a task:  .venv/bin/infer --url {platform.public_url} submit passthrough "
-              f"./some-folder --wait -o result/")
+        print(
+            f"InferenceServer is up at {platform.public_url} (API docs: {platform.public_url}/docs); "
+            f"{len(gpus)} consumer(s); data in {platform.data_dir}; logs in {platform.data_dir / 'logs'}"
+        )
+        print(
+            f"Submit a task:  .venv/bin/infer --url {platform.public_url} submit passthrough "
+            f"./some-folder --wait -o result/"
+        )
         print("Press Ctrl-C to stop.", flush=True)
         while not stop_requested.wait(1.0):
             platform.supervise_once()
@@ -79,8 +81,9 @@ def _cmd_standalone(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inference-server", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="inference-server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -92,14 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     standalone.add_argument(
         "--gpus", help="comma-separated GPU ids, one consumer each (replaces --consumers)"
     )
-    standalone.add_argument("--register-examples", action="store_true",
-                            help="build the images in models_examples/ and register them")
+    standalone.add_argument(
+        "--register-examples",
+        action="store_true",
+        help="build the images in models_examples/ and register them",
+    )
     standalone.set_defaults(handler=_cmd_standalone)
 
-    for name, module in (("private-api", "private_api"), ("public-api", "public_api"),
-                         ("consumer", "job_consumer")):
-        sub = commands.add_parser(name, help=f"run the {name} service in the foreground",
-                                  add_help=False)
+    for name, module in (
+        ("private-api", "private_api"),
+        ("public-api", "public_api"),
+        ("consumer", "job_consumer"),
+    ):
+        sub = commands.add_parser(name, help=f"run the {name} service in the foreground", add_help=False)
         sub.set_defaults(handler=None, module=module)
 
     database = commands.add_parser("db", help="database maintenance")
@@ -114,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.handler is None:
         return _exec_module(args.module, rest)
     if rest:

@@ -33,14 +33,16 @@ def register_model(private_url: str, service_token: str, example: ExampleModel) 
             else:
                 with open(model_zip, "rb") as handle:
                     response = client.post(
-                        PrivateRoutes.MODELS, params=params,
+                        PrivateRoutes.MODELS,
+                        params=params,
                         files={"zip_file": ("model.zip", handle, "application/zip")},
                     )
     if response.status_code == 409:
         return False
     if response.status_code >= 400:
-        raise RuntimeError(f"registering {example.human_readable_id} failed: "
-                           f"{response.status_code} {response.text[:300]}")
+        raise RuntimeError(
+            f"registering {example.human_readable_id} failed: {response.status_code} {response.text[:300]}"
+        )
     return True
 
 

@@ -235,8 +235,9 @@ class LocalPlatform:
             except httpx.HTTPError as exc:
                 last_error = str(exc)
             time.sleep(0.1)
-        raise RuntimeError(f"{process.name} not ready at {url} after {timeout:.0f}s ({last_error}):\n"
-                           f"{process.log_tail()}")
+        raise RuntimeError(
+            f"{process.name} not ready at {url} after {timeout:.0f}s ({last_error}):\n{process.log_tail()}"
+        )
 
     def stop(self, timeout: float = 20.0) -> None:
         # Consumers first, so none is left running a task against an API that is gone.
@@ -251,8 +252,12 @@ class LocalPlatform:
         restarted = []
         for process in self.processes.values():
             if process.popen is not None and not process.running:
-                log.warning("%s exited with %s; restarting it\n%s", process.name,
-                            process.popen.returncode, process.log_tail(10))
+                log.warning(
+                    "%s exited with %s; restarting it\n%s",
+                    process.name,
+                    process.popen.returncode,
+                    process.log_tail(10),
+                )
                 process.start()
                 process.restarts += 1
                 restarted.append(process.name)

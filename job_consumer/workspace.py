@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import time
@@ -11,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inference_server.zipsafe import ZipLimits, extract_zip, remove_tree
-
-log = logging.getLogger(__name__)
 
 MODELS_DIR = "models"
 # Written next to (never inside) the mounted folders, so a model cannot see or change it.

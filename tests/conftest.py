@@ -16,6 +16,8 @@ import pika
 import psycopg
 import pytest
 
+pytest_plugins = ["tests.platform_fixtures"]
+
 RABBITMQ_URL = os.environ.get("IS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 POSTGRES_ADMIN_DSN = os.environ.get(
     "IS_TEST_POSTGRES_DSN", "postgresql://inference_test:inference_test@127.0.0.1:5432/inference_test"

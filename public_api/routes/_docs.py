@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from inference_server.contract import V12Code
+from inference_server.contract import ErrorBody, V12Code
 
 
 def zip_upload_body(*, required: bool, description: str) -> dict[str, Any]:
@@ -36,14 +36,7 @@ def zip_upload_body(*, required: bool, description: str) -> dict[str, Any]:
 
 
 def error(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {
-            "application/json": {
-                "schema": {"type": "object", "properties": {"detail": {"type": "string"}}},
-            }
-        },
-    }
+    return {"model": ErrorBody, "description": description}
 
 
 ZIP_CONTENT = {"application/zip": {"schema": {"type": "string", "format": "binary"}}}
@@ -56,7 +49,10 @@ V12_POLL_RESPONSES: dict[int | str, dict[str, Any]] = {
     V12Code.NOT_FOUND.value: error("554: no such task, or it was deleted."),
 }
 
-UPSTREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+# Declaring 422 here also stops FastAPI from documenting its list-shaped default: every error
+# body of this API, validation included, is {"detail": "<text>"}.
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: error("Malformed parameters or body; `detail` names each problem."),
     502: error("The private API failed or refused this service."),
     503: error("The private API is unreachable."),
     504: error("The private API did not answer in time."),

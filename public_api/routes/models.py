@@ -9,15 +9,18 @@ from fastapi import APIRouter, Depends, Query, Request
 from inference_server.contract import (
     CONTAINER_TAG_PATTERN,
     HUMAN_READABLE_ID_PATTERN,
+    ModelLimits,
     ModelPublic,
     PublicRoutes,
 )
 from public_api import service
 from public_api.deps import PrivateAPIDep, SettingsDep, current_principal, require_operator
 from public_api.relay import upload_body
-from public_api.routes._docs import UPSTREAM_RESPONSES, error, zip_upload_body
+from public_api.routes._docs import COMMON_RESPONSES, error, zip_upload_body
 
-router = APIRouter(tags=["models"], dependencies=[Depends(current_principal)], responses=UPSTREAM_RESPONSES)
+_LIMITS = ModelLimits.model_fields
+
+router = APIRouter(tags=["models"], dependencies=[Depends(current_principal)], responses=COMMON_RESPONSES)
 
 
 @router.get(PublicRoutes.MODELS.rstrip("/"), include_in_schema=False)
@@ -54,10 +57,13 @@ async def register_model(
     description: Annotated[str, Query(max_length=10_000)] = "",
     model_available: Annotated[bool | None, Query(description="True when zip_file is sent.")] = None,
     use_gpu: bool | None = None,
-    timeout_s: Annotated[int | None, Query(description="Wall-clock limit per task.")] = None,
-    memory_mb: int | None = None,
-    cpus: float | None = None,
-    pids: int | None = None,
+    # Same bounds as the private API applies, taken from the shared schema, so /docs tells the truth.
+    timeout_s: Annotated[
+        int | None, *_LIMITS["timeout_s"].metadata, Query(description="Seconds per task.")
+    ] = None,
+    memory_mb: Annotated[int | None, *_LIMITS["memory_mb"].metadata, Query()] = None,
+    cpus: Annotated[float | None, *_LIMITS["cpus"].metadata, Query()] = None,
+    pids: Annotated[int | None, *_LIMITS["pids"].metadata, Query()] = None,
     allow_network: bool | None = None,
     run_as_root: bool | None = None,
 ) -> ModelPublic:

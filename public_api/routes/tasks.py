@@ -20,9 +20,9 @@ from inference_server.contract import (
 from public_api import service
 from public_api.deps import PrivateAPIDep, SettingsDep, current_principal
 from public_api.relay import stream_back, upload_body
-from public_api.routes._docs import UPSTREAM_RESPONSES, V12_POLL_RESPONSES, error, zip_upload_body
+from public_api.routes._docs import COMMON_RESPONSES, V12_POLL_RESPONSES, error, zip_upload_body
 
-router = APIRouter(tags=["tasks"], dependencies=[Depends(current_principal)], responses=UPSTREAM_RESPONSES)
+router = APIRouter(tags=["tasks"], dependencies=[Depends(current_principal)], responses=COMMON_RESPONSES)
 
 TaskUid = Annotated[str, Path(pattern=TASK_UID_PATTERN, description="The uid returned at submission.")]
 

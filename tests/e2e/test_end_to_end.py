@@ -18,9 +18,9 @@ import requests
 
 from inference_server.examples import register_model
 from models_examples.catalog import get_example
-from tests.e2e.conftest import register_examples_on
-from tests.helpers import make_zip, wait_until, zip_members
-from tests.images import FAIL, SCRIPT, SLEEP
+from tests.helpers import make_zip, register_script_model, wait_until, zip_members
+from tests.images import FAIL, SLEEP
+from tests.platform_fixtures import register_examples_on
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -59,27 +59,16 @@ def status_of(base_url: str, uid: str) -> dict:
     return response.json()
 
 
-def register_script_model(platform, human_readable_id: str, script: str, tmp_path: Path) -> None:
-    """A model whose behaviour is the shell script shipped in its model zip (run as /model/run.sh)."""
-    model_zip = tmp_path / f"{human_readable_id}.zip"
-    model_zip.write_bytes(make_zip({"run.sh": script.encode()}))
-    with open(model_zip, "rb") as handle:
-        response = requests.post(
-            f"{platform.private_url}/models",
-            params={"container_tag": SCRIPT, "human_readable_id": human_readable_id,
-                    "description": "test script model", "model_available": "true", "use_gpu": "false"},
-            files={"zip_file": ("model.zip", handle, "application/zip")},
-            headers={"X-Service-Token": platform.service_token},
-            timeout=60,
-        )
-    assert response.status_code == 201, response.text
-
-
 def register_image(platform, human_readable_id: str, image: str) -> None:
     response = requests.post(
         f"{platform.public_url}/api/models/",
-        params={"container_tag": image, "human_readable_id": human_readable_id,
-                "description": "test image", "model_available": "false", "use_gpu": "false"},
+        params={
+            "container_tag": image,
+            "human_readable_id": human_readable_id,
+            "description": "test image",
+            "model_available": "false",
+            "use_gpu": "false",
+        },
         timeout=60,
     )
     assert response.status_code in (200, 201), response.text
@@ -87,7 +76,7 @@ def register_image(platform, human_readable_id: str, image: str) -> None:
 
 def stored_rows(platform, table: str) -> int:
     with sqlite3.connect(platform.data_dir / "inference.db") as db:
-        return db.execute(f"select count(*) from {table}").fetchone()[0]  # noqa: S608 - fixed names
+        return db.execute(f"select count(*) from {table}").fetchone()[0]
 
 
 def blob_files(platform) -> list[Path]:
@@ -118,7 +107,7 @@ def test_each_v12_status_code_is_reached(platform_factory, test_images, tmp_path
     base = platform.public_url
     register_image(platform, "sleeper", SLEEP)
     register_image(platform, "failer", FAIL)
-    register_script_model(platform, "copier", "cp -r /input/. /output/ && echo copied\n", tmp_path)
+    register_script_model(platform, "copier", "cp -r /input/. /output/ && echo copied\n")
 
     # 554: a uid nobody ever issued.
     assert requests.get(f"{base}/api/tasks/{'x' * 32}", timeout=30).status_code == 554
@@ -170,9 +159,9 @@ def test_model_zip_is_visible_under_model(platform_factory, example_images):
 def test_two_consumers_run_two_tasks_at_the_same_time(platform_factory, test_images, tmp_path):
     platform = platform_factory(consumers=2)
     register_script_model(
-        platform, "slow-copy",
+        platform,
+        "slow-copy",
         "date +%s.%N > /output/start\nsleep 4\ndate +%s.%N > /output/end\nhostname > /output/host\n",
-        tmp_path,
     )
     uids = [submit(platform.public_url, "slow-copy", make_zip({"n.txt": str(i).encode()})) for i in range(2)]
     windows = []
@@ -198,9 +187,20 @@ def test_cli_submits_a_folder_waits_and_writes_the_output(platform_factory, exam
     out = tmp_path / "result"
     infer = Path(sys.executable).with_name("infer")
     completed = subprocess.run(
-        [str(infer), "--url", platform.public_url, "submit", "passthrough", str(source),
-         "--wait", "-o", f"{out}/"],
-        capture_output=True, text=True, timeout=180,
+        [
+            str(infer),
+            "--url",
+            platform.public_url,
+            "submit",
+            "passthrough",
+            str(source),
+            "--wait",
+            "-o",
+            f"{out}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert completed.returncode == 0, completed.stderr
     assert (out / "series 1" / "image.dat").read_bytes() == b"\x00\x01 image bytes"
@@ -208,7 +208,9 @@ def test_cli_submits_a_folder_waits_and_writes_the_output(platform_factory, exam
 
     unknown = subprocess.run(
         [str(infer), "--url", platform.public_url, "submit", "no-such-model", str(source)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert unknown.returncode != 0
     assert unknown.stderr.strip().count("\n") == 0, unknown.stderr
@@ -220,16 +222,36 @@ def test_bad_input_gets_a_clear_4xx_and_stores_nothing(platform_factory, example
     register_examples_on(platform)
     base = f"{platform.public_url}/api/tasks/"
     cases = [
-        ("not a zip", {"model_human_readable_id": "passthrough"},
-         {"zip_file": ("in.zip", b"this is not a zip", "application/zip")}, 400),
-        ("unknown model", {"model_human_readable_id": "nope"},
-         {"zip_file": ("in.zip", make_zip({"a": b"1"}), "application/zip")}, 404),
-        ("missing file field", {"model_human_readable_id": "passthrough"},
-         {"other": ("in.zip", make_zip({"a": b"1"}), "application/zip")}, 422),
-        ("malformed priority", {"model_human_readable_id": "passthrough", "priority": "high"},
-         {"zip_file": ("in.zip", make_zip({"a": b"1"}), "application/zip")}, 422),
-        ("missing model parameter", {},
-         {"zip_file": ("in.zip", make_zip({"a": b"1"}), "application/zip")}, 422),
+        (
+            "not a zip",
+            {"model_human_readable_id": "passthrough"},
+            {"zip_file": ("in.zip", b"this is not a zip", "application/zip")},
+            400,
+        ),
+        (
+            "unknown model",
+            {"model_human_readable_id": "nope"},
+            {"zip_file": ("in.zip", make_zip({"a": b"1"}), "application/zip")},
+            404,
+        ),
+        (
+            "missing file field",
+            {"model_human_readable_id": "passthrough"},
+            {"other": ("in.zip", make_zip({"a": b"1"}), "application/zip")},
+            422,
+        ),
+        (
+            "malformed priority",
+            {"model_human_readable_id": "passthrough", "priority": "high"},
+            {"zip_file": ("in.zip", make_zip({"a": b"1"}), "application/zip")},
+            422,
+        ),
+        (
+            "missing model parameter",
+            {},
+            {"zip_file": ("in.zip", make_zip({"a": b"1"}), "application/zip")},
+            422,
+        ),
     ]
     blobs_before = blob_files(platform)
     for name, params, files, expected in cases:
@@ -255,7 +277,9 @@ def test_brain_mask_example_segments_a_synthetic_scan(platform_factory, example_
 
     platform = platform_factory(consumers=1)
     register_examples_on(platform)
-    uid = submit(platform.public_url, "brain-mask", make_zip({"subject1/head.nii.gz": image_path.read_bytes()}))
+    uid = submit(
+        platform.public_url, "brain-mask", make_zip({"subject1/head.nii.gz": image_path.read_bytes()})
+    )
     response = poll_until_done(platform.public_url, uid, timeout=180)
     assert response.status_code == 200, response.text
     outputs = zip_members(response.content)

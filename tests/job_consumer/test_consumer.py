@@ -130,6 +130,20 @@ def test_timeout_fails_the_task_as_timeout(private_api, make_consumer, test_imag
     assert "killed after the 1 s timeout" in private_api.logs(task.uid)
 
 
+def test_out_of_memory_fails_the_task_as_out_of_memory(private_api, make_consumer, test_images):
+    model_id = hrid("oom")
+    private_api.register_model(model_id, images.OOM, memory_mb=32)
+    task = private_api.submit(model_id, {"x.txt": b"x"})
+
+    assert ConsumerThread(make_consumer(max_tasks=1)).start().join(60) == 1
+
+    failed = private_api.task(task.uid)
+    assert failed.status == TaskStatus.FAILED
+    assert failed.error.startswith("out of memory")
+    assert "32 MB" in failed.error
+    assert failed.exit_code == 137
+
+
 def test_missing_image_fails_that_task_and_the_consumer_goes_on(private_api, make_consumer, test_images):
     broken_id, good_id = hrid("broken"), hrid("copy")
     private_api.register_model(broken_id, "inference-server/not-built-anywhere:1")

@@ -26,7 +26,9 @@ def postgresql_url(postgres_url: str) -> str:
 
 
 @pytest.fixture
-def make_settings(database_url: str, rabbitmq_url: str, queue_name: str, tmp_path) -> Callable[..., PrivateSettings]:
+def make_settings(
+    database_url: str, rabbitmq_url: str, queue_name: str, tmp_path
+) -> Callable[..., PrivateSettings]:
     def make(**overrides) -> PrivateSettings:
         values = {
             "database_url": database_url,

@@ -44,7 +44,9 @@ def symlink_zip() -> bytes:
     return zip_with_entry(info, b"/etc/passwd")
 
 
-def register_model(client: TestClient, hrid: str = "seg-model", *, zip_bytes: bytes | None = None, **params) -> dict:
+def register_model(
+    client: TestClient, hrid: str = "seg-model", *, zip_bytes: bytes | None = None, **params
+) -> dict:
     query = {
         "human_readable_id": hrid,
         "container_tag": "inference-server/test-script:1",
@@ -59,9 +61,7 @@ def register_model(client: TestClient, hrid: str = "seg-model", *, zip_bytes: by
     return response.json()
 
 
-def submit(
-    client: TestClient, model: str = "seg-model", data: bytes | None = None, **params
-) -> Response:
+def submit(client: TestClient, model: str = "seg-model", data: bytes | None = None, **params) -> Response:
     files = {"zip_file": ("input.zip", make_zip() if data is None else data, "application/zip")}
     return client.post("/tasks", params={"model_human_readable_id": model, **params}, files=files)
 

@@ -38,7 +38,9 @@ def test_size_limit_aborts_and_removes_the_partial_file(tmp_path):
     assert store.save([b"12345", b"67890"], "inputs", max_bytes=10).size == 10
 
 
-@pytest.mark.parametrize("key", ["../etc/passwd", "/etc/passwd", "inputs/../x", "inputs/.hidden", "other/x", "x"])
+@pytest.mark.parametrize(
+    "key", ["../etc/passwd", "/etc/passwd", "inputs/../x", "inputs/.hidden", "other/x", "x"]
+)
 def test_keys_cannot_leave_the_store(tmp_path, key):
     with pytest.raises(ValueError, match="not a blob key"):
         BlobStore(tmp_path).path(key)

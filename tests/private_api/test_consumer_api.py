@@ -64,38 +64,41 @@ def test_claim_again_by_holder_is_the_same_claim_and_others_get_409(client):
     assert client.post(f"/tasks/{uid}/claim").status_code == 422  # no X-Consumer-Id
 
 
+def race_claims(session_factory, uid: str, contenders: int) -> list[str]:
+    """`contenders` threads, each with its own session, claim `uid` at the same instant."""
+    barrier = threading.Barrier(contenders)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def contend(name: str) -> None:
+        with session_factory() as session:
+            barrier.wait()
+            try:
+                service.claim_task(
+                    session=session, uid=uid, consumer_id=name, lease_seconds=60, max_attempts=3
+                )
+                outcome = f"won:{name}"
+            except Conflict:
+                outcome = "conflict"
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=contend, args=(f"c{i}",)) for i in range(contenders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return outcomes
+
+
 def test_concurrent_claims_have_exactly_one_winner(client):
     register_model(client)
-    uids = [submit_ok(client)["uid"] for _ in range(4)]
-    factory = client.app.state.session_factory
-    contenders = 4
+    for uid in [submit_ok(client)["uid"] for _ in range(4)]:
+        outcomes = race_claims(client.app.state.session_factory, uid, contenders=4)
 
-    for uid in uids:
-        barrier = threading.Barrier(contenders)
-        outcomes: list[str] = []
-        lock = threading.Lock()
-
-        def contend(name: str, uid: str = uid, barrier: threading.Barrier = barrier) -> None:
-            with factory() as session:
-                barrier.wait()
-                try:
-                    service.claim_task(
-                        session=session, uid=uid, consumer_id=name, lease_seconds=60, max_attempts=3
-                    )
-                    outcome = f"won:{name}"
-                except Conflict:
-                    outcome = "conflict"
-            with lock:
-                outcomes.append(outcome)
-
-        threads = [threading.Thread(target=contend, args=(f"c{i}",)) for i in range(contenders)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-
+        # A thread that died on a database error would be missing here, failing the test.
+        assert len(outcomes) == 4
         winners = [outcome for outcome in outcomes if outcome.startswith("won:")]
-        assert len(outcomes) == contenders
         assert len(winners) == 1, outcomes
         row = task_row(client, uid)
         assert row.status == TaskStatus.RUNNING
@@ -193,7 +196,9 @@ def test_non_retryable_failure_fails_at_once(client):
     register_model(client)
     uid = submit_ok(client)["uid"]
     claim(client, uid)
-    response = client.post(f"/tasks/{uid}/fail", json={"error": "exit code 3: bad input", "exit_code": 3}, headers=A)
+    response = client.post(
+        f"/tasks/{uid}/fail", json={"error": "exit code 3: bad input", "exit_code": 3}, headers=A
+    )
     assert response.json()["status"] == TaskStatus.FAILED
     assert response.json()["attempts"] == 1
     assert client.get(f"/tasks/{uid}/output").status_code == 409

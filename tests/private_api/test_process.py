@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from inference_server.contract import SERVICE_TOKEN_HEADER
+from private_api.__main__ import main as private_api_main
 from tests.private_api.conftest import SERVICE_TOKEN
 from tests.private_api.helpers import make_zip, wait_for
 
@@ -48,7 +48,17 @@ def server(tmp_path, rabbitmq_url, queue_name) -> Iterator[tuple[str, subprocess
         IS_MAX_UPLOAD_BYTES=str(8 * 1024 * 1024),
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "private_api", "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"],
+        [
+            sys.executable,
+            "-m",
+            "private_api",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "info",
+        ],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -115,31 +125,18 @@ def test_module_entry_point_migrates_serves_and_stops_cleanly(server):
     assert "Traceback" not in output
 
 
-def test_refuses_to_start_without_a_service_token(tmp_path):
-    started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "private_api", "--port", str(free_port())],
-        cwd=tmp_path,
-        env=service_env(IS_DATA_DIR=str(tmp_path / "data")),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert "IS_SERVICE_TOKEN" in result.stderr
-    assert time.monotonic() - started < 30
+@pytest.mark.parametrize(("token", "problem"), [(None, "Field required"), ("short", "at least 16")])
+def test_refuses_to_start_without_a_good_service_token(token, problem, tmp_path, monkeypatch, capsys):
+    for key in [key for key in os.environ if key.startswith("IS_")]:
+        monkeypatch.delenv(key)
+    if token is not None:
+        monkeypatch.setenv("IS_SERVICE_TOKEN", token)
+    monkeypatch.setenv("IS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("IS_DATABASE_URL", f"sqlite:///{tmp_path / 'data' / 'db.sqlite'}")
+
+    assert private_api_main(["--port", str(free_port())]) == 2
+
+    stderr = capsys.readouterr().err
+    assert "IS_SERVICE_TOKEN" in stderr
+    assert problem in stderr
     assert not (tmp_path / "data").exists()  # refused before touching anything
-
-
-def test_refuses_a_short_service_token(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "private_api", "--port", str(free_port())],
-        cwd=tmp_path,
-        env=service_env(IS_SERVICE_TOKEN="short", IS_DATA_DIR=str(tmp_path / "data")),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert "IS_SERVICE_TOKEN" in result.stderr
-    assert "at least 16" in result.stderr

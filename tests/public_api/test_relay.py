@@ -82,6 +82,15 @@ def test_model_errors_pass_through_with_their_detail(http: httpx.Client, public_
     assert "zip" in not_a_zip.json()["detail"]
     missing = http.post(public_url + PublicRoutes.MODELS, params={"container_tag": BASE_IMAGE_TAG})
     assert missing.status_code == 422
+    assert "human_readable_id" in missing.json()["detail"]
+    out_of_range = http.post(public_url + PublicRoutes.MODELS, params=_model_params(unique_id(), memory_mb=1))
+    assert out_of_range.status_code == 422
+    assert "memory_mb" in out_of_range.json()["detail"]
+    without_zip = http.post(
+        public_url + PublicRoutes.MODELS, params=_model_params(unique_id(), model_available=True)
+    )
+    assert without_zip.status_code == 422  # the private API's own rule, passed through
+    assert isinstance(without_zip.json()["detail"], str)
 
 
 def test_submit_errors_pass_through_with_their_detail(

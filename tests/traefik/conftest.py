@@ -1,0 +1,116 @@
+"""The real Traefik binary, with the project's own configuration, in front of the real platform
+(private API, public API and one consumer as local processes, via the lead's LocalPlatform)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pika
+import pytest
+
+from inference_server.launcher import LocalPlatform, free_port
+from tests.traefik.helpers import (
+    FrontDoor,
+    answers,
+    make_cert,
+    render_static_config,
+    traefik_binary,
+    wait_for,
+)
+
+TRAEFIK_DIR = Path(__file__).resolve().parents[2] / "traefik"
+
+
+@pytest.fixture(scope="module")
+def module_queue_name(rabbitmq_url: str, test_session_id: str) -> Iterator[str]:
+    """Like the shared `queue_name` fixture, for one platform that all tests of a module share
+    (starting the platform per test would cost seconds each)."""
+    name = f"is-test-{test_session_id}-{secrets.token_hex(4)}"
+    yield name
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        connection.channel().queue_delete(name)
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="module")
+def platform(
+    tmp_path_factory: pytest.TempPathFactory, rabbitmq_url: str, module_queue_name: str
+) -> Iterator[LocalPlatform]:
+    running = LocalPlatform(
+        data_dir=tmp_path_factory.mktemp("platform"),
+        public_port=free_port(),
+        consumers=1,
+        rabbitmq_url=rabbitmq_url,
+        queue_name=module_queue_name,
+    )
+    running.start(timeout=90)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_cert("inference.test", tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def front_door(
+    tmp_path_factory: pytest.TempPathFactory, platform: LocalPlatform, tls_cert: tuple[Path, Path]
+) -> Iterator[FrontDoor]:
+    """Traefik on high free ports instead of 80/443, routing to the platform's public API."""
+    workdir = tmp_path_factory.mktemp("traefik")
+    cert, key = tls_cert
+    web_port, websecure_port, ping_port = free_port(), free_port(), free_port()
+    static = render_static_config(
+        workdir / "traefik.yml",
+        web=f"127.0.0.1:{web_port}",
+        websecure=f"127.0.0.1:{websecure_port}",
+        ping=f"127.0.0.1:{ping_port}",
+        dynamic_file=TRAEFIK_DIR / "dynamic.yml",
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "IS_PROXY_UPSTREAM_URL": platform.public_url,
+        "IS_PROXY_CERT_FILE": str(cert),
+        "IS_PROXY_KEY_FILE": str(key),
+    }
+    log_path = workdir / "traefik.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(traefik_binary()), f"--configFile={static}"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    door = FrontDoor(
+        https_url=f"https://127.0.0.1:{websecure_port}",
+        http_url=f"http://127.0.0.1:{web_port}",
+        ca_file=cert,
+    )
+    try:
+        with httpx.Client(timeout=2.0) as ping:
+            wait_for(answers(ping, f"http://127.0.0.1:{ping_port}/ping"), 30, "Traefik's ping")
+        # The file provider loads the routers just after start-up: wait until one answers.
+        with door.client(timeout=2.0) as client:
+            wait_for(answers(client, "/health/live"), 30, "the route to the public API")
+        yield door
+    except BaseException:
+        print(log_path.read_text(errors="replace")[-5000:])
+        raise
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
