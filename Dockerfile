@@ -38,5 +38,5 @@ USER app
 EXPOSE 8000 8001
 # Every service answers /health/live; compose overrides the port per service.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=4)"]
 CMD ["python", "-m", "public_api", "--host", "0.0.0.0", "--port", "8000"]

@@ -328,13 +328,15 @@ class BenchPlatform:
             response.raise_for_status()
             return ModelPublic.model_validate(response.json())
 
-    def add_consumers(self, total: int) -> None:
-        """Start consumers until `total` run, and wait until each listens on the queue."""
+    def add_consumers(self, total: int, *, wait: bool = True) -> None:
+        """Start consumers until `total` run; wait until each listens on the queue (only
+        meaningful with an empty queue: a consumer running a task stops listening meanwhile)."""
         running = sum(1 for name in self.platform.processes if name.startswith("consumer-"))
         for index in range(running, total):
             self.platform.start_consumer(index)
         self.platform.consumers = max(self.platform.consumers, total)
-        self.wait_consumers(total)
+        if wait:
+            self.wait_consumers(total)
 
     def wait_consumers(self, count: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -548,3 +550,14 @@ def platform_cpu_s(bench_platform: BenchPlatform) -> dict[str, float]:
             if value is not None:
                 usage[name] = value
     return usage
+
+
+def cpu_pressure_total_us() -> int | None:
+    """The kernel's cumulative time (us) some runnable task waited for a CPU (PSI), if available."""
+    try:
+        for line in Path("/proc/pressure/cpu").read_text().splitlines():
+            if line.startswith("some"):
+                return int(line.rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

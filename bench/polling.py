@@ -1,4 +1,4 @@
-"""200 concurrent clients polling GET /api/tasks/{uid}/status for 30 s.
+"""200 concurrent clients polling GET /api/tasks/{uid}/status for 30 s (asyncio, bench.httpload).
 
 Two loads, both reported: *paced* (each client asks once per POLL_PERIOD_S, as a real client
 does - InferenceClient.wait polls every 2 s) is the one the goal is judged on; *saturation* (each
@@ -27,6 +27,7 @@ from bench.common import (
     submit_small,
     write_small_zip,
 )
+from bench.httpload import HttpConnectionError, KeepAliveConnection
 
 log = logging.getLogger("bench.polling")
 
@@ -37,8 +38,8 @@ TASKS = 20
 
 
 async def _one_client(
-    client: httpx.AsyncClient,
-    url: str,
+    connection: KeepAliveConnection,
+    path: str,
     *,
     paced: bool,
     start: float,
@@ -48,50 +49,51 @@ async def _one_client(
     errors: Counter[str],
 ) -> None:
     next_at = start + (random.uniform(0, POLL_PERIOD_S) if paced else 0.0)
-    while True:
-        if paced:
-            delay = next_at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            next_at = max(next_at + POLL_PERIOD_S, time.perf_counter())
-        sent = time.perf_counter()
-        if sent >= deadline:
-            return
-        try:
-            response = await client.get(url)
-            if response.status_code != 200:
-                errors[f"HTTP {response.status_code}"] += 1
-        except httpx.HTTPError as exc:
-            errors[type(exc).__name__] += 1
-        if sent >= measure_from:
-            latencies.append(time.perf_counter() - sent)
+    try:
+        while True:
+            if paced:
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                next_at = max(next_at + POLL_PERIOD_S, time.perf_counter())
+            sent = time.perf_counter()
+            if sent >= deadline:
+                return
+            try:
+                status, _ = await connection.get(path)
+                if status != 200:
+                    errors[f"HTTP {status}"] += 1
+            except (HttpConnectionError, TimeoutError) as exc:
+                errors[type(exc).__name__] += 1
+            if sent >= measure_from:
+                latencies.append(time.perf_counter() - sent)
+    finally:
+        connection.close()
 
 
-async def _load(public_url: str, uids: list[str], *, paced: bool, duration_s: float) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
-    async with httpx.AsyncClient(base_url=public_url, limits=limits, timeout=10.0) as client:
-        latencies: list[float] = []
-        errors: Counter[str] = Counter()
-        start = time.perf_counter()
-        measure_from = start + WARMUP_S
-        deadline = measure_from + duration_s
-        await asyncio.gather(
-            *(
-                _one_client(
-                    client,
-                    f"/api/tasks/{uids[index % len(uids)]}/status",
-                    paced=paced,
-                    start=start,
-                    measure_from=measure_from,
-                    deadline=deadline,
-                    latencies=latencies,
-                    errors=errors,
-                )
-                for index in range(CLIENTS)
+async def _load(host: str, port: int, uids: list[str], *, paced: bool, duration_s: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    start = time.perf_counter()
+    measure_from = start + WARMUP_S
+    deadline = measure_from + duration_s
+    await asyncio.gather(
+        *(
+            _one_client(
+                KeepAliveConnection(host, port),
+                f"/api/tasks/{uids[index % len(uids)]}/status",
+                paced=paced,
+                start=start,
+                measure_from=measure_from,
+                deadline=deadline,
+                latencies=latencies,
+                errors=errors,
             )
+            for index in range(CLIENTS)
         )
-        # The last answers can come in after the deadline; the rate counts them over the real span.
-        span = max(time.perf_counter() - measure_from, duration_s)
+    )
+    # The last answers can come in after the deadline; the rate counts them over the real span.
+    span = max(time.perf_counter() - measure_from, duration_s)
     return {
         "clients": CLIENTS,
         "paced_period_s": POLL_PERIOD_S if paced else None,
@@ -113,7 +115,8 @@ def _measured(
     cpu_before = platform_cpu_s(bench_platform)
     own_before = resource.getrusage(resource.RUSAGE_SELF)
     wall_before = time.perf_counter()
-    result = asyncio.run(_load(bench_platform.public_url, uids, paced=paced, duration_s=duration_s))
+    platform = bench_platform.platform
+    result = asyncio.run(_load(platform.host, platform.public_port, uids, paced=paced, duration_s=duration_s))
     wall = time.perf_counter() - wall_before
     own_after = resource.getrusage(resource.RUSAGE_SELF)
     cpu_after = platform_cpu_s(bench_platform)

@@ -11,6 +11,7 @@ from typing import Any
 log = logging.getLogger("bench.report")
 
 RSS_LIMIT_MB = 200.0
+MIB = 1024 * 1024
 
 
 def _get(details: dict[str, Any], *path: str) -> Any:
@@ -42,6 +43,9 @@ def headline(details: dict[str, Any]) -> dict[str, Any]:
         "dispatch_overhead_ms_median": _get(details, "dispatch", "overhead_ms_median_vs_cli"),
         "dispatch_platform_ms": _scaled(_get(details, "dispatch", "platform_s"), 1000),
         "dispatch_raw_ms": _scaled(_get(details, "dispatch", "raw_docker_run_cli_s"), 1000),
+        "dispatch_platform_without_poll_wait_ms": _scaled(
+            _get(details, "dispatch", "platform_without_poll_wait_s"), 1000
+        ),
         "throughput_ratio": throughput_ratio,
         "upload_mb_s": _get(details, "bigfiles", "upload_mb_s"),
         "download_mb_s": _get(details, "bigfiles", "download_mb_s"),
@@ -112,9 +116,9 @@ def markdown(results: dict[str, Any]) -> str:
     g = results["goals"]
     m = results["machine"]
     disp = d.get("dispatch") or {}
-    rows = [
+    rows: list[tuple[str, str, str, str]] = [
         (
-            "Dispatch: platform / raw `docker run --rm` (median)",
+            "Dispatch: platform / raw `docker run --rm`, medians",
             _fmt(results["dispatch_ratio"], 2),
             "<= 1.25",
             _met(g.get("dispatch_ratio")),
@@ -126,11 +130,21 @@ def markdown(results: dict[str, Any]) -> str:
             _met(g.get("dispatch_overhead_ms_median")),
         ),
     ]
-    pm, rm = results.get("dispatch_platform_ms") or {}, results.get("dispatch_raw_ms") or {}
+    pm = results.get("dispatch_platform_ms") or {}
+    rm = results.get("dispatch_raw_ms") or {}
     rows.append(
         (
             "Dispatch: platform median / p95 (ms)",
             f"{_fmt(pm.get('median'), 0)} / {_fmt(pm.get('p95'), 0)}",
+            "",
+            "",
+        )
+    )
+    wm = results.get("dispatch_platform_without_poll_wait_ms") or {}
+    rows.append(
+        (
+            "Dispatch: platform minus the wait for the next poll, median / p95 (ms)",
+            f"{_fmt(wm.get('median'), 0)} / {_fmt(wm.get('p95'), 0)}",
             "",
             "",
         )
@@ -141,39 +155,39 @@ def markdown(results: dict[str, Any]) -> str:
     levels = (d.get("throughput") or {}).get("levels", {})
     for level in ("1", "2", "4"):
         data = levels.get(level)
-        value = (
-            f"{_fmt(data['ratio'], 2)} ({_fmt(data['platform_tasks_per_s'], 2)} vs "
-            f"{_fmt(data['raw_tasks_per_s'], 2)} tasks/s)"
-            if data
-            else "n/a"
-        )
-        rows.append(
-            (
-                f"Throughput, {level} consumer(s): platform / raw",
-                value,
-                ">= 0.9",
-                _met(g.get(f"throughput_ratio_{level}")),
+        value = "n/a"
+        if data:
+            value = (
+                f"{_fmt(data['ratio'], 2)} ({_fmt(data['platform_tasks_per_s'], 2)} vs "
+                f"{_fmt(data['raw_tasks_per_s'], 2)} tasks/s)"
             )
-        )
+        label = f"Throughput, {level} consumer(s): platform / raw"
+        rows.append((label, value, ">= 0.9", _met(g.get(f"throughput_ratio_{level}"))))
     big = d.get("bigfiles") or {}
-    size_label = f"{big.get('file_bytes', 0) / 1024**3:g} GiB" if big else ""
+    size = ""
+    if big:
+        size = (
+            f"{big['file_bytes'] / 1024**3:g} GiB "
+            if big["file_bytes"] >= 1024**3
+            else f"{big['file_bytes'] // MIB} MiB "
+        )
     rows.append(
         (
-            f"Upload {size_label} through the public API (MB/s)",
+            f"Upload {size}via the public API (MB/s)",
             _fmt(results["upload_mb_s"]),
             ">= 100",
             _met(g.get("upload_mb_s")),
         )
     )
-    rows.append((f"Download {size_label} output (MB/s)", _fmt(results["download_mb_s"]), "", ""))
+    rows.append((f"Download {size}output (MB/s)", _fmt(results["download_mb_s"]), "", ""))
     for name, value in sorted(results["peak_rss_mb"].items()):
         rows.append((f"Peak RSS `{name}` (MiB)", _fmt(value), "< 200", _met(g.get(f"peak_rss_mb_{name}"))))
     paced = (d.get("polling") or {}).get("paced") or {}
     sat = (d.get("polling") or {}).get("saturation") or {}
     rows.append(
         (
-            "Polling, 200 clients x 1 req/s: req/s, p50 (ms)",
-            f"{_fmt(paced.get('requests_per_s'), 0)}, {_fmt(paced.get('p50_ms'))}",
+            "Polling, 200 clients x 1 req/s: req/s; p50 (ms)",
+            f"{_fmt(paced.get('requests_per_s'), 0)}; {_fmt(paced.get('p50_ms'))}",
             "",
             "",
         )
@@ -188,99 +202,119 @@ def markdown(results: dict[str, Any]) -> str:
     )
     rows.append(
         (
-            "Polling, 200 clients back-to-back: req/s, p50, p99 (ms)",
-            f"{_fmt(sat.get('requests_per_s'), 0)}, {_fmt(sat.get('p50_ms'))}, {_fmt(sat.get('p99_ms'))}",
+            "Polling, 200 clients back-to-back: req/s; p50; p99 (ms)",
+            f"{_fmt(sat.get('requests_per_s'), 0)}; {_fmt(sat.get('p50_ms'))}; {_fmt(sat.get('p99_ms'))}",
             "",
             "",
         )
     )
-    rows.append(
-        ("Polling errors (both loads)", _fmt(results["poll_errors"]), "0", _met(g.get("poll_errors")))
-    )
+    rows.append(("Polling errors, both loads", _fmt(results["poll_errors"]), "0", _met(g.get("poll_errors"))))
     queue = d.get("queue") or {}
     rows.append(
         (
-            f"Queue: {queue.get('tasks', 'n/a')} submissions/s, no consumer",
+            f"Queue: submissions/s of {queue.get('tasks', 'n/a')}, no consumer",
             _fmt(results["queue_submissions_per_s"]),
             "",
             "",
         )
     )
-    ran = (
-        f"{_fmt(results['queue_all_ran_once'])} ({queue.get('finished', 'n/a')} of {queue.get('tasks', 'n/a')} "
-        f"ran in the {_fmt(queue.get('run_budget_s'), 0)} s budget, each once: "
-        f"{_fmt(queue.get('every_finished_task_ran_once'))})"
-        if queue
-        else "n/a"
-    )
-    rows.append(("Queue: all tasks later run exactly once", ran, "yes", _met(g.get("queue_all_ran_once"))))
+    ran = "n/a"
+    if queue:
+        ran = (
+            f"{_fmt(results['queue_all_ran_once'])} ({queue.get('finished')} of {queue.get('tasks')} ran in "
+            f"the {_fmt(queue.get('run_budget_s'), 0)} s budget; each of those once: "
+            f"{_fmt(queue.get('every_finished_task_ran_once'))})"
+        )
+    rows.append(("Queue: all later run exactly once", ran, "yes", _met(g.get("queue_all_ran_once"))))
 
-    table = ["| Figure | Value | Goal | |", "|---|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows]
-    breakdown = disp.get("platform_breakdown_median_s") or {}
-    breakdown_lines = [
-        f"- {key.replace('_', ' ')}: {_fmt(value * 1000 if isinstance(value, float) and key != 'polls_per_task' else value, 0)}"
-        + ("" if key == "polls_per_task" else " ms")
-        for key, value in breakdown.items()
+    lines = [
+        "# Benchmarks",
+        "",
+        "Made by `make bench` (`python -m bench.run`; `--quick` for a smoke run). "
+        f"Mode: **{results['mode']}**, "
+        f"run {results['run_id']}, {_fmt(results['runtime_s'] / 60, 1)} min.",
+        f"Machine: {m.get('cores')} cores ({m.get('cpu_model')}), {m.get('memory_gib')} GiB, "
+        f"Docker {m.get('docker_version')}, no GPU. Raw numbers: `bench/results.json`.",
+        "",
+        "| Figure | Value | Goal | |",
+        "|---|---|---|---|",
+        *(f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows),
+        "",
+    ]
+    pressures = {
+        phase: (data.get("environment") or {}).get("cpu_pressure_some_pct")
+        for phase, data in d.items()
+        if isinstance(data, dict)
+    }
+    lines += [
+        "**Other work on the machine shows in every figure.** Share of time some task waited for a CPU",
+        "(Linux PSI) during each phase: "
+        + ", ".join(f"{phase} {_fmt(value, 0)} %" for phase, value in pressures.items())
+        + ". Ratios compare the two sides within the same phase, interleaved, so they suffer less.",
+        "",
+    ]
+    if queue.get("sampled"):
+        lines += [
+            f"**The queue backlog was sampled, not run in full.** All {queue.get('accepted')} tasks were "
+            "accepted and queued, but each costs a real container, so "
+            f"{queue.get('consumers')} consumers ran "
+            f"{queue.get('finished')} of them within the {_fmt(queue.get('run_budget_s'), 0)} s budget "
+            f"({_fmt(queue.get('tasks_run_per_s'), 2)} tasks/s; all would take about "
+            f"{_fmt((queue.get('estimated_s_for_all') or 0) / 60, 0)} min). Every task that ran has "
+            f"attempts == 1 and one container start: {_fmt(queue.get('every_finished_task_ran_once'))}. "
+            "So `queue_all_ran_once` is false: not shown, so not claimed.",
+            "",
+        ]
+    lines += ["![benchmarks](bench/plot.png)", "", "## What each side includes", ""]
+    poll_ms = _fmt(disp.get("poll_interval_s", 0.025) * 1000, 0)
+    lines += [
+        "- **Platform (dispatch):** a v1.2 client: POST `/api/tasks/` with a 1 KiB zip, then GET",
+        f"  `/api/tasks/{{uid}}` every {poll_ms} ms until the 200 answer's zip is on disk. Inside: public",
+        "  API -> private API (blob, SQLite row, RabbitMQ publish) -> consumer (claim, input download,",
+        "  unzip, container, logs, zip, output upload).",
+        "- **Raw:** the same zip unpacked (`zipsafe.extract_zip`), `docker run --rm` (CLI) of the same image",
+        "  with the consumer's exact options, taken from `ModelRunner.container_options` (`/input` ro,",
+        "  `/output` rw, network none, cap-drop ALL, no-new-privileges, user 65534, memory/CPU/PID limits,",
+        "  log options), the output zipped (`zipsafe.zip_directory`). The same through the Docker SDK with",
+        "  the consumer's own create/start/wait/logs/remove code is in results.json (`raw_docker_sdk_s`).",
+        "  CLI, SDK and platform runs are interleaved; overhead = platform median - raw median.",
+        "- **Where the platform's time goes** (medians, server timestamps):",
+    ]
+    for key, value in (disp.get("platform_breakdown_median_s") or {}).items():
+        shown = _fmt(value, 0) if key == "polls_per_task" else f"{_fmt((value or 0) * 1000, 0)} ms"
+        lines.append(f"  {key.replace('_', ' ')}: {shown};")
+    lines += [
+        "- **Throughput:** N tasks submitted at once, then the oldest unfinished one polled every",
+        f"  {_fmt(disp.get('poll_interval_s', 0.025) * 2000, 0)} ms; tasks/s = N / (first submit -> "
+        "last output"
+        " on disk). Raw: N jobs on a thread pool of the same size.",
+        "- **Big files:** random bytes in a ZIP_STORED zip made on disk. Upload = `InferenceClient.submit`",
+        "  (streamed, Content-Length) until the answer, which comes after the private API checked the zip;",
+        "  repeated with no consumer running, extra tasks deleted. Then one task runs (passthrough) and its",
+        "  output (deflated at level 1 by the consumer, so the same size) is fetched with",
+        f"  `InferenceClient.download`. MB = 10^6 bytes. For attribution: straight to the private API "
+        f"{_fmt(big.get('upload_direct_to_private_api_mb_s'))} MB/s; this disk's plain read + sha256 + write "
+        f"{_fmt(big.get('disk_read_sha256_write_mb_s'))} MB/s.",
+        "- **Peak RSS:** the larger of VmHWM and the sampled VmRSS (every 0.2 s) of each service process",
+        "  (`LocalPlatform.processes`), maximum over all phases, MiB.",
+        "- **Polling:** 200 asyncio clients, one keep-alive connection each (`bench/httpload.py`; httpx's",
+        "  pool was too slow to load the server), GET `/api/tasks/{uid}/status` of pending tasks for 30 s",
+        "  after a 3 s warm-up; 10 s client timeout (a timeout counts as an error). The goal is judged on",
+        "  the paced load (each client once a second; `InferenceClient.wait` polls every 2 s); the",
+        "  back-to-back load shows capacity.",
+        "- **Queue depth:** submissions from 8 threads with no consumer running, then 4 consumers. Checked",
+        "  in the database (finished, attempts == 1) and in the consumer logs (one container start per",
+        "  task).",
     ]
     errors = results.get("phase_errors") or {}
-    sampled_note = ""
-    if queue and queue.get("sampled"):
-        sampled_note = (
-            f"\n**Queue depth was sampled, not run in full.** All {queue.get('accepted')} tasks were submitted "
-            f"and queued, but with {queue.get('consumers')} consumers on this machine each task costs a real "
-            f"container, so only {queue.get('finished')} ran within the {_fmt(queue.get('run_budget_s'), 0)} s "
-            f"budget ({_fmt(queue.get('tasks_run_per_s'), 2)} tasks/s; all of them would take about "
-            f"{_fmt((queue.get('estimated_s_for_all') or 0) / 60, 0)} min). For that sample: every finished task "
-            f"has attempts == 1 and its container started once: {_fmt(queue.get('every_finished_task_ran_once'))}. "
-            "`queue_all_ran_once` is therefore false: not shown, not assumed.\n"
-        )
-    return f"""# Benchmarks
-
-Made by `make bench` (`python -m bench.run`; `--quick` for a smoke run). Mode: **{results["mode"]}**,
-run {results["run_id"]}, took {_fmt(results["runtime_s"] / 60, 1)} min. Machine: {m.get("cores")} cores
-({m.get("cpu_model")}), {m.get("memory_gib")} GiB, Docker {m.get("docker_version")}, no GPU; load average
-at start {", ".join(f"{x:.1f}" for x in m.get("load_average_at_start", []))} (other work on the machine
-shows up in every figure). Raw numbers: `bench/results.json`; plot: `bench/plot.png`.
-
-{chr(10).join(table)}
-{sampled_note}
-![benchmarks](bench/plot.png)
-
-## What each side includes
-
-- **Platform (dispatch, throughput):** a v1.2 client: POST `/api/tasks/` with a 1 KiB zip, then
-  GET `/api/tasks/{{uid}}` every {_fmt(disp.get("poll_interval_s", 0.025) * 1000, 0)} ms (throughput: every
-  {_fmt(disp.get("poll_interval_s", 0.025) * 2000, 0)} ms on the oldest unfinished task) until the
-  200 answer's zip is written to disk. Inside: public API -> private API (blob, SQLite row, RabbitMQ
-  publish) -> consumer (claim, input download, unzip, container, logs, zip, output upload).
-- **Raw:** the same zip unpacked with `zipsafe.extract_zip`, `docker run --rm` (CLI) of the same image
-  with the consumer's exact options (taken from `ModelRunner.container_options`: `/input` ro,
-  `/output` rw, network none, cap-drop ALL, no-new-privileges, user 65534, memory/CPU/PID limits,
-  log options), the output zipped with `zipsafe.zip_directory`. The same via the Docker SDK
-  with the consumer's own create/start/wait/logs/remove code is reported too
-  (`raw_docker_sdk_s` in results.json). Dispatch runs are interleaved (CLI, SDK, platform) and the
-  ratio is of medians from the same run; overhead = platform median - raw median.
-- Dispatch breakdown (platform, medians, from the server's timestamps):
-{chr(10).join("  " + line for line in breakdown_lines)}
-- **Throughput:** 60 tasks submitted at once; tasks/s = 60 / (first submit -> last output
-  downloaded). Raw: 60 jobs on a thread pool of the same size. Ratio per level from the same run.
-- **Big files:** random (incompressible) data in a ZIP_STORED zip, made on disk. Upload = `InferenceClient.submit`
-  (streamed, Content-Length) until the answer (the private API checks the zip before answering);
-  repeated with no consumer running, extra tasks deleted; then one task runs (passthrough copies it),
-  its output (ZIP_DEFLATED level 1 by the consumer, so about the same size) is downloaded with
-  `InferenceClient.download`. MB = 10^6 bytes.
-- **Peak RSS:** the largest of VmHWM and sampled VmRSS (every 0.2 s) of each service process
-  (`LocalPlatform.processes`), maximum over all phases, in MiB.
-- **Polling:** asyncio + httpx, 200 clients against GET `/api/tasks/{{uid}}/status` of pending tasks,
-  30 s after a 3 s warm-up. The goal is judged on the paced load (each client once per second; the
-  bundled client polls every 2 s); the back-to-back load shows capacity. The load generator runs
-  on the same 2 cores; the CPU each process used is in results.json (`cpu_cores_used`).
-- **Queue depth:** submissions from 8 threads with no consumer running; then 4 consumers.
-  Checked in the database (status finished, attempts == 1) and in the consumer logs (one container
-  start per task).
-{"" if not errors else chr(10) + "## Phases that failed" + chr(10) + chr(10).join(f"- {k}: {v}" for k, v in errors.items())}
-"""
+    if errors:
+        lines += [
+            "",
+            "## Phases that failed",
+            "",
+            *(f"- {phase}: {error}" for phase, error in errors.items()),
+        ]
+    return "\n".join(lines) + "\n"
 
 
 # --- plot --------------------------------------------------------------------------------------------
@@ -361,6 +395,7 @@ def plot(results: dict[str, Any], path: Path) -> str:
         ax.axhline(50, color="red", linestyle="--", label="goal p99 50 ms")
         ax.set_xticks(list(x), [f"{name}\n{load['requests_per_s']:.0f} req/s" for name, load in loads])
         ax.set_yscale("log")
+        ax.set_ylim(bottom=1)
         ax.set_ylabel("ms")
         ax.set_title("Status polling latency")
         ax.legend()

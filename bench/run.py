@@ -27,6 +27,7 @@ from bench.common import (
     REPO_ROOT,
     BenchContext,
     build_passthrough_image,
+    cpu_pressure_total_us,
     machine_info,
     rounded,
 )
@@ -66,6 +67,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--queue-budget-s", type=float, help="time the consumers get to run the backlog")
     parser.add_argument("--big-mib", type=int, help="size of the big input file in MiB")
     parser.add_argument(
+        "--poll-ms", type=float, default=25.0, help="dispatch: the client's poll period in ms (default 25)"
+    )
+    parser.add_argument(
         "--out-dir",
         type=Path,
         help="where results.json, plot.png and BENCHMARKS.md go (default: bench/ and the repo root; "
@@ -75,9 +79,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _environment(pressure_before: int | None, wall_s: float) -> dict[str, Any]:
+    """How busy the machine was during a phase: others' work shows up in every figure."""
+    pressure_after = cpu_pressure_total_us()
+    stalled = None
+    if pressure_before is not None and pressure_after is not None and wall_s > 0:
+        stalled = (pressure_after - pressure_before) / (wall_s * 1e6) * 100
+    return {"load_average_1m_at_end": os.getloadavg()[0], "cpu_pressure_some_pct": stalled}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    # pika logs every connection step at INFO; the bench opens many short connections.
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("job_consumer").setLevel(logging.WARNING)  # the raw baseline reuses its runner
     plan = QUICK if args.quick else FULL
     if args.big_mib:
         plan = Plan(**{**plan.__dict__, "big_bytes": args.big_mib * MIB})
@@ -121,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         return max(120.0, min(900.0, FULL_TARGET_S - (time.monotonic() - started) - 180))
 
     runners: dict[str, Callable[[], dict[str, Any]]] = {
-        "dispatch": lambda: run_dispatch(ctx, plan.dispatch_reps),
+        "dispatch": lambda: run_dispatch(ctx, plan.dispatch_reps, args.poll_ms / 1000),
         "throughput": lambda: run_throughput(ctx, plan.throughput_tasks, plan.throughput_reps),
         "bigfiles": lambda: run_bigfiles(ctx, plan.big_bytes, plan.big_reps),
         "polling": lambda: run_polling(ctx, plan.poll_s),
@@ -131,9 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         build_passthrough_image(ctx)
         for phase in phases:
             phase_started = time.monotonic()
+            pressure_before = cpu_pressure_total_us()
             log.info("=== %s ===", phase)
             try:
                 details[phase] = runners[phase]()
+                details[phase]["environment"] = _environment(
+                    pressure_before, time.monotonic() - phase_started
+                )
             except Exception as exc:  # a failed phase is a result too; the others still run
                 log.error("phase %s failed:\n%s", phase, traceback.format_exc())
                 errors[phase] = f"{type(exc).__name__}: {exc}"

@@ -235,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say_error("interrupted")
         return 130
+    except Exception as exc:  # a bug still ends in one line, never a traceback
+        _say_error(f"unexpected {type(exc).__name__}: {exc}")
     return 1
 
 

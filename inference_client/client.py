@@ -228,7 +228,23 @@ class InferenceClient:
             raise self._transport_error(exc) from exc
         if response.is_error:
             raise _error_from(response)
+        if response.is_redirect:
+            # Only uploads get here: a streamed body cannot be sent a second time.
+            location = response.headers.get("location", "?")
+            raise InferenceClientError(
+                response.status_code, f"the server redirects to {location}; use that address as the URL"
+            )
         return response
+
+    @staticmethod
+    def _json(response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise InferenceClientError(
+                response.status_code,
+                f"the server answered with something that is not JSON: {response.text[:200]!r}",
+            ) from exc
 
     @contextmanager
     def _stream(self, method: str, path: str) -> Iterator[httpx.Response]:
@@ -245,14 +261,20 @@ class InferenceClient:
         self, path: str, *, params: dict[str, Any], zip_path: Path | None, progress: bool | None
     ) -> Any:
         if zip_path is None:
-            return self._request("POST", path, params=params).json()
+            return self._json(self._request("POST", path, params=params, follow_redirects=False))
         total = zip_path.stat().st_size
         with _progress_bar(total, f"upload {zip_path.name}", progress) as bar:
             headers, body = multipart_file_body(zip_path, field="zip_file", on_chunk=bar.update)
             response = self._request(
-                "POST", path, params=params, headers=headers, content=body, timeout=self._upload_timeout
+                "POST",
+                path,
+                params=params,
+                headers=headers,
+                content=body,
+                timeout=self._upload_timeout,
+                follow_redirects=False,
             )
-        return response.json()
+        return self._json(response)
 
     @staticmethod
     def _parse(schema: Any, data: Any) -> Any:
@@ -268,7 +290,7 @@ class InferenceClient:
     # -- models --------------------------------------------------------------------------------
 
     def list_models(self) -> list[ModelPublic]:
-        return self._parse(_MODEL_LIST, self._request("GET", PublicRoutes.MODELS).json())
+        return self._parse(_MODEL_LIST, self._json(self._request("GET", PublicRoutes.MODELS)))
 
     def add_model(
         self,
@@ -321,7 +343,7 @@ class InferenceClient:
 
     def status(self, uid: str) -> TaskPublic:
         return self._parse(
-            TaskPublic, self._request("GET", PublicRoutes.TASK_STATUS.format(uid=_quoted(uid))).json()
+            TaskPublic, self._json(self._request("GET", PublicRoutes.TASK_STATUS.format(uid=_quoted(uid))))
         )
 
     def wait(self, uid: str, poll_interval: float = 2.0, timeout: float | None = None) -> TaskPublic:
@@ -365,10 +387,10 @@ class InferenceClient:
 
     def cancel(self, uid: str) -> TaskPublic:
         return self._parse(
-            TaskPublic, self._request("POST", PublicRoutes.TASK_CANCEL.format(uid=_quoted(uid))).json()
+            TaskPublic, self._json(self._request("POST", PublicRoutes.TASK_CANCEL.format(uid=_quoted(uid))))
         )
 
     def delete(self, uid: str) -> TaskPublic:
         return self._parse(
-            TaskPublic, self._request("DELETE", PublicRoutes.TASK.format(uid=_quoted(uid))).json()
+            TaskPublic, self._json(self._request("DELETE", PublicRoutes.TASK.format(uid=_quoted(uid))))
         )

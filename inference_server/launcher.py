@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import logging
 import os
 import secrets
@@ -202,7 +203,10 @@ class LocalPlatform:
         return f"consumer-{index}"
 
     def start_consumer(self, index: int, gpu: str | None = None) -> ServiceProcess:
-        args = ["--consumer-id", f"{socket.gethostname()}-{self.data_dir.name}-{index}"]
+        # Stable for one data folder (a restarted consumer finds its own crash leftovers) and
+        # distinct between folders (two platforms on one engine never clean up each other's).
+        folder_tag = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:8]
+        args = ["--consumer-id", f"{socket.gethostname()}-{folder_tag}-{index}"]
         if gpu is not None:
             args += ["--gpu", gpu]
         consumer = self._service(self.consumer_name(index), "job_consumer", *args)

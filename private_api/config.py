@@ -34,6 +34,9 @@ class PrivateSettings(BaseSettings):
 
     reaper_interval_s: float = Field(default=2.0, gt=0)
     outbox_interval_s: float = Field(default=2.0, gt=0)
+    # Pending tasks whose message is older than this are published again, in case the broker
+    # lost it (queue deleted, broker data wiped); see service.publish_unpublished.
+    republish_after_s: float = Field(default=900.0, gt=0)
 
     @property
     def blob_dir(self) -> Path:

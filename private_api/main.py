@@ -34,6 +34,7 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
         max_attempts=settings.max_attempts,
         reaper_interval_s=settings.reaper_interval_s,
         outbox_interval_s=settings.outbox_interval_s,
+        republish_after_s=settings.republish_after_s,
     )
 
     @asynccontextmanager

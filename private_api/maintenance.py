@@ -31,12 +31,14 @@ class MaintenanceLoop:
         max_attempts: int,
         reaper_interval_s: float,
         outbox_interval_s: float,
+        republish_after_s: float | None = None,
     ) -> None:
         self._session_factory = session_factory
         self._publisher = publisher
         self._max_attempts = max_attempts
         self._reaper_interval_s = reaper_interval_s
         self._outbox_interval_s = outbox_interval_s
+        self._republish_after_s = republish_after_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -63,7 +65,9 @@ class MaintenanceLoop:
 
     def publish_once(self) -> int:
         with self._session_factory() as session:
-            return service.publish_unpublished(session=session, publisher=self._publisher)
+            return service.publish_unpublished(
+                session=session, publisher=self._publisher, republish_after_s=self._republish_after_s
+            )
 
     def _guarded(self, step: Callable[[], int]) -> None:
         # One failed round (database briefly away) must not end the loop; it is logged and retried.

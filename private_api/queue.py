@@ -107,6 +107,11 @@ class TaskPublisher:
 
     # --- public API -------------------------------------------------------------------------
 
+    @property
+    def backing_off(self) -> bool:
+        """True while a recent connection failure says not to try yet (no lock: a hint only)."""
+        return self._channel is None and time.monotonic() < self._retry_at
+
     def publish(self, uid: str, priority: int) -> bool:
         """Put one task id on the queue; True once the broker confirmed it, False otherwise."""
         properties = pika.BasicProperties(

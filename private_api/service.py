@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any, NoReturn
 
 from sqlalchemy import ColumnElement, and_, case, delete, func, literal, or_, select, text, update
@@ -104,24 +105,55 @@ def _raise_not_holder(session: Session, uid: str, consumer_id: str) -> NoReturn:
     raise Conflict(f"consumer {consumer_id!r} does not hold task {uid}: it is {_describe_holder(task)}")
 
 
-def _publish(session: Session, publisher: TaskPublisher, *, task_id: int, uid: str, priority: int) -> bool:
-    """Publish a committed pending task and mark it; False leaves it to the outbox loop."""
-    if not publisher.publish(uid, priority):
-        return False
+class Publish(StrEnum):
+    DONE = "done"
+    SKIPPED = "skipped"  # someone else is publishing it, or it is no longer pending
+    FAILED = "failed"  # broker (or database) unavailable: left to the outbox loop
+
+
+def _publish(
+    session: Session,
+    publisher: TaskPublisher,
+    *,
+    task_id: int,
+    uid: str,
+    priority: int,
+    previous: datetime | None = None,
+) -> Publish:
+    """Put a committed pending task on the queue, once, even with the outbox racing a request.
+
+    published_at is claimed by a conditional UPDATE *before* publishing, so of two publishers
+    only the winner sends; a failed publish hands the claim back for the outbox. (A crash
+    between claim and publish leaves the task marked but unsent; the outbox's republish
+    safety net picks it up after `republish_after_s`.)
+    """
+    if publisher.backing_off:
+        return Publish.FAILED  # spare the database a claim we would hand back at once
+    claimed_at = utcnow()
     try:
-        _update_task(
+        claimed = _update_task(
             session,
             Task.id == task_id,
             Task.status == TaskStatus.PENDING,
-            Task.published_at.is_(None),
-            published_at=utcnow(),
+            Task.published_at.is_(None) if previous is None else Task.published_at == previous,
+            published_at=claimed_at,
         )
         session.commit()
     except SQLAlchemyError:
         session.rollback()
-        # Harmless: the outbox publishes it again and the duplicate loses the atomic claim.
-        log.warning("task %s is on the queue but could not be marked published", uid, exc_info=True)
-    return True
+        log.warning("could not mark task %s for publishing; the outbox retries", uid, exc_info=True)
+        return Publish.FAILED
+    if not claimed:
+        return Publish.SKIPPED
+    if publisher.publish(uid, priority):
+        return Publish.DONE
+    try:
+        _update_task(session, Task.id == task_id, Task.published_at == claimed_at, published_at=previous)
+        session.commit()
+    except SQLAlchemyError:
+        session.rollback()
+        log.warning("task %s stays marked though unpublished; republished later", uid, exc_info=True)
+    return Publish.FAILED
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -252,11 +284,11 @@ def create_task(
 
 def publish_task(*, session: Session, publisher: TaskPublisher, uid: str) -> bool:
     """Put a freshly committed task on the queue; never raises for broker or bookkeeping errors."""
-    task = _load_task(session, uid)
-    session.rollback()
-    if task is None or task.status != TaskStatus.PENDING or task.published_at is not None:
+    row = session.execute(select(Task.id, Task.priority).where(Task.uid == uid)).first()
+    session.rollback()  # end the read; publishing may wait on the broker
+    if row is None:
         return False
-    return _publish(session, publisher, task_id=task.id, uid=task.uid, priority=task.priority)
+    return _publish(session, publisher, task_id=row.id, uid=uid, priority=row.priority) == Publish.DONE
 
 
 def get_task(*, session: Session, uid: str) -> TaskPublic:
@@ -538,20 +570,40 @@ def store_logs(
 # --- background work -----------------------------------------------------------------------------
 
 
-def publish_unpublished(*, session: Session, publisher: TaskPublisher, limit: int = BATCH_SIZE) -> int:
-    """The outbox: publish pending tasks whose publish failed (broker down at submit); returns the count."""
+def publish_unpublished(
+    *,
+    session: Session,
+    publisher: TaskPublisher,
+    republish_after_s: float | None = None,
+    limit: int = BATCH_SIZE,
+) -> int:
+    """The outbox: publish pending tasks that never reached the queue (broker down at submit or
+    requeue); returns how many were published.
+
+    With `republish_after_s`, pending tasks published longer ago than that are published again:
+    a safety net for messages lost with the broker's data or a deleted queue, which would
+    otherwise strand their tasks. The duplicate this makes when nothing was lost is harmless;
+    it loses the atomic claim and the consumer skips it.
+    """
+    waiting = Task.published_at.is_(None)
+    if republish_after_s is not None:
+        waiting = or_(waiting, Task.published_at < utcnow() - timedelta(seconds=republish_after_s))
     rows = session.execute(
-        select(Task.id, Task.uid, Task.priority)
-        .where(Task.status == TaskStatus.PENDING, Task.published_at.is_(None))
-        .order_by(Task.priority.desc(), Task.id)
+        select(Task.id, Task.uid, Task.priority, Task.published_at)
+        .where(Task.status == TaskStatus.PENDING, waiting)
+        .order_by(case((Task.published_at.is_(None), 0), else_=1), Task.priority.desc(), Task.id)
         .limit(limit)
     ).all()
     session.rollback()
     published = 0
     for row in rows:
-        if not _publish(session, publisher, task_id=row.id, uid=row.uid, priority=row.priority):
+        outcome = _publish(
+            session, publisher, task_id=row.id, uid=row.uid, priority=row.priority, previous=row.published_at
+        )
+        if outcome == Publish.FAILED:
             break  # broker still away: the next round tries again
-        published += 1
+        if outcome == Publish.DONE:
+            published += 1
     if published:
         log.info("outbox published %d waiting tasks", published)
     return published

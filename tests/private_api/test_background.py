@@ -12,7 +12,16 @@ import pika
 import pytest
 
 from inference_server.contract import TaskStatus
-from tests.private_api.helpers import as_consumer, claim, register_model, submit_ok, task_row, wait_for
+from private_api import service
+from tests.private_api.helpers import (
+    as_consumer,
+    claim,
+    make_zip,
+    register_model,
+    submit_ok,
+    task_row,
+    wait_for,
+)
 
 
 def test_expired_lease_goes_back_to_pending_and_is_republished(start_app, make_settings, queue):
@@ -28,9 +37,9 @@ def test_expired_lease_goes_back_to_pending_and_is_republished(start_app, make_s
     body, properties = queue.get()
     assert body == uid
     assert properties.priority == 5
-    row = task_row(client, uid)
+    # Marked published just after the broker confirmed, so possibly a moment after we got it.
+    row = wait_for(lambda: (row := task_row(client, uid)).published_at and row, what="published_at")
     assert row.consumer_id is None
-    assert row.published_at is not None
     assert client.post(f"/tasks/{uid}/heartbeat", headers=as_consumer("consumer-a")).status_code == 409
 
     # Second and last attempt also abandoned: now the task fails instead of looping forever.
@@ -133,8 +142,8 @@ def test_outbox_publishes_tasks_accepted_while_rabbitmq_was_unreachable(
 
     uids = [submit_ok(client, priority=p)["uid"] for p in (1, 8)]
 
-    assert all(task_row(client, uid).published_at is None for uid in uids)
     assert client.get("/health/ready").status_code == 503
+    assert all(task_row(client, uid).status == TaskStatus.PENDING for uid in uids)
     assert queue.count() == 0
 
     forwarder.open()  # RabbitMQ is "back"
@@ -147,3 +156,48 @@ def test_outbox_publishes_tasks_accepted_while_rabbitmq_was_unreachable(
     # Published in priority order, and consumed that way thanks to x-max-priority.
     assert [queue.get()[0], queue.get()[0]] == [uids[1], uids[0]]
     assert client.get("/health/ready").status_code == 200
+
+
+def test_long_waiting_task_is_published_again_in_case_the_broker_lost_it(start_app, make_settings, queue):
+    client = start_app(make_settings(outbox_interval_s=0.1, republish_after_s=2))
+    register_model(client)
+    waiting = submit_ok(client)["uid"]
+    running = submit_ok(client)["uid"]
+    claim(client, running)
+    first_publish = task_row(client, waiting).published_at
+    # Every message is consumed and "lost" at once; the still-pending task must come back.
+    seen: list[str] = []
+    wait_for(lambda: seen.append(queue.get()[0]) or seen.count(waiting) >= 2, timeout=15, what="a republish")
+
+    assert seen.count(running) == 1  # only its original message: a running task is not republished
+    assert task_row(client, waiting).published_at > first_publish
+    assert task_row(client, running).status == TaskStatus.RUNNING
+
+
+def test_request_and_outbox_never_both_publish_a_task(client, queue):
+    register_model(client)
+    with client.app.state.session_factory() as session:
+        input_blob = client.app.state.blobs.save([make_zip()], "inputs", suffix=".zip")
+        uid = service.create_task(
+            session=session, model_human_readable_id="seg-model", priority=0, input_blob=input_blob
+        ).uid
+        publisher = client.app.state.publisher
+        barrier = threading.Barrier(2)
+        results: list[object] = []
+
+        def outbox_round() -> None:
+            with client.app.state.session_factory() as own_session:
+                barrier.wait()
+                results.append(service.publish_unpublished(session=own_session, publisher=publisher))
+
+        outbox = threading.Thread(target=outbox_round)
+        outbox.start()
+        barrier.wait()
+        results.append(service.publish_task(session=session, publisher=publisher, uid=uid))
+        outbox.join(30)
+
+    # Exactly one of them sent it: True from the request, or a count of 1 from the outbox.
+    assert sorted(map(int, results)) == [0, 1]
+    assert queue.get()[0] == uid
+    assert queue.count() == 0
+    assert task_row(client, uid).published_at is not None

@@ -13,6 +13,12 @@ from private_api.main import create_app
 from private_api.models import Base
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request) -> str:
+    """Truly fresh, empty databases: unlike the other tests, not the shared migrated one."""
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+
+
 def test_upgrade_creates_the_schema_the_models_describe(database_url):
     upgrade_database(database_url)
     upgrade_database(database_url)  # a second start finds nothing to do

@@ -8,12 +8,14 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import docker
 import httpx
 import pytest
 import yaml
 
 from inference_server.contract import CONSUMER_ID_HEADER, SERVICE_TOKEN_HEADER, PrivateRoutes, PublicRoutes
 from inference_server.launcher import LocalPlatform
+from models_examples.catalog import build_example_images, get_example
 from tests.traefik.helpers import (
     TRAEFIK_DIR,
     FrontDoor,
@@ -117,9 +119,9 @@ def test_upload_limit_and_timeouts_allow_big_uploads() -> None:
 
 @pytest.mark.docker
 @pytest.mark.slow
-def test_a_whole_task_over_https(front_door: FrontDoor, docker_client, base_image: str) -> None:
-    from models_examples.catalog import build_example_images, get_example
-
+def test_a_whole_task_over_https(
+    front_door: FrontDoor, docker_client: docker.DockerClient, base_image: str
+) -> None:
     example = get_example("passthrough")
     build_example_images(docker_client, base_image, [example])
     with front_door.client() as client:
