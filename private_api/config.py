@@ -37,6 +37,9 @@ class PrivateSettings(BaseSettings):
     # Pending tasks whose message is older than this are published again, in case the broker
     # lost it (queue deleted, broker data wiped); see service.publish_unpublished.
     republish_after_s: float = Field(default=900.0, gt=0)
+    # Files of tasks that ended longer ago than this are removed (rows kept); 0 keeps them forever.
+    retention_days: float = Field(default=30.0, ge=0)
+    retention_interval_s: float = Field(default=600.0, gt=0)
 
     @property
     def blob_dir(self) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +36,9 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
         reaper_interval_s=settings.reaper_interval_s,
         outbox_interval_s=settings.outbox_interval_s,
         republish_after_s=settings.republish_after_s,
+        blobs=blobs,
+        retention=timedelta(days=settings.retention_days) if settings.retention_days else None,
+        retention_interval_s=settings.retention_interval_s,
     )
 
     @asynccontextmanager

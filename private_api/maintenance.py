@@ -1,4 +1,4 @@
-"""The private API's background thread: the outbox and the lease reaper.
+"""The private API's background thread: the outbox, the lease reaper and retention.
 
 One daemon thread, stopped through an Event by the app's lifespan. It also keeps the
 publisher's idle RabbitMQ connection alive (pika's BlockingConnection only answers broker
@@ -11,11 +11,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from private_api import service
+from private_api.blobs import BlobStore
 from private_api.queue import TaskPublisher
+from private_api.retention import expire_old_tasks
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,9 @@ class MaintenanceLoop:
         reaper_interval_s: float,
         outbox_interval_s: float,
         republish_after_s: float | None = None,
+        blobs: BlobStore | None = None,
+        retention: timedelta | None = None,
+        retention_interval_s: float = 600.0,
     ) -> None:
         self._session_factory = session_factory
         self._publisher = publisher
@@ -39,6 +45,9 @@ class MaintenanceLoop:
         self._reaper_interval_s = reaper_interval_s
         self._outbox_interval_s = outbox_interval_s
         self._republish_after_s = republish_after_s
+        self._blobs = blobs
+        self._retention = retention
+        self._retention_interval_s = retention_interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -69,6 +78,12 @@ class MaintenanceLoop:
                 session=session, publisher=self._publisher, republish_after_s=self._republish_after_s
             )
 
+    def expire_once(self) -> int:
+        if self._blobs is None or not self._retention:
+            return 0
+        with self._session_factory() as session:
+            return expire_old_tasks(session=session, blobs=self._blobs, max_age=self._retention)
+
     def _guarded(self, step: Callable[[], int]) -> None:
         # One failed round (database briefly away) must not end the loop; it is logged and retried.
         try:
@@ -77,7 +92,7 @@ class MaintenanceLoop:
             log.exception("maintenance step %s failed; retrying next round", step.__name__)
 
     def _run(self) -> None:
-        next_reap = next_outbox = time.monotonic()
+        next_reap = next_outbox = next_expiry = time.monotonic()
         while not self._stop.is_set():
             self._guarded(self._keep_alive)
             now = time.monotonic()
@@ -87,8 +102,11 @@ class MaintenanceLoop:
             if now >= next_outbox:
                 self._guarded(self.publish_once)
                 next_outbox = time.monotonic() + self._outbox_interval_s
+            if now >= next_expiry:
+                self._guarded(self.expire_once)
+                next_expiry = time.monotonic() + self._retention_interval_s
             # Wake at least every few seconds: the broker connection needs its heartbeats answered.
-            wake_at = min(next_reap, next_outbox, time.monotonic() + KEEP_ALIVE_S)
+            wake_at = min(next_reap, next_outbox, next_expiry, time.monotonic() + KEEP_ALIVE_S)
             self._stop.wait(max(0.01, wake_at - time.monotonic()))
 
     def _keep_alive(self) -> int:
