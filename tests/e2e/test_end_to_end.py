@@ -92,6 +92,7 @@ def test_nested_folders_come_back_byte_for_byte(platform_factory, example_images
         "a/b/c/deep.txt": b"deep inside\n",
         "scans/patient 01/t1 ünïcode.nii": os.urandom(5_000),
         "empty.txt": b"",
+        "/".join(["level"] * 40) + "/leaf.txt": b"forty folders down",
     }
     uid = submit(platform.public_url, "passthrough", make_zip(files))
     response = poll_until_done(platform.public_url, uid)

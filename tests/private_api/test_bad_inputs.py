@@ -97,6 +97,22 @@ CASES = {
         400,
         "ended",
     ),
+    # 1.5 MB of zeros deflate to ~1.5 kB: a ratio near 1000, far past the default limit of 200.
+    "zip bomb (compression ratio)": (
+        lambda c: submit(c, data=make_zip({"zeros.bin": bytes(1_500_000)})),
+        400,
+        "expands",
+    ),
+    "too many files": (
+        lambda c: submit(c, data=make_zip({f"f{i}.txt": b"" for i in range(1_001)})),
+        400,
+        "files; the limit is 1000",
+    ),
+    "unpacks past the total limit": (
+        lambda c: submit(c, data=make_zip({f"part{i}.bin": b"a" * 900_000 for i in range(3)})),
+        400,
+        "unpacks to more than",
+    ),
     "unknown model": (lambda c: submit(c, model="no-such-model"), 404, "no-such-model"),
     "malformed model id": (lambda c: submit(c, model="../etc"), 422, "model_human_readable_id"),
     "priority not a number": (lambda c: submit(c, priority="high"), 422, "priority"),
@@ -119,7 +135,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_submit_is_refused_and_leaves_nothing(case, start_app, make_settings):
     # 100 kB limit: big enough for every valid zip here, small enough to cross on purpose.
-    settings = make_settings(max_upload_bytes=100_000)
+    settings = make_settings(max_upload_bytes=100_000, zip_max_files=1_000, zip_max_total_bytes=2_000_000)
     client = start_app(settings)
     register_model(client)
     send, status, detail = CASES[case]
