@@ -24,7 +24,9 @@ def zip_members(data: bytes) -> dict[str, bytes]:
         return {name: archive.read(name) for name in archive.namelist() if not name.endswith("/")}
 
 
-def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+def wait_until(
+    condition: Callable[[], T], timeout: float = 10.0, what: str = "a condition", interval: float = 0.1
+) -> T:
     """Poll `condition` until it returns something truthy; fail the test with `what` on timeout."""
     deadline = time.monotonic() + timeout
     while True:

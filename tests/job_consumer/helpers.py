@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import secrets
 import threading
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 from inference_server.contract import ModelPublic
@@ -23,18 +21,6 @@ def make_model(container_tag: str, **overrides) -> ModelPublic:
     }
     values.update(overrides)
     return ModelPublic(**values)
-
-
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.1):
-    """Poll `condition` until it returns something truthy; fail with `what` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
 
 
 class ConsumerThread:

@@ -4,11 +4,9 @@ thread, plus the calls the consumer tests make on it as an operator and as a use
 
 from __future__ import annotations
 
-import io
 import socket
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import httpx
@@ -25,21 +23,9 @@ from inference_server.contract import (
 from private_api.config import PrivateSettings
 from private_api.db import upgrade_database
 from private_api.main import create_app
+from tests.helpers import make_zip, zip_members
 
 SERVICE_TOKEN = "consumer-tests-service-token-0123456789"
-
-
-def make_zip(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
-def zip_members(data: bytes) -> dict[str, bytes]:
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        return {name: archive.read(name) for name in archive.namelist() if not name.endswith("/")}
 
 
 def queue_depth(rabbitmq_url: str, queue_name: str) -> int:

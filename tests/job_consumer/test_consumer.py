@@ -15,7 +15,8 @@ from job_consumer.consumer import Consumer
 from job_consumer.runner import LABEL_CONSUMER, LABEL_MANAGED, LABEL_TASK
 from job_consumer.workspace import MODELS_DIR, OWNER_FILE, TEMP_PREFIX
 from tests import images
-from tests.job_consumer.helpers import ConsumerThread, wait_for
+from tests.helpers import wait_until
+from tests.job_consumer.helpers import ConsumerThread
 from tests.job_consumer.stack import make_zip, queue_depth
 
 pytestmark = pytest.mark.docker
@@ -183,11 +184,11 @@ def test_cancel_through_the_api_stops_the_container(private_api, make_consumer, 
     private_api.register_model(model_id, images.SLEEP)
     task = private_api.submit(model_id, {"x.txt": b"x"})
     worker = ConsumerThread(make_consumer(max_tasks=1)).start()
-    wait_for(lambda: running_container(docker_client, task.uid), 30, "the model container to run")
+    wait_until(lambda: running_container(docker_client, task.uid), 30, "the model container to run")
 
     private_api.cancel(task.uid)
     cancelled_at = time.monotonic()
-    wait_for(lambda: not task_containers(docker_client, task.uid), 15, "the container to be removed")
+    wait_until(lambda: not task_containers(docker_client, task.uid), 15, "the container to be removed")
     stopped_after = time.monotonic() - cancelled_at
 
     assert worker.join(30) == 1
@@ -202,7 +203,7 @@ def test_first_stop_request_finishes_the_current_task(private_api, make_consumer
     task = private_api.submit(model_id, {"x.txt": b"x"})
     consumer = make_consumer()
     worker = ConsumerThread(consumer).start()
-    wait_for(lambda: running_container(docker_client, task.uid), 30, "the model container to run")
+    wait_until(lambda: running_container(docker_client, task.uid), 30, "the model container to run")
 
     consumer.request_stop(now=False)
     (consumer.settings.resolved_work_dir / task.uid / "output" / "go").write_text("go")
@@ -222,7 +223,7 @@ def test_second_stop_request_stops_the_container_and_releases_the_task(
     waiting = private_api.submit(model_id, {"y.txt": b"y"})
     consumer = make_consumer()
     worker = ConsumerThread(consumer).start()
-    wait_for(lambda: running_container(docker_client, task.uid), 30, "the model container to run")
+    wait_until(lambda: running_container(docker_client, task.uid), 30, "the model container to run")
 
     # While a task runs the consumer holds no message and does not consume: the second task
     # stays ready for any other consumer.
@@ -242,7 +243,7 @@ def test_second_stop_request_stops_the_container_and_releases_the_task(
     assert private_api.task(waiting.uid).status == TaskStatus.PENDING
     assert task_containers(docker_client, task.uid) == []
     # The released task was republished next to the one that waited.
-    wait_for(lambda: queue_depth(rabbitmq_url, queue_name) == 2, 10, "both tasks back on the queue")
+    wait_until(lambda: queue_depth(rabbitmq_url, queue_name) == 2, 10, "both tasks back on the queue")
 
 
 def test_unreachable_private_api_requeues_the_message(
@@ -266,7 +267,7 @@ def test_unreachable_private_api_requeues_the_message(
     caplog.set_level(logging.WARNING, logger="job_consumer")
     worker = ConsumerThread(consumer).start()
 
-    wait_for(
+    wait_until(
         lambda: sum(f"task {uid}: private API unavailable" in r.getMessage() for r in caplog.records) >= 2,
         30,
         "two claim attempts against the unreachable API",

@@ -14,7 +14,7 @@ import pytest
 from inference_server.contract import TaskStatus
 from job_consumer.runner import LABEL_TASK
 from tests import images
-from tests.job_consumer.helpers import wait_for
+from tests.helpers import wait_until
 from tests.job_consumer.stack import SERVICE_TOKEN
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def test_sigterm_while_idle_exits_cleanly(consumer_env, rabbitmq_url, queue_name
     log_path = tmp_path / "consumer.log"
     process = start_consumer(consumer_env, "--consumer-id", f"{test_session_id}-idle", log_path=log_path)
     try:
-        wait_for(lambda: consumers_on(rabbitmq_url, queue_name) == 1, 20, "the consumer to subscribe")
+        wait_until(lambda: consumers_on(rabbitmq_url, queue_name) == 1, 20, "the consumer to subscribe")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0, log_path.read_text()
     finally:
@@ -97,13 +97,13 @@ def test_second_sigterm_stops_the_container_and_releases_the_task(
     consumer_id = f"{test_session_id}-sigterm"
     process = start_consumer(consumer_env, "--consumer-id", consumer_id, log_path=log_path)
     try:
-        wait_for(
+        wait_until(
             lambda: docker_client.containers.list(sparse=True, filters={"label": f"{LABEL_TASK}={task.uid}"}),
             30,
             "the model container to run",
         )
         process.send_signal(signal.SIGTERM)
-        wait_for(lambda: "finishing the current task" in log_path.read_text(), 10, "the first SIGTERM")
+        wait_until(lambda: "finishing the current task" in log_path.read_text(), 10, "the first SIGTERM")
         assert private_api.task(task.uid).status == TaskStatus.RUNNING
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0, log_path.read_text()

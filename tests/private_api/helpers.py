@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import stat
-import time
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,16 +16,15 @@ from sqlalchemy import func, select
 from inference_server.contract import CONSUMER_ID_HEADER, TASK_QUEUE_ARGUMENTS
 from private_api.config import PrivateSettings
 from private_api.models import Model, Task
+from tests.helpers import make_zip as shared_make_zip
+from tests.helpers import wait_until
 
 T = TypeVar("T")
 
 
 def make_zip(files: dict[str, bytes] | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, data in (files if files is not None else {"scan.nii": b"voxels" * 100}).items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
+    """A valid input zip; by default one small scan file."""
+    return shared_make_zip(files if files is not None else {"scan.nii": b"voxels" * 100})
 
 
 def zip_with_entry(info: zipfile.ZipInfo, data: bytes = b"x") -> bytes:
@@ -100,18 +97,6 @@ def task_row(client: TestClient, uid: str) -> Task:
         return task
 
 
-def wait_for(condition: Callable[[], T], *, timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll until `condition()` is truthy; fail with `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 class QueueProbe:
     """Reads what the private API published, straight from RabbitMQ."""
 
@@ -127,7 +112,7 @@ class QueueProbe:
             method, properties, body = self._channel.basic_get(self.queue, auto_ack=True)
             return None if method is None else (body.decode(), properties)
 
-        return wait_for(fetch, timeout=timeout, what=f"a message on {self.queue}")
+        return wait_until(fetch, timeout=timeout, what=f"a message on {self.queue}")
 
     def count(self) -> int:
         return self._channel.queue_declare(

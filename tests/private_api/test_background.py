@@ -20,7 +20,7 @@ from tests.private_api.helpers import (
     register_model,
     submit_ok,
     task_row,
-    wait_for,
+    wait_until,
 )
 
 
@@ -32,19 +32,19 @@ def test_expired_lease_goes_back_to_pending_and_is_republished(start_app, make_s
     assert claim(client, uid).status_code == 200
 
     # consumer-a "dies": no heartbeat, so the lease runs out and the reaper takes the task back.
-    wait_for(lambda: task_row(client, uid).status == TaskStatus.PENDING, what="the reaper to requeue")
+    wait_until(lambda: task_row(client, uid).status == TaskStatus.PENDING, what="the reaper to requeue")
 
     body, properties = queue.get()
     assert body == uid
     assert properties.priority == 5
     # Marked published just after the broker confirmed, so possibly a moment after we got it.
-    row = wait_for(lambda: (row := task_row(client, uid)).published_at and row, what="published_at")
+    row = wait_until(lambda: (row := task_row(client, uid)).published_at and row, what="published_at")
     assert row.consumer_id is None
     assert client.post(f"/tasks/{uid}/heartbeat", headers=as_consumer("consumer-a")).status_code == 409
 
     # Second and last attempt also abandoned: now the task fails instead of looping forever.
     assert claim(client, uid, consumer="consumer-b").json()["task"]["attempts"] == 2
-    failed = wait_for(
+    failed = wait_until(
         lambda: (row := task_row(client, uid)).status == TaskStatus.FAILED and row, what="the reaper to fail"
     )
     assert "stopped renewing its lease" in failed.error
@@ -148,7 +148,7 @@ def test_outbox_publishes_tasks_accepted_while_rabbitmq_was_unreachable(
 
     forwarder.open()  # RabbitMQ is "back"
 
-    wait_for(
+    wait_until(
         lambda: all(task_row(client, uid).published_at is not None for uid in uids),
         timeout=20,
         what="the outbox to publish",
@@ -167,7 +167,9 @@ def test_long_waiting_task_is_published_again_in_case_the_broker_lost_it(start_a
     first_publish = task_row(client, waiting).published_at
     # Every message is consumed and "lost" at once; the still-pending task must come back.
     seen: list[str] = []
-    wait_for(lambda: seen.append(queue.get()[0]) or seen.count(waiting) >= 2, timeout=15, what="a republish")
+    wait_until(
+        lambda: seen.append(queue.get()[0]) or seen.count(waiting) >= 2, timeout=15, what="a republish"
+    )
 
     assert seen.count(running) == 1  # only its original message: a running task is not republished
     assert task_row(client, waiting).published_at > first_publish

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,9 +13,11 @@ import httpx
 import pytest
 
 from inference_server.contract import SERVICE_TOKEN_HEADER
+from inference_server.launcher import free_port
 from private_api.__main__ import main as private_api_main
+from tests.helpers import wait_until
 from tests.private_api.conftest import SERVICE_TOKEN
-from tests.private_api.helpers import make_zip, wait_for
+from tests.private_api.helpers import make_zip
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,12 +28,6 @@ def service_env(**values: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO_ROOT)
     env.update(values)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -75,7 +70,7 @@ def server(tmp_path, rabbitmq_url, queue_name) -> Iterator[tuple[str, subprocess
             return False
 
     try:
-        wait_for(live, timeout=30, what="private_api to answer /health/live")
+        wait_until(live, timeout=30, what="private_api to answer /health/live")
         yield base, process, data_dir
     finally:
         if process.poll() is None:
