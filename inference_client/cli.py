@@ -112,6 +112,27 @@ def _submit(client: InferenceClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _list(client: InferenceClient, args: argparse.Namespace) -> int:
+    tasks = client.list_tasks(status=args.status, limit=args.limit)
+    if args.json:
+        _print_json(tasks)
+        return 0
+    rows = [("UID", "STATUS", "MODEL", "CREATED")]
+    rows += [
+        (
+            task.uid,
+            str(task.status),
+            task.model_human_readable_id,
+            task.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+        for task in tasks
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 def _status(client: InferenceClient, args: argparse.Namespace) -> int:
     _print_json(client.status(args.uid))
     return 0
@@ -145,6 +166,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
+
+
+def _list_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be 1-1000: {text!r}")
     return value
 
 
@@ -202,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--poll-interval", type=_positive_float, default=2.0, metavar="S", help="with --wait (default 2)"
     )
     submit.set_defaults(handler=_submit)
+
+    listing = commands.add_parser("list", help="your tasks, newest first (an operator's key: all)")
+    listing.add_argument("--status", choices=[str(status) for status in TaskStatus], help="only these")
+    listing.add_argument("--limit", type=_list_limit, default=100, metavar="N", help="1-1000 (default 100)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(handler=_list)
 
     for name, handler, text in (
         ("status", _status, "a task's status as JSON"),

@@ -29,7 +29,7 @@ import httpx
 from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 
-from inference_server.contract import ModelPublic, PublicRoutes, TaskPublic, V12Code
+from inference_server.contract import ModelPublic, PublicRoutes, TaskPublic, TaskStatus, V12Code
 from inference_server.zipsafe import zip_directory
 
 CHUNK_SIZE = 1024 * 1024
@@ -42,6 +42,7 @@ _V12_MEANINGS = {
     V12Code.NOT_FOUND: "the task is unknown or was deleted",
 }
 _MODEL_LIST = TypeAdapter(list[ModelPublic])
+_TASK_LIST = TypeAdapter(list[TaskPublic])
 
 
 class InferenceClientError(Exception):
@@ -340,6 +341,13 @@ class InferenceClient:
         if not isinstance(data, str):
             raise InferenceClientError(None, f"unexpected answer to a submission: {data!r}")
         return data
+
+    def list_tasks(self, status: TaskStatus | str | None = None, limit: int = 100) -> list[TaskPublic]:
+        """The key owner's tasks, newest first (with an operator's key: everyone's)."""
+        params: dict[str, Any] = {"limit": limit}
+        if status is not None:
+            params["status"] = str(status)
+        return self._parse(_TASK_LIST, self._json(self._request("GET", PublicRoutes.TASKS, params=params)))
 
     def status(self, uid: str) -> TaskPublic:
         return self._parse(

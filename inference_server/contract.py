@@ -8,11 +8,22 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import IntEnum, StrEnum
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SERVICE_TOKEN_HEADER = "X-Service-Token"
 CONSUMER_ID_HEADER = "X-Consumer-Id"
+# Users present their API key as `Authorization: Bearer <key>`; later versions of the original
+# client send it as `X-Token: <key>`, accepted the same way.
+API_KEY_HEADER = "X-Token"
+API_KEY_MAX_LENGTH = 512
+# Who a relayed user request acts for: set by the public API on task routes and trusted by the
+# private API only because the service token comes with it. The role is an ApiKeyRole value or
+# ANONYMOUS_ROLE; without these headers a caller acts as the platform itself (consumers, tools).
+ACTING_OWNER_HEADER = "X-Acting-Owner"
+ACTING_ROLE_HEADER = "X-Acting-Role"
+ANONYMOUS_ROLE = "anonymous"
 
 HUMAN_READABLE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 HUMAN_READABLE_ID_RE = re.compile(HUMAN_READABLE_ID_PATTERN)
@@ -66,6 +77,31 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+class ApiKeyRole(StrEnum):
+    """A user key submits and handles its own tasks; an operator key also manages models and sees
+    every task."""
+
+    USER = "user"
+    OPERATOR = "operator"
+
+
+class Principal(BaseModel):
+    """Whom an API key belongs to: `name` is the owner label its tasks are recorded under."""
+
+    name: str
+    role: ApiKeyRole
+
+    @property
+    def is_operator(self) -> bool:
+        return self.role == ApiKeyRole.OPERATOR
+
+
+class KeyResolveRequest(BaseModel):
+    """Body of the private API's POST /auth/resolve: the key exactly as the caller presented it."""
+
+    key: str = Field(max_length=API_KEY_MAX_LENGTH)
+
+
 class ModelLimits(BaseModel):
     """Per-model resource limits and isolation; None means the platform default."""
 
@@ -75,6 +111,29 @@ class ModelLimits(BaseModel):
     pids: int | None = Field(default=None, ge=8, le=1_000_000)
     allow_network: bool = False
     run_as_root: bool = False
+
+
+class ModelUpdate(ModelLimits):
+    """PATCH body for a model: only the fields sent change; a limit sent as null returns to the
+    platform default. The image and the id stay fixed (register a new model to change those)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = Field(default="", max_length=10_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_types_only(cls, data: Any) -> Any:
+        """A JSON body must say what it means: lax parsing would take 0 for false or "512" for 512,
+        which the documented schema refuses (5.0 stays a valid integer, as in JSON Schema)."""
+        if not isinstance(data, dict):
+            return data
+        for name, value in data.items():
+            if name in ("allow_network", "run_as_root") and not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false")
+            if name in ("timeout_s", "memory_mb", "cpus", "pids") and isinstance(value, str | bool):
+                raise ValueError(f"{name} must be a number or null")
+        return data
 
 
 class ModelPublic(BaseModel):
@@ -163,6 +222,7 @@ class PrivateRoutes:
     TASK_HEARTBEAT = "/tasks/{uid}/heartbeat"
     TASK_FAIL = "/tasks/{uid}/fail"
     TASK_RELEASE = "/tasks/{uid}/release"
+    AUTH_RESOLVE = "/auth/resolve"
     HEALTH_LIVE = "/health/live"
     HEALTH_READY = "/health/ready"
     METRICS = "/metrics"
@@ -177,6 +237,7 @@ class PublicRoutes:
     TASK_STATUS = "/api/tasks/{uid}/status"
     TASK_LOGS = "/api/tasks/{uid}/logs"
     TASK_CANCEL = "/api/tasks/{uid}/cancel"
+    MODEL = "/api/models/{human_readable_id}"
     HEALTH_LIVE = "/health/live"
     HEALTH_READY = "/health/ready"
     METRICS = "/metrics"

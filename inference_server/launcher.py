@@ -27,6 +27,9 @@ from inference_server.contract import SERVICE_TOKEN_HEADER
 log = logging.getLogger("inference_server.launcher")
 
 SERVICE_TOKEN_FILE = "service.token"
+# Where `infer` looks for a key when it is given none (inference_client.client.resolve_token).
+OPERATOR_KEY_FILE = "operator.key"
+OPERATOR_KEY_NAME = "operator"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -54,6 +57,39 @@ def load_or_create_secret(path: Path, nbytes: int = 32) -> str:
     with os.fdopen(descriptor, "w") as handle:
         handle.write(value + "\n")
     return value
+
+
+def ensure_operator_key(database_url: str, key_file: Path) -> str | None:
+    """For one person on one machine: unless `key_file` exists, create an operator key (named
+    `operator`, or `operator-<n>` when taken) and store it there, readable by its owner only.
+
+    Returns the new key's name, or None when the file was already there (it is left alone).
+    """
+    if key_file.exists():
+        return None
+    from inference_server.contract import ApiKeyRole
+    from private_api.db import make_engine, make_session_factory, upgrade_database
+    from private_api.keys import create_key, free_key_name, revoke_key
+
+    upgrade_database(database_url)
+    engine = make_engine(database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            name = free_key_name(session=session, base=OPERATOR_KEY_NAME)
+            key, _info = create_key(session=session, name=name, role=ApiKeyRole.OPERATOR)
+            try:
+                key_file.parent.mkdir(parents=True, exist_ok=True)
+                descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(descriptor, "w") as handle:
+                    handle.write(key + "\n")
+            except OSError:
+                # A key nobody holds is only a liability.
+                revoke_key(session=session, name_or_id=name)
+                raise
+    finally:
+        engine.dispose()
+    log.info("created operator key %r in %s", name, key_file)
+    return name
 
 
 @dataclass
@@ -132,7 +168,11 @@ class LocalPlatform:
     database_url: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     python: str = sys.executable
+    # Standalone use: create an operator key in <data_dir>/operator.key on start if none is there.
+    create_operator_key: bool = False
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    # Set by start() when create_operator_key made a new key: its name.
+    operator_key_created: str | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = self.data_dir.resolve()
@@ -151,6 +191,19 @@ class LocalPlatform:
     def private_url(self) -> str:
         return f"http://{self.host}:{self.private_port}"
 
+    @property
+    def operator_key_file(self) -> Path:
+        return self.data_dir / OPERATOR_KEY_FILE
+
+    @property
+    def resolved_database_url(self) -> str:
+        return (
+            self.database_url
+            or self.extra_env.get("IS_DATABASE_URL")
+            or os.environ.get("IS_DATABASE_URL")
+            or f"sqlite:///{self.data_dir / 'inference.db'}"
+        )
+
     def base_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
@@ -161,9 +214,7 @@ class LocalPlatform:
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        env["IS_DATABASE_URL"] = (
-            self.database_url or env.get("IS_DATABASE_URL") or f"sqlite:///{self.data_dir / 'inference.db'}"
-        )
+        env["IS_DATABASE_URL"] = self.resolved_database_url
         if self.rabbitmq_url:
             env["IS_RABBITMQ_URL"] = self.rabbitmq_url
         if self.queue_name:
@@ -188,6 +239,11 @@ class LocalPlatform:
             )
             private.start()
             self.wait_healthy(private, f"{self.private_url}/health/ready", timeout)
+            if self.create_operator_key:
+                # After the private API is ready: it has migrated the database by then.
+                self.operator_key_created = ensure_operator_key(
+                    self.resolved_database_url, self.operator_key_file
+                )
             public = self._service(
                 "public-api", "public_api", "--host", self.host, "--port", str(self.public_port)
             )

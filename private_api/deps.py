@@ -8,15 +8,24 @@ from typing import Annotated
 from fastapi import Depends, Header, Request, Security
 from fastapi.security import APIKeyHeader
 
-from inference_server.contract import CONSUMER_ID_HEADER, SERVICE_TOKEN_HEADER
+from inference_server.contract import (
+    ACTING_OWNER_HEADER,
+    ACTING_ROLE_HEADER,
+    ANONYMOUS_ROLE,
+    CONSUMER_ID_HEADER,
+    SERVICE_TOKEN_HEADER,
+    ApiKeyRole,
+)
 from private_api.blobs import BlobStore
 from private_api.config import PrivateSettings
 from private_api.db import SessionDep
-from private_api.exceptions import Unauthorized
+from private_api.exceptions import Unauthorized, Unprocessable
 from private_api.metrics import Metrics
 from private_api.queue import TaskPublisher
+from private_api.service import Actor
 
 __all__ = [
+    "ActorDep",
     "BlobsDep",
     "ConsumerIdDep",
     "MetricsDep",
@@ -62,3 +71,38 @@ ConsumerIdDep = Annotated[
     str,
     Header(alias=CONSUMER_ID_HEADER, min_length=1, max_length=255, description="the calling consumer's id"),
 ]
+
+
+def _acting(
+    owner: Annotated[
+        str | None,
+        Header(alias=ACTING_OWNER_HEADER, max_length=255, description="the key name the request acts for"),
+    ] = None,
+    role: Annotated[
+        str | None,
+        Header(
+            alias=ACTING_ROLE_HEADER,
+            description=f"{', '.join(ApiKeyRole)} or {ANONYMOUS_ROLE}; absent: the platform itself",
+        ),
+    ] = None,
+) -> Actor | None:
+    """The identity the public API relays a user request for. Trusted because only holders of
+    the service token get this far (every router that uses it requires the token)."""
+    if role is None:
+        if owner is not None:
+            raise Unprocessable(f"{ACTING_OWNER_HEADER} was sent without {ACTING_ROLE_HEADER}")
+        return None
+    if role == ANONYMOUS_ROLE:
+        if owner is not None:
+            raise Unprocessable(f"an anonymous request cannot name an owner in {ACTING_OWNER_HEADER}")
+        return Actor(name=None)
+    try:
+        key_role = ApiKeyRole(role)
+    except ValueError:
+        raise Unprocessable(f"unknown {ACTING_ROLE_HEADER} {role!r}") from None
+    if not owner:
+        raise Unprocessable(f"{ACTING_ROLE_HEADER} {role} needs {ACTING_OWNER_HEADER}")
+    return Actor(name=owner, is_operator=key_role == ApiKeyRole.OPERATOR)
+
+
+ActorDep = Annotated[Actor | None, Depends(_acting)]

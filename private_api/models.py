@@ -17,7 +17,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from inference_server.contract import TaskStatus
+from inference_server.contract import ApiKeyRole, TaskStatus
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -66,6 +66,19 @@ class StatusType(TypeDecorator[TaskStatus]):
         return None if value is None else TaskStatus(value)
 
 
+class RoleType(TypeDecorator[ApiKeyRole]):
+    """ApiKeyRole stored as its plain string value, like StatusType."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value: ApiKeyRole | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else ApiKeyRole(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> ApiKeyRole | None:
+        return None if value is None else ApiKeyRole(value)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -101,6 +114,7 @@ class Task(Base):
         Index("ix_tasks_status", "status"),
         Index("ix_tasks_status_lease_expires_at", "status", "lease_expires_at"),
         Index("ix_tasks_model_id", "model_id"),
+        Index("ix_tasks_owner", "owner"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -123,7 +137,7 @@ class Task(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # The API key owner who submitted the task; filled in once API keys exist.
+    # The name of the API key that submitted the task; NULL for an anonymous submission.
     owner: Mapped[str | None] = mapped_column(String(255))
 
     # Every task answer names its model, so load it in the same query.
@@ -136,3 +150,20 @@ class Task(Base):
     @property
     def output_present(self) -> bool:
         return self.output_blob_key is not None
+
+
+class ApiKey(Base):
+    """An API key, stored as the SHA-256 of the whole key; the key itself is shown once at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # The public part of the key (isk_<key_id>_<secret>): finds the row, and names it in `keys list`.
+    key_id: Mapped[str] = mapped_column(String(16), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    # The owner label its tasks are recorded under (tasks.owner).
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    role: Mapped[ApiKeyRole] = mapped_column(RoleType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, NoReturn
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session
 from inference_server.contract import (
     HeartbeatReply,
     ModelPublic,
+    ModelUpdate,
     TaskClaim,
     TaskFailure,
     TaskPublic,
@@ -47,6 +49,33 @@ def new_task_uid() -> str:
     return secrets.token_urlsafe(24)
 
 
+@dataclass(frozen=True)
+class Actor:
+    """Whom a relayed user request acts for, as the public API states it (X-Acting-* headers).
+
+    `name` None is an anonymous caller. An operator sees every task; anyone else sees only the
+    tasks recorded under their name, and anonymous callers only anonymous tasks. A task someone
+    may not see answers exactly like an unknown one, so its existence is never revealed.
+    Functions given no actor serve the platform itself (consumers, operator tools): no limits.
+    """
+
+    name: str | None
+    is_operator: bool = False
+
+
+def _owner_conditions(actor: Actor | None) -> tuple[ColumnElement[bool], ...]:
+    """SQL conditions restricting tasks to those `actor` may see (none for the platform, operators)."""
+    if actor is None or actor.is_operator:
+        return ()
+    if actor.name is None:
+        return (Task.owner.is_(None),)
+    return (Task.owner == actor.name,)
+
+
+def _may_see(actor: Actor | None, task: Task) -> bool:
+    return actor is None or actor.is_operator or task.owner == actor.name
+
+
 # --- helpers ----------------------------------------------------------------------------------
 
 
@@ -68,9 +97,9 @@ def _load_task(session: Session, uid: str) -> Task | None:
     return session.scalars(statement).first()
 
 
-def _visible_task(session: Session, uid: str) -> Task:
+def _visible_task(session: Session, uid: str, actor: Actor | None = None) -> Task:
     task = _load_task(session, uid)
-    if task is None or task.status == TaskStatus.DELETED:
+    if task is None or task.status == TaskStatus.DELETED or not _may_see(actor, task):
         raise NotFound(f"task {uid} is unknown or was deleted")
     return task
 
@@ -198,6 +227,18 @@ def create_model(*, session: Session, params: ModelCreate, model_zip: StoredBlob
     return public
 
 
+def update_model(*, session: Session, human_readable_id: str, changes: ModelUpdate) -> ModelPublic:
+    """Change a model's description or limits: only the fields present in `changes` (a limit set
+    to None returns to the platform default). Tasks claimed from now on run with the new values."""
+    model = _required_model(session, human_readable_id)
+    for field, value in changes.model_dump(exclude_unset=True).items():
+        setattr(model, field, value)
+    public = ModelPublic.model_validate(model)
+    session.commit()
+    log.info("updated model %s: %s", human_readable_id, sorted(changes.model_fields_set))
+    return public
+
+
 def model_zip_key(*, session: Session, human_readable_id: str) -> str:
     model = _required_model(session, human_readable_id)
     if model.model_zip_key is None:
@@ -291,19 +332,41 @@ def publish_task(*, session: Session, publisher: TaskPublisher, uid: str) -> boo
     return _publish(session, publisher, task_id=row.id, uid=uid, priority=row.priority) == Publish.DONE
 
 
-def get_task(*, session: Session, uid: str) -> TaskPublic:
-    return _task_public(_visible_task(session, uid))
+def get_task(*, session: Session, uid: str, actor: Actor | None = None) -> TaskPublic:
+    return _task_public(_visible_task(session, uid, actor))
 
 
-def input_blob_key(*, session: Session, uid: str) -> str:
-    task = _visible_task(session, uid)
+def list_tasks(
+    *,
+    session: Session,
+    actor: Actor | None,
+    status: TaskStatus | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[TaskPublic]:
+    """The tasks `actor` may see, newest first; deleted ones are left out.
+
+    Anonymous callers get an empty list: anonymous tasks are reachable only by their uid, and
+    listing them would hand every anonymous caller the uids of all the others.
+    """
+    if actor is not None and actor.name is None and not actor.is_operator:
+        return []
+    statement = select(Task).where(Task.status != TaskStatus.DELETED, *_owner_conditions(actor))
+    if status is not None:
+        statement = statement.where(Task.status == status)
+    tasks = session.scalars(statement.order_by(Task.id.desc()).offset(offset).limit(limit))
+    return [_task_public(task) for task in tasks]
+
+
+def input_blob_key(*, session: Session, uid: str, actor: Actor | None = None) -> str:
+    task = _visible_task(session, uid, actor)
     if task.input_blob_key is None:
         raise NotFound(f"task {uid} has no input")
     return task.input_blob_key
 
 
-def output_blob_key(*, session: Session, uid: str) -> str:
-    task = _visible_task(session, uid)
+def output_blob_key(*, session: Session, uid: str, actor: Actor | None = None) -> str:
+    task = _visible_task(session, uid, actor)
     if task.status != TaskStatus.FINISHED:
         raise Conflict(f"task {uid} is {task.status}; an output exists only once it is finished")
     if task.output_blob_key is None:
@@ -311,11 +374,11 @@ def output_blob_key(*, session: Session, uid: str) -> str:
     return task.output_blob_key
 
 
-def log_blob_key(*, session: Session, uid: str) -> str | None:
-    return _visible_task(session, uid).log_blob_key
+def log_blob_key(*, session: Session, uid: str, actor: Actor | None = None) -> str | None:
+    return _visible_task(session, uid, actor).log_blob_key
 
 
-def cancel_task(*, session: Session, uid: str) -> TaskPublic:
+def cancel_task(*, session: Session, uid: str, actor: Actor | None = None) -> TaskPublic:
     """pending/running -> cancelled; a terminal task is answered unchanged.
 
     A running task's consumer learns it from its next heartbeat (keep_running false).
@@ -324,11 +387,12 @@ def cancel_task(*, session: Session, uid: str) -> TaskPublic:
         session,
         Task.uid == uid,
         Task.status.in_(ACTIVE_STATUSES),
+        *_owner_conditions(actor),
         status=TaskStatus.CANCELLED,
         finished_at=utcnow(),
         lease_expires_at=None,
     )
-    task = _visible_task(session, uid)
+    task = _visible_task(session, uid, actor)
     public = _task_public(task)
     session.commit()
     if changed:
@@ -336,12 +400,13 @@ def cancel_task(*, session: Session, uid: str) -> TaskPublic:
     return public
 
 
-def delete_task(*, session: Session, blobs: BlobStore, uid: str) -> TaskPublic:
+def delete_task(*, session: Session, blobs: BlobStore, uid: str, actor: Actor | None = None) -> TaskPublic:
     """Cancel if active, mark deleted, drop the input/output/log files; the row stays as a tombstone."""
     changed = _update_task(
         session,
         Task.uid == uid,
         Task.status != TaskStatus.DELETED,
+        *_owner_conditions(actor),
         status=TaskStatus.DELETED,
         finished_at=func.coalesce(Task.finished_at, _at(utcnow())),
         lease_expires_at=None,

@@ -21,6 +21,16 @@ class PublicSettings(BaseSettings):
     private_api_max_connections: int = Field(default=100, ge=1)
     max_upload_bytes: int = Field(default=20 * 1024**3, ge=1)
 
+    # Compatibility with InferenceServer v1.2 clients, which send no key. Off by default: with
+    # IS_ANONYMOUS_TASKS anyone may submit tasks and poll, download, cancel and delete them by
+    # uid; with IS_ANONYMOUS_MODELS anyone may register, change and remove models (the original's
+    # ALLOW_PUBLIC_POST_MODEL).
+    anonymous_tasks: bool = False
+    anonymous_models: bool = False
+    # How long a resolved key is trusted without asking the private API again: a revoked key
+    # stops working within this many seconds.
+    key_cache_ttl_s: float = Field(default=5.0, ge=0, le=10)
+
     @field_validator("service_token")
     @classmethod
     def _token_not_blank(cls, value: SecretStr) -> SecretStr:

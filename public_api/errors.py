@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 logger = logging.getLogger(__name__)
 
@@ -16,10 +17,11 @@ logger = logging.getLogger(__name__)
 class PublicAPIError(Exception):
     """An answer other than success; `detail` is what the caller reads."""
 
-    def __init__(self, status_code: int, detail: str) -> None:
+    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
+        self.headers = headers
 
 
 class UpstreamUnavailableError(PublicAPIError):
@@ -43,7 +45,7 @@ async def _public_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PublicAPIError)
     if exc.status_code >= 500 and not isinstance(exc, V12Error):
         logger.warning("answering %s: %s", exc.status_code, exc.detail)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def validation_detail(exc: RequestValidationError) -> str:
@@ -62,9 +64,27 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": validation_detail(exc)}, status_code=422)
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path. Starlette's own 405 names only the methods of
+    the first route whose path matched, while several routes may share a path (GET and DELETE
+    /api/tasks/{uid}); RFC 9110 asks for all of them."""
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
+    return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=headers or None)
 
 
 async def _client_disconnect(_request: Request, _exc: Exception) -> JSONResponse:

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from public_api.auth import KeyResolver
 from public_api.config import PublicSettings
 from public_api.errors import install_error_handlers
 from public_api.metrics import Metrics, MetricsMiddleware
@@ -19,6 +20,13 @@ Submit a zip of inputs to a named model, poll, and download a zip of outputs.
 The five `/api/tasks/` and `/api/models/` routes keep InferenceServer v1.2 semantics, including
 its custom poll codes: **551** pending or running, **552** failed or cancelled, **553** finished
 but output missing, **554** unknown or deleted. Every other error is JSON with a `detail`.
+
+**Access.** Send your API key as `Authorization: Bearer <key>` (or `X-Token: <key>`); operators
+create keys with `inference-server keys create`. A user key submits tasks and sees, downloads,
+cancels and deletes its own tasks; an operator key also registers, changes and removes models and
+sees every task. A missing, unknown or revoked key is a **401**, a valid key without the right a
+**403**. Someone else's task answers exactly like an unknown one. Deployments may let clients
+without a key in (IS_ANONYMOUS_TASKS, IS_ANONYMOUS_MODELS); both are off by default.
 """
 
 
@@ -29,6 +37,7 @@ def create_app(settings: PublicSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One pooled client per process: connections to the private API are reused by all requests.
         app.state.private_api = PrivateAPI.from_settings(settings)
+        app.state.key_resolver = KeyResolver(app.state.private_api, settings.key_cache_ttl_s)
         try:
             yield
         finally:

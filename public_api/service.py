@@ -8,10 +8,16 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from inference_server.contract import (
+    ACTING_OWNER_HEADER,
+    ACTING_ROLE_HEADER,
+    ANONYMOUS_ROLE,
     HealthReport,
     ModelPublic,
+    ModelUpdate,
+    Principal,
     PrivateRoutes,
     TaskPublic,
+    TaskStatus,
     V12Code,
     v12_code_for,
 )
@@ -21,6 +27,7 @@ from public_api.upstream import PrivateAPI
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
 _MODEL_LIST = TypeAdapter(list[ModelPublic])
+_TASK_LIST = TypeAdapter(list[TaskPublic])
 
 
 def _parse(schema: type[SchemaT], data: Any) -> SchemaT:
@@ -49,53 +56,76 @@ def unknown_task_v12(uid: str) -> V12Error:
     return V12Error(V12Code.NOT_FOUND, f"task {uid} is unknown or was deleted")
 
 
-async def submit_task(api: PrivateAPI, *, model_id: str, priority: int, body: UploadBody) -> TaskPublic:
+def acting_headers(caller: Principal | None) -> dict[str, str]:
+    """Whom a task request acts for; the private API shows and changes only what they may see."""
+    if caller is None:
+        return {ACTING_ROLE_HEADER: ANONYMOUS_ROLE}
+    return {ACTING_OWNER_HEADER: caller.name, ACTING_ROLE_HEADER: caller.role.value}
+
+
+async def submit_task(
+    api: PrivateAPI, *, caller: Principal | None, model_id: str, priority: int, body: UploadBody
+) -> TaskPublic:
     if body.chunks is None:
         raise PublicAPIError(422, "the request needs a multipart body with the field 'zip_file'")
     data = await api.upload(
         PrivateRoutes.TASKS,
         params={"model_human_readable_id": model_id, "priority": priority},
         body=body.chunks,
-        headers=body.headers,
+        headers={**body.headers, **acting_headers(caller)},
     )
     return _parse(TaskPublic, data)
 
 
-async def get_task(api: PrivateAPI, uid: str) -> TaskPublic:
-    return _parse(TaskPublic, await api.call("GET", PrivateRoutes.TASK.format(uid=uid)))
-
-
-async def _task_or_554(api: PrivateAPI, uid: str) -> TaskPublic:
+async def list_tasks(
+    api: PrivateAPI, *, caller: Principal | None, status: TaskStatus | None, limit: int, offset: int
+) -> list[TaskPublic]:
+    params = _without_none({"status": status, "limit": limit, "offset": offset})
+    data = await api.call("GET", PrivateRoutes.TASKS, params=params, headers=acting_headers(caller))
     try:
-        return await get_task(api, uid)
+        return _TASK_LIST.validate_python(data)
+    except ValidationError as exc:
+        raise UpstreamHTTPError(502, f"private API answered with an unexpected body: {exc}") from exc
+
+
+async def get_task(api: PrivateAPI, uid: str, *, caller: Principal | None) -> TaskPublic:
+    data = await api.call("GET", PrivateRoutes.TASK.format(uid=uid), headers=acting_headers(caller))
+    return _parse(TaskPublic, data)
+
+
+async def _task_or_554(api: PrivateAPI, uid: str, caller: Principal | None) -> TaskPublic:
+    try:
+        return await get_task(api, uid, caller=caller)
     except UpstreamHTTPError as exc:
         if exc.status_code == 404:
             raise unknown_task_v12(uid) from exc
         raise
 
 
-async def open_output_v12(api: PrivateAPI, uid: str) -> httpx.Response:
+async def open_output_v12(api: PrivateAPI, uid: str, *, caller: Principal | None) -> httpx.Response:
     """The v1.2 poll: an open stream of the output zip, or the 551-554 answer for the task's state."""
-    task = await _task_or_554(api, uid)
+    task = await _task_or_554(api, uid, caller)
     code = v12_code_for(task.status, task.output_present)
     if code != 200:
         raise V12Error(code, v12_detail(task, code))
     try:
-        return await api.open_stream("GET", PrivateRoutes.TASK_OUTPUT.format(uid=uid))
+        return await api.open_stream(
+            "GET", PrivateRoutes.TASK_OUTPUT.format(uid=uid), headers=acting_headers(caller)
+        )
     except UpstreamHTTPError as exc:
         if exc.status_code not in (404, 409):
             raise
     # The task changed between the two calls (deleted, or its output vanished): answer for now.
-    task = await _task_or_554(api, uid)
+    task = await _task_or_554(api, uid, caller)
     code = v12_code_for(task.status, task.output_present)
     if code == 200:
         code = V12Code.OUTPUT_MISSING
     raise V12Error(code, v12_detail(task, code))
 
 
-async def delete_task_v12(api: PrivateAPI, uid: str) -> TaskPublic:
+async def delete_task_v12(api: PrivateAPI, uid: str, *, caller: Principal | None) -> TaskPublic:
     try:
-        data = await api.call("DELETE", PrivateRoutes.TASK.format(uid=uid))
+        data = await api.call("DELETE", PrivateRoutes.TASK.format(uid=uid), headers=acting_headers(caller))
     except UpstreamHTTPError as exc:
         if exc.status_code == 404:
             raise unknown_task_v12(uid) from exc
@@ -103,12 +133,15 @@ async def delete_task_v12(api: PrivateAPI, uid: str) -> TaskPublic:
     return _parse(TaskPublic, data)
 
 
-async def cancel_task(api: PrivateAPI, uid: str) -> TaskPublic:
-    return _parse(TaskPublic, await api.call("POST", PrivateRoutes.TASK_CANCEL.format(uid=uid)))
+async def cancel_task(api: PrivateAPI, uid: str, *, caller: Principal | None) -> TaskPublic:
+    data = await api.call("POST", PrivateRoutes.TASK_CANCEL.format(uid=uid), headers=acting_headers(caller))
+    return _parse(TaskPublic, data)
 
 
-async def open_logs(api: PrivateAPI, uid: str) -> httpx.Response:
-    return await api.open_stream("GET", PrivateRoutes.TASK_LOGS.format(uid=uid))
+async def open_logs(api: PrivateAPI, uid: str, *, caller: Principal | None) -> httpx.Response:
+    return await api.open_stream(
+        "GET", PrivateRoutes.TASK_LOGS.format(uid=uid), headers=acting_headers(caller)
+    )
 
 
 async def list_models(api: PrivateAPI) -> list[ModelPublic]:
@@ -123,6 +156,20 @@ async def register_model(api: PrivateAPI, *, params: dict[str, Any], body: Uploa
     data = await api.upload(
         PrivateRoutes.MODELS, params=_without_none(params), body=body.chunks, headers=body.headers
     )
+    return _parse(ModelPublic, data)
+
+
+async def update_model(api: PrivateAPI, human_readable_id: str, changes: ModelUpdate) -> ModelPublic:
+    data = await api.call(
+        "PATCH",
+        PrivateRoutes.MODEL.format(human_readable_id=human_readable_id),
+        json=changes.model_dump(mode="json", exclude_unset=True),
+    )
+    return _parse(ModelPublic, data)
+
+
+async def delete_model(api: PrivateAPI, human_readable_id: str) -> ModelPublic:
+    data = await api.call("DELETE", PrivateRoutes.MODEL.format(human_readable_id=human_readable_id))
     return _parse(ModelPublic, data)
 
 

@@ -104,17 +104,20 @@ class PrivateAPI:
         *,
         params: Mapping[str, Any] | None = None,
         json: Any = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Any:
         """A small request whose JSON answer is returned; any non-2xx raises."""
-        request = self._client.build_request(method, path, params=params, json=json)
+        request = self._client.build_request(method, path, params=params, json=json, headers=headers)
         response = await self.send(request)
         if response.is_error:
             raise upstream_error(response)
         return _json_of(response)
 
-    async def open_stream(self, method: str, path: str) -> httpx.Response:
+    async def open_stream(
+        self, method: str, path: str, *, headers: Mapping[str, str] | None = None
+    ) -> httpx.Response:
         """A 2xx response whose body is still unread; the caller must close it."""
-        response = await self.send(self._client.build_request(method, path), stream=True)
+        response = await self.send(self._client.build_request(method, path, headers=headers), stream=True)
         if response.is_error:
             try:
                 await response.aread()
@@ -143,3 +146,7 @@ class PrivateAPI:
     async def get_unchecked(self, path: str) -> httpx.Response:
         """A GET whose status the caller judges itself (health probes)."""
         return await self.send(self._client.build_request("GET", path))
+
+    async def post_unchecked(self, path: str, *, json: Any) -> httpx.Response:
+        """A small POST whose status the caller judges itself (key resolution)."""
+        return await self.send(self._client.build_request("POST", path, json=json))

@@ -33,14 +33,23 @@ def platform_factory(tmp_path: Path, rabbitmq_url: str, queue_name: str) -> Iter
     """Starts platforms on this test's own queue and data folder; all are stopped afterwards."""
     started: list[LocalPlatform] = []
 
-    def start(consumers: int = 1, **extra_env: str) -> LocalPlatform:
+    def start(consumers: int = 1, create_operator_key: bool = False, **extra_env: str) -> LocalPlatform:
         platform = LocalPlatform(
             data_dir=tmp_path / f"platform{len(started)}",
             public_port=free_port(),
             consumers=consumers,
             rabbitmq_url=rabbitmq_url,
             queue_name=queue_name,
-            extra_env={"IS_REAPER_INTERVAL_S": "0.5", **extra_env},
+            create_operator_key=create_operator_key,
+            extra_env={
+                "IS_REAPER_INTERVAL_S": "0.5",
+                # The end-to-end and fault tests are about delivery, not access: they call the
+                # public API without a key, as v1.2 clients do. Access is tested with the
+                # switches off in tests/public_api/test_permissions.py (pass "false" to override).
+                "IS_ANONYMOUS_TASKS": "true",
+                "IS_ANONYMOUS_MODELS": "true",
+                **extra_env,
+            },
         )
         started.append(platform)
         platform.start()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from private_api.routes import consumer, health, models, tasks
+from private_api.routes import auth, consumer, health, models, tasks
 
 api_router = APIRouter()
 api_router.include_router(health.router)
 api_router.include_router(models.router)
 api_router.include_router(tasks.router)
 api_router.include_router(consumer.router)
+api_router.include_router(auth.router)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from inference_server.contract import ZIP_MEDIA_TYPE, ModelPublic, PrivateRoutes
+from inference_server.contract import ZIP_MEDIA_TYPE, ModelPublic, ModelUpdate, PrivateRoutes
 from private_api import service
 from private_api.deps import BlobsDep, SessionDep, SettingsDep, require_service_token
 from private_api.responses import blob_response
@@ -56,6 +56,11 @@ def list_models(session: SessionDep) -> list[ModelPublic]:
 @router.get(PrivateRoutes.MODEL, response_model=ModelPublic)
 def get_model(human_readable_id: str, session: SessionDep) -> ModelPublic:
     return service.get_model(session=session, human_readable_id=human_readable_id)
+
+
+@router.patch(PrivateRoutes.MODEL, response_model=ModelPublic)
+def update_model(human_readable_id: str, changes: ModelUpdate, session: SessionDep) -> ModelPublic:
+    return service.update_model(session=session, human_readable_id=human_readable_id, changes=changes)
 
 
 @router.get(PrivateRoutes.MODEL_ZIP, response_class=StreamingResponse)

@@ -15,9 +15,11 @@ from inference_server.contract import (
     ZIP_MEDIA_TYPE,
     PrivateRoutes,
     TaskPublic,
+    TaskStatus,
 )
 from private_api import service
 from private_api.deps import (
+    ActorDep,
     BlobsDep,
     MetricsDep,
     PublisherDep,
@@ -46,6 +48,7 @@ async def submit_task(
     blobs: BlobsDep,
     publisher: PublisherDep,
     metrics: MetricsDep,
+    actor: ActorDep,
     priority: Annotated[int, Query(ge=0, le=MAX_PRIORITY)] = 0,
 ) -> TaskPublic:
     # Unknown model: refuse before a byte of the upload is stored.
@@ -64,6 +67,7 @@ async def submit_task(
             model_human_readable_id=model_human_readable_id,
             priority=priority,
             input_blob=input_blob,
+            owner=actor.name if actor is not None else None,
         )
     metrics.submissions.labels(model=model_human_readable_id).inc()
     # After the commit: a broker outage leaves the task to the outbox, never fails the submit.
@@ -71,14 +75,25 @@ async def submit_task(
     return task
 
 
+@router.get(PrivateRoutes.TASKS, response_model=list[TaskPublic])
+def list_tasks(
+    session: SessionDep,
+    actor: ActorDep,
+    status: TaskStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[TaskPublic]:
+    return service.list_tasks(session=session, actor=actor, status=status, limit=limit, offset=offset)
+
+
 @router.get(PrivateRoutes.TASK, response_model=TaskPublic)
-def get_task(uid: str, session: SessionDep) -> TaskPublic:
-    return service.get_task(session=session, uid=uid)
+def get_task(uid: str, session: SessionDep, actor: ActorDep) -> TaskPublic:
+    return service.get_task(session=session, uid=uid, actor=actor)
 
 
 @router.get(PrivateRoutes.TASK_INPUT, response_class=StreamingResponse)
-def get_task_input(uid: str, session: SessionDep, blobs: BlobsDep) -> StreamingResponse:
-    key = service.input_blob_key(session=session, uid=uid)
+def get_task_input(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep) -> StreamingResponse:
+    key = service.input_blob_key(session=session, uid=uid, actor=actor)
     return blob_response(
         blobs,
         key,
@@ -96,8 +111,8 @@ def get_task_input(uid: str, session: SessionDep, blobs: BlobsDep) -> StreamingR
         409: {"description": "not finished"},
     },
 )
-def get_task_output(uid: str, session: SessionDep, blobs: BlobsDep) -> StreamingResponse:
-    key = service.output_blob_key(session=session, uid=uid)
+def get_task_output(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep) -> StreamingResponse:
+    key = service.output_blob_key(session=session, uid=uid, actor=actor)
     return blob_response(
         blobs,
         key,
@@ -108,8 +123,8 @@ def get_task_output(uid: str, session: SessionDep, blobs: BlobsDep) -> Streaming
 
 
 @router.get(PrivateRoutes.TASK_LOGS, response_class=PlainTextResponse)
-def get_task_logs(uid: str, session: SessionDep, blobs: BlobsDep) -> Response:
-    key = service.log_blob_key(session=session, uid=uid)
+def get_task_logs(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep) -> Response:
+    key = service.log_blob_key(session=session, uid=uid, actor=actor)
     if key is None:
         return Response(content=b"", media_type=LOG_MEDIA_TYPE)
     try:
@@ -122,10 +137,10 @@ def get_task_logs(uid: str, session: SessionDep, blobs: BlobsDep) -> Response:
 
 
 @router.post(PrivateRoutes.TASK_CANCEL, response_model=TaskPublic)
-def cancel_task(uid: str, session: SessionDep) -> TaskPublic:
-    return service.cancel_task(session=session, uid=uid)
+def cancel_task(uid: str, session: SessionDep, actor: ActorDep) -> TaskPublic:
+    return service.cancel_task(session=session, uid=uid, actor=actor)
 
 
 @router.delete(PrivateRoutes.TASK, response_model=TaskPublic)
-def delete_task(uid: str, session: SessionDep, blobs: BlobsDep) -> TaskPublic:
-    return service.delete_task(session=session, blobs=blobs, uid=uid)
+def delete_task(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep) -> TaskPublic:
+    return service.delete_task(session=session, blobs=blobs, uid=uid, actor=actor)

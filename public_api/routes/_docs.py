@@ -52,8 +52,16 @@ V12_POLL_RESPONSES: dict[int | str, dict[str, Any]] = {
 # Declaring 422 here also stops FastAPI from documenting its list-shaped default: every error
 # body of this API, validation included, is {"detail": "<text>"}.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: error(
+        "No API key where one is needed, or the key is unknown or revoked "
+        "(with a `WWW-Authenticate: Bearer` challenge)."
+    ),
     422: error("Malformed parameters or body; `detail` names each problem."),
     502: error("The private API failed or refused this service."),
     503: error("The private API is unreachable."),
     504: error("The private API did not answer in time."),
+}
+
+OPERATOR_ONLY: dict[int | str, dict[str, Any]] = {
+    403: error("The key is valid but not an operator's (and IS_ANONYMOUS_MODELS is off)."),
 }

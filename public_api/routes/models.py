@@ -1,30 +1,40 @@
-"""Model routes: the v1.2 list and register."""
+"""Model routes: the v1.2 list and register, plus change and remove (operators)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 
 from inference_server.contract import (
     CONTAINER_TAG_PATTERN,
     HUMAN_READABLE_ID_PATTERN,
     ModelLimits,
     ModelPublic,
+    ModelUpdate,
     PublicRoutes,
 )
 from public_api import service
-from public_api.deps import PrivateAPIDep, SettingsDep, current_principal, require_operator
+from public_api.deps import PrivateAPIDep, SettingsDep, model_reader, require_operator
 from public_api.relay import upload_body
-from public_api.routes._docs import COMMON_RESPONSES, error, zip_upload_body
+from public_api.routes._docs import COMMON_RESPONSES, OPERATOR_ONLY, error, zip_upload_body
 
 _LIMITS = ModelLimits.model_fields
 
-router = APIRouter(tags=["models"], dependencies=[Depends(current_principal)], responses=COMMON_RESPONSES)
+router = APIRouter(tags=["models"], responses=COMMON_RESPONSES)
+
+ModelId = Annotated[
+    str, Path(pattern=HUMAN_READABLE_ID_PATTERN, max_length=128, description="The model's human_readable_id.")
+]
 
 
-@router.get(PublicRoutes.MODELS.rstrip("/"), include_in_schema=False)
-@router.get(PublicRoutes.MODELS, summary="List models (v1.2)", response_model=list[ModelPublic])
+@router.get(PublicRoutes.MODELS.rstrip("/"), include_in_schema=False, dependencies=[Depends(model_reader)])
+@router.get(
+    PublicRoutes.MODELS,
+    summary="List models (v1.2)",
+    response_model=list[ModelPublic],
+    dependencies=[Depends(model_reader)],
+)
 async def list_models(api: PrivateAPIDep) -> list[ModelPublic]:
     return await service.list_models(api)
 
@@ -38,6 +48,7 @@ async def list_models(api: PrivateAPIDep) -> list[ModelPublic]:
     response_model=ModelPublic,
     dependencies=[Depends(require_operator)],
     responses={
+        **OPERATOR_ONLY,
         400: error("The model zip is not a valid, safe zip."),
         409: error("A model with this human_readable_id exists."),
         413: error("The upload is larger than allowed."),
@@ -83,3 +94,37 @@ async def register_model(
     return await service.register_model(
         api, params=params, body=upload_body(request, settings.max_upload_bytes)
     )
+
+
+@router.patch(
+    PublicRoutes.MODEL,
+    summary="Change a model's description or limits (operators)",
+    description=(
+        "Only the fields sent change; a limit sent as `null` returns to the platform default. "
+        "Tasks started from now on run with the new values."
+    ),
+    response_model=ModelPublic,
+    dependencies=[Depends(require_operator)],
+    responses={
+        **OPERATOR_ONLY,
+        400: error("The body is not valid JSON."),
+        404: error("No model with this id."),
+    },
+)
+async def update_model(human_readable_id: ModelId, changes: ModelUpdate, api: PrivateAPIDep) -> ModelPublic:
+    return await service.update_model(api, human_readable_id, changes)
+
+
+@router.delete(
+    PublicRoutes.MODEL,
+    summary="Remove a model, its zip and its finished tasks (operators)",
+    response_model=ModelPublic,
+    dependencies=[Depends(require_operator)],
+    responses={
+        **OPERATOR_ONLY,
+        404: error("No model with this id."),
+        409: error("The model still has pending or running tasks; cancel them first."),
+    },
+)
+async def delete_model(human_readable_id: ModelId, api: PrivateAPIDep) -> ModelPublic:
+    return await service.delete_model(api, human_readable_id)

@@ -1,4 +1,8 @@
-"""Task routes: the v1.2 submit/poll/delete trio plus status, logs and cancel."""
+"""Task routes: the v1.2 submit/poll/delete trio plus list, status, logs and cancel.
+
+Every route acts for the caller (task_caller): a task the caller may not see answers exactly
+like an unknown one (404, or 554 on the v1.2 routes), so a uid never reveals someone else's task.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +19,15 @@ from inference_server.contract import (
     ZIP_MEDIA_TYPE,
     PublicRoutes,
     TaskPublic,
+    TaskStatus,
     V12Code,
 )
 from public_api import service
-from public_api.deps import PrivateAPIDep, SettingsDep, current_principal
+from public_api.deps import PrivateAPIDep, SettingsDep, TaskCallerDep, task_caller
 from public_api.relay import stream_back, upload_body
 from public_api.routes._docs import COMMON_RESPONSES, V12_POLL_RESPONSES, error, zip_upload_body
 
-router = APIRouter(tags=["tasks"], dependencies=[Depends(current_principal)], responses=COMMON_RESPONSES)
+router = APIRouter(tags=["tasks"], dependencies=[Depends(task_caller)], responses=COMMON_RESPONSES)
 
 TaskUid = Annotated[str, Path(pattern=TASK_UID_PATTERN, description="The uid returned at submission.")]
 
@@ -45,6 +50,7 @@ async def submit_task(
     request: Request,
     api: PrivateAPIDep,
     settings: SettingsDep,
+    caller: TaskCallerDep,
     model_human_readable_id: Annotated[
         str, Query(pattern=HUMAN_READABLE_ID_PATTERN, description="The model that runs the task.")
     ],
@@ -52,6 +58,7 @@ async def submit_task(
 ) -> str:
     task = await service.submit_task(
         api,
+        caller=caller,
         model_id=model_human_readable_id,
         priority=priority,
         body=upload_body(request, settings.max_upload_bytes),
@@ -60,14 +67,34 @@ async def submit_task(
     return task.uid
 
 
+@router.get(PublicRoutes.TASKS.rstrip("/"), include_in_schema=False)
+@router.get(
+    PublicRoutes.TASKS,
+    summary="List your tasks (all tasks for operators)",
+    response_model=list[TaskPublic],
+    description=(
+        "Newest first; deleted tasks are left out. Anonymous callers (IS_ANONYMOUS_TASKS) get an "
+        "empty list: anonymous tasks are reachable only by their uid."
+    ),
+)
+async def list_tasks(
+    api: PrivateAPIDep,
+    caller: TaskCallerDep,
+    status: Annotated[TaskStatus | None, Query(description="Only tasks in this state.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+) -> list[TaskPublic]:
+    return await service.list_tasks(api, caller=caller, status=status, limit=limit, offset=offset)
+
+
 @router.get(
     PublicRoutes.TASK,
     summary="Poll a task and download its output (v1.2)",
     response_class=StreamingResponse,
     responses=V12_POLL_RESPONSES,
 )
-async def poll_task(uid: TaskUid, api: PrivateAPIDep) -> StreamingResponse:
-    upstream = await service.open_output_v12(api, uid)
+async def poll_task(uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep) -> StreamingResponse:
+    upstream = await service.open_output_v12(api, uid, caller=caller)
     return stream_back(upstream, media_type=ZIP_MEDIA_TYPE, filename=f"{uid}.zip")
 
 
@@ -77,8 +104,8 @@ async def poll_task(uid: TaskUid, api: PrivateAPIDep) -> StreamingResponse:
     response_model=TaskPublic,
     responses={V12Code.NOT_FOUND.value: error("554: no such task, or it was already deleted.")},
 )
-async def delete_task(uid: TaskUid, api: PrivateAPIDep) -> TaskPublic:
-    return await service.delete_task_v12(api, uid)
+async def delete_task(uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep) -> TaskPublic:
+    return await service.delete_task_v12(api, uid, caller=caller)
 
 
 @router.get(
@@ -87,8 +114,8 @@ async def delete_task(uid: TaskUid, api: PrivateAPIDep) -> TaskPublic:
     response_model=TaskPublic,
     responses={404: error("No such task, or it was deleted.")},
 )
-async def task_status(uid: TaskUid, api: PrivateAPIDep) -> TaskPublic:
-    return await service.get_task(api, uid)
+async def task_status(uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep) -> TaskPublic:
+    return await service.get_task(api, uid, caller=caller)
 
 
 @router.get(
@@ -100,8 +127,8 @@ async def task_status(uid: TaskUid, api: PrivateAPIDep) -> TaskPublic:
         404: error("No such task."),
     },
 )
-async def task_logs(uid: TaskUid, api: PrivateAPIDep) -> StreamingResponse:
-    upstream = await service.open_logs(api, uid)
+async def task_logs(uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep) -> StreamingResponse:
+    upstream = await service.open_logs(api, uid, caller=caller)
     return stream_back(upstream, media_type=LOG_MEDIA_TYPE)
 
 
@@ -111,5 +138,5 @@ async def task_logs(uid: TaskUid, api: PrivateAPIDep) -> StreamingResponse:
     response_model=TaskPublic,
     responses={404: error("No such task.")},
 )
-async def cancel_task(uid: TaskUid, api: PrivateAPIDep) -> TaskPublic:
-    return await service.cancel_task(api, uid)
+async def cancel_task(uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep) -> TaskPublic:
+    return await service.cancel_task(api, uid, caller=caller)

@@ -5,6 +5,7 @@ container through the mounted Docker socket."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import secrets
@@ -51,11 +52,33 @@ def front_door(settings: dict[str, str]) -> FrontDoor:
     )
 
 
-def exercise_front_door(door: FrontDoor, settings: dict[str, str], model: tuple[str, str]) -> str:
-    """What a user sees of a fresh deployment: HTTPS only, the public API, a task that runs."""
+def create_operator_key(docker_client: docker.DockerClient, private_api_labels: list[str]) -> str:
+    """`inference-server keys create` inside the private API's container, as README tells operators."""
+    containers = docker_client.containers.list(filters={"label": private_api_labels, "status": "running"})
+    assert containers, f"no running private API container labelled {private_api_labels}"
+    name = f"deploy-test-{secrets.token_hex(3)}"
+    result = containers[0].exec_run(["inference-server", "keys", "create", name, "--operator"], demux=True)
+    stdout, stderr = result.output
+    assert result.exit_code == 0, (stderr or b"").decode()
+    return stdout.decode().strip()
+
+
+def exercise_front_door(
+    door: FrontDoor,
+    settings: dict[str, str],
+    model: tuple[str, str],
+    docker_client: docker.DockerClient,
+    private_api_labels: list[str],
+) -> str:
+    """What a user sees of a fresh deployment: HTTPS only, the public API, keys required, a task
+    that runs."""
     container_tag, human_readable_id = model
     with door.client() as client:
-        wait_for(answers(client, PublicRoutes.MODELS), 180, "the public API answering through Traefik", 1.0)
+        # Ready means the private API has migrated the database: keys can be made now.
+        wait_for(answers(client, PublicRoutes.HEALTH_READY), 180, "the platform ready behind Traefik", 1.0)
+        assert client.get(PublicRoutes.MODELS).status_code == 401  # no anonymous access by default
+    door = dataclasses.replace(door, api_key=create_operator_key(docker_client, private_api_labels))
+    with door.client() as client:
         register_model(client, container_tag, human_readable_id)
         uid, _ = run_task(client, human_readable_id, timeout=180)
         private = client.get(
@@ -152,6 +175,9 @@ def test_compose_file_is_valid_and_wired_as_designed(
         assert "healthcheck" in service, name
     token = deployment_settings["IS_SERVICE_TOKEN"]
     assert all(services[name]["environment"]["IS_SERVICE_TOKEN"] == token for name in APP_SERVICES)
+    # Callers without a key are refused unless the operator opts in.
+    public_env = services["public_api"]["environment"]
+    assert (public_env["IS_ANONYMOUS_TASKS"], public_env["IS_ANONYMOUS_MODELS"]) == ("false", "false")
 
 
 def test_compose_refuses_to_start_without_secrets(
@@ -230,7 +256,10 @@ def test_compose_deployment_runs_a_task_over_https(
             if any(container.ports.values())
         }
         assert published == {"traefik"}
-        uid = exercise_front_door(front_door(settings), settings, passthrough_image)
+        private_api_labels = [label["label"], "com.docker.compose.service=private_api"]
+        uid = exercise_front_door(
+            front_door(settings), settings, passthrough_image, docker_client, private_api_labels
+        )
         assert_model_container_removed(docker_client, uid)
     finally:
         run(
@@ -338,7 +367,10 @@ def test_swarm_stack_runs_a_task_over_https(
                 ],
                 env={**base_process_env(), **settings},
             )
-            uid = exercise_front_door(front_door(settings), settings, passthrough_image)
+            private_api_labels = [f"com.docker.swarm.service.name={stack}_private_api"]
+            uid = exercise_front_door(
+                front_door(settings), settings, passthrough_image, docker_client, private_api_labels
+            )
             assert_model_container_removed(docker_client, uid)
             services = {
                 service.name: service

@@ -96,6 +96,21 @@ def test_submit_status_logs_get_delete(
     assert "554" in _one_error_line(capsys.readouterr().err)
 
 
+def test_list(public_url: str, model_id: str, folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(public_url, "submit", model_id, str(folder)) == 0
+    uid = capsys.readouterr().out.strip()
+    assert run(public_url, "list") == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["UID", "STATUS", "MODEL", "CREATED"]
+    assert table[1].split()[:3] == [uid, "pending", model_id]  # newest first
+    assert run(public_url, "list", "--status", "pending", "--json", "--limit", "5") == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed[0]["uid"] == uid and len(listed) <= 5
+    with pytest.raises(SystemExit):
+        run(public_url, "list", "--limit", "0")
+    assert "1-1000" in _one_error_line(capsys.readouterr().err)
+
+
 def test_cancel(public_url: str, model_id: str, folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(public_url, "submit", model_id, str(folder)) == 0
     uid = capsys.readouterr().out.strip()

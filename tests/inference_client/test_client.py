@@ -158,3 +158,17 @@ def test_multipart_body_streams_in_chunks_with_exact_length(tmp_path: Path) -> N
     joined = b"".join(parts)
     assert b'name="zip_file"; filename="data.zip"' in joined
     assert path.read_bytes() in joined
+
+
+def test_list_tasks_newest_first_with_a_status_filter(
+    client: InferenceClient, model_id: str, input_folder: Path
+) -> None:
+    first = client.submit(model_id, input_folder)
+    second = client.submit(model_id, input_folder)
+    client.cancel(first)
+    listed = [task.uid for task in client.list_tasks(limit=1000)]
+    assert listed.index(second) < listed.index(first)
+    cancelled = client.list_tasks(status=TaskStatus.CANCELLED, limit=1000)
+    assert first in {task.uid for task in cancelled}
+    assert {task.status for task in cancelled} == {TaskStatus.CANCELLED}
+    assert len(client.list_tasks(limit=1)) == 1

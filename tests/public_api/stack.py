@@ -28,6 +28,7 @@ from inference_client.client import multipart_file_body
 from inference_server.contract import (
     CONSUMER_ID_HEADER,
     SERVICE_TOKEN_HEADER,
+    ApiKeyRole,
     PrivateRoutes,
     PublicRoutes,
     TaskClaim,
@@ -35,7 +36,8 @@ from inference_server.contract import (
     TaskPublic,
 )
 from private_api.config import PrivateSettings
-from private_api.db import upgrade_database
+from private_api.db import make_engine, make_session_factory, upgrade_database
+from private_api.keys import create_key
 from private_api.main import create_app as create_private_app
 from public_api.config import PublicSettings
 from public_api.main import create_app as create_public_app
@@ -87,6 +89,24 @@ class ServerThread:
 class PrivateStack:
     url: str
     data_dir: Path
+
+    @property
+    def database_url(self) -> str:
+        return database_url_in(self.data_dir)
+
+    def create_key(self, name: str, role: ApiKeyRole = ApiKeyRole.USER) -> str:
+        """A new API key in this stack's database, made as `inference-server keys create` does."""
+        engine = make_engine(self.database_url)
+        try:
+            with make_session_factory(engine)() as session:
+                key, _info = create_key(session=session, name=name, role=role)
+        finally:
+            engine.dispose()
+        return key
+
+
+def database_url_in(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'inference.db'}"
 
 
 def make_zip(files: dict[str, bytes]) -> bytes:
@@ -188,7 +208,7 @@ def submit(public_url: str, model_id: str, files: dict[str, bytes] | None = None
 
 
 def start_private_api(data_dir: Path, rabbitmq_url: str, queue_name: str) -> ServerThread:
-    database_url = f"sqlite:///{data_dir / 'inference.db'}"
+    database_url = database_url_in(data_dir)
     upgrade_database(database_url)
     settings = PrivateSettings(
         database_url=database_url,
@@ -200,8 +220,15 @@ def start_private_api(data_dir: Path, rabbitmq_url: str, queue_name: str) -> Ser
     return ServerThread(create_private_app(settings)).start()
 
 
+# The relay, streaming and client tests are about moving requests and bodies, not about who may:
+# their public APIs let callers without a key in, as IS_ANONYMOUS_TASKS and IS_ANONYMOUS_MODELS
+# would in a deployment. test_permissions.py checks access with the switches off and on.
+ANONYMOUS_ALLOWED = {"anonymous_tasks": True, "anonymous_models": True}
+
+
 def start_public_api(private_url: str, **overrides: object) -> ServerThread:
-    settings = PublicSettings(private_api_url=private_url, service_token=SERVICE_TOKEN, **overrides)
+    values = {**ANONYMOUS_ALLOWED, **overrides}
+    settings = PublicSettings(private_api_url=private_url, service_token=SERVICE_TOKEN, **values)
     return ServerThread(create_public_app(settings)).start()
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from inference_server.contract import HealthReport, ModelPublic, PublicRoutes
 from tests.public_api.stack import (
+    ANONYMOUS_ALLOWED,
     BASE_IMAGE_TAG,
     PrivateStack,
     ServerThread,
@@ -187,7 +188,9 @@ def test_wrong_service_token_is_a_502_with_a_clear_detail(
     from public_api.config import PublicSettings
     from public_api.main import create_app
 
-    settings = PublicSettings(private_api_url=private_api.url, service_token="not-the-right-token-at-all")
+    settings = PublicSettings(
+        private_api_url=private_api.url, service_token="not-the-right-token-at-all", **ANONYMOUS_ALLOWED
+    )
     server = ServerThread(create_app(settings)).start()
     try:
         response = http.get(server.url + PublicRoutes.MODELS)

@@ -82,6 +82,9 @@ def public_process(private_api: PrivateStack) -> Iterator[tuple[str, int]]:
         **os.environ,
         "IS_PRIVATE_API_URL": private_api.url,
         "IS_SERVICE_TOKEN": SERVICE_TOKEN,
+        # About memory while streaming, not access (see stack.ANONYMOUS_ALLOWED).
+        "IS_ANONYMOUS_TASKS": "true",
+        "IS_ANONYMOUS_MODELS": "true",
     }
     process = subprocess.Popen(
         [

@@ -49,6 +49,8 @@ def platform(
         consumers=1,
         rabbitmq_url=rabbitmq_url,
         queue_name=module_queue_name,
+        # Production access rules (no anonymous callers); the tests use the operator key.
+        create_operator_key=True,
     )
     running.start(timeout=90)
     try:
@@ -96,6 +98,7 @@ def front_door(
         https_url=f"https://127.0.0.1:{websecure_port}",
         http_url=f"http://127.0.0.1:{web_port}",
         ca_file=cert,
+        api_key=platform.operator_key_file.read_text().strip(),
     )
     try:
         with httpx.Client(timeout=2.0) as ping:

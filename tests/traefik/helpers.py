@@ -175,9 +175,13 @@ class FrontDoor:
     https_url: str
     http_url: str
     ca_file: Path
+    # Sent as `Authorization: Bearer` by client() when set (anonymous=True leaves it out).
+    api_key: str | None = None
 
-    def client(self, **kwargs: Any) -> httpx.Client:
+    def client(self, *, anonymous: bool = False, **kwargs: Any) -> httpx.Client:
         kwargs.setdefault("timeout", httpx.Timeout(60.0, connect=5.0))
+        if self.api_key and not anonymous:
+            kwargs["headers"] = {"Authorization": f"Bearer {self.api_key}", **kwargs.get("headers", {})}
         return httpx.Client(base_url=self.https_url, verify=self.ssl_context(), **kwargs)
 
     def ssl_context(self) -> ssl.SSLContext:

@@ -43,6 +43,18 @@ def test_https_with_the_project_certificate_reaches_the_public_api(front_door: F
     assert ssl.PEM_cert_to_DER_cert(served) == ssl.PEM_cert_to_DER_cert(front_door.ca_file.read_text())
 
 
+def test_the_api_key_passes_through_and_no_key_is_a_401(front_door: FrontDoor) -> None:
+    with front_door.client(anonymous=True) as client:
+        missing = client.get(PublicRoutes.MODELS)
+        wrong = client.get(PublicRoutes.MODELS, headers={"Authorization": "Bearer isk_00000000_" + "x" * 43})
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert "Authorization: Bearer" in missing.json()["detail"]
+    assert wrong.status_code == 401
+    with front_door.client() as client:  # the operator key, through Traefik to the public API
+        assert client.get(PublicRoutes.TASKS).status_code == 200
+
+
 def test_a_client_without_the_ca_refuses_the_connection(front_door: FrontDoor) -> None:
     """Proves TLS is really verified in the test above (the system CAs do not know this cert)."""
     with (

@@ -1,0 +1,161 @@
+"""API keys: operators create and revoke them (`inference-server keys`), the public API resolves them.
+
+A key reads `isk_<key id>_<secret>`: the 8-character id finds the row and names the key in
+listings; the secret is 256 random bits. Only the SHA-256 of the whole key is stored, and the
+key is shown once, when it is created.
+
+Why a plain SHA-256 and not bcrypt/argon2: slow, salted hashes exist to make guessing
+low-entropy secrets (passwords) from a stolen hash expensive. A 256-bit random secret cannot be
+guessed at any hashing speed, so a fast hash loses nothing, and it lets every request be
+checked cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from inference_server.contract import ApiKeyRole, Principal
+from private_api.exceptions import Conflict, NotFound, Unprocessable
+from private_api.models import ApiKey, utcnow
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "isk"
+SECRET_BYTES = 32
+# The secret is token_urlsafe(32): 43 characters of the URL-safe alphabet, which includes "_",
+# so the id is taken from the front and the rest is the secret.
+KEY_RE = re.compile(rf"^{KEY_PREFIX}_([0-9a-f]{{8}})_([A-Za-z0-9_-]{{43,128}})$")
+# Names travel in an HTTP header (X-Acting-Owner) and label task owners: keep them plain.
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$"
+KEY_NAME_RE = re.compile(KEY_NAME_PATTERN)
+# last_used_at is a hint for operators, not an audit log: writing it on every request would
+# turn each read into a write.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+_ID_ATTEMPTS = 5
+
+
+class ApiKeyInfo(BaseModel):
+    """What `keys list` shows about a key: everything but the key."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    key_id: str
+    name: str
+    role: ApiKeyRole
+    created_at: datetime
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _new_key() -> tuple[str, str]:
+    key_id = secrets.token_hex(4)
+    return key_id, f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(SECRET_BYTES)}"
+
+
+def _by_name(session: Session, name: str) -> ApiKey | None:
+    return session.scalars(select(ApiKey).where(ApiKey.name == name)).first()
+
+
+def create_key(*, session: Session, name: str, role: ApiKeyRole) -> tuple[str, ApiKeyInfo]:
+    """A new key for `name`; returns the key itself (its only appearance) and its description."""
+    if not KEY_NAME_RE.match(name):
+        raise Unprocessable(
+            f"invalid key name {name!r}: use 1-128 letters, digits and . _ @ + - (starting with a "
+            "letter or digit)"
+        )
+    if _by_name(session, name) is not None:
+        raise Conflict(f"a key named {name!r} exists already (names are owner labels and stay unique)")
+    for _attempt in range(_ID_ATTEMPTS):
+        key_id, key = _new_key()
+        row = ApiKey(key_id=key_id, key_hash=hash_key(key), name=name, role=role, created_at=utcnow())
+        session.add(row)
+        try:
+            session.flush()
+            info = ApiKeyInfo.model_validate(row)
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            if _by_name(session, name) is not None:
+                raise Conflict(f"a key named {name!r} exists already") from None
+            continue  # the 32-bit id collided with another key's: draw again
+        log.info("created %s key %r (id %s)", role, name, key_id)
+        return key, info
+    raise Conflict("could not find a free key id; try again")
+
+
+def list_keys(*, session: Session) -> list[ApiKeyInfo]:
+    rows = session.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id))
+    return [ApiKeyInfo.model_validate(row) for row in rows]
+
+
+def revoke_key(*, session: Session, name_or_id: str) -> ApiKeyInfo:
+    """Revoke the key with this name or id; revoking a revoked key changes nothing."""
+    row = session.scalars(
+        select(ApiKey).where(or_(ApiKey.name == name_or_id, ApiKey.key_id == name_or_id))
+    ).first()
+    if row is None:
+        raise NotFound(f"no key is named {name_or_id!r} or has that id")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        log.info("revoked key %r (id %s)", row.name, row.key_id)
+    info = ApiKeyInfo.model_validate(row)
+    session.commit()
+    return info
+
+
+def resolve_key(*, session: Session, key: str) -> Principal | None:
+    """Whom a presented key belongs to; None for a malformed, unknown or revoked key."""
+    match = KEY_RE.match(key)
+    if match is None:
+        return None
+    row = session.scalars(select(ApiKey).where(ApiKey.key_id == match.group(1))).first()
+    if row is None or row.revoked_at is not None:
+        return None
+    if not secrets.compare_digest(row.key_hash, hash_key(key)):
+        return None
+    principal = Principal(name=row.name, role=row.role)
+    now = utcnow()
+    if row.last_used_at is not None and row.last_used_at >= now - LAST_USED_RESOLUTION:
+        session.rollback()
+        return principal
+    try:
+        session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == row.id)
+            .values(last_used_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+    except SQLAlchemyError:
+        # A busy database must not turn a valid key away over a bookkeeping hint.
+        session.rollback()
+        log.warning("could not record the use of key %s", row.key_id, exc_info=True)
+    return principal
+
+
+def free_key_name(*, session: Session, base: str) -> str:
+    """`base` if no key has that name yet, else the first free `base-<n>` (n = 2, 3, ...)."""
+    taken = set(session.scalars(select(ApiKey.name).where(ApiKey.name.startswith(base, autoescape=True))))
+    if base not in taken:
+        return base
+    number = 2
+    while f"{base}-{number}" in taken:
+        number += 1
+    return f"{base}-{number}"
