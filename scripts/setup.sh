@@ -72,7 +72,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$want_hash" != "$have_hash" ]; then
     say "installing the project and its dev tools into $VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
+    "$VENV/bin/pip" install -qq --disable-pip-version-check -e ".[dev]"
     echo "$want_hash" >"$VENV/.installed-pyproject"
 fi
 
