@@ -35,16 +35,28 @@ def rabbitmq_url() -> str:
     return RABBITMQ_URL
 
 
-@pytest.fixture
-def queue_name(rabbitmq_url: str) -> Iterator[str]:
-    """A queue name no other test uses; the queue is deleted afterwards."""
-    name = f"is-test-{TEST_SESSION_ID}-{secrets.token_hex(4)}"
-    yield name
+def _delete_queue(rabbitmq_url: str, name: str) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
     try:
         connection.channel().queue_delete(name)
     finally:
         connection.close()
+
+
+@pytest.fixture
+def queue_name(rabbitmq_url: str) -> Iterator[str]:
+    """A queue name no other test uses; the queue is deleted afterwards."""
+    name = f"is-test-{TEST_SESSION_ID}-{secrets.token_hex(4)}"
+    yield name
+    _delete_queue(rabbitmq_url, name)
+
+
+@pytest.fixture(scope="module")
+def module_queue_name(rabbitmq_url: str) -> Iterator[str]:
+    """Like `queue_name`, shared by one module's tests, so a platform they share starts once."""
+    name = f"is-test-{TEST_SESSION_ID}-{secrets.token_hex(4)}"
+    yield name
+    _delete_queue(rabbitmq_url, name)
 
 
 @pytest.fixture(scope="session")

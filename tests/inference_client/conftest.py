@@ -10,10 +10,9 @@ from tests.public_api.stack import (
     model_id,
     private_api,
     public_url,
-    stack_queue,
 )
 
-__all__ = ["consumer", "http", "model_id", "private_api", "public_url", "stack_queue"]
+__all__ = ["consumer", "http", "model_id", "private_api", "public_url"]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pika
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -41,7 +40,6 @@ from private_api.keys import create_key
 from private_api.main import create_app as create_private_app
 from public_api.config import PublicSettings
 from public_api.main import create_app as create_public_app
-from tests.conftest import TEST_SESSION_ID
 
 SERVICE_TOKEN = f"public-api-tests-{secrets.token_hex(12)}"
 BASE_IMAGE_TAG = "inference-server/base:bookworm"
@@ -236,23 +234,11 @@ def start_public_api(private_url: str, **overrides: object) -> ServerThread:
 
 
 @pytest.fixture(scope="module")
-def stack_queue(rabbitmq_url: str) -> Iterator[str]:
-    """Like the `queue_name` fixture, but shared by one module's tests so the stack starts once."""
-    name = f"is-test-{TEST_SESSION_ID}-{secrets.token_hex(4)}"
-    yield name
-    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
-    try:
-        connection.channel().queue_delete(name)
-    finally:
-        connection.close()
-
-
-@pytest.fixture(scope="module")
 def private_api(
-    tmp_path_factory: pytest.TempPathFactory, rabbitmq_url: str, stack_queue: str
+    tmp_path_factory: pytest.TempPathFactory, rabbitmq_url: str, module_queue_name: str
 ) -> Iterator[PrivateStack]:
     data_dir = tmp_path_factory.mktemp("private-data")
-    server = start_private_api(data_dir, rabbitmq_url, stack_queue)
+    server = start_private_api(data_dir, rabbitmq_url, module_queue_name)
     try:
         yield PrivateStack(url=server.url, data_dir=data_dir)
     finally:

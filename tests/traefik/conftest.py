@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pika
 import pytest
 
 from inference_server.launcher import LocalPlatform, free_port
@@ -24,19 +22,6 @@ from tests.traefik.helpers import (
 )
 
 TRAEFIK_DIR = Path(__file__).resolve().parents[2] / "traefik"
-
-
-@pytest.fixture(scope="module")
-def module_queue_name(rabbitmq_url: str, test_session_id: str) -> Iterator[str]:
-    """Like the shared `queue_name` fixture, for one platform that all tests of a module share
-    (starting the platform per test would cost seconds each)."""
-    name = f"is-test-{test_session_id}-{secrets.token_hex(4)}"
-    yield name
-    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
-    try:
-        connection.channel().queue_delete(name)
-    finally:
-        connection.close()
 
 
 @pytest.fixture(scope="module")
