@@ -81,7 +81,8 @@ def run_bigfiles(ctx: BenchContext, size: int, reps: int) -> dict[str, Any]:
     # No consumer yet: the repeated uploads must not each run 1 GiB through a container.
     with BenchPlatform(ctx, "bigfiles", consumers=0) as bench_platform:
         idle_rss = bench_platform.rss_mb()
-        with InferenceClient(bench_platform.public_url, token="bench-unused", timeout=900) as client:
+        key = bench_platform.operator_key
+        with InferenceClient(bench_platform.public_url, token=key, timeout=900) as client:
             upload_s: list[float] = []
             uids: list[str] = []
             for _ in range(reps):
@@ -98,7 +99,8 @@ def run_bigfiles(ctx: BenchContext, size: int, reps: int) -> dict[str, Any]:
             disk_mb_s = _disk_copy_mb_s(input_zip, phase_dir / "copy.bin")
             rss_after_uploads = bench_platform.rss_mb()
 
-            bench_platform.add_consumers(1)
+            # No waiting for it to listen: it takes the queued task at once and stops listening.
+            bench_platform.add_consumers(1, wait=False)
             started = time.perf_counter()
             task = client.wait(uid, poll_interval=0.5, timeout=1800)
             processing_s = time.perf_counter() - started

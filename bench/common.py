@@ -289,6 +289,10 @@ class BenchPlatform:
             consumers=consumers,
             rabbitmq_url=ctx.rabbitmq_url,
             queue_name=self.queue,
+            # The benchmarks measure delivery, not access: their plain HTTP clients send no key,
+            # like v1.2 clients; the InferenceClient ones use the operator key (operator_key).
+            create_operator_key=True,
+            extra_env={"IS_ANONYMOUS_TASKS": "true", "IS_ANONYMOUS_MODELS": "true"},
         )
         self.sampler: RssSampler | None = None
 
@@ -310,6 +314,10 @@ class BenchPlatform:
     @property
     def public_url(self) -> str:
         return self.platform.public_url
+
+    @property
+    def operator_key(self) -> str:
+        return self.platform.operator_key_file.read_text().strip()
 
     @property
     def private_url(self) -> str:

@@ -63,7 +63,7 @@ def run_queue_depth(ctx: BenchContext, tasks: int, run_budget_s: float) -> dict[
                 uid = submit_small(local.client, input_zip)
             except (httpx.HTTPError, RuntimeError) as exc:
                 with lock:
-                    errors[type(exc).__name__] += 1
+                    errors[f"{type(exc).__name__}: {str(exc)[:200]}"] += 1
                 return
             with lock:
                 uids.append(uid)
@@ -74,6 +74,8 @@ def run_queue_depth(ctx: BenchContext, tasks: int, run_budget_s: float) -> dict[
         with ThreadPoolExecutor(max_workers=SUBMITTERS) as pool:
             list(pool.map(submit, range(tasks)))
         submit_s = time.perf_counter() - started
+        if not uids:
+            raise RuntimeError(f"no submission was accepted: {dict(errors)}")
         ready, _ = queue_consumer_count(ctx.rabbitmq_url, bench_platform.queue)
         log.info(
             "[queue] %d submissions in %.1fs (%.0f/s); %d messages ready",
@@ -111,7 +113,7 @@ def run_queue_depth(ctx: BenchContext, tasks: int, run_budget_s: float) -> dict[
 
     finished = counts.get("finished", 0)
     started_twice = sum(1 for count in started_per_task.values() if count > 1)
-    each_ran_once = finished == sum(attempts.values()) == attempts.get(1, 0) and started_twice == 0
+    each_ran_once = 0 < finished == sum(attempts.values()) == attempts.get(1, 0) and started_twice == 0
     all_ran = finished == len(uids) == tasks
     rate = finished / run_s if run_s else 0.0
     return {
