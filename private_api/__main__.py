@@ -9,6 +9,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from inference_server.settings import describe_settings_errors
 from private_api.config import PrivateSettings
 from private_api.db import upgrade_database
 from private_api.main import create_app
@@ -25,11 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = PrivateSettings()
     except ValidationError as exc:
         # Most often IS_SERVICE_TOKEN missing or too short: say so and refuse to start.
-        problems = "; ".join(
-            f"IS_{'_'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
-            for error in exc.errors()
-        )
-        print(f"private_api: invalid settings: {problems}", file=sys.stderr)
+        print(f"private_api: invalid settings: {describe_settings_errors(exc)}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

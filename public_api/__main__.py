@@ -8,6 +8,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from inference_server.settings import describe_settings_errors
 from public_api.config import PublicSettings
 from public_api.main import create_app
 
@@ -21,11 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = PublicSettings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"IS_{'_'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
-            for error in exc.errors()
-        )
-        print(f"public_api: refusing to start: {problems}", file=sys.stderr)
+        print(f"public_api: refusing to start: {describe_settings_errors(exc)}", file=sys.stderr)
         return 2
     uvicorn.run(
         create_app(settings),

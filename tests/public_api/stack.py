@@ -8,12 +8,10 @@ along by calling the private API's consumer endpoints with the service token, as
 from __future__ import annotations
 
 import functools
-import io
 import secrets
 import socket
 import threading
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from private_api.keys import create_key
 from private_api.main import create_app as create_private_app
 from public_api.config import PublicSettings
 from public_api.main import create_app as create_public_app
+from tests.helpers import make_zip, zip_members  # noqa: F401 - re-exported for the API tests
 
 SERVICE_TOKEN = f"public-api-tests-{secrets.token_hex(12)}"
 BASE_IMAGE_TAG = "inference-server/base:bookworm"
@@ -105,19 +104,6 @@ class PrivateStack:
 
 def database_url_in(data_dir: Path) -> str:
     return f"sqlite:///{data_dir / 'inference.db'}"
-
-
-def make_zip(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
-def zip_members(data: bytes) -> dict[str, bytes]:
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        return {name: archive.read(name) for name in archive.namelist() if not name.endswith("/")}
 
 
 def unique_id(prefix: str = "model") -> str:
