@@ -53,8 +53,9 @@ def assert_each_finished_once_with_its_output(platform, expected: dict[str, byte
 
 
 def task_containers(docker_client: docker.DockerClient, uid: str) -> list:
+    # sparse: a full listing inspects each container and races with its removal.
     return docker_client.containers.list(
-        all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_TASK}={uid}"]}
+        all=True, sparse=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_TASK}={uid}"]}
     )
 
 
@@ -222,7 +223,7 @@ def test_nothing_of_the_platform_is_left_behind(platform_factory, test_images, d
     consumer_ids = {status_row[0] for status_row in _consumer_ids(platform)}
     for consumer_id in consumer_ids:
         leftovers = docker_client.containers.list(
-            all=True, filters={"label": [f"inference-server.consumer={consumer_id}"]}
+            all=True, sparse=True, filters={"label": [f"inference-server.consumer={consumer_id}"]}
         )
         assert leftovers == []
     work = platform.data_dir / "work"
