@@ -106,7 +106,7 @@ class Consumer:
         self.api = api or PrivateApiClient.from_settings(settings)
         self._owns_docker = docker_client is None
         self.docker = docker_client or docker.from_env()
-        self.runner = ModelRunner(self.docker, settings)
+        self.runner = ModelRunner(self.docker, settings, remove_in_background=True)
         self.models = ModelCache(self.work_dir, settings.consumer_id, settings.zip_limits)
         self.tasks_run = 0
         # Plain attributes, not Events: they are set from signal handlers, where taking a lock
@@ -186,6 +186,7 @@ class Consumer:
                 if not self._should_exit():
                     self._pause(backoff.next())
         finally:
+            self.runner.close()
             if self._owns_api:
                 self.api.close()
             if self._owns_docker:

@@ -6,6 +6,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,10 +71,28 @@ def _never() -> bool:
 class ModelRunner:
     """Starts the model image with /input, /output and /model bind-mounted, and waits for it."""
 
-    def __init__(self, docker_client: docker.DockerClient, settings: ConsumerSettings) -> None:
+    def __init__(
+        self,
+        docker_client: docker.DockerClient,
+        settings: ConsumerSettings,
+        *,
+        remove_in_background: bool = False,
+    ) -> None:
         self.docker = docker_client
         self.settings = settings
         self._host_cpus: float | None = None
+        # Removing a container takes tens of milliseconds the task's answer need not wait for;
+        # the consumer hands it to this thread and drains it on shutdown (close).
+        self._removals = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="container-removal")
+            if remove_in_background
+            else None
+        )
+
+    def close(self) -> None:
+        """Wait until every container handed over for removal is gone."""
+        if self._removals is not None:
+            self._removals.shutdown(wait=True)
 
     def limits_for(self, model: ModelPublic) -> RunLimits:
         cpus = model.cpus or self.settings.default_cpus
@@ -157,17 +176,6 @@ class ModelRunner:
             task_uid=task_uid, model=model, input_dir=input_dir, output_dir=output_dir, model_dir=model_dir
         )
         limits = self.limits_for(model)
-        try:
-            self.docker.images.get(model.container_tag)
-        except docker.errors.ImageNotFound as exc:
-            raise ModelRunError(
-                f"image {model.container_tag!r} of model {model.human_readable_id!r} is not present "
-                f"on the Docker engine of consumer {self.settings.consumer_id}",
-                retryable=False,
-            ) from exc
-        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            raise ModelRunError(f"Docker engine unavailable: {exc}", retryable=True) from exc
-
         started = time.monotonic()
         if should_stop():
             return RunResult(None, False, False, True, "", 0.0, limits)
@@ -179,8 +187,11 @@ class ModelRunner:
                 container = self.docker.containers.create(**options)
                 container.start()
             except docker.errors.ImageNotFound as exc:
+                # No image lookup beforehand: create says so itself, one Docker call fewer per task.
                 raise ModelRunError(
-                    f"image {model.container_tag!r} disappeared: {exc}", retryable=False
+                    f"image {model.container_tag!r} of model {model.human_readable_id!r} is not present "
+                    f"on the Docker engine of consumer {self.settings.consumer_id}",
+                    retryable=False,
                 ) from exc
             except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
                 raise ModelRunError(f"could not start the model container: {exc}", retryable=True) from exc
@@ -193,7 +204,7 @@ class ModelRunner:
             raise ModelRunError(f"lost the model container: {exc}", retryable=True) from exc
         finally:
             if container is not None:
-                self._remove(container)
+                self._dispose(container)
         return RunResult(
             exit_code=exit_code,
             timed_out=timed_out,
@@ -239,6 +250,16 @@ class ModelRunner:
             except docker.errors.APIError as exc:
                 # Most likely it exited on its own in the meantime; the next wait says so.
                 log.info("container %s: %s", container.short_id, exc)
+
+    def _dispose(self, container: Container) -> None:
+        if self._removals is None:
+            self._remove(container)
+            return
+        try:
+            self._removals.submit(self._remove, container)
+        except RuntimeError:
+            # Shut down already (a task outliving close): remove it here instead.
+            self._remove(container)
 
     def _remove(self, container: Container) -> None:
         try:

@@ -29,15 +29,15 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: 
 _x_token = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="The same key as `X-Token`.")
 
 
-def get_private_api(request: Request) -> PrivateAPI:
+async def get_private_api(request: Request) -> PrivateAPI:
     return request.app.state.private_api
 
 
-def get_settings(request: Request) -> PublicSettings:
+async def get_settings(request: Request) -> PublicSettings:
     return request.app.state.settings
 
 
-def get_key_resolver(request: Request) -> KeyResolver:
+async def get_key_resolver(request: Request) -> KeyResolver:
     return request.app.state.key_resolver
 
 
