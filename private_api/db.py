@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 30
+T = TypeVar("T")
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -30,8 +31,9 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `sqlite:///PATH` or `postgresql[+psycopg]://...` (psycopg 3 either way)."""
+def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """An engine for `sqlite:///PATH` or `postgresql[+psycopg]://...` (psycopg 3 either way);
+    `pool_size` connections stay open, as many again may open for a burst."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
@@ -41,13 +43,15 @@ def make_engine(url: str) -> Engine:
             parsed,
             # Sessions hop between the event loop's worker threads; SQLite's own locks guard the file.
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
+            pool_size=pool_size,
+            max_overflow=pool_size,
         )
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
-        return create_engine(parsed, pool_pre_ping=True)
+        return create_engine(parsed, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
     raise ValueError(f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}")
 
 
@@ -103,6 +107,22 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+async def get_session_factory(request: Request) -> sessionmaker[Session]:
+    return request.app.state.session_factory
+
+
+SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
+
+
+def in_session(sessions: sessionmaker[Session], work: Callable[..., T], /, **kwargs: Any) -> T:
+    """`work(session=..., **kwargs)` in a session of its own, opened and closed in this thread.
+
+    For the hottest routes: run through run_in_threadpool, the whole database part of a request
+    costs one thread-pool hop, where SessionDep and a `def` route cost three."""
+    with sessions() as session:
+        return work(session=session, **kwargs)
 
 
 def schema_revision_problem(engine: Engine) -> str | None:

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: PrivateSettings | None = None) -> FastAPI:
     """Build the app; the database must already be migrated (db.upgrade_database)."""
     settings = settings if settings is not None else PrivateSettings()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
     session_factory = make_session_factory(engine)
     blobs = BlobStore(settings.blob_dir)
     publisher = TaskPublisher(settings.rabbitmq_url, settings.queue_name)

@@ -78,7 +78,7 @@ class KeyResolver:
         self._cache.clear()
 
     async def _ask(self, key: str) -> Principal | None:
-        response = await self._api.post_unchecked(PrivateRoutes.AUTH_RESOLVE, json={"key": key})
+        response = await self._api.exchange("POST", PrivateRoutes.AUTH_RESOLVE, json={"key": key})
         if response.status_code == 200:
             try:
                 return Principal.model_validate(response.json())

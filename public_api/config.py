@@ -18,7 +18,11 @@ class PublicSettings(BaseSettings):
     # After an upload the private API checks the whole zip before answering; a big archive takes
     # minutes, so the wait for that answer has its own, longer limit.
     private_api_upload_timeout_s: float = Field(default=900.0, gt=0)
+    # Connections for streamed bodies (uploads, downloads), each held for as long as one lasts.
     private_api_max_connections: int = Field(default=100, ge=1)
+    # Small calls (status, lists, key checks) in flight to the private API at once; more wait
+    # their turn here, up to the connect timeout, then get a 503.
+    private_api_concurrency: int = Field(default=16, ge=1, le=1000)
     max_upload_bytes: int = Field(default=20 * 1024**3, ge=1)
 
     # Compatibility with InferenceServer v1.2 clients, which send no key. Off by default: with

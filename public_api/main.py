@@ -36,7 +36,7 @@ def create_app(settings: PublicSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One pooled client per process: connections to the private API are reused by all requests.
-        app.state.private_api = PrivateAPI.from_settings(settings)
+        app.state.private_api = PrivateAPI(settings)
         app.state.key_resolver = KeyResolver(app.state.private_api, settings.key_cache_ttl_s)
         try:
             yield

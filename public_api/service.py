@@ -176,7 +176,7 @@ async def delete_model(api: PrivateAPI, human_readable_id: str) -> ModelPublic:
 async def readiness(api: PrivateAPI) -> tuple[bool, HealthReport]:
     """Ready when the private API answers and says its database and RabbitMQ are reachable."""
     try:
-        response = await api.get_unchecked(PrivateRoutes.HEALTH_READY)
+        response = await api.exchange("GET", PrivateRoutes.HEALTH_READY)
     except UpstreamUnavailableError as exc:
         report = HealthReport(status="unavailable", checks={"private_api": str(exc.detail)})
         return False, report

@@ -18,6 +18,7 @@ from inference_server.contract import (
     TaskStatus,
 )
 from private_api import service
+from private_api.db import SessionFactoryDep, in_session
 from private_api.deps import (
     ActorDep,
     BlobsDep,
@@ -28,7 +29,7 @@ from private_api.deps import (
     require_service_token,
 )
 from private_api.exceptions import NotFound
-from private_api.responses import blob_response
+from private_api.responses import blob_response, json_response
 from private_api.uploads import zip_request_body, zip_upload
 
 router = APIRouter(tags=["tasks"], dependencies=[Depends(require_service_token)])
@@ -87,8 +88,10 @@ def list_tasks(
 
 
 @router.get(PrivateRoutes.TASK, response_model=TaskPublic)
-def get_task(uid: str, session: SessionDep, actor: ActorDep) -> TaskPublic:
-    return service.get_task(session=session, uid=uid, actor=actor)
+async def get_task(uid: str, sessions: SessionFactoryDep, actor: ActorDep) -> Response:
+    # Every status poll lands here: one thread-pool hop, one serialization.
+    task = await run_in_threadpool(in_session, sessions, service.get_task, uid=uid, actor=actor)
+    return json_response(task)
 
 
 @router.get(PrivateRoutes.TASK_INPUT, response_class=StreamingResponse)
