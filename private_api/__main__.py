@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-import uvicorn
 from pydantic import ValidationError
 
+from inference_server.serving import serve
 from inference_server.settings import describe_settings_errors
 from private_api.config import PrivateSettings
 from private_api.db import upgrade_database
@@ -32,14 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     upgrade_database(settings.database_url)
-    uvicorn.run(
-        create_app(settings),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        # One log line per poll costs more CPU than answering the poll; errors are still logged.
-        access_log=False,
-    )
+    serve(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

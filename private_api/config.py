@@ -20,6 +20,8 @@ class PrivateSettings(BaseSettings):
     # on up to 40 threads: with fewer kept, a polling burst opens and closes a connection per
     # request (profiled: a quarter of the private API's CPU).
     db_pool_size: int = Field(default=20, ge=1, le=500)
+    # Threads for the quick queries of status polls (db.QuickQueries); few on purpose.
+    db_quick_threads: int = Field(default=2, ge=1, le=64)
     data_dir: Path = Path("./data")
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     queue_name: str = Field(default="inference_tasks", min_length=1, max_length=255)

@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import anyio
+import anyio.to_thread
 from alembic import command
 from alembic.config import Config
 from fastapi import Depends, Request
@@ -109,20 +111,33 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-async def get_session_factory(request: Request) -> sessionmaker[Session]:
-    return request.app.state.session_factory
+class QuickQueries:
+    """Short database work, each call in a session of its own, on a few threads reserved for it.
+
+    For the hottest routes (status polls). One thread-pool hop per call, where SessionDep and a
+    `def` route cost three; and few threads, because each one runnable competes with the event
+    loop for the GIL: with the shared pool of 40, 200 polling clients saw a p99 of 70-110 ms,
+    with 2 threads 34 ms, and twice the requests per second at saturation.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], threads: int) -> None:
+        self._sessions = sessions
+        self._limiter = anyio.CapacityLimiter(threads)
+
+    def _in_session(self, work: Callable[..., T], kwargs: dict[str, Any]) -> T:
+        with self._sessions() as session:
+            return work(session=session, **kwargs)
+
+    async def run(self, work: Callable[..., T], /, **kwargs: Any) -> T:
+        """`work(session=..., **kwargs)` in a new session, on one of the reserved threads."""
+        return await anyio.to_thread.run_sync(self._in_session, work, kwargs, limiter=self._limiter)
 
 
-SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
+async def _quick_queries(request: Request) -> QuickQueries:
+    return request.app.state.quick_queries
 
 
-def in_session(sessions: sessionmaker[Session], work: Callable[..., T], /, **kwargs: Any) -> T:
-    """`work(session=..., **kwargs)` in a session of its own, opened and closed in this thread.
-
-    For the hottest routes: run through run_in_threadpool, the whole database part of a request
-    costs one thread-pool hop, where SessionDep and a `def` route cost three."""
-    with sessions() as session:
-        return work(session=session, **kwargs)
+QuickQueriesDep = Annotated[QuickQueries, Depends(_quick_queries)]
 
 
 def schema_revision_problem(engine: Engine) -> str | None:

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from private_api.blobs import BlobStore
 from private_api.config import PrivateSettings
-from private_api.db import make_engine, make_session_factory, schema_revision_problem
+from private_api.db import QuickQueries, make_engine, make_session_factory, schema_revision_problem
 from private_api.errors import install_error_handlers
 from private_api.maintenance import MaintenanceLoop
 from private_api.metrics import Metrics
@@ -65,6 +65,7 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = session_factory
+    app.state.quick_queries = QuickQueries(session_factory, settings.db_quick_threads)
     app.state.blobs = blobs
     app.state.publisher = publisher
     app.state.maintenance = maintenance

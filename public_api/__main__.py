@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import uvicorn
 from pydantic import ValidationError
 
+from inference_server.serving import serve
 from inference_server.settings import describe_settings_errors
 from public_api.config import PublicSettings
 from public_api.main import create_app
@@ -24,14 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"public_api: refusing to start: {describe_settings_errors(exc)}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        create_app(settings),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        # One log line per poll costs more CPU than answering the poll; errors are still logged.
-        access_log=False,
-    )
+    serve(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

@@ -18,7 +18,7 @@ from inference_server.contract import (
     TaskStatus,
 )
 from private_api import service
-from private_api.db import SessionFactoryDep, in_session
+from private_api.db import QuickQueriesDep
 from private_api.deps import (
     ActorDep,
     BlobsDep,
@@ -88,10 +88,9 @@ def list_tasks(
 
 
 @router.get(PrivateRoutes.TASK, response_model=TaskPublic)
-async def get_task(uid: str, sessions: SessionFactoryDep, actor: ActorDep) -> Response:
-    # Every status poll lands here: one thread-pool hop, one serialization.
-    task = await run_in_threadpool(in_session, sessions, service.get_task, uid=uid, actor=actor)
-    return json_response(task)
+async def get_task(uid: str, queries: QuickQueriesDep, actor: ActorDep) -> Response:
+    # Every status poll lands here: one thread hop, one serialization.
+    return json_response(await queries.run(service.get_task, uid=uid, actor=actor))
 
 
 @router.get(PrivateRoutes.TASK_INPUT, response_class=StreamingResponse)

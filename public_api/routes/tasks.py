@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from inference_server.contract import (
     HUMAN_READABLE_ID_PATTERN,
@@ -114,8 +114,8 @@ async def delete_task(uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep) -
     response_model=TaskPublic,
     responses={404: error("No such task, or it was deleted.")},
 )
-async def task_status(uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep) -> TaskPublic:
-    return await service.get_task(api, uid, caller=caller)
+async def task_status(uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep) -> Response:
+    return Response(await service.task_status_json(api, uid, caller=caller), media_type="application/json")
 
 
 @router.get(
