@@ -560,6 +560,16 @@ def platform_cpu_s(bench_platform: BenchPlatform) -> dict[str, float]:
     return usage
 
 
+def machine_busy_cpu_s() -> float | None:
+    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_pressure_total_us() -> int | None:
     """The kernel's cumulative time (us) some runnable task waited for a CPU (PSI), if available."""
     try:

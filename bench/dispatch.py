@@ -22,6 +22,8 @@ from bench.common import (
     BenchContext,
     BenchPlatform,
     RawRunner,
+    machine_busy_cpu_s,
+    platform_cpu_s,
     submit_small,
     summary,
     try_download_v12,
@@ -35,6 +37,10 @@ log = logging.getLogger("bench.dispatch")
 # (on average half of it), long enough not to load a 2-core machine.
 POLL_INTERVAL_S = 0.025
 THROUGHPUT_LEVELS = (1, 2, 4)
+# A batch client waits for many tasks: it polls the oldest unfinished one, less often than a
+# client waiting for one answer (InferenceClient.wait polls every 2 s). On 2 cores every poll
+# takes CPU from the containers; 200 ms adds at most that much to a batch of 60 tasks.
+BATCH_POLL_INTERVAL_S = 0.2
 
 
 def _seconds_since(moment: datetime | None, origin_wall: float) -> float | None:
@@ -179,7 +185,7 @@ def _platform_batch(client: httpx.Client, input_zip: Path, tasks: int, out_dir: 
     for uid in uids:
         out = out_dir / f"{uid}.zip"
         while not try_download_v12(client, uid, out):
-            time.sleep(POLL_INTERVAL_S * 2)
+            time.sleep(BATCH_POLL_INTERVAL_S)
         out.unlink()
     return time.perf_counter() - started
 
@@ -205,16 +211,37 @@ def run_throughput(ctx: BenchContext, tasks: int, reps: int) -> dict[str, Any]:
                     raw_tps: list[float] = []
                     platform_tps: list[float] = []
                     ratios: list[float] = []
+                    # Machine-wide busy CPU per task (every process, Docker's included) and the
+                    # platform's own services' share: at 2+ parallel tasks this 2-core machine is
+                    # CPU-bound, so what the platform adds per task is what it loses in throughput.
+                    cpu_ms_per_task: dict[str, list[float]] = {"raw": [], "platform": []}
+                    services_ms_per_task: list[float] = []
                     for rep in range(reps):
                         # ABBA order across repetitions.
                         order = ("raw", "platform") if rep % 2 == 0 else ("platform", "raw")
                         measured: dict[str, float] = {}
                         for side in order:
+                            busy_before = machine_busy_cpu_s()
+                            services_before = platform_cpu_s(bench_platform)
                             if side == "raw":
                                 measured[side] = tasks / _raw_batch(raw, input_zip, tasks, level)
                             else:
                                 wall = _platform_batch(client, input_zip, tasks, phase_dir / "out")
                                 measured[side] = tasks / wall
+                            busy_after = machine_busy_cpu_s()
+                            if busy_before is not None and busy_after is not None:
+                                cpu_ms_per_task[side].append((busy_after - busy_before) / tasks * 1000)
+                            if side == "platform":
+                                services_after = platform_cpu_s(bench_platform)
+                                services_ms_per_task.append(
+                                    sum(
+                                        services_after[name] - services_before[name]
+                                        for name in services_after
+                                        if name in services_before
+                                    )
+                                    / tasks
+                                    * 1000
+                                )
                         raw_tps.append(measured["raw"])
                         platform_tps.append(measured["platform"])
                         ratios.append(measured["platform"] / measured["raw"])
@@ -232,6 +259,13 @@ def run_throughput(ctx: BenchContext, tasks: int, reps: int) -> dict[str, Any]:
                         "platform_tasks_per_s": statistics.median(platform_tps),
                         "ratio": statistics.median(ratios),
                         "ratios_each_rep": ratios,
+                        "machine_cpu_ms_per_task": {
+                            side: statistics.median(values) if values else None
+                            for side, values in cpu_ms_per_task.items()
+                        },
+                        "platform_services_cpu_ms_per_task": (
+                            statistics.median(services_ms_per_task) if services_ms_per_task else None
+                        ),
                     }
         finally:
             raw.close()

@@ -8,6 +8,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from bench.dispatch import BATCH_POLL_INTERVAL_S
+
 log = logging.getLogger("bench.report")
 
 RSS_LIMIT_MB = 200.0
@@ -168,6 +170,17 @@ def markdown(results: dict[str, Any]) -> str:
             )
         label = f"Throughput, {level} consumer(s): platform / raw"
         rows.append((label, value, ">= 0.9", _met(g.get(f"throughput_ratio_{level}"))))
+        cpu = (data or {}).get("machine_cpu_ms_per_task") or {}
+        if cpu.get("raw") is not None and cpu.get("platform") is not None:
+            rows.append(
+                (
+                    f"Throughput, {level} consumer(s): machine CPU per task, platform vs raw (ms)",
+                    f"{_fmt(cpu['platform'], 0)} vs {_fmt(cpu['raw'], 0)} "
+                    f"(platform services: {_fmt(data.get('platform_services_cpu_ms_per_task'), 0)})",
+                    "",
+                    "",
+                )
+            )
     big = d.get("bigfiles") or {}
     size = ""
     if big:
@@ -290,7 +303,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"  {key.replace('_', ' ')}: {shown};")
     lines += [
         "- **Throughput:** N tasks submitted at once, then the oldest unfinished one polled every",
-        f"  {_fmt(disp.get('poll_interval_s', 0.025) * 2000, 0)} ms; tasks/s = N / (first submit -> "
+        f"  {_fmt(BATCH_POLL_INTERVAL_S * 1000, 0)} ms; tasks/s = N / (first submit -> "
         "last output"
         " on disk). Raw: N jobs on a thread pool of the same size.",
         "- **Big files:** random bytes in a ZIP_STORED zip made on disk. Upload = `InferenceClient.submit`",

@@ -56,7 +56,7 @@ class Plan:
     queue_budget_s: float | None  # None: what is left of FULL_TARGET_S
 
 
-FULL = Plan(30, 60, 1, 1024 * MIB, 3, 30.0, 5000, None)
+FULL = Plan(30, 60, 3, 1024 * MIB, 3, 30.0, 5000, None)
 QUICK = Plan(5, 8, 1, 64 * MIB, 1, 5.0, 200, 45.0)
 
 
