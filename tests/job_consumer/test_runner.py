@@ -297,3 +297,23 @@ def test_container_options_mount_identical_absolute_host_paths(docker_client, se
     assert opts["pids_limit"] == 50
     # 64 CPUs asked for, but never more than the engine has.
     assert opts["nano_cpus"] == int(min(64, docker_client.info()["NCPU"]) * 1e9)
+
+
+@pytest.mark.docker
+def test_background_removal_answers_first_and_close_waits_for_the_removal(
+    docker_client, settings, dirs, test_images
+):
+    runner = ModelRunner(docker_client, settings, remove_in_background=True)
+    task_uid = uid()
+    try:
+        result = run_script(runner, dirs, "echo done > /output/out.txt\n", task_uid=task_uid)
+        assert result.succeeded, result.logs
+        assert (dirs.output / "out.txt").read_text() == "done\n"
+    finally:
+        runner.close()
+    # close() returns only once every container handed over for removal is gone.
+    assert task_containers(docker_client, task_uid) == []
+    # After close, removal happens in the caller's thread: still nothing is left behind.
+    after_uid = uid()
+    assert run_script(runner, dirs, "true\n", task_uid=after_uid).succeeded
+    assert task_containers(docker_client, after_uid) == []
