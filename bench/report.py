@@ -371,19 +371,20 @@ def _profiling_notes(results: dict[str, Any]) -> list[str]:
         def ms(key: str) -> str:
             return _fmt((breakdown.get(key) or 0) * 1000, 0)
 
-        own = (breakdown.get("claimed_until_output_stored") or 0) - (
-            breakdown.get("container_inside_consumer") or 0
-        )
+        claimed_to_stored_ms = (breakdown.get("claimed_until_output_stored") or 0) * 1000
+        raw_ms = (results.get("dispatch_raw_ms") or {}).get("median") or 0
         bounds.append(
-            f"- **Dispatch.** The overhead is the sum of: submit {ms('submit_request')} ms (upload, zip "
-            f"check, row, publish with broker confirm), queue to claim {ms('queued_until_claimed')} ms, "
-            f"the consumer's own work around the container {_fmt(own * 1000, 0)} ms (claim, input "
-            "download and unzip, log and output upload: four HTTP calls to the private API), and output "
-            f"stored to downloaded {ms('output_stored_until_downloaded')} ms (half a poll period on "
-            "average, and the download). Each is a few milliseconds of Python on each side of a loopback "
-            "socket, on 2 cores that the container start itself saturates. The ratio is against a "
-            "trivial model that runs in about a third of a second; for a model that runs for seconds "
-            "the same overhead is a few percent."
+            "- **Dispatch.** Where the overhead goes (medians, so the parts add up only roughly): "
+            f"submit {ms('submit_request')} ms (upload, zip check, row, publish with broker confirm); "
+            f"queue to claim {ms('queued_until_claimed')} ms; from claim to output stored the consumer "
+            f"takes {_fmt(claimed_to_stored_ms, 0)} ms where the whole raw run (unzip, `docker run`, zip) "
+            f"takes {_fmt(raw_ms, 0)} ms, so {_fmt(claimed_to_stored_ms - raw_ms, 0)} ms go to its four "
+            "HTTP calls to the private API (claim, input, logs, output); and output stored to "
+            f"downloaded {ms('output_stored_until_downloaded')} ms (half a poll period on average, and "
+            "the download). Each is a few milliseconds of Python on each side of a loopback socket, on 2 "
+            "cores that the container start itself saturates. The ratio is against a trivial model that "
+            "runs in about a third of a second; for a model that runs for seconds the same overhead is a "
+            "few percent."
         )
     levels = (d.get("throughput") or {}).get("levels") or {}
     throughput_missed = sorted(key for key in missed if key.startswith("throughput_ratio_"))
