@@ -146,6 +146,29 @@ def zip_directory(source: Path, archive_path: Path) -> int:
     return count
 
 
+def directory_size(root: Path, stop_above: int | None = None) -> int:
+    """Bytes in the regular files under `root` (links not followed). With `stop_above`, the walk
+    ends as soon as the sum passes it: a model filling its folder is not walked to the end."""
+    total = 0
+    pending = [root]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:
+            continue  # vanished or unreadable meanwhile: what cannot be read cannot be zipped either
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+            if stop_above is not None and total > stop_above:
+                return total
+    return total
+
+
 def copy_stream(source, sink, chunk_size: int = COPY_CHUNK) -> int:
     """Copy a binary file-like object to another in chunks; returns the bytes copied."""
     copied = 0

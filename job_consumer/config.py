@@ -51,6 +51,9 @@ class ConsumerSettings(BaseSettings):
     default_pids: int = Field(default=512, ge=8)
     stop_grace_s: int = Field(default=2, ge=0)
     max_log_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    # What a model may write to /output. Checked every second while it runs, so a runaway model
+    # is stopped before it fills the consumer's disk, and again before the output is zipped.
+    max_output_bytes: int = Field(default=20 * 1024**3, ge=1)
 
     zip_max_total_bytes: int = Field(default=20 * 1024**3, ge=1)
     zip_max_files: int = Field(default=100_000, ge=1)

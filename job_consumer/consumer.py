@@ -26,7 +26,7 @@ import requests
 from pika.adapters.blocking_connection import BlockingChannel
 
 from inference_server.contract import TASK_QUEUE_ARGUMENTS, TASK_UID_RE, TaskClaim, TaskFailure
-from inference_server.zipsafe import UnsafeZipError, remove_tree, zip_directory
+from inference_server.zipsafe import UnsafeZipError, directory_size, remove_tree, zip_directory
 from job_consumer.config import ConsumerSettings
 from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable
 from job_consumer.runner import ModelRunError, ModelRunner, RunResult
@@ -442,6 +442,8 @@ class Consumer:
         if result.cancelled or task.stop_reason in (StopReason.CANCELLED, StopReason.LEASE_LOST):
             self._finish_stopped(task)
             return
+        if result.output_too_large:
+            raise self._output_too_large(result.exit_code)
         if result.timed_out:
             raise _TaskError(
                 f"timeout: the model ran longer than its {result.limits.timeout_s} s limit and was killed",
@@ -461,6 +463,9 @@ class Consumer:
                 retryable=False,
                 exit_code=result.exit_code,
             )
+        limit = self.settings.max_output_bytes
+        if directory_size(workspace.output_dir, stop_above=limit) > limit:
+            raise self._output_too_large()
         files = zip_directory(workspace.output_dir, workspace.output_zip)
         try:
             self._with_retry(task, lambda: self.api.upload_output(task.uid, workspace.output_zip))
@@ -470,6 +475,14 @@ class Consumer:
                 return
             raise _TaskError(f"output refused by the private API: {exc.detail}", retryable=False) from exc
         log.info("task %s: finished, %d output file(s) uploaded", task.uid, files)
+
+    def _output_too_large(self, exit_code: int | None = None) -> _TaskError:
+        return _TaskError(
+            f"output too large: the model wrote more than {self.settings.max_output_bytes} bytes to "
+            "/output (the consumer's IS_MAX_OUTPUT_BYTES) and was stopped",
+            retryable=False,
+            exit_code=exit_code,
+        )
 
     def _model_dir(self, task: ActiveTask, workspace: TaskWorkspace) -> Path:
         model = task.claim.model

@@ -17,6 +17,7 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, LogConfig
 
 from inference_server.contract import ModelPublic
+from inference_server.zipsafe import directory_size
 from job_consumer.config import ConsumerSettings
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,13 @@ class RunResult:
     logs: str
     duration_s: float
     limits: RunLimits
+    output_too_large: bool = False
 
     @property
     def succeeded(self) -> bool:
-        return self.exit_code == 0 and not (self.timed_out or self.oom_killed or self.cancelled)
+        return self.exit_code == 0 and not (
+            self.timed_out or self.oom_killed or self.cancelled or self.output_too_large
+        )
 
 
 def _never() -> bool:
@@ -196,7 +200,9 @@ class ModelRunner:
             except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
                 raise ModelRunError(f"could not start the model container: {exc}", retryable=True) from exc
             log.info("task %s: container %s started (%s)", task_uid, container.short_id, model.container_tag)
-            exit_code, timed_out, cancelled = self._wait(container, limits, started, should_stop)
+            exit_code, timed_out, cancelled, output_too_large = self._wait(
+                container, limits, started, should_stop, output_dir
+            )
             container.reload()
             oom_killed = bool(container.attrs.get("State", {}).get("OOMKilled"))
             logs = container.logs(stdout=True, stderr=True).decode("utf-8", errors="replace")
@@ -213,29 +219,45 @@ class ModelRunner:
             logs=logs,
             duration_s=time.monotonic() - started,
             limits=limits,
+            output_too_large=output_too_large,
         )
 
     def _wait(
-        self, container: Container, limits: RunLimits, started: float, should_stop: Callable[[], bool]
-    ) -> tuple[int | None, bool, bool]:
-        """Wait for the exit, killing it at the deadline or stopping it when asked to."""
+        self,
+        container: Container,
+        limits: RunLimits,
+        started: float,
+        should_stop: Callable[[], bool],
+        output_dir: Path,
+    ) -> tuple[int | None, bool, bool, bool]:
+        """Wait for the exit, killing it at the deadline or when /output grows past the limit,
+        stopping it when asked to. Returns (exit code, timed out, cancelled, output too large)."""
         deadline = started + limits.timeout_s
-        timed_out = cancelled = False
+        max_output = self.settings.max_output_bytes
+        timed_out = cancelled = output_too_large = False
         while True:
             wait_s = max(0.05, min(POLL_S, deadline - time.monotonic()))
             try:
                 status = container.wait(timeout=wait_s)
-                return status.get("StatusCode"), timed_out, cancelled
+                return status.get("StatusCode"), timed_out, cancelled, output_too_large
             except requests.exceptions.RequestException:
                 # docker-py reports the wait's read timeout as a connection error; a reload
                 # tells "still running" (succeeds) from "engine gone" (raises) apart.
                 container.reload()
                 if container.status not in ("created", "running", "restarting", "paused"):
                     continue
-            if timed_out or cancelled:
+            if timed_out or cancelled or output_too_large:
                 continue
             try:
-                if time.monotonic() >= deadline:
+                if directory_size(output_dir, stop_above=max_output) > max_output:
+                    log.warning(
+                        "container %s wrote more than %d bytes to /output; killing it",
+                        container.short_id,
+                        max_output,
+                    )
+                    output_too_large = True
+                    container.kill()
+                elif time.monotonic() >= deadline:
                     log.warning(
                         "container %s ran past its %ss timeout; killing it",
                         container.short_id,

@@ -145,6 +145,25 @@ def test_out_of_memory_fails_the_task_as_out_of_memory(private_api, make_consume
     assert failed.exit_code == 137
 
 
+def test_output_over_the_limit_fails_the_task_and_nothing_is_uploaded(
+    private_api, make_consumer, test_images
+):
+    model_id = hrid("big")
+    script = b"head -c 2097152 /dev/zero > /output/big.bin\n"
+    private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": script}))
+    task = private_api.submit(model_id, {"x.txt": b"x"})
+
+    # Written in one go and exited 0: caught by the check before zipping.
+    assert ConsumerThread(make_consumer(max_tasks=1, max_output_bytes=1024 * 1024)).start().join(60) == 1
+
+    failed = private_api.task(task.uid)
+    assert failed.status == TaskStatus.FAILED
+    assert failed.error.startswith("output too large")
+    assert "1048576 bytes" in failed.error
+    assert failed.attempts == 1
+    assert not failed.output_present
+
+
 def test_missing_image_fails_that_task_and_the_consumer_goes_on(private_api, make_consumer, test_images):
     broken_id, good_id = hrid("broken"), hrid("copy")
     private_api.register_model(broken_id, "inference-server/not-built-anywhere:1")

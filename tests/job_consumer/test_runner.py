@@ -11,6 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from inference_server.zipsafe import directory_size
 from job_consumer.runner import LABEL_CONSUMER, LABEL_MANAGED, LABEL_TASK, ModelRunError, ModelRunner
 from tests import images
 from tests.job_consumer.helpers import make_model
@@ -317,3 +318,32 @@ def test_background_removal_answers_first_and_close_waits_for_the_removal(
     after_uid = uid()
     assert run_script(runner, dirs, "true\n", task_uid=after_uid).succeeded
     assert task_containers(docker_client, after_uid) == []
+
+
+@pytest.mark.docker
+def test_a_model_filling_output_past_the_limit_is_killed(docker_client, make_settings, dirs, test_images):
+    runner = ModelRunner(docker_client, make_settings(max_output_bytes=3 * 1024 * 1024))
+    task_uid = uid()
+    # About 10 MB/s, without end: only the output limit stops it (the timeout is 60 s).
+    script = "while true; do head -c 1048576 /dev/zero >> /output/big.bin; sleep 0.1; done\n"
+    result = run_script(runner, dirs, script, task_uid=task_uid)
+
+    assert result.output_too_large
+    assert not result.timed_out
+    assert not result.succeeded
+    assert result.exit_code == 137
+    # Stopped at the first check past the limit: far below what an unchecked minute would write.
+    assert (dirs.output / "big.bin").stat().st_size < 40 * 1024 * 1024
+    assert task_containers(docker_client, task_uid) == []
+
+
+def test_directory_size_counts_files_not_links_and_stops_early(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "one.bin").write_bytes(b"x" * 1000)
+    (tmp_path / "two.bin").write_bytes(b"y" * 500)
+    (tmp_path / "link").symlink_to(tmp_path / "two.bin")
+    (tmp_path / "dirlink").symlink_to(tmp_path / "a")
+
+    assert directory_size(tmp_path) == 1500
+    # Past the bound after the first file it meets, whichever that is: the walk ends there.
+    assert directory_size(tmp_path, stop_above=100) in (500, 1000)
