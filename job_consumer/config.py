@@ -54,6 +54,9 @@ class ConsumerSettings(BaseSettings):
     # What a model may write to /output. Checked every second while it runs, so a runaway model
     # is stopped before it fills the consumer's disk, and again before the output is zipped.
     max_output_bytes: int = Field(default=20 * 1024**3, ge=1)
+    # Unpacked models no task on this host used for this long are removed (0: kept for ever).
+    # Far above any task's run time: a model in use is mounted into a running container.
+    model_cache_max_idle_days: float = Field(default=7.0, ge=0)
 
     zip_max_total_bytes: int = Field(default=20 * 1024**3, ge=1)
     zip_max_files: int = Field(default=100_000, ge=1)

@@ -610,6 +610,14 @@ class Consumer:
             self.models.remove_own_temp_dirs()
         except OSError as exc:
             log.warning("could not remove stale model temp dirs: %s", exc)
+        idle_days = self.settings.model_cache_max_idle_days
+        if idle_days > 0:
+            try:
+                pruned = self.models.prune(idle_days * 86400)
+                if pruned:
+                    log.info("removed %d unpacked model(s) unused for %g days", pruned, idle_days)
+            except OSError as exc:
+                log.warning("could not prune the model cache: %s", exc)
 
 
 def _tail(logs: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -114,6 +115,7 @@ class ModelCache:
             raise ValueError(f"model zip sha256 {sha256!r} is not a hex sha256 digest")
         final = self.path_for(sha256)
         if final.is_dir():
+            self._mark_used(final)
             return final
         self.root.mkdir(parents=True, exist_ok=True)
         temp = self.root / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
@@ -135,7 +137,40 @@ class ModelCache:
                     raise
         finally:
             remove_tree(temp)
+        self._mark_used(final)
         return final
+
+    @staticmethod
+    def _mark_used(folder: Path) -> None:
+        # The folder's mtime is its last use; prune() goes by it.
+        with contextlib.suppress(OSError):
+            os.utime(folder)
+
+    def prune(self, unused_for_s: float) -> int:
+        """Remove unpacked models no task on this host has used for `unused_for_s` seconds.
+
+        Consumers share the cache, and a model in use is bind-mounted into a running container,
+        so nothing is removed by size: only by age, with the age far above any task's run time.
+        """
+        if not self.root.is_dir():
+            return 0
+        cutoff = time.time() - unused_for_s
+        removed = 0
+        for entry in self.root.iterdir():
+            if not _is_sha256(entry.name):
+                continue
+            try:
+                if entry.stat().st_mtime > cutoff:
+                    continue
+                # Renamed away first: a consumer looking the model up from now on unpacks it anew.
+                doomed = self.root / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+                os.rename(entry, doomed)
+            except OSError:
+                continue
+            (doomed / OWNER_FILE).write_text(self.consumer_id)
+            remove_tree(doomed)
+            removed += 1
+        return removed
 
     def unpack_uncached(self, zip_path: Path, dest: Path) -> Path:
         """For a model zip without a known digest: unpack it for one task only."""

@@ -7,6 +7,7 @@ import io
 import os
 import stat
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -169,3 +170,28 @@ def test_only_own_stale_temp_dirs_are_removed(tmp_path):
         (folder / OWNER_FILE).write_text(owner)
     assert cache.remove_own_temp_dirs() == 1
     assert sorted(p.name for p in (tmp_path / MODELS_DIR).iterdir()) == [f"{TEMP_PREFIX}theirs"]
+
+
+def test_prune_removes_only_models_unused_for_longer_than_the_limit(tmp_path):
+    cache = ModelCache(tmp_path, "consumer-a", ZipLimits())
+    old_data, fresh_data = zip_bytes({"w.json": b"old"}), zip_bytes({"w.json": b"fresh"})
+    old_sha, fresh_sha = hashlib.sha256(old_data).hexdigest(), hashlib.sha256(fresh_data).hexdigest()
+    old_dir = cache.get(old_sha, ZipServer(old_data).fetch)
+    fresh_dir = cache.get(fresh_sha, ZipServer(fresh_data).fetch)
+    ten_days_ago = time.time() - 10 * 86400
+    os.utime(old_dir, (ten_days_ago, ten_days_ago))
+    os.utime(fresh_dir, (ten_days_ago, ten_days_ago))
+    # Using a model marks it as used now, whatever its age.
+    server = ZipServer(fresh_data)
+    assert cache.get(fresh_sha, server.fetch) == fresh_dir
+    assert server.calls == 0
+
+    assert cache.prune(unused_for_s=7 * 86400) == 1
+
+    assert not old_dir.exists()
+    assert (fresh_dir / "w.json").read_bytes() == b"fresh"
+    assert sorted(p.name for p in (tmp_path / MODELS_DIR).iterdir()) == [fresh_sha]
+    # A pruned model is unpacked again on its next use.
+    again = ZipServer(old_data)
+    assert (cache.get(old_sha, again.fetch) / "w.json").read_bytes() == b"old"
+    assert again.calls == 1
