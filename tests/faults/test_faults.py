@@ -116,6 +116,36 @@ def test_rabbitmq_restart_during_a_burst_loses_nothing(platform_factory, private
     print(f"RabbitMQ restart: {len(expected)} tasks in, {len(states)} finished once each")
 
 
+def test_rabbitmq_lost_while_a_task_runs_the_task_finishes_and_the_consumer_comes_back(
+    platform_factory, private_broker, test_images
+):
+    platform = platform_factory(
+        consumers=1,
+        IS_RABBITMQ_URL=private_broker.url,
+        IS_OUTBOX_INTERVAL_S="0.5",
+        IS_RECONNECT_BACKOFF_MAX_S="2",
+    )
+    register_script_model(platform, "slow-copy", SLOW_COPY.format(seconds=4))
+    first = submit(platform, "slow-copy", {"payload.txt": b"first"})
+    wait_until(lambda: status(platform, first)["status"] == "running", 60, "the first task to run")
+
+    # The broker drops every connection while the container runs. The task was acked when it
+    # was claimed, so it does not need the broker any more: it must finish, and only once.
+    private_broker.stop_app()
+    second = submit(platform, "slow-copy", {"payload.txt": b"second"})  # kept by the outbox
+    done = wait_until(lambda: all_terminal(platform, [first]), 60, "the first task to end, broker down")
+    assert done[first]["status"] == "finished", done
+    assert done[first]["attempts"] == 1
+    assert status(platform, second)["status"] == "pending"
+
+    # Back: the outbox publishes the second task and the consumer, reconnected, runs it.
+    private_broker.start_app()
+    states = wait_until(lambda: all_terminal(platform, [first, second]), 120, "the second task to end")
+    assert {s["status"] for s in states.values()} == {"finished"}, states
+    assert [states[uid]["attempts"] for uid in (first, second)] == [1, 1]
+    assert_each_finished_once_with_its_output(platform, {first: b"first", second: b"second"})
+
+
 def test_private_api_restart_during_a_run(platform_factory, test_images):
     platform = platform_factory(consumers=1)
     register_script_model(platform, "slow-copy", SLOW_COPY.format(seconds=3))
