@@ -85,11 +85,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _write_report(results: dict[str, Any], plot_path: Path, md_path: Path) -> None:
+    """The plot (its kind recorded in results["plot"]) and BENCHMARKS.md from the figures."""
+    try:
+        results["plot"] = plot(results, plot_path)
+    except Exception:
+        log.error("plot failed:\n%s", traceback.format_exc())
+        results["plot"] = None
+    md_path.write_text(markdown(results))
+
+
 def _render(results_path: Path, plot_path: Path, md_path: Path) -> int:
     """The report again from stored figures, e.g. after the report's wording changed."""
-    results = json.loads(results_path.read_text())
-    results["plot"] = plot(results, plot_path)
-    md_path.write_text(markdown(results))
+    _write_report(json.loads(results_path.read_text()), plot_path, md_path)
     log.info("wrote %s and %s from %s", md_path, plot_path, results_path)
     return 0
 
@@ -146,15 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     errors: dict[str, str] = {}
     durations: dict[str, float] = {}
 
-    def queue_budget() -> float:
-        return args.queue_budget_s if args.queue_budget_s is not None else plan.queue_budget_s
-
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "dispatch": lambda: run_dispatch(ctx, plan.dispatch_reps, args.poll_ms / 1000),
         "throughput": lambda: run_throughput(ctx, plan.throughput_tasks, plan.throughput_reps),
         "bigfiles": lambda: run_bigfiles(ctx, plan.big_bytes, plan.big_reps),
         "polling": lambda: run_polling(ctx, plan.poll_s),
-        "queue": lambda: run_queue_depth(ctx, plan.queue_tasks, queue_budget()),
+        "queue": lambda: run_queue_depth(
+            ctx,
+            plan.queue_tasks,
+            args.queue_budget_s if args.queue_budget_s is not None else plan.queue_budget_s,
+        ),
     }
     try:
         build_passthrough_image(ctx)
@@ -192,13 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "details": details,
     }
     results = rounded(results)
-    try:
-        results["plot"] = plot(results, plot_path)
-    except Exception:
-        log.error("plot failed:\n%s", traceback.format_exc())
-        results["plot"] = None
+    _write_report(results, plot_path, md_path)
     results_path.write_text(json.dumps(results, indent=2) + "\n")
-    md_path.write_text(markdown(results))
     log.info("wrote %s, %s, %s in %.1f min", results_path, md_path, plot_path, results["runtime_s"] / 60)
     for name, goal in results["goals"].items():
         log.info(

@@ -23,7 +23,7 @@ from inference_server.contract import (
 )
 from public_api.errors import PublicAPIError, UpstreamHTTPError, UpstreamUnavailableError, V12Error
 from public_api.relay import UploadBody
-from public_api.upstream import PrivateAPI, upstream_error
+from public_api.upstream import PrivateAPI, checked
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
 _MODEL_LIST = TypeAdapter(list[ModelPublic])
@@ -96,10 +96,9 @@ async def get_task(api: PrivateAPI, uid: str, *, caller: Principal | None) -> Ta
 async def task_status_json(api: PrivateAPI, uid: str, *, caller: Principal | None) -> bytes:
     """The private API's TaskPublic JSON as it came: status polls are the hottest route, and
     parsing, validating and serializing it again here would change nothing in it."""
-    reply = await api.exchange("GET", PrivateRoutes.TASK.format(uid=uid), headers=acting_headers(caller))
-    if reply.is_error:
-        raise upstream_error(reply)
-    return reply.body
+    return checked(
+        await api.exchange("GET", PrivateRoutes.TASK.format(uid=uid), headers=acting_headers(caller))
+    ).body
 
 
 async def _task_or_554(api: PrivateAPI, uid: str, caller: Principal | None) -> TaskPublic:

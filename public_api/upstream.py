@@ -73,6 +73,13 @@ def upstream_error(reply: Reply) -> UpstreamHTTPError:
     return UpstreamHTTPError(status, detail)
 
 
+def checked(reply: Reply) -> Reply:
+    """The reply itself when it is a 2xx; otherwise the error to answer with is raised."""
+    if reply.is_error:
+        raise upstream_error(reply)
+    return reply
+
+
 def _json_of(reply: Reply) -> Any:
     try:
         return reply.json()
@@ -180,10 +187,7 @@ class PrivateAPI:
         headers: Mapping[str, str] | None = None,
     ) -> Any:
         """A small request whose JSON answer is returned; any non-2xx raises."""
-        reply = await self.exchange(method, path, params=params, json=json, headers=headers)
-        if reply.is_error:
-            raise upstream_error(reply)
-        return _json_of(reply)
+        return _json_of(checked(await self.exchange(method, path, params=params, json=json, headers=headers)))
 
     # --- streamed bodies ---------------------------------------------------------------------
 
@@ -233,7 +237,4 @@ class PrivateAPI:
         request = self._streams.build_request(
             "POST", path, params=params, content=body, headers=headers, timeout=self._upload_timeout
         )
-        reply = await self._whole(await self._send_stream(request, stream=True))
-        if reply.is_error:
-            raise upstream_error(reply)
-        return _json_of(reply)
+        return _json_of(checked(await self._whole(await self._send_stream(request, stream=True))))
