@@ -109,8 +109,19 @@ class ModelLimits(BaseModel):
     memory_mb: int | None = Field(default=None, ge=16, le=4 * 1024 * 1024)
     cpus: float | None = Field(default=None, gt=0, le=1024)
     pids: int | None = Field(default=None, ge=8, le=1_000_000)
+    # Size of the tmpfs mounted at /tmp, the only writable place besides /output while the
+    # root filesystem is read-only; it counts against the memory limit.
+    tmp_mb: int | None = Field(default=None, ge=1, le=1024 * 1024)
     allow_network: bool = False
     run_as_root: bool = False
+    # Off by default: a model that can write its own root filesystem can fill the host's disk
+    # outside every limit. An operator turns it on for images that write next to their code.
+    writable_rootfs: bool = False
+
+
+# The switches an operator sets on purpose to loosen a model's isolation.
+MODEL_SWITCHES = ("allow_network", "run_as_root", "writable_rootfs")
+MODEL_NUMERIC_LIMITS = ("timeout_s", "memory_mb", "cpus", "pids", "tmp_mb")
 
 
 class ModelUpdate(ModelLimits):
@@ -129,9 +140,9 @@ class ModelUpdate(ModelLimits):
         if not isinstance(data, dict):
             return data
         for name, value in data.items():
-            if name in ("allow_network", "run_as_root") and not isinstance(value, bool):
+            if name in MODEL_SWITCHES and not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false")
-            if name in ("timeout_s", "memory_mb", "cpus", "pids") and isinstance(value, str | bool):
+            if name in MODEL_NUMERIC_LIMITS and isinstance(value, str | bool):
                 raise ValueError(f"{name} must be a number or null")
         return data
 
@@ -150,8 +161,10 @@ class ModelPublic(BaseModel):
     memory_mb: int | None = None
     cpus: float | None = None
     pids: int | None = None
+    tmp_mb: int | None = None
     allow_network: bool = False
     run_as_root: bool = False
+    writable_rootfs: bool = False
     created_at: datetime
 
 

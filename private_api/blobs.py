@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 TEMP_DIR_NAME = ".incoming"
 KEY_KINDS = frozenset({"inputs", "outputs", "logs", "models"})
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
 
 
 class BlobTooLarge(TooLarge):
@@ -46,7 +48,9 @@ class BlobWriter:
         self._final_path = final_path
         self._max_bytes = max_bytes
         self._digest = hashlib.sha256()
-        self._file: BinaryIO | None = open(temp_path, "xb")  # noqa: SIM115 - closed in commit/abort
+        # 0600 whatever the umask: these are patients' files; only this service reads them.
+        descriptor = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+        self._file: BinaryIO | None = os.fdopen(descriptor, "wb")
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._file is None:
@@ -67,7 +71,7 @@ class BlobWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
-            self._final_path.parent.mkdir(parents=True, exist_ok=True)
+            self._final_path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
             os.replace(self._temp_path, self._final_path)
         except BaseException:
             self.abort()
@@ -86,7 +90,11 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self._temp_dir = self.root / TEMP_DIR_NAME
-        self._temp_dir.mkdir(parents=True, exist_ok=True)
+        self._temp_dir.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        # Folders made by earlier versions kept the umask's mode; tighten them too.
+        for folder in (self.root, self._temp_dir, *(self.root / kind for kind in KEY_KINDS)):
+            if folder.is_dir():
+                os.chmod(folder, PRIVATE_DIR_MODE)
 
     def path(self, key: str) -> Path:
         """The file for a key; refuses keys that could point outside the store."""

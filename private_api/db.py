@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -33,6 +34,14 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _create_private_file(path: Path) -> None:
+    """The database file, 0600 from its first byte on; SQLite gives its journal and WAL files
+    the mode of the database file, so they are private too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
+
+
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     """An engine for `sqlite:///PATH` or `postgresql[+psycopg]://...` (psycopg 3 either way);
     `pool_size` connections stay open, as many again may open for a burst."""
@@ -40,7 +49,7 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _create_private_file(Path(parsed.database))
         engine = create_engine(
             parsed,
             # Sessions hop between the event loop's worker threads; SQLite's own locks guard the file.

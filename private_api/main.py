@@ -39,6 +39,7 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
         blobs=blobs,
         retention=timedelta(days=settings.retention_days) if settings.retention_days else None,
         retention_interval_s=settings.retention_interval_s,
+        lease_grace_s=settings.lease_seconds,
     )
 
     @asynccontextmanager

@@ -3,6 +3,11 @@
 One daemon thread, stopped through an Event by the app's lifespan. It also keeps the
 publisher's idle RabbitMQ connection alive (pika's BlockingConnection only answers broker
 heartbeats when someone calls into it).
+
+Leases are only as good as the private API's view of time: while this process or its database
+was away, no consumer could renew a lease, so every lease looks expired when it comes back.
+The reaper therefore waits one grace period (a full lease) after start-up and after each
+database outage before it takes a task from anyone, and consumers renew meanwhile.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from private_api import service
@@ -38,6 +45,7 @@ class MaintenanceLoop:
         blobs: BlobStore | None = None,
         retention: timedelta | None = None,
         retention_interval_s: float = 600.0,
+        lease_grace_s: float = 0.0,
     ) -> None:
         self._session_factory = session_factory
         self._publisher = publisher
@@ -48,12 +56,16 @@ class MaintenanceLoop:
         self._blobs = blobs
         self._retention = retention
         self._retention_interval_s = retention_interval_s
+        self._lease_grace_s = lease_grace_s
+        self._reap_after = 0.0  # start() begins the first grace period
+        self._database_was_down = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("maintenance loop already started")
+        self._start_grace("start-up")
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="private-api-maintenance", daemon=True)
         self._thread.start()
@@ -66,11 +78,36 @@ class MaintenanceLoop:
                 log.error("maintenance thread did not stop within %.0fs", timeout_s)
             self._thread = None
 
-    def reap_once(self) -> int:
-        with self._session_factory() as session:
-            return service.reap_expired_leases(
-                session=session, publisher=self._publisher, max_attempts=self._max_attempts
+    @property
+    def leases_enforced(self) -> bool:
+        """False during the grace period: an expired lease may still be renewed by its holder and
+        is neither reaped nor taken over by another consumer's claim."""
+        return time.monotonic() >= self._reap_after and not self._database_was_down
+
+    def _start_grace(self, why: str) -> None:
+        self._reap_after = time.monotonic() + self._lease_grace_s
+        if self._lease_grace_s > 0:
+            log.info(
+                "leases not enforced for %.0f s after %s: consumers renew first", self._lease_grace_s, why
             )
+
+    def reap_once(self) -> int:
+        try:
+            with self._session_factory() as session:
+                if self._database_was_down:
+                    # The first round that reaches the database again only starts the grace.
+                    session.execute(select(1))
+                    self._database_was_down = False
+                    self._start_grace("a database outage")
+                    return 0
+                if not self.leases_enforced:
+                    return 0
+                return service.reap_expired_leases(
+                    session=session, publisher=self._publisher, max_attempts=self._max_attempts
+                )
+        except SQLAlchemyError:
+            self._database_was_down = True
+            raise
 
     def publish_once(self) -> int:
         with self._session_factory() as session:

@@ -103,8 +103,10 @@ class Model(Base):
     memory_mb: Mapped[int | None]
     cpus: Mapped[float | None] = mapped_column(Float)
     pids: Mapped[int | None]
+    tmp_mb: Mapped[int | None]
     allow_network: Mapped[bool]
     run_as_root: Mapped[bool]
+    writable_rootfs: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 

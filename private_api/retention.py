@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from inference_server.contract import TaskStatus
@@ -20,15 +20,21 @@ from private_api.models import Task, utcnow
 log = logging.getLogger(__name__)
 
 BATCH = 500
+EXPIRABLE = (TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.CANCELLED)
 
 
 def expire_old_tasks(*, session: Session, blobs: BlobStore, max_age: timedelta) -> int:
-    """Remove the files of terminal tasks that ended more than `max_age` ago; returns how many."""
+    """Remove the files of terminal tasks that ended more than `max_age` ago; returns how many.
+
+    Each row changes by a conditional update, like every other state change: a task deleted or
+    changed meanwhile (by its owner, say) no longer matches, keeps what that change left, and its
+    files are not touched here.
+    """
     cutoff = utcnow() - max_age
-    tasks = session.scalars(
-        select(Task)
+    rows = session.execute(
+        select(Task.id, Task.status, Task.input_blob_key, Task.output_blob_key, Task.log_blob_key)
         .where(
-            Task.status.in_([TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.CANCELLED]),
+            Task.status.in_(EXPIRABLE),
             Task.finished_at < cutoff,
             or_(
                 Task.input_blob_key.is_not(None),
@@ -37,19 +43,35 @@ def expire_old_tasks(*, session: Session, blobs: BlobStore, max_age: timedelta) 
             ),
         )
         .limit(BATCH)
-        .with_for_update(skip_locked=True)
     ).all()
-    doomed: list[str | None] = []
-    for task in tasks:
-        doomed += [task.input_blob_key, task.output_blob_key, task.log_blob_key]
-        task.input_blob_key = task.output_blob_key = task.log_blob_key = None
-        if task.status == TaskStatus.FINISHED:
-            task.status = TaskStatus.EXPIRED
-    # Rows first, files after the commit: a crash in between leaves orphan files, never a row
-    # pointing at a file that is gone.
-    session.commit()
-    for key in doomed:
-        blobs.delete(key)
-    if tasks:
-        log.info("retention: removed the files of %d task(s) that ended before %s", len(tasks), cutoff)
-    return len(tasks)
+    session.rollback()
+    expired = 0
+    for row in rows:
+        # Rows first, files after the commit: a crash in between leaves orphan files, never a
+        # row pointing at a file that is gone.
+        changed = session.execute(
+            update(Task)
+            .where(
+                Task.id == row.id,
+                Task.status == row.status,
+                Task.input_blob_key.is_not_distinct_from(row.input_blob_key),
+                Task.output_blob_key.is_not_distinct_from(row.output_blob_key),
+                Task.log_blob_key.is_not_distinct_from(row.log_blob_key),
+            )
+            .values(
+                input_blob_key=None,
+                output_blob_key=None,
+                log_blob_key=None,
+                status=TaskStatus.EXPIRED if row.status == TaskStatus.FINISHED else row.status,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if changed.rowcount != 1:
+            continue
+        expired += 1
+        for key in (row.input_blob_key, row.output_blob_key, row.log_blob_key):
+            blobs.delete(key)
+    if expired:
+        log.info("retention: removed the files of %d task(s) that ended before %s", expired, cutoff)
+    return expired

@@ -430,23 +430,31 @@ def delete_task(*, session: Session, blobs: BlobStore, uid: str, actor: Actor | 
 
 
 def claim_task(
-    *, session: Session, uid: str, consumer_id: str, lease_seconds: int, max_attempts: int
+    *,
+    session: Session,
+    uid: str,
+    consumer_id: str,
+    lease_seconds: int,
+    max_attempts: int,
+    leases_enforced: bool = True,
 ) -> TaskClaim:
-    """pending -> running for this consumer (or the same claim again, or an expired lease taken over)."""
+    """pending -> running for this consumer (or the same claim again, or an expired lease taken
+    over, unless leases are in their grace period after an outage: see maintenance)."""
     now = utcnow()
     same_holder = and_(Task.status == TaskStatus.RUNNING, Task.consumer_id == consumer_id)
-    won = _update_task(
-        session,
-        Task.uid == uid,
-        or_(
-            Task.status == TaskStatus.PENDING,
-            same_holder,
+    claimable = [Task.status == TaskStatus.PENDING, same_holder]
+    if leases_enforced:
+        claimable.append(
             and_(
                 Task.status == TaskStatus.RUNNING,
                 Task.lease_expires_at < now,
                 Task.attempts < max_attempts,
-            ),
-        ),
+            )
+        )
+    won = _update_task(
+        session,
+        Task.uid == uid,
+        or_(*claimable),
         status=TaskStatus.RUNNING,
         # SET expressions see the row as it was, so `same_holder` means "was already ours".
         attempts=case((same_holder, Task.attempts), else_=Task.attempts + 1),
@@ -459,7 +467,8 @@ def claim_task(
         task = _load_task(session, uid)
         if task is None:
             raise NotFound(f"task {uid} is unknown")
-        if task.status == TaskStatus.RUNNING and task.lease_expires_at and task.lease_expires_at < now:
+        lapsed = task.status == TaskStatus.RUNNING and task.lease_expires_at and task.lease_expires_at < now
+        if lapsed and leases_enforced:
             raise Conflict(f"task {uid} used all {max_attempts} attempts; it will be marked failed")
         raise Conflict(f"task {uid} cannot be claimed: it is {_describe_holder(task)}")
     task = _load_task(session, uid)

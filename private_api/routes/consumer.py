@@ -28,13 +28,16 @@ router = APIRouter(tags=["consumer"], dependencies=[Depends(require_service_toke
 
 
 @router.post(PrivateRoutes.TASK_CLAIM, response_model=TaskClaim)
-def claim_task(uid: str, consumer_id: ConsumerIdDep, session: SessionDep, settings: SettingsDep) -> TaskClaim:
+def claim_task(
+    request: Request, uid: str, consumer_id: ConsumerIdDep, session: SessionDep, settings: SettingsDep
+) -> TaskClaim:
     return service.claim_task(
         session=session,
         uid=uid,
         consumer_id=consumer_id,
         lease_seconds=settings.lease_seconds,
         max_attempts=settings.max_attempts,
+        leases_enforced=request.app.state.maintenance.leases_enforced,
     )
 
 

@@ -75,8 +75,14 @@ async def register_model(
     memory_mb: Annotated[int | None, *_LIMITS["memory_mb"].metadata, Query()] = None,
     cpus: Annotated[float | None, *_LIMITS["cpus"].metadata, Query()] = None,
     pids: Annotated[int | None, *_LIMITS["pids"].metadata, Query()] = None,
+    tmp_mb: Annotated[
+        int | None, *_LIMITS["tmp_mb"].metadata, Query(description="Size of the tmpfs at /tmp, in MB.")
+    ] = None,
     allow_network: bool | None = None,
     run_as_root: bool | None = None,
+    writable_rootfs: Annotated[
+        bool | None, Query(description="Let the model write its root filesystem (read-only by default).")
+    ] = None,
 ) -> ModelPublic:
     params = {
         "container_tag": container_tag,
@@ -88,8 +94,10 @@ async def register_model(
         "memory_mb": memory_mb,
         "cpus": cpus,
         "pids": pids,
+        "tmp_mb": tmp_mb,
         "allow_network": allow_network,
         "run_as_root": run_as_root,
+        "writable_rootfs": writable_rootfs,
     }
     return await service.register_model(
         api, params=params, body=upload_body(request, settings.max_upload_bytes)

@@ -7,12 +7,18 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pika
 import pytest
+from sqlalchemy import update
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import sessionmaker
 
 from inference_server.contract import TaskStatus
 from private_api import service
+from private_api.maintenance import MaintenanceLoop
+from private_api.models import Task, utcnow
 from tests.private_api.helpers import (
     as_consumer,
     claim,
@@ -203,3 +209,75 @@ def test_request_and_outbox_never_both_publish_a_task(client, queue):
     assert queue.get()[0] == uid
     assert queue.count() == 0
     assert task_row(client, uid).published_at is not None
+
+
+def test_leases_that_lapsed_while_the_api_was_down_are_renewed_not_reaped(start_app, make_settings):
+    """After an outage longer than a lease, the reaper first gives consumers one lease to renew."""
+    first = start_app(make_settings())
+    register_model(first)
+    uid = submit_ok(first)["uid"]
+    assert claim(first, uid).status_code == 200
+    # The private API was away for a long while: the lease lapsed ten seconds ago.
+    with first.app.state.session_factory() as session:
+        session.execute(
+            update(Task).where(Task.uid == uid).values(lease_expires_at=utcnow() - timedelta(seconds=10))
+        )
+        session.commit()
+
+    grace_s = 3
+    client = start_app(make_settings(lease_seconds=grace_s, reaper_interval_s=0.1))
+    # Within the grace period another consumer cannot take the task over ...
+    taken = claim(client, uid, consumer="consumer-b")
+    assert taken.status_code == 409, taken.text
+    # ... and its own consumer, heartbeating again, resumes the lease.
+    beat = client.post(f"/tasks/{uid}/heartbeat", headers=as_consumer("consumer-a"))
+    assert beat.status_code == 200 and beat.json()["keep_running"] is True
+    row = task_row(client, uid)
+    assert (row.status, row.consumer_id, row.attempts) == (TaskStatus.RUNNING, "consumer-a", 1)
+    assert row.lease_expires_at > utcnow()
+
+    # A consumer that never comes back still loses the task, once grace and lease are over.
+    requeued = wait_until(
+        lambda: (row := task_row(client, uid)).status == TaskStatus.PENDING and row,
+        timeout=4 * grace_s + 10,
+        what="the reaper to requeue the abandoned task",
+    )
+    assert requeued.attempts == 1
+
+
+class SwitchableSessions:
+    """A session factory whose database can be switched away and back."""
+
+    def __init__(self, real: sessionmaker) -> None:
+        self.real = real
+        self.down = False
+
+    def __call__(self):
+        if self.down:
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("database is away"))
+        return self.real()
+
+
+def test_the_reaper_waits_a_grace_period_after_a_database_outage(start_app, make_settings):
+    client = start_app(make_settings(lease_seconds=60))
+    assert client.app.state.maintenance.leases_enforced is False  # the start-up grace
+
+    sessions = SwitchableSessions(client.app.state.session_factory)
+    grace_s = 1.0
+    loop = MaintenanceLoop(
+        session_factory=sessions,
+        publisher=client.app.state.publisher,
+        max_attempts=3,
+        reaper_interval_s=3600,
+        outbox_interval_s=3600,
+        lease_grace_s=grace_s,
+    )
+    assert loop.leases_enforced is True  # not started: no start-up grace
+    sessions.down = True
+    with pytest.raises(SQLAlchemyError):
+        loop.reap_once()
+    assert loop.leases_enforced is False  # nothing is reaped while the database is away
+    sessions.down = False
+    assert loop.reap_once() == 0  # back: this round only starts the grace
+    assert loop.leases_enforced is False
+    wait_until(lambda: loop.leases_enforced, timeout=grace_s + 10, what="the grace period to end")

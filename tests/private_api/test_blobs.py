@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 
 import pytest
 
 from private_api.blobs import BlobStore, BlobTooLarge
+from private_api.db import upgrade_database
 
 
 def files_under(root) -> list:
@@ -44,3 +47,26 @@ def test_size_limit_aborts_and_removes_the_partial_file(tmp_path):
 def test_keys_cannot_leave_the_store(tmp_path, key):
     with pytest.raises(ValueError, match="not a blob key"):
         BlobStore(tmp_path).path(key)
+
+
+def test_blobs_and_their_folders_are_private_whatever_the_umask(tmp_path):
+    old_umask = os.umask(0)
+    try:
+        store = BlobStore(tmp_path / "blobs")
+        blob = store.save([b"patient data"], "inputs")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(store.path(blob.key).stat().st_mode) == 0o600
+    for folder in (store.root, store.path(blob.key).parent, store.root / ".incoming"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def test_the_sqlite_database_file_is_private(tmp_path):
+    old_umask = os.umask(0)
+    try:
+        url = f"sqlite:///{tmp_path / 'db' / 'inference.db'}"
+        upgrade_database(url)
+    finally:
+        os.umask(old_umask)
+    for path in (tmp_path / "db").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

@@ -87,3 +87,23 @@ def test_delete_model_removes_its_zip_and_finished_tasks_but_not_while_busy(clie
     assert client.delete("/models/seg-model").status_code == 404
     # The name is free again.
     register_model(client)
+
+
+def test_isolation_defaults_and_the_operator_switches(client):
+    """Root filesystem read-only and the platform's /tmp size unless the operator says otherwise."""
+    default = register_model(client, "locked")
+    assert (default["writable_rootfs"], default["tmp_mb"]) == (False, None)
+
+    loosened = register_model(client, "writes-home", writable_rootfs=True, tmp_mb=2048)
+    assert (loosened["writable_rootfs"], loosened["tmp_mb"]) == (True, 2048)
+
+    changed = client.patch("/models/locked", json={"writable_rootfs": True, "tmp_mb": 64})
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["writable_rootfs"], changed.json()["tmp_mb"]) == (True, 64)
+    back = client.patch("/models/locked", json={"writable_rootfs": False, "tmp_mb": None})
+    assert (back.json()["writable_rootfs"], back.json()["tmp_mb"]) == (False, None)
+
+    for bad in ({"writable_rootfs": "yes"}, {"writable_rootfs": 1}, {"tmp_mb": 0}, {"tmp_mb": "64"}):
+        refused = client.patch("/models/locked", json=bad)
+        assert refused.status_code == 422, (bad, refused.text)
+        assert refused.json()["detail"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import update
+from sqlalchemy import event, update
 
 from inference_server.contract import TaskFailure, TaskStatus
 from private_api.models import Task, utcnow
@@ -89,3 +89,32 @@ def test_the_maintenance_loop_applies_retention(start_app, make_settings):
 
     wait_until(lambda: client.get(f"/tasks/{uid}").json()["status"] == "expired", 10, "retention to run")
     assert client.get(f"/tasks/{uid}/output").status_code == 409
+
+
+def test_a_task_deleted_while_retention_runs_keeps_what_the_delete_left(client, settings):
+    """Retention's change is conditional: a row changed between its read and its write is skipped,
+    and its files are left to whoever changed it."""
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    finish(client, uid)
+    age(client, uid, 31)
+    engine = client.app.state.engine
+    raced: list[str] = []
+
+    def delete_meanwhile(_conn, _cursor, statement: str, *_args) -> None:
+        # Right after retention's SELECT, the owner deletes the task through the API.
+        if not raced and statement.lstrip().upper().startswith("SELECT") and "finished_at" in statement:
+            raced.append(statement)
+            assert client.delete(f"/tasks/{uid}").status_code == 200
+
+    event.listen(engine, "after_cursor_execute", delete_meanwhile)
+    try:
+        with client.app.state.session_factory() as session:
+            expired = expire_old_tasks(
+                session=session, blobs=client.app.state.blobs, max_age=timedelta(days=30)
+            )
+    finally:
+        event.remove(engine, "after_cursor_execute", delete_meanwhile)
+    assert raced, "retention never read the task"
+    assert expired == 0
+    assert task_row(client, uid).status == TaskStatus.DELETED
