@@ -161,6 +161,38 @@ def test_private_api_restart_during_a_run(platform_factory, test_images):
     assert_each_finished_once_with_its_output(platform, expected)
 
 
+def test_private_api_down_for_twice_the_lease_kills_no_running_task(
+    platform_factory, test_images, docker_client
+):
+    """One task ends while the private API is away (its result waits in the consumer), another
+    runs on past the outage (its consumer resumes the lease): each finishes once, attempts 1."""
+    lease_s = 4
+    platform = platform_factory(consumers=2, IS_LEASE_SECONDS=str(lease_s), IS_HEARTBEAT_INTERVAL_S="1")
+    register_script_model(platform, "short-copy", SLOW_COPY.format(seconds=3))
+    register_script_model(platform, "long-copy", SLOW_COPY.format(seconds=4 * lease_s))
+    expected = {
+        submit(platform, "short-copy", {"payload.txt": b"ends during the outage"}): b"ends during the outage",
+        submit(platform, "long-copy", {"payload.txt": b"outlives the outage"}): b"outlives the outage",
+    }
+    wait_until(
+        lambda: all(status(platform, uid)["status"] == "running" for uid in expected), 60, "both tasks to run"
+    )
+    private_api = platform.processes["private-api"]
+    private_api.stop()
+    down_since = time.monotonic()
+    # The outage itself is the scenario: the API stays away for two full leases.
+    wait_until(lambda: time.monotonic() - down_since >= 2 * lease_s, 3 * lease_s, "two leases to pass")
+    private_api.start()
+    platform.wait_healthy(private_api, f"{platform.private_url}/health/ready", 60)
+
+    states = wait_until(lambda: all_terminal(platform, list(expected)), 120, "both tasks to end")
+    assert {uid: s["status"] for uid, s in states.items()} == dict.fromkeys(expected, "finished"), states
+    assert [s["attempts"] for s in states.values()] == [1, 1], states
+    assert_each_finished_once_with_its_output(platform, expected)
+    for uid in expected:
+        wait_until(lambda uid=uid: not task_containers(docker_client, uid), 30, "the containers to go")
+
+
 def test_hanging_model_hits_its_timeout(platform_factory, test_images, docker_client):
     platform = platform_factory(consumers=1)
     register_model_directly(platform, "hang", SLEEP, timeout_s=2)
