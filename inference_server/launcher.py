@@ -26,7 +26,16 @@ from inference_server.contract import SERVICE_TOKEN_HEADER
 
 log = logging.getLogger("inference_server.launcher")
 
+# The private API's tokens, one per caller (private_api/deps.py, ROUTE_GRANTS): the full-access
+# one stays with the launcher (readiness checks, example registration, tests); each service is
+# handed only its own.
 SERVICE_TOKEN_FILE = "service.token"
+PUBLIC_API_TOKEN_FILE = "public-api.token"
+CONSUMER_TOKEN_FILE = "consumer.token"
+# What only the private API may hold: the database (its URL carries the password) and the
+# other services' tokens. The public API also gets no RabbitMQ URL: it never talks to the broker.
+_PRIVATE_API_ONLY_ENV = ("IS_DATABASE_URL", "IS_PUBLIC_API_TOKEN", "IS_CONSUMER_TOKEN")
+_NOT_FOR_PUBLIC_API_ENV = (*_PRIVATE_API_ONLY_ENV, "IS_RABBITMQ_URL")
 # Where `infer` looks for a key when it is given none (inference_client.client.resolve_token).
 OPERATOR_KEY_FILE = "operator.key"
 OPERATOR_KEY_NAME = "operator"
@@ -182,6 +191,12 @@ class LocalPlatform:
         self.service_token = os.environ.get("IS_SERVICE_TOKEN") or load_or_create_secret(
             self.data_dir / SERVICE_TOKEN_FILE
         )
+        self.public_api_token = os.environ.get("IS_PUBLIC_API_TOKEN") or load_or_create_secret(
+            self.data_dir / PUBLIC_API_TOKEN_FILE
+        )
+        self.consumer_token = os.environ.get("IS_CONSUMER_TOKEN") or load_or_create_secret(
+            self.data_dir / CONSUMER_TOKEN_FILE
+        )
 
     @property
     def public_url(self) -> str:
@@ -205,11 +220,14 @@ class LocalPlatform:
         )
 
     def base_env(self) -> dict[str, str]:
+        """What the private API gets: every token and every connection."""
         env = dict(os.environ)
         env.update(
             {
                 "IS_DATA_DIR": str(self.data_dir),
                 "IS_SERVICE_TOKEN": self.service_token,
+                "IS_PUBLIC_API_TOKEN": self.public_api_token,
+                "IS_CONSUMER_TOKEN": self.consumer_token,
                 "IS_PRIVATE_API_URL": self.private_url,
                 "PYTHONUNBUFFERED": "1",
             }
@@ -222,11 +240,26 @@ class LocalPlatform:
         env.update(self.extra_env)
         return env
 
+    def service_env(self, module: str) -> dict[str, str]:
+        """The environment of one service: its own token as IS_SERVICE_TOKEN (the name every
+        service reads as "the token I present") and nothing it does not use."""
+        env = self.base_env()
+        if module == "private_api":
+            return env
+        if module == "public_api":
+            withheld, token = _NOT_FOR_PUBLIC_API_ENV, self.public_api_token
+        else:
+            withheld, token = _PRIVATE_API_ONLY_ENV, self.consumer_token
+        for name in withheld:
+            env.pop(name, None)
+        env["IS_SERVICE_TOKEN"] = token
+        return env
+
     def _service(self, name: str, module: str, *args: str) -> ServiceProcess:
         process = ServiceProcess(
             name=name,
             argv=[self.python, "-m", module, *args],
-            env=self.base_env(),
+            env=self.service_env(module),
             log_path=self.data_dir / "logs" / f"{name}.log",
         )
         self.processes[name] = process
@@ -280,7 +313,8 @@ class LocalPlatform:
             self.wait_healthy(process, f"{self.public_url}/health/ready", timeout)
 
     def wait_healthy(self, process: ServiceProcess, url: str, timeout: float) -> None:
-        # The private API answers readiness only to holders of the service token.
+        # The private API answers readiness only to a service token; the launcher holds the
+        # full-access one.
         headers = {SERVICE_TOKEN_HEADER: self.service_token}
         deadline = time.monotonic() + timeout
         last_error = "no answer yet"

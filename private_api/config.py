@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inference_server.zipsafe import ZipLimits
@@ -28,6 +28,14 @@ class PrivateSettings(BaseSettings):
     # No default on purpose: a private API reachable with a guessable token is an open door,
     # so a missing or short token stops the service at start-up rather than at first use.
     service_token: SecretStr = Field(min_length=16)
+    # Least privilege between the services (deps.py, ROUTE_GRANTS): the public API and the
+    # consumers each present a token of their own that opens only the routes they call, so a
+    # leaked consumer token cannot read other tasks or change models. Optional, so a platform
+    # started with the one token above keeps working; unset, that role does not exist and its
+    # service has to present the full-access token instead. Every shipped way to start the
+    # platform (launcher, docker-compose.yaml, docker-stack.yaml) sets both.
+    public_api_token: SecretStr | None = Field(default=None, min_length=16)
+    consumer_token: SecretStr | None = Field(default=None, min_length=16)
 
     lease_seconds: int = Field(default=60, ge=1, le=24 * 3600)
     max_attempts: int = Field(default=3, ge=1, le=100)
@@ -46,6 +54,19 @@ class PrivateSettings(BaseSettings):
     # Files of tasks that ended longer ago than this are removed (rows kept); 0 keeps them forever.
     retention_days: float = Field(default=30.0, ge=0)
     retention_interval_s: float = Field(default=600.0, gt=0)
+
+    @field_validator("public_api_token", "consumer_token")
+    @classmethod
+    def _token_is_its_own(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # A token shared by two roles would be resolved to one of them: whichever service holds
+        # it would get the other's rights, or lose its own. Refuse at start-up instead.
+        if value is None:
+            return value
+        for other in ("service_token", "public_api_token"):
+            taken = info.data.get(other)
+            if other != info.field_name and taken is not None and taken == value:
+                raise ValueError(f"must differ from IS_{other.upper()}")
+        return value
 
     @property
     def blob_dir(self) -> Path:

@@ -1,16 +1,21 @@
-"""Request dependencies: the service-token guard and the app-wide objects routes need.
+"""Request dependencies: the service-token guard (which service may call which route) and the
+app-wide objects routes need.
 
-They do no blocking work, so they are coroutines: a plain `def` dependency costs a hop to the
-thread pool on every request, which at polling rates is most of a request's cost.
+They are coroutines: a plain `def` dependency costs a hop to the thread pool on every request,
+which at polling rates is most of a request's cost. The one query among them (a consumer's hold
+on a task) takes that hop itself, and only for the consumer's token.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
+from enum import StrEnum
 from typing import Annotated
 
 from fastapi import Depends, Header, Request, Security
 from fastapi.security import APIKeyHeader
+from starlette.concurrency import run_in_threadpool
 
 from inference_server.contract import (
     ACTING_OWNER_HEADER,
@@ -19,38 +24,118 @@ from inference_server.contract import (
     CONSUMER_ID_HEADER,
     SERVICE_TOKEN_HEADER,
     ApiKeyRole,
+    PrivateRoutes,
 )
 from private_api.blobs import BlobStore
 from private_api.config import PrivateSettings
 from private_api.db import SessionDep
-from private_api.exceptions import Unauthorized, Unprocessable
+from private_api.exceptions import Forbidden, Unauthorized, Unprocessable
 from private_api.metrics import Metrics
 from private_api.queue import TaskPublisher
-from private_api.service import Actor
+from private_api.service import Actor, require_holder
 
 __all__ = [
+    "ROUTE_GRANTS",
     "ActorDep",
     "BlobsDep",
     "ConsumerIdDep",
     "MetricsDep",
     "PublisherDep",
+    "ServiceRole",
+    "ServiceRoleDep",
     "SessionDep",
     "SettingsDep",
     "require_service_token",
+    "require_task_holder",
 ]
 
-_token_header = APIKeyHeader(name=SERVICE_TOKEN_HEADER, auto_error=False, description="IS_SERVICE_TOKEN")
+_token_header = APIKeyHeader(
+    name=SERVICE_TOKEN_HEADER,
+    auto_error=False,
+    description="IS_SERVICE_TOKEN (full access), IS_PUBLIC_API_TOKEN or IS_CONSUMER_TOKEN",
+)
+
+
+class ServiceRole(StrEnum):
+    """Who a service token belongs to; it decides which routes the token opens."""
+
+    ADMIN = "admin"  # IS_SERVICE_TOKEN: the platform itself, operators' tools and tests
+    PUBLIC_API = "public-api"  # IS_PUBLIC_API_TOKEN
+    CONSUMER = "consumer"  # IS_CONSUMER_TOKEN
+
+
+_PUBLIC_API = frozenset({ServiceRole.PUBLIC_API})
+_CONSUMER = frozenset({ServiceRole.CONSUMER})
+
+# The roles besides admin that may call each route, in one table so the whole policy reads in one
+# place. A route missing here is admin-only: a new route stays closed to the services until it
+# is granted on purpose (tests/private_api/test_tokens.py fails until its rule is written down).
+# The public API gets what it relays for users; a consumer only what running a task needs, and
+# only on tasks it holds (the service layer checks X-Consumer-Id; require_task_holder for input).
+ROUTE_GRANTS: Mapping[tuple[str, str], frozenset[ServiceRole]] = {
+    ("GET", PrivateRoutes.HEALTH_READY): _PUBLIC_API,
+    ("POST", PrivateRoutes.AUTH_RESOLVE): _PUBLIC_API,
+    ("GET", PrivateRoutes.MODELS): _PUBLIC_API,
+    ("POST", PrivateRoutes.MODELS): _PUBLIC_API,
+    ("GET", PrivateRoutes.MODEL): _PUBLIC_API,
+    ("PATCH", PrivateRoutes.MODEL): _PUBLIC_API,
+    ("DELETE", PrivateRoutes.MODEL): _PUBLIC_API,
+    # Model zips are the operators' weights, not patients' data, and a consumer fetches one per
+    # model it runs; they are not tied to one task.
+    ("GET", PrivateRoutes.MODEL_ZIP): _CONSUMER,
+    ("GET", PrivateRoutes.TASKS): _PUBLIC_API,
+    ("POST", PrivateRoutes.TASKS): _PUBLIC_API,
+    ("GET", PrivateRoutes.TASK): _PUBLIC_API,
+    ("DELETE", PrivateRoutes.TASK): _PUBLIC_API,
+    ("POST", PrivateRoutes.TASK_CANCEL): _PUBLIC_API,
+    ("GET", PrivateRoutes.TASK_OUTPUT): _PUBLIC_API,
+    ("GET", PrivateRoutes.TASK_LOGS): _PUBLIC_API,
+    ("GET", PrivateRoutes.TASK_INPUT): _CONSUMER,
+    ("POST", PrivateRoutes.TASK_CLAIM): _CONSUMER,
+    ("POST", PrivateRoutes.TASK_HEARTBEAT): _CONSUMER,
+    ("POST", PrivateRoutes.TASK_OUTPUT): _CONSUMER,
+    ("PUT", PrivateRoutes.TASK_LOGS): _CONSUMER,
+    ("POST", PrivateRoutes.TASK_FAIL): _CONSUMER,
+    ("POST", PrivateRoutes.TASK_RELEASE): _CONSUMER,
+}
+
+
+def _role_of(token: str, settings: PrivateSettings) -> ServiceRole | None:
+    presented = token.encode()  # bytes: a non-ASCII header cannot raise instead of refusing
+    candidates = (
+        (ServiceRole.ADMIN, settings.service_token),
+        (ServiceRole.PUBLIC_API, settings.public_api_token),
+        (ServiceRole.CONSUMER, settings.consumer_token),
+    )
+    found = None
+    # Every configured token is compared, each in constant time, so the time taken does not
+    # tell which role (if any) a guess came close to.
+    for role, secret in candidates:
+        if secret is not None and secrets.compare_digest(presented, secret.get_secret_value().encode()):
+            found = role
+    return found
 
 
 async def require_service_token(
     request: Request, token: Annotated[str | None, Security(_token_header)]
-) -> None:
-    expected: PrivateSettings = request.app.state.settings
+) -> ServiceRole:
+    """401 for a missing or unknown token, 403 for a known one whose role lacks this route."""
+    settings: PrivateSettings = request.app.state.settings
     if token is None:
         raise Unauthorized(f"missing {SERVICE_TOKEN_HEADER} header")
-    # Constant-time compare, on bytes so a non-ASCII header cannot raise instead of refusing.
-    if not secrets.compare_digest(token.encode(), expected.service_token.get_secret_value().encode()):
+    role = _role_of(token, settings)
+    if role is None:
         raise Unauthorized(f"wrong {SERVICE_TOKEN_HEADER}")
+    if role == ServiceRole.ADMIN:
+        return role
+    route = request.scope.get("route")
+    path = getattr(route, "path", request.url.path)
+    if role not in ROUTE_GRANTS.get((request.method, path), frozenset()):
+        raise Forbidden(f"the {role} service token may not call {request.method} {path}")
+    return role
+
+
+ServiceRoleDep = Annotated[ServiceRole, Depends(require_service_token)]
 
 
 async def _settings(request: Request) -> PrivateSettings:
@@ -92,8 +177,9 @@ async def _acting(
         ),
     ] = None,
 ) -> Actor | None:
-    """The identity the public API relays a user request for. Trusted because only holders of
-    the service token get this far (every router that uses it requires the token)."""
+    """The identity the public API relays a user request for. Trusted because only the public
+    API's and the full-access tokens get this far: every router that uses it requires a token,
+    and the consumer's is granted none of these routes but its holder-checked input download."""
     if role is None:
         if owner is not None:
             raise Unprocessable(f"{ACTING_OWNER_HEADER} was sent without {ACTING_ROLE_HEADER}")
@@ -112,3 +198,21 @@ async def _acting(
 
 
 ActorDep = Annotated[Actor | None, Depends(_acting)]
+
+
+async def require_task_holder(
+    uid: str,
+    role: ServiceRoleDep,
+    session: SessionDep,
+    consumer_id: Annotated[
+        str | None,
+        Header(alias=CONSUMER_ID_HEADER, max_length=255, description="the calling consumer's id"),
+    ] = None,
+) -> None:
+    """A consumer reads a task's data only while it holds the task: the inputs are patients'
+    data and the consumer token is shared by every consumer host. Other roles pass."""
+    if role != ServiceRole.CONSUMER:
+        return
+    if not consumer_id:
+        raise Unprocessable(f"the consumer token needs {CONSUMER_ID_HEADER} on this route")
+    await run_in_threadpool(require_holder, session=session, uid=uid, consumer_id=consumer_id)

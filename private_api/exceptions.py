@@ -23,6 +23,12 @@ class Unauthorized(DomainError):
     status_code = 401
 
 
+class Forbidden(DomainError):
+    """A known caller without the right to this request (a service token of another role)."""
+
+    status_code = 403
+
+
 class NotFound(DomainError):
     status_code = 404
 

@@ -27,6 +27,7 @@ from private_api.deps import (
     SessionDep,
     SettingsDep,
     require_service_token,
+    require_task_holder,
 )
 from private_api.exceptions import NotFound
 from private_api.responses import blob_response, json_response
@@ -93,7 +94,9 @@ async def get_task(uid: str, queries: QuickQueriesDep, actor: ActorDep) -> Respo
     return json_response(await queries.run(service.get_task, uid=uid, actor=actor))
 
 
-@router.get(PrivateRoutes.TASK_INPUT, response_class=StreamingResponse)
+@router.get(
+    PrivateRoutes.TASK_INPUT, response_class=StreamingResponse, dependencies=[Depends(require_task_holder)]
+)
 def get_task_input(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep) -> StreamingResponse:
     key = service.input_blob_key(session=session, uid=uid, actor=actor)
     return blob_response(

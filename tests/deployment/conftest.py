@@ -95,6 +95,8 @@ def deployment_settings(tmp_path: Path, deployment_images: dict[str, str]) -> di
     return {
         **deployment_images,
         "IS_SERVICE_TOKEN": secrets.token_urlsafe(32),
+        "IS_PUBLIC_API_TOKEN": secrets.token_urlsafe(32),
+        "IS_CONSUMER_TOKEN": secrets.token_urlsafe(32),
         "POSTGRES_PASSWORD": secrets.token_urlsafe(24),
         "RABBITMQ_PASSWORD": secrets.token_urlsafe(24),
         "POSTGRES_USER": "inference",

@@ -28,6 +28,27 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yaml"
 STACK_FILE = REPO_ROOT / "docker-stack.yaml"
 APP_SERVICES = {"public_api", "private_api", "consumer_gpu0", "consumer_cpu"}
+TOKEN_VARIABLES = ("IS_SERVICE_TOKEN", "IS_PUBLIC_API_TOKEN", "IS_CONSUMER_TOKEN")
+# Run inside a service's container: what its own token (IS_SERVICE_TOKEN there) opens on the
+# private API, and which secrets it was handed. Prints JSON.
+PROBE_SCRIPT = """
+import json, os, urllib.error, urllib.request
+def call(method, path):
+    request = urllib.request.Request(
+        os.environ["IS_PRIVATE_API_URL"] + path, method=method,
+        headers={"X-Service-Token": os.environ["IS_SERVICE_TOKEN"], "X-Consumer-Id": "probe"})
+    try:
+        return urllib.request.urlopen(request, timeout=10).status
+    except urllib.error.HTTPError as error:
+        return error.code
+print(json.dumps({
+    "env": sorted(name for name in os.environ if name.startswith("IS_")),
+    "ready": call("GET", "/health/ready"),
+    "claim": call("POST", "/tasks/no-such-task/claim"),
+    "tasks": call("GET", "/tasks"),
+    "metrics": call("GET", "/metrics"),
+}))
+"""
 
 
 @functools.cache
@@ -42,6 +63,29 @@ def docker_cli_has(*command: str, flag: str | None = None) -> bool:
 def write_env_file(path: Path, values: dict[str, str]) -> Path:
     path.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
     return path
+
+
+def assert_tokens_wired(services: dict, settings: dict[str, str]) -> None:
+    """Each service presents its own token (as IS_SERVICE_TOKEN); only the private API knows all
+    three and the database's password; the public API has no broker credentials."""
+    private = services["private_api"]["environment"]
+    assert {name: private[name] for name in TOKEN_VARIABLES} == {
+        name: settings[name] for name in TOKEN_VARIABLES
+    }
+    public = services["public_api"]["environment"]
+    assert public["IS_SERVICE_TOKEN"] == settings["IS_PUBLIC_API_TOKEN"]
+    consumers = [name for name in services if name.startswith("consumer_")]
+    assert consumers
+    for name in consumers:
+        assert services[name]["environment"]["IS_SERVICE_TOKEN"] == settings["IS_CONSUMER_TOKEN"], name
+    for name in ["public_api", *consumers]:
+        environment = services[name]["environment"]
+        values = " ".join(str(value) for value in environment.values())
+        assert {"IS_PUBLIC_API_TOKEN", "IS_CONSUMER_TOKEN", "IS_DATABASE_URL"}.isdisjoint(environment), name
+        assert settings["IS_SERVICE_TOKEN"] not in values, name
+        assert settings["POSTGRES_PASSWORD"] not in values, name
+    assert "IS_RABBITMQ_URL" not in public
+    assert settings["RABBITMQ_PASSWORD"] not in " ".join(str(value) for value in public.values())
 
 
 def front_door(settings: dict[str, str]) -> FrontDoor:
@@ -88,6 +132,37 @@ def exercise_front_door(
     with httpx.Client(base_url=door.http_url, timeout=10.0) as plain:
         assert plain.get(PublicRoutes.MODELS).status_code in (301, 308)
     return uid
+
+
+def probe_service(docker_client: docker.DockerClient, labels: list[str]) -> dict:
+    containers = docker_client.containers.list(filters={"label": labels, "status": "running"})
+    assert containers, f"no running container labelled {labels}"
+    result = containers[0].exec_run(["python", "-c", PROBE_SCRIPT], demux=True)
+    stdout, stderr = result.output
+    assert result.exit_code == 0, (stderr or b"").decode()
+    return json.loads(stdout)
+
+
+def assert_least_privilege(
+    docker_client: docker.DockerClient, public_api_labels: list[str], consumer_labels: list[str]
+) -> None:
+    """As deployed: each service's token opens only its own routes, and the public API holds no
+    broker or database secret."""
+    public = probe_service(docker_client, public_api_labels)
+    assert {"IS_RABBITMQ_URL", "IS_DATABASE_URL", "IS_PUBLIC_API_TOKEN", "IS_CONSUMER_TOKEN"}.isdisjoint(
+        public["env"]
+    )
+    assert (public["ready"], public["claim"], public["tasks"], public["metrics"]) == (200, 403, 200, 403)
+    consumer = probe_service(docker_client, consumer_labels)
+    assert {"IS_DATABASE_URL", "IS_PUBLIC_API_TOKEN", "IS_CONSUMER_TOKEN"}.isdisjoint(consumer["env"])
+    assert "IS_RABBITMQ_URL" in consumer["env"]
+    # 404: let through to the lookup, which finds no such task.
+    assert (consumer["ready"], consumer["claim"], consumer["tasks"], consumer["metrics"]) == (
+        403,
+        404,
+        403,
+        403,
+    )
 
 
 def assert_model_container_removed(docker_client: docker.DockerClient, uid: str) -> None:
@@ -173,17 +248,17 @@ def test_compose_file_is_valid_and_wired_as_designed(
     for name, service in services.items():
         assert service.get("restart") == "unless-stopped", name
         assert "healthcheck" in service, name
-    token = deployment_settings["IS_SERVICE_TOKEN"]
-    assert all(services[name]["environment"]["IS_SERVICE_TOKEN"] == token for name in APP_SERVICES)
+    assert_tokens_wired(services, deployment_settings)
     # Callers without a key are refused unless the operator opts in.
     public_env = services["public_api"]["environment"]
     assert (public_env["IS_ANONYMOUS_TASKS"], public_env["IS_ANONYMOUS_MODELS"]) == ("false", "false")
 
 
+@pytest.mark.parametrize("missing", TOKEN_VARIABLES)
 def test_compose_refuses_to_start_without_secrets(
-    compose: list[str], deployment_settings: dict[str, str], tmp_path: Path
+    compose: list[str], deployment_settings: dict[str, str], tmp_path: Path, missing: str
 ) -> None:
-    settings = {k: v for k, v in deployment_settings.items() if k != "IS_SERVICE_TOKEN"}
+    settings = {k: v for k, v in deployment_settings.items() if k != missing}
     env_file = write_env_file(tmp_path / "compose.env", settings)
     result = run(
         [*compose, "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "config", "--quiet"],
@@ -191,7 +266,7 @@ def test_compose_refuses_to_start_without_secrets(
         check=False,
     )
     assert result.returncode != 0
-    assert "IS_SERVICE_TOKEN" in result.stderr
+    assert missing in result.stderr
 
 
 def test_stack_file_is_valid_and_wired_as_designed(
@@ -217,6 +292,9 @@ def test_stack_file_is_valid_and_wired_as_designed(
         "consumer_cpu",
     } <= set(services)
     assert all(network["driver"] == "overlay" for network in config["networks"].values())
+    # Tokens, API keys and patients' zips cross between hosts on these: IPsec-encrypted.
+    for name, network in config["networks"].items():
+        assert network.get("driver_opts", {}).get("encrypted") == "true", name
     assert config["networks"]["back"]["internal"] is True
     for name in ("private_api", "postgres", "rabbitmq"):
         assert "node.role == manager" in services[name]["deploy"]["placement"]["constraints"], name
@@ -230,6 +308,7 @@ def test_stack_file_is_valid_and_wired_as_designed(
         assert deploy["update_config"]["order"] == "stop-first"
         assert services[name]["stop_grace_period"] == "30s"  # IS_CONSUMER_STOP_GRACE
     assert [name for name, service in services.items() if service.get("ports")] == ["traefik"]
+    assert_tokens_wired(services, deployment_settings)
 
 
 # --- the real thing -----------------------------------------------------------------------
@@ -261,6 +340,11 @@ def test_compose_deployment_runs_a_task_over_https(
             front_door(settings), settings, passthrough_image, docker_client, private_api_labels
         )
         assert_model_container_removed(docker_client, uid)
+        assert_least_privilege(
+            docker_client,
+            [label["label"], "com.docker.compose.service=public_api"],
+            [label["label"], "com.docker.compose.service=consumer_cpu"],
+        )
     finally:
         run(
             [*base, "down", "--volumes", "--remove-orphans", "--timeout", "30"],
@@ -372,6 +456,18 @@ def test_swarm_stack_runs_a_task_over_https(
                 front_door(settings), settings, passthrough_image, docker_client, private_api_labels
             )
             assert_model_container_removed(docker_client, uid)
+            assert_least_privilege(
+                docker_client,
+                [f"com.docker.swarm.service.name={stack}_public_api"],
+                [f"com.docker.swarm.service.name={stack}_consumer_cpu"],
+            )
+            # The task above crossed them: Docker accepted and runs the encrypted overlays.
+            networks = docker_client.networks.list(filters={"label": f"com.docker.stack.namespace={stack}"})
+            assert {network.name for network in networks} == {f"{stack}_front", f"{stack}_back"}
+            for network in networks:
+                network.reload()
+                assert network.attrs["Driver"] == "overlay", network.name
+                assert network.attrs["Options"].get("encrypted") == "true", network.name
             services = {
                 service.name: service
                 for service in docker_client.services.list(

@@ -13,7 +13,7 @@ from job_consumer.config import ConsumerSettings
 from job_consumer.consumer import Consumer
 from job_consumer.runner import LABEL_CONSUMER, ModelRunner
 from tests.images import build_test_images
-from tests.job_consumer.stack import SERVICE_TOKEN, PrivateApiServer
+from tests.job_consumer.stack import CONSUMER_TOKEN, PrivateApiServer
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +89,7 @@ def make_consumer(
             "private_api_url": private_api.url,
             "rabbitmq_url": rabbitmq_url,
             "queue_name": queue_name,
-            "service_token": SERVICE_TOKEN,
+            "service_token": CONSUMER_TOKEN,
             "heartbeat_interval_s": 0.5,
             "reconnect_backoff_max_s": 2,
             "report_retry_s": 5,

@@ -26,6 +26,9 @@ from private_api.main import create_app
 from tests.helpers import make_zip, zip_members
 
 SERVICE_TOKEN = "consumer-tests-service-token-0123456789"
+# What the consumers under test present, as deployed: the consumer role's own token, which
+# opens only the routes running a task needs. SERVICE_TOKEN (full access) is the harness's.
+CONSUMER_TOKEN = "consumer-tests-consumer-token-0123456789"
 
 
 def queue_depth(rabbitmq_url: str, queue_name: str) -> int:
@@ -49,6 +52,7 @@ class PrivateApiServer:
             rabbitmq_url=rabbitmq_url,
             queue_name=queue_name,
             service_token=SERVICE_TOKEN,
+            consumer_token=CONSUMER_TOKEN,
             lease_seconds=30,
         )
         with socket.socket() as probe:

@@ -15,7 +15,7 @@ from inference_server.contract import TaskStatus
 from job_consumer.runner import LABEL_TASK
 from tests import images
 from tests.helpers import wait_until
-from tests.job_consumer.stack import SERVICE_TOKEN
+from tests.job_consumer.stack import CONSUMER_TOKEN
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,7 @@ def start_consumer(env_overrides: dict[str, str], *args: str, log_path: Path) ->
 def consumer_env(private_api, rabbitmq_url, queue_name, tmp_path) -> dict[str, str]:
     return {
         "IS_PRIVATE_API_URL": private_api.url,
-        "IS_SERVICE_TOKEN": SERVICE_TOKEN,
+        "IS_SERVICE_TOKEN": CONSUMER_TOKEN,
         "IS_RABBITMQ_URL": rabbitmq_url,
         "IS_QUEUE_NAME": queue_name,
         "IS_WORK_DIR": str(tmp_path / "work"),

@@ -10,10 +10,10 @@ import pytest
 from inference_server.contract import TaskFailure, TaskStatus
 from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable
 from tests import images
-from tests.job_consumer.stack import SERVICE_TOKEN
+from tests.job_consumer.stack import CONSUMER_TOKEN
 
 
-def client_for(url: str, token: str = SERVICE_TOKEN, consumer_id: str = "client-test") -> PrivateApiClient:
+def client_for(url: str, token: str = CONSUMER_TOKEN, consumer_id: str = "client-test") -> PrivateApiClient:
     return PrivateApiClient(url, token, consumer_id, connect_timeout_s=2, read_timeout_s=10)
 
 
