@@ -254,6 +254,8 @@ class PublicRoutes:
     HEALTH_LIVE = "/health/live"
     HEALTH_READY = "/health/ready"
     METRICS = "/metrics"
+    # Traefik's forwardAuth asks here whether a request may pass, before it buffers the body.
+    AUTH_CHECK = "/auth/check"
 
 
 ZIP_MEDIA_TYPE = "application/zip"

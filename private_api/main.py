@@ -10,6 +10,7 @@ from datetime import timedelta
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from inference_server.serving import install_json_body_limit
 from private_api.blobs import BlobStore
 from private_api.config import PrivateSettings
 from private_api.db import QuickQueries, make_engine, make_session_factory, schema_revision_problem
@@ -71,6 +72,7 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
     app.state.publisher = publisher
     app.state.maintenance = maintenance
     app.state.metrics = Metrics(session_factory)
+    install_json_body_limit(app)
     install_error_handlers(app)
     app.include_router(api_router)
     return app

@@ -24,7 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"public_api: refusing to start: {describe_settings_errors(exc)}", file=sys.stderr)
         return 2
-    serve(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    serve(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+    )
     return 0
 
 

@@ -34,6 +34,12 @@ class PublicSettings(BaseSettings):
     # How long a resolved key is trusted without asking the private API again: a revoked key
     # stops working within this many seconds.
     key_cache_ttl_s: float = Field(default=5.0, ge=0, le=10)
+    # Requests that fail the key check (no key where one is needed, a wrong or revoked one) per
+    # client address: this many at once, refilled at this many a minute; past it, 429.
+    unauthenticated_rate_per_minute: int = Field(default=60, ge=1)
+    # The proxies (addresses or networks, comma-separated, "*" for any) whose X-Forwarded-For
+    # names the client; behind Traefik, its address, or the rate above counts all clients as one.
+    forwarded_allow_ips: str = "127.0.0.1"
 
     @field_validator("service_token")
     @classmethod

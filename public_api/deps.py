@@ -8,25 +8,46 @@ The rules, in one place:
 - registering, changing and removing models: operator keys, or anyone with IS_ANONYMOUS_MODELS.
 A key that is sent is always checked: a wrong or revoked one is a 401 even where anonymous
 callers are let in, so a typo never silently turns into anonymous access.
+
+These checks run before any route reads its request body: no route declares a body parameter
+(FastAPI would read and parse it before the dependencies run), so a refused caller costs no
+body. Each failed key check also spends the caller's address's budget (ratelimit.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from enum import Enum
 from typing import Annotated
+from urllib.parse import unquote, urlsplit
 
 from fastapi import Depends, Request, Security
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.routing import BaseRoute, Match
 
 from inference_server.contract import API_KEY_HEADER, Principal
 from public_api.auth import KeyResolver, invalid_key, missing_key, presented_key
 from public_api.config import PublicSettings
-from public_api.errors import PublicAPIError
+from public_api.errors import PublicAPIError, TooManyFailuresError
+from public_api.ratelimit import FailureBudget, client_address, retry_after_s
 from public_api.upstream import PrivateAPI
 
 # Declared for the OpenAPI document (/docs shows an "Authorize" dialog for both); the header is
 # read by presented_key, which also refuses schemes other than Bearer.
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer isk_...`")
 _x_token = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="The same key as `X-Token`.")
+
+
+class Access(Enum):
+    """What a route asks of its caller."""
+
+    OPEN = "open"  # health, metrics, docs
+    TASKS = "tasks"
+    READ_MODELS = "read models"
+    OPERATOR = "operator"
+    # Any valid key: what a request no route serves needs to get past Traefik's check.
+    KEY = "key"
 
 
 async def get_private_api(request: Request) -> PrivateAPI:
@@ -45,45 +66,115 @@ PrivateAPIDep = Annotated[PrivateAPI, Depends(get_private_api)]
 SettingsDep = Annotated[PublicSettings, Depends(get_settings)]
 
 
-async def current_principal(
-    request: Request,
-    resolver: Annotated[KeyResolver, Depends(get_key_resolver)],
-    _bearer_key: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-    _x_token_key: Annotated[str | None, Security(_x_token)],
-) -> Principal | None:
+def refused(request: Request, error: PublicAPIError) -> PublicAPIError:
+    """The answer to a failed key check: `error`, or a 429 once the caller's address is past its
+    budget of failures."""
+    budget: FailureBudget = request.app.state.failure_budget
+    wait_s = budget.spend(client_address(request))
+    return error if wait_s is None else TooManyFailuresError(retry_after_s(wait_s))
+
+
+async def resolve_caller(request: Request, resolver: KeyResolver) -> Principal | None:
     """The owner of the key the request presents; None when it presents none (anonymous)."""
-    key = presented_key(request)
+    try:
+        key = presented_key(request)
+    except PublicAPIError as exc:
+        raise refused(request, exc) from None
     if key is None:
         return None
     principal = await resolver.resolve(key)
     if principal is None:
-        raise invalid_key()
+        raise refused(request, invalid_key())
     return principal
+
+
+def authorize(
+    request: Request, principal: Principal | None, access: Access, settings: PublicSettings
+) -> None:
+    """Raises the refusal when `principal` (None: no key) may not do what `access` names."""
+    if access is Access.OPEN or (access is Access.OPERATOR and settings.anonymous_models):
+        return
+    if principal is None:
+        anonymous_ok = (access is Access.TASKS and settings.anonymous_tasks) or (
+            access is Access.READ_MODELS and (settings.anonymous_tasks or settings.anonymous_models)
+        )
+        if not anonymous_ok:
+            raise refused(request, missing_key())
+        return
+    if access is Access.OPERATOR and not principal.is_operator:
+        raise PublicAPIError(403, "only operators may register, change or remove models")
+
+
+async def declared_key_headers(
+    _bearer_key: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    _x_token_key: Annotated[str | None, Security(_x_token)],
+) -> None:
+    """Does nothing when run; puts the key headers of a route into the OpenAPI document."""
+
+
+async def current_principal(
+    request: Request,
+    resolver: Annotated[KeyResolver, Depends(get_key_resolver)],
+    _documented: Annotated[None, Depends(declared_key_headers)],
+) -> Principal | None:
+    return await resolve_caller(request, resolver)
 
 
 PrincipalDep = Annotated[Principal | None, Depends(current_principal)]
 
 
-async def task_caller(principal: PrincipalDep, settings: SettingsDep) -> Principal | None:
-    if principal is None and not settings.anonymous_tasks:
-        raise missing_key()
+async def task_caller(request: Request, principal: PrincipalDep, settings: SettingsDep) -> Principal | None:
+    authorize(request, principal, Access.TASKS, settings)
     return principal
 
 
-async def model_reader(principal: PrincipalDep, settings: SettingsDep) -> Principal | None:
-    if principal is None and not (settings.anonymous_tasks or settings.anonymous_models):
-        raise missing_key()
+async def model_reader(request: Request, principal: PrincipalDep, settings: SettingsDep) -> Principal | None:
+    authorize(request, principal, Access.READ_MODELS, settings)
     return principal
 
 
-async def require_operator(principal: PrincipalDep, settings: SettingsDep) -> Principal | None:
-    if settings.anonymous_models:
-        return principal
-    if principal is None:
-        raise missing_key()
-    if not principal.is_operator:
-        raise PublicAPIError(403, "only operators may register, change or remove models")
+async def require_operator(
+    request: Request, principal: PrincipalDep, settings: SettingsDep
+) -> Principal | None:
+    authorize(request, principal, Access.OPERATOR, settings)
     return principal
 
 
 TaskCallerDep = Annotated[Principal | None, Depends(task_caller)]
+
+_ACCESS_OF_DEPENDENCY = {
+    task_caller: Access.TASKS,
+    model_reader: Access.READ_MODELS,
+    require_operator: Access.OPERATOR,
+}
+
+
+def _route_access(route: APIRoute) -> Access:
+    for dependency in route.dependant.dependencies:
+        if dependency.call in _ACCESS_OF_DEPENDENCY:
+            return _ACCESS_OF_DEPENDENCY[dependency.call]
+    return Access.OPEN
+
+
+def access_for(routes: Sequence[BaseRoute], method: str, uri: str | None) -> Access:
+    """What the request `method uri` needs, read from the dependencies of the route among `routes`
+    that would serve it, so Traefik's check and the route itself never disagree. A request no
+    route serves needs a valid key: Traefik would otherwise buffer its body only for a 404."""
+    if uri is None:
+        return Access.KEY
+    # Matched as the route itself would see it: uvicorn hands Starlette the percent-decoded path.
+    scope = {"type": "http", "method": method.upper(), "path": unquote(urlsplit(uri).path), "root_path": ""}
+    for route in routes:
+        if route.matches(scope)[0] == Match.FULL:
+            return _route_access(route) if isinstance(route, APIRoute) else Access.OPEN
+    return Access.KEY
+
+
+async def check_forwarded_request(
+    request: Request, resolver: KeyResolver, settings: PublicSettings, method: str, uri: str | None
+) -> None:
+    """Raises the refusal when the request Traefik describes (X-Forwarded-Method,
+    X-Forwarded-Uri) may not pass. Only headers are looked at: the body stays with Traefik."""
+    access = access_for(request.app.state.access_routes, method, uri)
+    if access is not Access.OPEN:
+        authorize(request, await resolve_caller(request, resolver), access, settings)

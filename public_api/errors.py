@@ -41,6 +41,18 @@ class UploadTooLargeError(PublicAPIError):
         super().__init__(413, f"upload is larger than the limit of {limit} bytes")
 
 
+class TooManyFailuresError(PublicAPIError):
+    """The caller's address failed the key check too often; it may try again after `retry_after_s`."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(
+            429,
+            "too many requests without a valid API key from this address; "
+            f"try again in {retry_after_s} s (IS_UNAUTHENTICATED_RATE_PER_MINUTE)",
+            {"Retry-After": str(retry_after_s)},
+        )
+
+
 async def _public_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PublicAPIError)
     if exc.status_code >= 500 and not isinstance(exc, V12Error):

@@ -6,12 +6,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.routing import Route
 
+from inference_server.serving import install_json_body_limit
 from public_api.auth import KeyResolver
 from public_api.config import PublicSettings
 from public_api.errors import install_error_handlers
 from public_api.metrics import Metrics, MetricsMiddleware
-from public_api.routes import health, models, tasks
+from public_api.ratelimit import FailureBudget
+from public_api.routes import access, health, models, tasks
 from public_api.upstream import PrivateAPI
 
 DESCRIPTION = """\
@@ -26,7 +29,9 @@ create keys with `inference-server keys create`. A user key submits tasks and se
 cancels and deletes its own tasks; an operator key also registers, changes and removes models and
 sees every task. A missing, unknown or revoked key is a **401**, a valid key without the right a
 **403**. Someone else's task answers exactly like an unknown one. Deployments may let clients
-without a key in (IS_ANONYMOUS_TASKS, IS_ANONYMOUS_MODELS); both are off by default.
+without a key in (IS_ANONYMOUS_TASKS, IS_ANONYMOUS_MODELS); both are off by default. An address
+whose requests keep failing the key check gets **429** for a while (`Retry-After`); valid keys
+are never held back. The key is checked before any request body is read.
 """
 
 
@@ -51,9 +56,17 @@ def create_app(settings: PublicSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.failure_budget = FailureBudget(settings.unauthenticated_rate_per_minute)
+    install_json_body_limit(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
-    app.include_router(tasks.router)
-    app.include_router(models.router)
-    app.include_router(health.router)
+    routers = (tasks.router, models.router, access.router, health.router)
+    for router in routers:
+        app.include_router(router)
+    # Every route with the dependencies it runs (/docs and /openapi.json included), for the
+    # access check Traefik asks before buffering a body.
+    app.state.access_routes = [
+        *(route for route in app.router.routes if isinstance(route, Route)),
+        *(route for router in routers for route in router.routes),
+    ]
     return app

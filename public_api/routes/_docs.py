@@ -57,6 +57,10 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
         "(with a `WWW-Authenticate: Bearer` challenge)."
     ),
     422: error("Malformed parameters or body; `detail` names each problem."),
+    429: error(
+        "Too many requests without a valid API key from this address "
+        "(IS_UNAUTHENTICATED_RATE_PER_MINUTE); `Retry-After` says when to try again."
+    ),
     502: error("The private API failed or refused this service."),
     503: error("The private API is unreachable."),
     504: error("The private API did not answer in time."),

@@ -16,6 +16,7 @@ from inference_server.contract import (
 )
 from public_api import service
 from public_api.deps import PrivateAPIDep, SettingsDep, model_reader, require_operator
+from public_api.json_body import json_request_body, read_json
 from public_api.relay import upload_body
 from public_api.routes._docs import COMMON_RESPONSES, OPERATOR_ONLY, error, zip_upload_body
 
@@ -117,9 +118,14 @@ async def register_model(
         **OPERATOR_ONLY,
         400: error("The body is not valid JSON."),
         404: error("No model with this id."),
+        413: error("The body is larger than IS_MAX_JSON_BYTES."),
+        415: error("The body is not sent as application/json."),
     },
+    # The body is read by the handler, after require_operator: never for a refused caller.
+    openapi_extra=json_request_body(ModelUpdate),
 )
-async def update_model(human_readable_id: ModelId, changes: ModelUpdate, api: PrivateAPIDep) -> ModelPublic:
+async def update_model(human_readable_id: ModelId, request: Request, api: PrivateAPIDep) -> ModelPublic:
+    changes = await read_json(request, ModelUpdate)
     return await service.update_model(api, human_readable_id, changes)
 
 

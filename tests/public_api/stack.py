@@ -8,8 +8,11 @@ along by calling the private API's consumer endpoints with the service token, as
 from __future__ import annotations
 
 import functools
+import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -59,10 +62,17 @@ def free_port() -> int:
 class ServerThread:
     """uvicorn serving an app in a background thread, started and stopped deterministically."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, forwarded_allow_ips: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            forwarded_allow_ips=forwarded_allow_ips,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
@@ -162,7 +172,9 @@ class ConsumerDriver:
         return self.finish(uid, output)
 
 
-def register_model(public_url: str, human_readable_id: str | None = None) -> str:
+def register_model(
+    public_url: str, human_readable_id: str | None = None, headers: dict[str, str] | None = None
+) -> str:
     human_readable_id = human_readable_id or unique_id()
     response = shared_http().post(
         public_url + PublicRoutes.MODELS,
@@ -173,6 +185,7 @@ def register_model(public_url: str, human_readable_id: str | None = None) -> str
             "model_available": False,
             "use_gpu": False,
         },
+        headers=headers,
         timeout=30,
     )
     assert response.status_code == 200, response.text
@@ -208,12 +221,80 @@ def start_private_api(data_dir: Path, rabbitmq_url: str, queue_name: str) -> Ser
 # their public APIs let callers without a key in, as IS_ANONYMOUS_TASKS and IS_ANONYMOUS_MODELS
 # would in a deployment. test_permissions.py checks access with the switches off and on.
 ANONYMOUS_ALLOWED = {"anonymous_tasks": True, "anonymous_models": True}
+# Every test client comes from 127.0.0.1, and the permission and fuzz tests refuse far more than
+# a minute's budget of keyless requests on purpose; test_hostile_requests.py sets a small one.
+TEST_DEFAULTS = {**ANONYMOUS_ALLOWED, "unauthenticated_rate_per_minute": 1_000_000}
 
 
 def start_public_api(private_url: str, **overrides: object) -> ServerThread:
-    values = {**ANONYMOUS_ALLOWED, **overrides}
+    values = {**TEST_DEFAULTS, **overrides}
     settings = PublicSettings(private_api_url=private_url, service_token=SERVICE_TOKEN, **values)
-    return ServerThread(create_public_app(settings)).start()
+    return ServerThread(create_public_app(settings), settings.forwarded_allow_ips).start()
+
+
+@dataclass
+class PublicProcess:
+    """`python -m public_api` as its own process, as deployed: its memory can be read from /proc."""
+
+    popen: subprocess.Popen
+    url: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def memory_kib(self) -> dict[str, int]:
+        """VmHWM (peak resident memory) and VmRSS (now) of the process, in KiB."""
+        fields = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmHWM", "VmRSS"):
+                fields[name] = int(value.split()[0])
+        return fields
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        try:
+            self.popen.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+
+def start_public_api_process(private_url: str, log_dir: Path, **env: str) -> PublicProcess:
+    port = free_port()
+    log_path = log_dir / "public-api.log"
+    environment = {
+        **os.environ,
+        "IS_PRIVATE_API_URL": private_url,
+        "IS_SERVICE_TOKEN": SERVICE_TOKEN,
+        "IS_ANONYMOUS_TASKS": "false",
+        "IS_ANONYMOUS_MODELS": "false",
+        **env,
+    }
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "public_api", "--host", "127.0.0.1", "--port", str(port)],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    process = PublicProcess(popen=popen, url=f"http://127.0.0.1:{port}", log_path=log_path)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(process.url + PublicRoutes.HEALTH_LIVE, timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if popen.poll() is not None or time.monotonic() > deadline:
+            process.stop()
+            raise RuntimeError(
+                f"the public API did not start: {log_path.read_text(errors='replace')[-3000:]}"
+            )
+        time.sleep(0.1)
 
 
 # -- fixtures (imported by the conftest of each test package that needs the stack) ------------

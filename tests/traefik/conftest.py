@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from inference_server.contract import ApiKeyRole
 from inference_server.launcher import LocalPlatform, free_port
+from private_api.db import make_engine, make_session_factory
+from private_api.keys import create_key
 from tests.traefik.helpers import (
     FrontDoor,
     answers,
@@ -64,8 +68,13 @@ def front_door(
         ping=f"127.0.0.1:{ping_port}",
         dynamic_file=TRAEFIK_DIR / "dynamic.yml",
     )
+    # Traefik spools buffered bodies to Go's temporary directory: a folder of its own here, so
+    # the tests can see what it writes.
+    spool_dir = workdir / "spool"
+    spool_dir.mkdir()
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "TMPDIR": str(spool_dir),
         "IS_PROXY_UPSTREAM_URL": platform.public_url,
         "IS_PROXY_CERT_FILE": str(cert),
         "IS_PROXY_KEY_FILE": str(key),
@@ -84,6 +93,7 @@ def front_door(
         http_url=f"http://127.0.0.1:{web_port}",
         ca_file=cert,
         api_key=platform.operator_key_file.read_text().strip(),
+        spool_dir=spool_dir,
     )
     try:
         with httpx.Client(timeout=2.0) as ping:
@@ -102,3 +112,17 @@ def front_door(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def user_key(platform: LocalPlatform) -> str:
+    """A user (not operator) key in the platform's database."""
+    engine = make_engine(platform.resolved_database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            key, _info = create_key(
+                session=session, name=f"traefik-user-{secrets.token_hex(3)}", role=ApiKeyRole.USER
+            )
+    finally:
+        engine.dispose()
+    return key

@@ -177,6 +177,8 @@ class FrontDoor:
     ca_file: Path
     # Sent as `Authorization: Bearer` by client() when set (anonymous=True leaves it out).
     api_key: str | None = None
+    # Where Traefik spools buffered request bodies (its TMPDIR), when the test set one.
+    spool_dir: Path | None = None
 
     def client(self, *, anonymous: bool = False, **kwargs: Any) -> httpx.Client:
         kwargs.setdefault("timeout", httpx.Timeout(60.0, connect=5.0))

@@ -3,6 +3,7 @@ headers, big uploads spooled through, and nothing of the private API reachable t
 
 from __future__ import annotations
 
+import secrets
 import ssl
 import subprocess
 from pathlib import Path
@@ -12,14 +13,17 @@ import docker
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from inference_server.contract import CONSUMER_ID_HEADER, SERVICE_TOKEN_HEADER, PrivateRoutes, PublicRoutes
 from inference_server.launcher import LocalPlatform
 from models_examples.catalog import build_example_images, get_example
+from tests.public_api.hostile import HUGE, MULTIPART, multipart_body, send
 from tests.traefik.helpers import (
     TRAEFIK_DIR,
     FrontDoor,
     dynamic_config_as_yaml,
+    example_zip,
     private_only_requests,
     register_model,
     run_task,
@@ -113,15 +117,25 @@ def test_secure_headers_on_every_answer(front_door: FrontDoor, path: str) -> Non
 
 
 def test_upload_limit_and_timeouts_allow_big_uploads() -> None:
-    dynamic = dynamic_config_as_yaml()
-    buffering = dynamic["http"]["middlewares"]["upload-limit"]["buffering"]
+    dynamic = dynamic_config_as_yaml({"upstream": "http://public_api:8000"})
+    middlewares = dynamic["http"]["middlewares"]
+    buffering = middlewares["upload-limit"]["buffering"]
     assert buffering["maxRequestBodyBytes"] >= 50 * GIB
     # Small: anything bigger spools to disk instead of Traefik's memory.
     assert buffering["memRequestBodyBytes"] <= 16 * 1024**2
     routers = dynamic["http"]["routers"]
     assert set(routers) == {"public-api", "public-api-uploads"}
     assert {router["service"] for router in routers.values()} == {"public-api"}
-    assert "upload-limit" in routers["public-api-uploads"]["middlewares"]
+    chain = routers["public-api-uploads"]["middlewares"]
+    # The key is checked before anything is buffered.
+    assert chain.index("check-key") < chain.index("upload-limit")
+    check = middlewares["check-key"]["forwardAuth"]
+    assert check["address"] == "http://public_api:8000" + PublicRoutes.AUTH_CHECK
+    assert check["trustForwardHeader"] is False
+    assert not check.get("forwardBody", False)
+    assert {"Authorization", "X-Token"} <= set(check["authRequestHeaders"])
+    # Downloads and polls are not held up by a second request.
+    assert "check-key" not in routers["public-api"]["middlewares"]
 
     static = yaml.safe_load((TRAEFIK_DIR / "traefik.yml").read_text())
     timeouts = static["entryPoints"]["websecure"]["transport"]["respondingTimeouts"]
@@ -156,3 +170,110 @@ def test_make_cert_names_the_domain_localhost_and_loopback(tls_cert: tuple[Path,
     names = {name.strip() for name in text.splitlines()[-1].split(",")}
     assert {"DNS:inference.test", "DNS:localhost", "IP Address:127.0.0.1"} <= names
     assert key.stat().st_mode & 0o077 == 0, "the private key must not be readable by others"
+
+
+def _public_api_requests(platform: LocalPlatform) -> dict[tuple[str, str, str], float]:
+    """The public API's own request counts by (method, route, status), read from its /metrics."""
+    text = httpx.get(platform.public_url + PublicRoutes.METRICS, timeout=10.0).text
+    counts: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "public_api_requests":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                labels = sample.labels
+                counts[(labels["method"], labels["route"], labels["status"])] = sample.value
+    return counts
+
+
+def _delta(before: dict, after: dict, method: str, route: str) -> dict[str, float]:
+    return {
+        status: count - before.get((m, r, status), 0)
+        for (m, r, status), count in after.items()
+        if (m, r) == (method, route) and count != before.get((m, r, status), 0)
+    }
+
+
+def test_an_upload_without_the_right_key_is_refused_before_traefik_buffers_it(
+    front_door: FrontDoor, platform: LocalPlatform, user_key: str
+) -> None:
+    assert front_door.spool_dir is not None
+    refused = [
+        # (method, path, headers, expected)
+        ("POST", PublicRoutes.TASKS + "?model_human_readable_id=passthrough", {}, 401),
+        ("POST", PublicRoutes.TASKS.rstrip("/") + "?model_human_readable_id=passthrough", {}, 401),
+        ("POST", PublicRoutes.MODELS + "?container_tag=a/b:1&human_readable_id=x", {}, 401),
+        ("PATCH", PublicRoutes.MODEL.format(human_readable_id="passthrough"), {}, 401),
+        ("POST", "/no/such/route", {"Authorization": "Bearer isk_00000000_" + "x" * 43}, 401),
+        (
+            "POST",
+            PublicRoutes.MODELS + "?container_tag=a/b:1&human_readable_id=x",
+            {"X-Token": user_key},
+            403,
+        ),
+    ]
+    before = _public_api_requests(platform)
+    for method, path, headers, expected in refused:
+        # Only the headers of a 400 MB upload: buffering first, Traefik would wait for the body
+        # and never answer; checking the key first, it answers at once.
+        answer = send(
+            front_door.https_url,
+            method,
+            path,
+            multipart_body(HUGE),
+            length=HUGE,
+            headers={"Content-Type": MULTIPART, **headers},
+            ssl_context=front_door.ssl_context(),
+            send_body=False,
+            timeout=30,
+        )
+        assert answer.status == expected, (method, path, answer.status, answer.body[:300])
+        assert httpx.Response(expected, content=answer.body).json()["detail"]
+    # And with the body streaming: refused within the first megabytes, nothing spooled.
+    streamed = send(
+        front_door.https_url,
+        "POST",
+        PublicRoutes.TASKS + "?model_human_readable_id=passthrough",
+        multipart_body(HUGE),
+        length=HUGE,
+        headers={"Content-Type": MULTIPART},
+        ssl_context=front_door.ssl_context(),
+        timeout=30,
+    )
+    assert streamed.status == 401
+    assert streamed.sent < HUGE // 10
+    assert list(front_door.spool_dir.iterdir()) == []
+
+    after = _public_api_requests(platform)
+    # The public API saw the key checks only, never one of the uploads.
+    assert _delta(before, after, "GET", PublicRoutes.AUTH_CHECK) == {"401": 6, "403": 1}
+    for route in (PublicRoutes.TASKS, PublicRoutes.MODELS, PublicRoutes.MODEL, "unmatched"):
+        assert _delta(before, after, "POST", route) == {}
+        assert _delta(before, after, "PATCH", route) == {}
+
+
+def test_an_upload_with_the_right_key_passes_the_check_and_the_buffer(
+    front_door: FrontDoor, platform: LocalPlatform, user_key: str
+) -> None:
+    model_id = f"traefik-checked-{secrets.token_hex(3)}"
+    payload, _files = example_zip()  # 6 MiB: spooled to disk by the buffer on its way
+    before = _public_api_requests(platform)
+    with front_door.client() as operator:
+        # An image no engine has: the consumer fails the task at once, which is not the point here.
+        registered = register_model(operator, "inference-server/not-built:none", model_id)
+        changed = operator.patch(
+            PublicRoutes.MODEL.format(human_readable_id=model_id), json={"description": "d"}
+        )
+    with front_door.client(headers={"Authorization": f"Bearer {user_key}"}) as user:
+        submitted = user.post(
+            PublicRoutes.TASKS,
+            params={"model_human_readable_id": model_id},
+            files={"zip_file": ("input.zip", payload, "application/zip")},
+        )
+    after = _public_api_requests(platform)
+    assert registered["human_readable_id"] == model_id
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["description"] == "d"
+    assert submitted.status_code == 200, submitted.text
+    assert _delta(before, after, "GET", PublicRoutes.AUTH_CHECK) == {"200": 3}
+    assert _delta(before, after, "POST", PublicRoutes.TASKS) == {"200": 1}
