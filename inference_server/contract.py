@@ -24,6 +24,9 @@ API_KEY_MAX_LENGTH = 512
 ACTING_OWNER_HEADER = "X-Acting-Owner"
 ACTING_ROLE_HEADER = "X-Acting-Role"
 ANONYMOUS_ROLE = "anonymous"
+# Marks a private API 403 that refuses the user a request acts for; a 403 without it refuses
+# the calling service's own token, which the public API reports as its own fault (502).
+ACTOR_REFUSED_HEADER = "X-Actor-Refused"
 
 HUMAN_READABLE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 HUMAN_READABLE_ID_RE = re.compile(HUMAN_READABLE_ID_PATTERN)

@@ -34,7 +34,7 @@ def _validation_detail(exc: RequestValidationError) -> str:
 
 async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
-    return _body(exc.status_code, exc.detail)
+    return _body(exc.status_code, exc.detail, getattr(exc, "headers", None))
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from inference_server.contract import ACTOR_REFUSED_HEADER
+
 
 class DomainError(Exception):
     """Base of every error a caller can cause; the message is the `detail` the caller sees."""
@@ -27,6 +29,13 @@ class Forbidden(DomainError):
     """A known caller without the right to this request (a service token of another role)."""
 
     status_code = 403
+
+
+class ActorForbidden(DomainError):
+    """The user a relayed request acts for may not do this (the calling service may)."""
+
+    status_code = 403
+    headers = {ACTOR_REFUSED_HEADER: "true"}
 
 
 class NotFound(DomainError):

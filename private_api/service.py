@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from inference_server.contract import (
+    MODEL_SWITCHES,
     HeartbeatReply,
     ModelPublic,
     ModelUpdate,
@@ -31,7 +32,7 @@ from inference_server.contract import (
     TaskStatus,
 )
 from private_api.blobs import BlobStore, StoredBlob
-from private_api.exceptions import Conflict, NotFound, Unprocessable
+from private_api.exceptions import ActorForbidden, Conflict, NotFound, Unprocessable
 from private_api.models import Model, Task, UTCDateTime, utcnow
 from private_api.queue import TaskPublisher
 from private_api.schemas import ModelCreate
@@ -203,8 +204,21 @@ def ensure_model_name_free(*, session: Session, human_readable_id: str) -> None:
         raise Conflict(f"a model named {human_readable_id!r} already exists")
 
 
-def create_model(*, session: Session, params: ModelCreate, model_zip: StoredBlob | None) -> ModelPublic:
+def refuse_loosened_isolation(actor: Actor | None, values: dict[str, Any]) -> None:
+    """Only operators loosen a model's isolation. Others reach the model routes only through
+    the IS_ANONYMOUS_MODELS compatibility switch, which must not open the host to them."""
+    if actor is None or actor.is_operator:
+        return
+    for switch in MODEL_SWITCHES:
+        if values.get(switch):
+            raise ActorForbidden(f"only an operator key may set {switch}")
+
+
+def create_model(
+    *, session: Session, params: ModelCreate, model_zip: StoredBlob | None, actor: Actor | None = None
+) -> ModelPublic:
     """Register a model; the caller deletes `model_zip` if this raises."""
+    refuse_loosened_isolation(actor, params.model_dump())
     if params.model_available and model_zip is None:
         raise Unprocessable("model_available=true needs the model zip in the multipart file field 'zip_file'")
     if model_zip is not None and not params.model_available:
@@ -227,11 +241,15 @@ def create_model(*, session: Session, params: ModelCreate, model_zip: StoredBlob
     return public
 
 
-def update_model(*, session: Session, human_readable_id: str, changes: ModelUpdate) -> ModelPublic:
+def update_model(
+    *, session: Session, human_readable_id: str, changes: ModelUpdate, actor: Actor | None = None
+) -> ModelPublic:
     """Change a model's description or limits: only the fields present in `changes` (a limit set
     to None returns to the platform default). Tasks claimed from now on run with the new values."""
+    values = changes.model_dump(exclude_unset=True)
+    refuse_loosened_isolation(actor, values)
     model = _required_model(session, human_readable_id)
-    for field, value in changes.model_dump(exclude_unset=True).items():
+    for field, value in values.items():
         setattr(model, field, value)
     public = ModelPublic.model_validate(model)
     session.commit()
@@ -246,10 +264,24 @@ def model_zip_key(*, session: Session, human_readable_id: str) -> str:
     return model.model_zip_key
 
 
-def delete_model(*, session: Session, blobs: BlobStore, human_readable_id: str) -> ModelPublic:
-    """Remove a model with its zip and its finished tasks; refused while tasks are pending or running."""
+def delete_model(
+    *, session: Session, blobs: BlobStore, human_readable_id: str, actor: Actor | None = None
+) -> ModelPublic:
+    """Remove a model with its zip and its finished tasks; refused while tasks are pending or
+    running, and to anyone but an operator while it holds tasks of other owners."""
     model = _required_model(session, human_readable_id)
     public = ModelPublic.model_validate(model)
+    if actor is not None and not actor.is_operator:
+        others = session.scalar(
+            select(func.count())
+            .select_from(Task)
+            .where(Task.model_id == model.id, Task.owner.is_distinct_from(actor.name))
+        )
+        if others:
+            raise ActorForbidden(
+                f"model {human_readable_id!r} holds {others} tasks of other owners; "
+                "only an operator may remove it"
+            )
     active = session.scalar(
         select(func.count())
         .select_from(Task)

@@ -141,6 +141,8 @@ async def require_operator(
 
 
 TaskCallerDep = Annotated[Principal | None, Depends(task_caller)]
+# An operator, or anyone when IS_ANONYMOUS_MODELS is on (None: anonymous).
+ModelManagerDep = Annotated[Principal | None, Depends(require_operator)]
 
 _ACCESS_OF_DEPENDENCY = {
     task_caller: Access.TASKS,

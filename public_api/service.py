@@ -160,24 +160,38 @@ async def list_models(api: PrivateAPI) -> list[ModelPublic]:
         raise UpstreamHTTPError(502, f"private API answered with an unexpected body: {exc}") from exc
 
 
-async def register_model(api: PrivateAPI, *, params: dict[str, Any], body: UploadBody) -> ModelPublic:
+async def register_model(
+    api: PrivateAPI, *, caller: Principal | None, params: dict[str, Any], body: UploadBody
+) -> ModelPublic:
+    # The caller goes along: what a non-operator may set (IS_ANONYMOUS_MODELS) is the private
+    # API's rule.
     data = await api.upload(
-        PrivateRoutes.MODELS, params=_without_none(params), body=body.chunks, headers=body.headers
+        PrivateRoutes.MODELS,
+        params=_without_none(params),
+        body=body.chunks,
+        headers={**body.headers, **acting_headers(caller)},
     )
     return _parse(ModelPublic, data)
 
 
-async def update_model(api: PrivateAPI, human_readable_id: str, changes: ModelUpdate) -> ModelPublic:
+async def update_model(
+    api: PrivateAPI, human_readable_id: str, changes: ModelUpdate, *, caller: Principal | None
+) -> ModelPublic:
     data = await api.call(
         "PATCH",
         PrivateRoutes.MODEL.format(human_readable_id=human_readable_id),
         json=changes.model_dump(mode="json", exclude_unset=True),
+        headers=acting_headers(caller),
     )
     return _parse(ModelPublic, data)
 
 
-async def delete_model(api: PrivateAPI, human_readable_id: str) -> ModelPublic:
-    data = await api.call("DELETE", PrivateRoutes.MODEL.format(human_readable_id=human_readable_id))
+async def delete_model(api: PrivateAPI, human_readable_id: str, *, caller: Principal | None) -> ModelPublic:
+    data = await api.call(
+        "DELETE",
+        PrivateRoutes.MODEL.format(human_readable_id=human_readable_id),
+        headers=acting_headers(caller),
+    )
     return _parse(ModelPublic, data)
 
 

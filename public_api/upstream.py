@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-from inference_server.contract import SERVICE_TOKEN_HEADER
+from inference_server.contract import ACTOR_REFUSED_HEADER, SERVICE_TOKEN_HEADER
 from public_api.config import PublicSettings
 from public_api.errors import UpstreamHTTPError, UpstreamUnavailableError
 
@@ -63,6 +63,8 @@ def upstream_error(reply: Reply) -> UpstreamHTTPError:
     """The error to answer with for a non-2xx private API answer."""
     status = reply.status_code
     detail = _detail_of(reply)
+    if status == 403 and reply.headers.get(ACTOR_REFUSED_HEADER):
+        return UpstreamHTTPError(403, detail)
     if status in (401, 403):
         # The caller did nothing wrong: this service's own token was refused.
         return UpstreamHTTPError(502, "the private API refused the public API's service token")

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from inference_server.contract import ZIP_MEDIA_TYPE, ModelPublic, ModelUpdate, PrivateRoutes
 from private_api import service
-from private_api.deps import BlobsDep, SessionDep, SettingsDep, require_service_token
+from private_api.deps import ActorDep, BlobsDep, SessionDep, SettingsDep, require_service_token
 from private_api.responses import blob_response
 from private_api.schemas import ModelCreate
 from private_api.uploads import optional_zip_upload, zip_request_body
@@ -30,7 +30,10 @@ async def create_model(
     session: SessionDep,
     settings: SettingsDep,
     blobs: BlobsDep,
+    actor: ActorDep,
 ) -> ModelPublic:
+    # Refused before the zip streams in, like a duplicate name.
+    service.refuse_loosened_isolation(actor, params.model_dump())
     await run_in_threadpool(
         service.ensure_model_name_free, session=session, human_readable_id=params.human_readable_id
     )
@@ -44,7 +47,7 @@ async def create_model(
         limits=settings.input_zip_limits,
     ) as model_zip:
         return await run_in_threadpool(
-            service.create_model, session=session, params=params, model_zip=model_zip
+            service.create_model, session=session, params=params, model_zip=model_zip, actor=actor
         )
 
 
@@ -59,8 +62,12 @@ def get_model(human_readable_id: str, session: SessionDep) -> ModelPublic:
 
 
 @router.patch(PrivateRoutes.MODEL, response_model=ModelPublic)
-def update_model(human_readable_id: str, changes: ModelUpdate, session: SessionDep) -> ModelPublic:
-    return service.update_model(session=session, human_readable_id=human_readable_id, changes=changes)
+def update_model(
+    human_readable_id: str, changes: ModelUpdate, session: SessionDep, actor: ActorDep
+) -> ModelPublic:
+    return service.update_model(
+        session=session, human_readable_id=human_readable_id, changes=changes, actor=actor
+    )
 
 
 @router.get(PrivateRoutes.MODEL_ZIP, response_class=StreamingResponse)
@@ -76,5 +83,9 @@ def get_model_zip(human_readable_id: str, session: SessionDep, blobs: BlobsDep) 
 
 
 @router.delete(PrivateRoutes.MODEL, response_model=ModelPublic)
-def delete_model(human_readable_id: str, session: SessionDep, blobs: BlobsDep) -> ModelPublic:
-    return service.delete_model(session=session, blobs=blobs, human_readable_id=human_readable_id)
+def delete_model(
+    human_readable_id: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep
+) -> ModelPublic:
+    return service.delete_model(
+        session=session, blobs=blobs, human_readable_id=human_readable_id, actor=actor
+    )

@@ -15,7 +15,7 @@ from inference_server.contract import (
     PublicRoutes,
 )
 from public_api import service
-from public_api.deps import PrivateAPIDep, SettingsDep, model_reader, require_operator
+from public_api.deps import ModelManagerDep, PrivateAPIDep, SettingsDep, model_reader, require_operator
 from public_api.json_body import json_request_body, read_json
 from public_api.relay import upload_body
 from public_api.routes._docs import COMMON_RESPONSES, OPERATOR_ONLY, error, zip_upload_body
@@ -60,6 +60,7 @@ async def list_models(api: PrivateAPIDep) -> list[ModelPublic]:
 )
 async def register_model(
     request: Request,
+    caller: ModelManagerDep,
     api: PrivateAPIDep,
     settings: SettingsDep,
     container_tag: Annotated[str, Query(pattern=CONTAINER_TAG_PATTERN, description="Docker image.")],
@@ -101,7 +102,7 @@ async def register_model(
         "writable_rootfs": writable_rootfs,
     }
     return await service.register_model(
-        api, params=params, body=upload_body(request, settings.max_upload_bytes)
+        api, caller=caller, params=params, body=upload_body(request, settings.max_upload_bytes)
     )
 
 
@@ -124,9 +125,11 @@ async def register_model(
     # The body is read by the handler, after require_operator: never for a refused caller.
     openapi_extra=json_request_body(ModelUpdate),
 )
-async def update_model(human_readable_id: ModelId, request: Request, api: PrivateAPIDep) -> ModelPublic:
+async def update_model(
+    human_readable_id: ModelId, request: Request, caller: ModelManagerDep, api: PrivateAPIDep
+) -> ModelPublic:
     changes = await read_json(request, ModelUpdate)
-    return await service.update_model(api, human_readable_id, changes)
+    return await service.update_model(api, human_readable_id, changes, caller=caller)
 
 
 @router.delete(
@@ -140,5 +143,7 @@ async def update_model(human_readable_id: ModelId, request: Request, api: Privat
         409: error("The model still has pending or running tasks; cancel them first."),
     },
 )
-async def delete_model(human_readable_id: ModelId, api: PrivateAPIDep) -> ModelPublic:
-    return await service.delete_model(api, human_readable_id)
+async def delete_model(
+    human_readable_id: ModelId, caller: ModelManagerDep, api: PrivateAPIDep
+) -> ModelPublic:
+    return await service.delete_model(api, human_readable_id, caller=caller)

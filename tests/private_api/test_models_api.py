@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+
+from inference_server.contract import ACTING_OWNER_HEADER, ACTING_ROLE_HEADER, ANONYMOUS_ROLE
 from tests.private_api.helpers import (
     claim,
     make_zip,
@@ -107,3 +110,68 @@ def test_isolation_defaults_and_the_operator_switches(client):
         refused = client.patch("/models/locked", json=bad)
         assert refused.status_code == 422, (bad, refused.text)
         assert refused.json()["detail"]
+
+
+ANONYMOUS = {ACTING_ROLE_HEADER: ANONYMOUS_ROLE}
+
+
+def as_user(name: str) -> dict[str, str]:
+    return {ACTING_OWNER_HEADER: name, ACTING_ROLE_HEADER: "user"}
+
+
+@pytest.mark.parametrize("switch", ["run_as_root", "allow_network", "writable_rootfs"])
+def test_only_operators_loosen_isolation_even_with_anonymous_models_on(client, settings, switch):
+    """IS_ANONYMOUS_MODELS lets callers without an operator key manage models; it must not let
+    them open the host: the isolation switches stay an operator's."""
+    for caller in (ANONYMOUS, as_user("alice")):
+        refused = client.post(
+            "/models",
+            params={"human_readable_id": "rooted", "container_tag": "img:1", switch: True},
+            headers=caller,
+            files={"zip_file": ("m.zip", make_zip(), "application/zip")},
+        )
+        assert refused.status_code == 403, refused.text
+        assert switch in refused.json()["detail"]
+        assert client.get("/models/rooted").status_code == 404
+        assert stored_files(settings) == []
+    plain = client.post(
+        "/models", params={"human_readable_id": "plain", "container_tag": "i:1"}, headers=ANONYMOUS
+    )
+    assert plain.status_code == 201, plain.text
+    patched = client.patch("/models/plain", json={switch: True}, headers=ANONYMOUS)
+    assert patched.status_code == 403, patched.text
+    assert client.get("/models/plain").json()[switch] is False
+    # Operators (and the platform itself) may.
+    operator = {ACTING_OWNER_HEADER: "root-of-lab", ACTING_ROLE_HEADER: "operator"}
+    assert client.patch("/models/plain", json={switch: True}, headers=operator).json()[switch] is True
+
+
+def test_a_model_with_other_owners_tasks_is_removed_only_by_an_operator(client):
+    register_model(client, "shared")
+    own = client.post(
+        "/tasks",
+        params={"model_human_readable_id": "shared"},
+        files={"zip_file": ("in.zip", make_zip(), "application/zip")},
+        headers=ANONYMOUS,
+    )
+    assert own.status_code == 201, own.text
+    assert client.post(f"/tasks/{own.json()['uid']}/cancel").status_code == 200
+    # Only anonymous tasks on it: an anonymous caller may remove it ...
+    register_model(client, "lonely")
+    assert client.delete("/models/lonely", headers=ANONYMOUS).status_code == 200
+
+    alice = client.post(
+        "/tasks",
+        params={"model_human_readable_id": "shared"},
+        files={"zip_file": ("in.zip", make_zip(), "application/zip")},
+        headers=as_user("alice"),
+    )
+    assert client.post(f"/tasks/{alice.json()['uid']}/cancel").status_code == 200
+    # ... but not once it holds alice's task; neither may bob. alice herself meets the anonymous one.
+    for caller in (ANONYMOUS, as_user("bob"), as_user("alice")):
+        refused = client.delete("/models/shared", headers=caller)
+        assert refused.status_code == 403, refused.text
+        assert "other owners" in refused.json()["detail"]
+    assert client.get("/models/shared").status_code == 200
+    operator = {ACTING_OWNER_HEADER: "root-of-lab", ACTING_ROLE_HEADER: "operator"}
+    assert client.delete("/models/shared", headers=operator).status_code == 200

@@ -454,3 +454,43 @@ def test_key_lookup_with_the_private_api_down_is_503_not_401(keys: Keys) -> None
         assert "unreachable" in response.json()["detail"]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("who", ["anonymous", "user_a"])
+@pytest.mark.parametrize("switch", ["run_as_root", "allow_network", "writable_rootfs"])
+def test_anonymous_models_switch_does_not_open_the_host(
+    who: str, switch: str, strict_url: str, open_url: str, keys: Keys
+) -> None:
+    """With IS_ANONYMOUS_MODELS on, callers without an operator key manage models, but cannot
+    loosen their isolation; an operator can."""
+    new_id = unique_id()
+    refused = shared_http().post(
+        open_url + PublicRoutes.MODELS,
+        params={"container_tag": BASE_IMAGE_TAG, "human_readable_id": new_id, switch: True},
+        headers=keys.headers(who),
+    )
+    assert refused.status_code == 403, refused.text
+    assert switch in refused.json()["detail"]
+    assert _model_as_operator(strict_url, keys, new_id) is None
+
+    existing = _register(open_url, keys.headers(who)).json()["human_readable_id"]
+    path = PublicRoutes.MODEL.format(human_readable_id=existing)
+    patched = shared_http().patch(open_url + path, json={switch: True}, headers=keys.headers(who))
+    assert patched.status_code == 403, patched.text
+    assert _model_as_operator(strict_url, keys, existing)[switch] is False
+    by_operator = shared_http().patch(open_url + path, json={switch: True}, headers=keys.headers("operator"))
+    assert by_operator.status_code == 200 and by_operator.json()[switch] is True
+
+
+def test_anonymous_callers_cannot_remove_a_model_with_other_owners_tasks(
+    strict_url: str, open_url: str, keys: Keys, consumer: ConsumerDriver
+) -> None:
+    model = _register(open_url, {}).json()["human_readable_id"]
+    _finished_task(open_url, model, keys.headers("user_a"), consumer)
+    path = PublicRoutes.MODEL.format(human_readable_id=model)
+
+    refused = shared_http().delete(open_url + path)
+    assert refused.status_code == 403, refused.text
+    assert "other owners" in refused.json()["detail"]
+    assert _model_as_operator(strict_url, keys, model) is not None
+    assert shared_http().delete(open_url + path, headers=keys.headers("operator")).status_code == 200
