@@ -128,6 +128,8 @@ async def require_service_token(
         raise Unauthorized(f"wrong {SERVICE_TOKEN_HEADER}")
     if role == ServiceRole.ADMIN:
         return role
+    # The matched route's template ("/tasks/{uid}"), as ROUTE_GRANTS names it; without one the
+    # concrete path matches no rule, so nothing is granted.
     route = request.scope.get("route")
     path = getattr(route, "path", request.url.path)
     if role not in ROUTE_GRANTS.get((request.method, path), frozenset()):
