@@ -3,30 +3,67 @@
 The private API calls `inspect_zip` on every upload before storing it, and the consumer calls
 `extract_zip` (which checks again) before a model sees the files, so a hostile archive is
 refused at the door and could not escape its folder even if it slipped past.
+
+Whatever `inspect_zip` accepts, the rest of this module can unpack, measure, zip and remove:
+names are plain UTF-8 paths, bounded in depth and length, and no two entries claim one place.
+Trees on disk (what a model wrote) are walked without recursion and through folder file
+descriptors, so neither Python's recursion limit nor the kernel's PATH_MAX bounds what can be
+measured, zipped or removed, and no link is ever followed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-import shutil
 import stat
+import time
 import zipfile
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 COPY_CHUNK = 1024 * 1024
+# Open folder descriptors kept on the way down a tree; deeper levels are reopened through ".."
+# on the way up, so a tree of any depth is walked with a bounded number of open files.
+_KEPT_DIR_FDS = 32
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_ZIP_LAST = (2107, 12, 31, 23, 59, 58)
 
 
 class UnsafeZipError(ValueError):
     """The archive is not a zip, is damaged, or breaks one of the limits; the message says which."""
 
 
+class TreeChangedError(OSError):
+    """A folder was moved while it was walked; the walk cannot tell where it is any more."""
+
+
 @dataclass(frozen=True)
 class ZipLimits:
     max_total_bytes: int = 20 * 1024**3
+    # Files and folders (explicit entries or implied by a deeper path): what unpacking creates.
     max_files: int = 100_000
     max_ratio: float = 200.0
     allow_empty: bool = False
+    # Path components of the deepest entry (its folders and its own name).
+    max_depth: int = 64
+    # UTF-8 bytes of a whole entry path, and of one name in it (255 is Linux's NAME_MAX).
+    max_path_bytes: int = 1024
+    max_name_bytes: int = 255
+
+    def for_output(self) -> ZipLimits:
+        """Limits for what a consumer sends back: no unsafe names, but segmentation masks compress
+        extremely well, a model may legitimately write nothing, and outputs may be larger."""
+        return replace(
+            self,
+            max_total_bytes=max(self.max_total_bytes, 1024**4),
+            max_files=max(self.max_files, 1_000_000),
+            max_ratio=float("inf"),
+            allow_empty=True,
+        )
 
 
 @dataclass(frozen=True)
@@ -35,17 +72,41 @@ class ZipSummary:
     total_bytes: int
 
 
-def _check_member_name(name: str) -> PurePosixPath:
+def _show(name: str, limit: int = 120) -> str:
+    """A name for an error message: hostile names can be kilobytes long."""
+    return repr(name if len(name) <= limit else f"{name[:limit]}...")
+
+
+def _parts_of(name: str) -> tuple[str, ...]:
+    """The entry's path as components, normalised ('a//b', './a', 'a/' all name what they mean)."""
     if not name or "\x00" in name:
         raise UnsafeZipError("zip entry with an empty or NUL-containing name")
     if "\\" in name:
-        raise UnsafeZipError(f"zip entry {name!r} uses backslashes; only '/' separates folders")
-    path = PurePosixPath(name)
-    if path.is_absolute() or (len(name) > 1 and name[1] == ":"):
-        raise UnsafeZipError(f"zip entry {name!r} has an absolute path")
-    if any(part == ".." for part in path.parts):
-        raise UnsafeZipError(f"zip entry {name!r} escapes the archive folder with '..'")
-    return path
+        raise UnsafeZipError(f"zip entry {_show(name)} uses backslashes; only '/' separates folders")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise UnsafeZipError(f"zip entry {_show(name)} has an absolute path")
+    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    if ".." in parts:
+        raise UnsafeZipError(f"zip entry {_show(name)} escapes the archive folder with '..'")
+    if not parts:
+        raise UnsafeZipError(f"zip entry {_show(name)} names no file or folder")
+    return parts
+
+
+def _check_shape(parts: tuple[str, ...], limits: ZipLimits, shown: str) -> None:
+    """Depth and length limits, the same for zips coming in and folders going out."""
+    for part in parts:
+        size = len(part.encode("utf-8"))
+        if size > limits.max_name_bytes:
+            raise UnsafeZipError(
+                f"{shown} has a name of {size} bytes ({_show(part, 40)}); "
+                f"the limit is {limits.max_name_bytes}"
+            )
+    if len(parts) > limits.max_depth:
+        raise UnsafeZipError(f"{shown} is {len(parts)} levels deep; the limit is {limits.max_depth}")
+    size = len("/".join(parts).encode("utf-8"))
+    if size > limits.max_path_bytes:
+        raise UnsafeZipError(f"{shown} has a path of {size} bytes; the limit is {limits.max_path_bytes}")
 
 
 def _is_symlink(info: zipfile.ZipInfo) -> bool:
@@ -53,28 +114,92 @@ def _is_symlink(info: zipfile.ZipInfo) -> bool:
     return info.create_system == 3 and stat.S_ISLNK(unix_mode)
 
 
-def inspect_zip(path: Path, limits: ZipLimits) -> ZipSummary:
-    """Validate an archive's directory and integrity without unpacking it."""
+@dataclass
+class _Node:
+    is_dir: bool
+    name: str  # the entry that put it there, for the message
+    explicit: bool
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    # Names without the zip UTF-8 flag are read as UTF-8 too (not as the format's default CP437):
+    # every archiver in use writes UTF-8 either way, and an invalid name fails here, so what is
+    # unpacked, what a model sees and what comes back in the output zip are the same names.
     try:
-        archive = zipfile.ZipFile(path)
+        return zipfile.ZipFile(path, metadata_encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raw = exc.object[:120] if isinstance(exc.object, bytes) else b""
+        raise UnsafeZipError(f"zip entry name {raw!r} is not valid UTF-8") from exc
     except (zipfile.BadZipFile, OSError) as exc:
         raise UnsafeZipError(f"not a valid zip file: {exc}") from exc
     except Exception as exc:  # zipfile raises assorted errors on crafted headers
         raise UnsafeZipError(f"not a valid zip file: {exc}") from exc
-    with archive:
-        members = archive.infolist()
-        files = [m for m in members if not m.is_dir()]
-        if len(files) > limits.max_files:
-            raise UnsafeZipError(f"zip holds {len(files)} files; the limit is {limits.max_files}")
+
+
+def _plan(
+    archive: zipfile.ZipFile, limits: ZipLimits
+) -> tuple[list[tuple[zipfile.ZipInfo, tuple[str, ...]]], int]:
+    """Every entry with its normalised path, checked; and the number of files and folders."""
+    members = archive.infolist()
+    # A cheap first bound, before any per-entry work: every entry creates at least one thing.
+    if len(members) > limits.max_files:
+        raise UnsafeZipError(
+            f"zip holds {len(members)} entries, folders counted as files; the limit is {limits.max_files}"
+        )
+    nodes: dict[tuple[str, ...], _Node] = {}
+    plan = []
+    for member in members:
+        name = member.orig_filename
+        parts = _parts_of(name)
+        _check_shape(parts, limits, f"zip entry {_show(name)}")
+        is_dir = member.is_dir()
+        for depth in range(1, len(parts)):
+            prefix = parts[:depth]
+            node = nodes.get(prefix)
+            if node is None:
+                nodes[prefix] = _Node(is_dir=True, name=name, explicit=False)
+            elif not node.is_dir:
+                raise UnsafeZipError(
+                    f"zip entries {_show(node.name)} and {_show(name)} collide: "
+                    f"{_show('/'.join(prefix))} would be both a file and a folder"
+                )
+        node = nodes.get(parts)
+        if node is None:
+            nodes[parts] = _Node(is_dir=is_dir, name=name, explicit=True)
+        elif node.is_dir != is_dir:
+            raise UnsafeZipError(
+                f"zip entries {_show(node.name)} and {_show(name)} collide: "
+                f"{_show('/'.join(parts))} would be both a file and a folder"
+            )
+        elif node.explicit or not is_dir:
+            raise UnsafeZipError(
+                f"zip entries {_show(node.name)} and {_show(name)} name the same "
+                f"{'folder' if is_dir else 'file'} {_show('/'.join(parts))}"
+            )
+        else:
+            node.explicit = True
+        plan.append((member, parts))
+        if len(nodes) > limits.max_files:
+            raise UnsafeZipError(
+                f"zip holds more than {limits.max_files} entries, folders counted as files; "
+                f"the limit is {limits.max_files}"
+            )
+    return plan
+
+
+def inspect_zip(path: Path, limits: ZipLimits) -> ZipSummary:
+    """Validate an archive's directory and integrity without unpacking it."""
+    with _open_zip(path) as archive:
+        plan = _plan(archive, limits)
+        files = [member for member, _ in plan if not member.is_dir()]
         if not files and not limits.allow_empty:
             raise UnsafeZipError("zip is empty: it holds no files")
         total = 0
-        for member in members:
-            _check_member_name(member.filename)
+        for member, _ in plan:
             if _is_symlink(member):
-                raise UnsafeZipError(f"zip entry {member.filename!r} is a symbolic link")
+                raise UnsafeZipError(f"zip entry {_show(member.filename)} is a symbolic link")
             if member.flag_bits & 0x1:
-                raise UnsafeZipError(f"zip entry {member.filename!r} is encrypted")
+                raise UnsafeZipError(f"zip entry {_show(member.filename)} is encrypted")
             total += member.file_size
             if total > limits.max_total_bytes:
                 raise UnsafeZipError(
@@ -84,7 +209,7 @@ def inspect_zip(path: Path, limits: ZipLimits) -> ZipSummary:
                 ratio = member.file_size / max(member.compress_size, 1)
                 if ratio > limits.max_ratio:
                     raise UnsafeZipError(
-                        f"zip entry {member.filename!r} expands {ratio:.0f}x, "
+                        f"zip entry {_show(member.filename)} expands {ratio:.0f}x, "
                         f"over the limit of {limits.max_ratio:.0f}x"
                     )
         try:
@@ -92,26 +217,47 @@ def inspect_zip(path: Path, limits: ZipLimits) -> ZipSummary:
         except Exception as exc:
             raise UnsafeZipError(f"zip is damaged: {exc}") from exc
         if broken is not None:
-            raise UnsafeZipError(f"zip entry {broken!r} is damaged (bad CRC)")
+            raise UnsafeZipError(f"zip entry {_show(broken)} is damaged (bad CRC)")
     return ZipSummary(files=len(files), total_bytes=total)
 
 
-def extract_zip(path: Path, destination: Path, limits: ZipLimits) -> ZipSummary:
-    """Unpack into `destination`, refusing anything `inspect_zip` refuses, counting real bytes."""
+def extract_zip(
+    path: Path, destination: Path, limits: ZipLimits, *, dir_mode: int = 0o755, file_mode: int = 0o644
+) -> ZipSummary:
+    """Unpack into `destination`, refusing anything `inspect_zip` refuses, counting real bytes.
+
+    Modes are set explicitly, whatever the umask: the model may run as any user and must be able
+    to read what was unpacked. Nothing existing is overwritten and no link is followed."""
     summary = inspect_zip(path, limits)
     destination.mkdir(parents=True, exist_ok=True)
-    root = destination.resolve()
-    written = 0
-    with zipfile.ZipFile(path) as archive:
-        for member in archive.infolist():
-            target = (root / _check_member_name(member.filename)).resolve()
-            if target != root and root not in target.parents:
-                raise UnsafeZipError(f"zip entry {member.filename!r} escapes the archive folder")
-            if member.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
+    made: set[tuple[str, ...]] = set()
+
+    def make_folders(parts: tuple[str, ...]) -> None:
+        for depth in range(1, len(parts) + 1):
+            prefix = parts[:depth]
+            if prefix in made:
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(member) as source, open(target, "wb") as sink:
+            folder = destination.joinpath(*prefix)
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                # Only a folder already there (never a link someone planted) may be reused.
+                if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                    raise UnsafeZipError(f"{_show('/'.join(prefix))} exists and is not a folder") from None
+            os.chmod(folder, dir_mode)
+            made.add(prefix)
+
+    written = 0
+    with _open_zip(path) as archive:
+        plan = _plan(archive, limits)
+        for member, parts in plan:
+            if member.is_dir():
+                make_folders(parts)
+                continue
+            make_folders(parts[:-1])
+            target = destination.joinpath(*parts)
+            # "x": O_CREAT|O_EXCL, which neither overwrites nor follows a link at the target.
+            with archive.open(member) as source, open(target, "xb") as sink:
                 while chunk := source.read(COPY_CHUNK):
                     written += len(chunk)
                     # Headers can lie about sizes; the bytes actually written are what count.
@@ -120,53 +266,306 @@ def extract_zip(path: Path, destination: Path, limits: ZipLimits) -> ZipSummary:
                             f"zip unpacks to more than {limits.max_total_bytes} bytes, the configured limit"
                         )
                     sink.write(chunk)
-            os.chmod(target, 0o644)
+            os.chmod(target, file_mode)
     return summary
 
 
-def zip_directory(source: Path, archive_path: Path) -> int:
-    """Zip every regular file under `source`, folders kept, links skipped; returns the file count."""
-    count = 0
-    root = source.resolve()
-    with zipfile.ZipFile(archive_path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-        for folder, dirnames, filenames in os.walk(root, followlinks=False):
-            folder_path = Path(folder)
-            for dirname in sorted(dirnames):
-                dir_path = folder_path / dirname
-                if dir_path.is_symlink():
+# --- trees on disk ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One step of a walk. `dir_fd` is the parent folder's descriptor, valid until the next step."""
+
+    kind: str  # "other" (anything but a folder), "enter" (a folder, before its contents), "leave"
+    dir_fd: int
+    name: str
+    parts: tuple[str, ...]
+    st: os.stat_result
+
+
+@dataclass
+class _Frame:
+    fd: int | None
+    ident: tuple[int, int]
+    names: list[str]
+    parts: tuple[str, ...]
+    st: os.stat_result | None = None
+
+
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _open_dir(name: str | Path, dir_fd: int | None, make_accessible: bool) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except PermissionError:
+        if not make_accessible:
+            raise
+    # A model may leave folders without read or search permission; we may change that only
+    # on our own folders (or as root), and only when removing.
+    os.chmod(name, 0o700, dir_fd=dir_fd)
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def _walk(root: Path, *, make_accessible: bool = False) -> Iterator[_Entry]:
+    """Every entry under `root`, depth first, folders announced before and after their contents.
+
+    Iterative, through descriptors, never following links and never leaving root's filesystem.
+    Entries that vanish meanwhile are skipped; a folder moved meanwhile ends the walk with
+    TreeChangedError (possible only while a model still runs)."""
+    stack: list[_Frame] = []
+    root_fd = _open_dir(root, None, make_accessible)
+    try:
+        root_st = os.fstat(root_fd)
+        if make_accessible and stat.S_IMODE(root_st.st_mode) & 0o700 != 0o700:
+            os.fchmod(root_fd, 0o700)
+        names = sorted(os.listdir(root_fd), reverse=True)
+    except BaseException:
+        os.close(root_fd)
+        raise
+    stack.append(_Frame(root_fd, _ident(root_st), names, ()))
+    try:
+        while stack:
+            frame = stack[-1]
+            assert frame.fd is not None
+            if not frame.names:
+                if len(stack) == 1:
+                    break
+                parent = stack[-2]
+                if parent.fd is None:
+                    # Closed on the way down to bound the open descriptors: found again through
+                    # "..", and checked to be the same folder.
+                    parent_fd = os.open("..", _DIR_FLAGS, dir_fd=frame.fd)
+                    if _ident(os.fstat(parent_fd)) != parent.ident:
+                        os.close(parent_fd)
+                        raise TreeChangedError(errno.ESTALE, "a folder was moved while it was walked")
+                    parent.fd = parent_fd
+                stack.pop()
+                os.close(frame.fd)
+                assert frame.st is not None
+                yield _Entry("leave", parent.fd, frame.parts[-1], frame.parts, frame.st)
+                continue
+            name = frame.names.pop()
+            try:
+                st = os.stat(name, dir_fd=frame.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            parts = (*frame.parts, name)
+            if not stat.S_ISDIR(st.st_mode):
+                yield _Entry("other", frame.fd, name, parts, st)
+                continue
+            if st.st_dev != root_st.st_dev:
+                continue  # a mount point: not ours to walk into
+            yield _Entry("enter", frame.fd, name, parts, st)
+            try:
+                child_fd = _open_dir(name, frame.fd, make_accessible)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # replaced meanwhile
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                continue  # replaced by a link meanwhile: never followed
+            try:
+                child_st = os.fstat(child_fd)
+                if _ident(child_st) != _ident(st):
+                    os.close(child_fd)
                     continue
-                if not any(dir_path.iterdir()):
-                    archive.writestr(str(dir_path.relative_to(root)) + "/", b"")
-            for filename in sorted(filenames):
-                file_path = folder_path / filename
-                if file_path.is_symlink() or not file_path.is_file():
-                    continue
-                archive.write(file_path, file_path.relative_to(root).as_posix())
-                count += 1
-    return count
+                if make_accessible and stat.S_IMODE(child_st.st_mode) & 0o700 != 0o700:
+                    os.fchmod(child_fd, 0o700)
+                names = sorted(os.listdir(child_fd), reverse=True)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.close(child_fd)
+                raise
+            if len(stack) >= _KEPT_DIR_FDS:
+                os.close(frame.fd)
+                frame.fd = None
+            stack.append(_Frame(child_fd, _ident(child_st), names, parts, child_st))
+    finally:
+        for frame in stack:
+            if frame.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(frame.fd)
 
 
 def directory_size(root: Path, stop_above: int | None = None) -> int:
-    """Bytes in the regular files under `root` (links not followed). With `stop_above`, the walk
-    ends as soon as the sum passes it: a model filling its folder is not walked to the end."""
+    """Bytes in the regular files under `root`, at any depth (links not followed). With
+    `stop_above`, the walk ends as soon as the sum passes it: a model filling its folder is not
+    walked to the end. A folder that cannot be read raises: bytes that cannot be seen cannot
+    be called small."""
     total = 0
-    pending = [root]
-    while pending:
-        try:
-            entries = list(os.scandir(pending.pop()))
-        except OSError:
-            continue  # vanished or unreadable meanwhile: what cannot be read cannot be zipped either
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=False):
-                    total += entry.stat(follow_symlinks=False).st_size
-            except OSError:
-                continue
-            if stop_above is not None and total > stop_above:
-                return total
+    try:
+        walk = _walk(root)
+        with contextlib.closing(walk) as entries:
+            for entry in entries:
+                if entry.kind == "other" and stat.S_ISREG(entry.st.st_mode):
+                    total += entry.st.st_size
+                    if stop_above is not None and total > stop_above:
+                        return total
+    except FileNotFoundError:
+        if total == 0 and not os.path.lexists(root):
+            return 0
+        raise
     return total
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or folder of any depth and any names, even where a model left folders
+    without read or write permission. Raises OSError if something cannot be removed."""
+    for _ in range(3):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        try:
+            with contextlib.closing(_walk(path, make_accessible=True)) as entries:
+                for entry in entries:
+                    if entry.kind == "other":
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.name, dir_fd=entry.dir_fd)
+                    elif entry.kind == "leave":
+                        with contextlib.suppress(FileNotFoundError):
+                            os.rmdir(entry.name, dir_fd=entry.dir_fd)
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            if not os.path.lexists(path):
+                return
+            raise
+        except TreeChangedError:
+            continue  # moved under us: start again from the top
+    raise TreeChangedError(errno.ESTALE, "folders kept moving while they were removed")
+
+
+def _describe(mode: int) -> str:
+    for test, what in (
+        (stat.S_ISLNK, "symbolic link"),
+        (stat.S_ISFIFO, "named pipe"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return what
+    return "special file"
+
+
+def make_inert(root: Path) -> list[str]:
+    """Leave only regular files and folders under `root`, none setuid, setgid or sticky.
+
+    Run on what a model wrote, after it stopped, before anything on the host reads it: links,
+    pipes, sockets and device nodes are removed (a host process must not open a pipe, follow a
+    link or find a device), and special mode bits are cleared. Returns what was removed, as
+    "relative/path (kind)" lines."""
+    removed: list[str] = []
+    with contextlib.closing(_walk(root)) as entries:
+        for entry in entries:
+            mode = entry.st.st_mode
+            if entry.kind == "leave":
+                continue
+            if entry.kind == "other" and not stat.S_ISREG(mode):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.name, dir_fd=entry.dir_fd)
+                shown = "/".join(entry.parts).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                removed.append(f"{shown} ({_describe(mode)})")
+            elif mode & _SPECIAL_BITS:
+                # Regular file or folder, checked by lstat just now, and the model has stopped.
+                os.chmod(entry.name, stat.S_IMODE(mode) & ~_SPECIAL_BITS, dir_fd=entry.dir_fd)
+    return removed
+
+
+def _output_parts(parts: tuple[str, ...]) -> str:
+    """The entry name a path on disk gets in a zip, checked like `inspect_zip` checks names."""
+    try:
+        name = "/".join(parts)
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = "/".join(parts).encode("utf-8", "surrogateescape")
+        raise UnsafeZipError(f"{raw[:120]!r} is not valid UTF-8") from None
+    try:
+        _parts_of(name)
+    except UnsafeZipError as exc:
+        raise UnsafeZipError(f"{_show(name)} cannot be a zip entry: {exc}") from None
+    return name
+
+
+def _zip_time(mtime: float) -> tuple[int, int, int, int, int, int]:
+    # Zip timestamps run from 1980 to 2107; a model may set any mtime at all.
+    stamp = time.localtime(max(0.0, min(mtime, 2**40)))[:6]
+    return max(_ZIP_EPOCH, min(_ZIP_LAST, stamp))
+
+
+def zip_directory(source: Path, archive_path: Path, limits: ZipLimits | None = None) -> int:
+    """Zip every regular file under `source`, folders kept, anything else skipped; returns the
+    file count. Links are never followed. The result passes `inspect_zip` with the same limits
+    (by default `ZipLimits().for_output()`); a tree that would not raises UnsafeZipError, which
+    says why in terms of the folder's own paths, and no archive is left behind."""
+    limits = limits or ZipLimits().for_output()
+    count = nodes = total = 0
+    # Per open folder: whether anything was written below it; empty ones get an entry of their own.
+    written_below = [False]
+    try:
+        with (
+            zipfile.ZipFile(archive_path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive,
+            contextlib.closing(_walk(source)) as entries,
+        ):
+            for entry in entries:
+                if entry.kind == "enter":
+                    name = _output_parts(entry.parts)
+                    _check_shape(entry.parts, limits, _show(name))
+                    nodes += 1
+                    written_below.append(False)
+                elif entry.kind == "leave":
+                    if not written_below.pop():
+                        archive.writestr(_output_parts(entry.parts) + "/", b"")
+                    written_below[-1] = True
+                elif stat.S_ISREG(entry.st.st_mode):
+                    name = _output_parts(entry.parts)
+                    _check_shape(entry.parts, limits, _show(name))
+                    nodes += 1
+                    total += _add_file(archive, entry, name, limits.max_total_bytes - total)
+                    count += 1
+                    written_below[-1] = True
+                if nodes > limits.max_files:
+                    raise UnsafeZipError(
+                        f"more than {limits.max_files} files and folders; the limit is {limits.max_files}"
+                    )
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(archive_path)
+        raise
+    return count
+
+
+def _add_file(archive: zipfile.ZipFile, entry: _Entry, name: str, budget: int) -> int:
+    try:
+        # O_NONBLOCK: a pipe swapped in since the listing must not block the open.
+        fd = os.open(
+            entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=entry.dir_fd
+        )
+    except FileNotFoundError:
+        return 0
+    with os.fdopen(fd, "rb") as source:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return 0  # swapped for something else since it was listed
+        info = zipfile.ZipInfo(name, date_time=_zip_time(st.st_mtime))
+        info.compress_type = zipfile.ZIP_DEFLATED
+        info.external_attr = (stat.S_IFREG | (stat.S_IMODE(st.st_mode) & 0o777)) << 16
+        copied = 0
+        with archive.open(info, "w", force_zip64=st.st_size > 2**31) as sink:
+            while chunk := source.read(COPY_CHUNK):
+                copied += len(chunk)
+                if copied > budget:
+                    raise UnsafeZipError(f"more than {budget} bytes to zip (at {_show(name)})")
+                sink.write(chunk)
+    return copied
 
 
 def copy_stream(source, sink, chunk_size: int = COPY_CHUNK) -> int:
@@ -176,14 +575,3 @@ def copy_stream(source, sink, chunk_size: int = COPY_CHUNK) -> int:
         sink.write(chunk)
         copied += len(chunk)
     return copied
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a folder even where a model left files without write permission."""
-
-    def _make_writable_and_retry(func, failed_path, _exc_info) -> None:
-        os.chmod(failed_path, 0o700)
-        func(failed_path)
-
-    if path.exists():
-        shutil.rmtree(path, onerror=_make_writable_and_retry)

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inference_server.zipsafe import ZipLimits
 
+_DEFAULT_ZIP_LIMITS = ZipLimits()
 # Consumer ids end up in Docker labels, HTTP headers and file names, so keep them plain.
 CONSUMER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -58,9 +59,20 @@ class ConsumerSettings(BaseSettings):
     # Far above any task's run time: a model in use is mounted into a running container.
     model_cache_max_idle_days: float = Field(default=7.0, ge=0)
 
-    zip_max_total_bytes: int = Field(default=20 * 1024**3, ge=1)
-    zip_max_files: int = Field(default=100_000, ge=1)
-    zip_max_ratio: float = Field(default=200.0, gt=1)
+    # Size of the tmpfs at /tmp of a model that does not set tmp_mb; it counts against the
+    # model's memory limit. Besides /output, the only place a model may write by default.
+    default_tmp_mb: int = Field(default=256, ge=1, le=1024 * 1024)
+
+    zip_max_total_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_total_bytes, ge=1)
+    # Files and folders, explicit or implied by a deeper path.
+    zip_max_files: int = Field(default=_DEFAULT_ZIP_LIMITS.max_files, ge=1)
+    zip_max_ratio: float = Field(default=_DEFAULT_ZIP_LIMITS.max_ratio, gt=1)
+    # Shape of what is unpacked, and of what a model's /output may be to be zipped: path
+    # components, UTF-8 bytes of a whole path and of one name. Keep them equal to the private
+    # API's, which checks every zip against its own before storing it.
+    zip_max_depth: int = Field(default=_DEFAULT_ZIP_LIMITS.max_depth, ge=1, le=4096)
+    zip_max_path_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_path_bytes, ge=1, le=65535)
+    zip_max_name_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_name_bytes, ge=1, le=255)
 
     @field_validator("service_token")
     @classmethod
@@ -94,7 +106,15 @@ class ConsumerSettings(BaseSettings):
             max_total_bytes=self.zip_max_total_bytes,
             max_files=self.zip_max_files,
             max_ratio=self.zip_max_ratio,
+            max_depth=self.zip_max_depth,
+            max_path_bytes=self.zip_max_path_bytes,
+            max_name_bytes=self.zip_max_name_bytes,
         )
+
+    @property
+    def output_zip_limits(self) -> ZipLimits:
+        """What the output zip must satisfy: the private API checks it against the same rules."""
+        return self.zip_limits.for_output()
 
     @property
     def resolved_work_dir(self) -> Path:

@@ -10,6 +10,7 @@ the broker, guards the task, so a task may run far longer than RabbitMQ's consum
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -22,21 +23,29 @@ import docker
 import docker.errors
 import pika
 import pika.exceptions
-import requests
 from pika.adapters.blocking_connection import BlockingChannel
 
 from inference_server.contract import TASK_QUEUE_ARGUMENTS, TASK_UID_RE, TaskClaim, TaskFailure
-from inference_server.zipsafe import UnsafeZipError, directory_size, remove_tree, zip_directory
+from inference_server.zipsafe import UnsafeZipError, directory_size, make_inert, zip_directory
 from job_consumer.config import ConsumerSettings
 from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable
 from job_consumer.runner import ModelRunError, ModelRunner, RunResult
-from job_consumer.workspace import ModelCache, ModelZipMismatch, TaskWorkspace, owned_task_dirs
+from job_consumer.workspace import (
+    ModelCache,
+    ModelZipMismatch,
+    TaskWorkspace,
+    make_private_dir,
+    owned_task_dirs,
+    remove_owned,
+)
 
 log = logging.getLogger(__name__)
 
 LOG_PREFIX = "[inference-server]"
 ERROR_TAIL_LINES = 20
 ERROR_TAIL_CHARS = 4000
+# At most this many removed special files are named in a task's log.
+INERT_NOTE_LINES = 20
 T = TypeVar("T")
 
 
@@ -64,6 +73,8 @@ class ActiveTask:
         self.claim = claim
         self.uid = claim.task.uid
         self.stop_reason: StopReason | None = None
+        # Its work folder, once made: the sweep must leave it alone.
+        self.workspace: TaskWorkspace | None = None
 
     def stop(self, reason: StopReason) -> None:
         if self.stop_reason is None:
@@ -133,6 +144,18 @@ class Consumer:
         task = self._current
         return task.uid if task else None
 
+    @property
+    def current_workspace(self) -> Path | None:
+        task = self._current
+        workspace = task.workspace if task else None
+        return workspace.root if workspace else None
+
+    def _scrub(self, text: str) -> str:
+        """Task errors and logs go to users: no host paths in them (work dir, task folders)."""
+        for path in {str(self.work_dir), os.path.realpath(self.work_dir)}:
+            text = text.replace(path, "<work dir>")
+        return text
+
     def request_stop(self, now: bool = False) -> None:
         """now=False: finish the current task, then exit. now=True: stop it and hand it back."""
         self._stop_requested = True
@@ -159,7 +182,7 @@ class Consumer:
             self.settings.gpu or "none",
             self.work_dir,
         )
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.work_dir)
         self._cleanup()
         backoff = _Backoff(self.settings.reconnect_backoff_max_s)
         try:
@@ -289,6 +312,13 @@ class Consumer:
                 log.error("task %s: claim answered %s; dropping the message", uid, exc)
                 self._channel.basic_ack(tag)
             return
+        except Exception:
+            # A reply we cannot read: the task may be fine, and if the claim did go through, the
+            # lease reaper hands it on. This consumer stays up either way.
+            log.exception("task %s: claim failed unexpectedly; message requeued", uid)
+            self._channel.basic_nack(tag, requeue=True)
+            self._pause(self._api_backoff.next())
+            return
         self._api_backoff.reset()
         if claim is None:
             self._channel.basic_ack(tag)
@@ -361,6 +391,10 @@ class Consumer:
             else:
                 log.warning("task %s: heartbeat refused (%s)", task.uid, exc)
             return
+        except Exception:
+            # The task runs on in its own thread; the next beat tries again.
+            log.exception("task %s: heartbeat failed unexpectedly", task.uid)
+            return
         if not reply.keep_running:
             log.info("task %s: %s by the private API; stopping the container", task.uid, reply.status)
             task.stop(StopReason.CANCELLED)
@@ -369,7 +403,10 @@ class Consumer:
         """Worker thread: everything for one task. No exception leaves this function."""
         workspace: TaskWorkspace | None = None
         try:
-            workspace = TaskWorkspace.create(self.work_dir, task.uid, self.settings.consumer_id)
+            workspace = TaskWorkspace.create(
+                self.work_dir, task.uid, self.settings.consumer_id, attempt=task.claim.task.attempts
+            )
+            task.workspace = workspace
             self._execute(task, workspace)
         except _TaskError as exc:
             self._report_failure(task, str(exc), retryable=exc.retryable, exit_code=exc.exit_code)
@@ -378,14 +415,16 @@ class Consumer:
                 "task %s: private API unreachable (%s); the lease reaper will requeue it", task.uid, exc
             )
         except Exception as exc:
+            # Whatever it was, it ends this task only: the reason goes to the task (host paths
+            # scrubbed by _report_failure), the consumer takes the next one.
             log.exception("task %s: unexpected consumer error", task.uid)
             self._report_failure(task, f"consumer error: {type(exc).__name__}: {exc}", retryable=True)
         finally:
             if workspace is not None:
                 try:
                     workspace.remove()
-                except OSError as exc:
-                    log.warning("task %s: could not remove %s: %s", task.uid, workspace.root, exc)
+                except Exception as exc:  # owned, so the periodic sweep tries again
+                    log.warning("task %s: could not remove %s yet: %r", task.uid, workspace.root, exc)
             self._wake_connection_thread()
 
     def _wake_connection_thread(self) -> None:
@@ -428,6 +467,14 @@ class Consumer:
         except ModelRunError as exc:
             self._upload_logs(task, f"{LOG_PREFIX} {exc}\n")
             raise _TaskError(str(exc), retryable=exc.retryable) from exc
+        # Before anything on the host reads the output: only regular files and folders, no
+        # setuid/setgid bits. The model has exited; nothing changes the folder any more.
+        inert_error: OSError | None = None
+        removed: list[str] = []
+        try:
+            removed = make_inert(workspace.output_dir)
+        except OSError as exc:
+            inert_error = exc
         log.info(
             "task %s: container done in %.1fs (exit %s%s%s%s)",
             task.uid,
@@ -437,7 +484,7 @@ class Consumer:
             ", out of memory" if result.oom_killed else "",
             ", stopped" if result.cancelled else "",
         )
-        self._upload_logs(task, self._compose_logs(task, result))
+        self._upload_logs(task, self._compose_logs(task, result) + _removed_note(removed))
         # A shutdown request that came after the model exited does not void its result.
         if result.cancelled or task.stop_reason in (StopReason.CANCELLED, StopReason.LEASE_LOST):
             self._finish_stopped(task)
@@ -463,10 +510,17 @@ class Consumer:
                 retryable=False,
                 exit_code=result.exit_code,
             )
+        if inert_error is not None:
+            raise _TaskError(f"could not check /output: {_os_reason(inert_error)}", retryable=False)
         limit = self.settings.max_output_bytes
-        if directory_size(workspace.output_dir, stop_above=limit) > limit:
-            raise self._output_too_large()
-        files = zip_directory(workspace.output_dir, workspace.output_zip)
+        try:
+            if directory_size(workspace.output_dir, stop_above=limit) > limit:
+                raise self._output_too_large()
+            files = zip_directory(workspace.output_dir, workspace.output_zip, self.settings.output_zip_limits)
+        except UnsafeZipError as exc:
+            raise _TaskError(f"output refused: /output cannot be zipped: {exc}", retryable=False) from exc
+        except OSError as exc:
+            raise _TaskError(f"could not zip /output: {_os_reason(exc)}", retryable=True) from exc
         try:
             self._with_retry(task, lambda: self.api.upload_output(task.uid, workspace.output_zip))
         except PrivateApiHttpError as exc:
@@ -532,6 +586,7 @@ class Consumer:
         if task.stop_reason == StopReason.LEASE_LOST:
             log.warning("task %s: failed (%s) but the lease is lost; not reporting", task.uid, error)
             return
+        error = self._scrub(error)
         log.warning("task %s: failed: %s", task.uid, error.splitlines()[0] if error else "")
         failure = TaskFailure(error=error[:20_000], exit_code=exit_code, retryable=retryable)
         try:
@@ -544,6 +599,7 @@ class Consumer:
             )
 
     def _upload_logs(self, task: ActiveTask, text: str) -> None:
+        text = self._scrub(text)
         try:
             self._with_retry(task, lambda: self.api.upload_logs(task.uid, text))
         except PrivateApiHttpError as exc:
@@ -589,35 +645,61 @@ class Consumer:
     # --- housekeeping ----------------------------------------------------------------------------
 
     def _cleanup(self) -> None:
-        """Remove what a crash of this consumer left: labelled containers, work dirs, temp dirs."""
+        """Remove what a crash of this consumer left: labelled containers, work dirs, temp dirs.
+
+        Never fatal, at start-up neither: whatever cannot be removed now is logged and tried
+        again at the next sweep, and the consumer goes on serving tasks meanwhile."""
         self._next_cleanup = time.monotonic() + self.settings.cleanup_interval_s
-        keep = self.current_task_uid
+        keep_uid, keep_dir = self.current_task_uid, self.current_workspace
         try:
-            removed = self.runner.remove_leftovers(keep_task_uid=keep)
+            removed = self.runner.remove_leftovers(keep_task_uid=keep_uid)
             if removed:
                 log.info("removed %d leftover container(s)", removed)
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            log.warning("could not list leftover containers: %s", exc)
-        for folder in owned_task_dirs(self.work_dir, self.settings.consumer_id):
-            if folder.name == keep:
+        except Exception as exc:
+            log.warning("could not remove leftover containers: %r", exc)
+        try:
+            folders = owned_task_dirs(self.work_dir, self.settings.consumer_id)
+        except Exception as exc:
+            log.warning("could not list the work dir %s: %r", self.work_dir, exc)
+            folders = []
+        for folder in folders:
+            if folder == keep_dir:
                 continue
             try:
-                remove_tree(folder)
+                remove_owned(folder)
                 log.info("removed stale work dir %s", folder)
-            except OSError as exc:
-                log.warning("could not remove stale work dir %s: %s", folder, exc)
+            except Exception as exc:
+                log.warning("could not remove stale work dir %s yet: %r", folder, exc)
         try:
             self.models.remove_own_temp_dirs()
-        except OSError as exc:
-            log.warning("could not remove stale model temp dirs: %s", exc)
+        except Exception as exc:
+            log.warning("could not remove stale model temp dirs yet: %r", exc)
         idle_days = self.settings.model_cache_max_idle_days
         if idle_days > 0:
             try:
                 pruned = self.models.prune(idle_days * 86400)
                 if pruned:
                     log.info("removed %d unpacked model(s) unused for %g days", pruned, idle_days)
-            except OSError as exc:
-                log.warning("could not prune the model cache: %s", exc)
+            except Exception as exc:
+                log.warning("could not prune the model cache yet: %r", exc)
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OSError without the host path it names (names relative to a folder are kept)."""
+    name = exc.filename if isinstance(exc.filename, str) and not exc.filename.startswith("/") else None
+    reason = exc.strerror or type(exc).__name__
+    return f"{reason} ({name!r})" if name else reason
+
+
+def _removed_note(removed: list[str]) -> str:
+    if not removed:
+        return ""
+    shown = [entry[:300] for entry in removed[:INERT_NOTE_LINES]]
+    more = f" and {len(removed) - len(shown)} more" if len(removed) > len(shown) else ""
+    return (
+        f"{LOG_PREFIX} removed {len(removed)} file(s) from /output that are not regular files or folders "
+        f"(only those are returned){more}:\n" + "".join(f"{LOG_PREFIX}   {entry}\n" for entry in shown)
+    )
 
 
 def _tail(logs: str) -> str:

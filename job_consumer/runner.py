@@ -48,6 +48,8 @@ class RunLimits:
     pids: int
     allow_network: bool
     run_as_root: bool
+    tmp_mb: int
+    writable_rootfs: bool
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,8 @@ class ModelRunner:
             pids=model.pids or self.settings.default_pids,
             allow_network=model.allow_network,
             run_as_root=model.run_as_root,
+            tmp_mb=model.tmp_mb or self.settings.default_tmp_mb,
+            writable_rootfs=model.writable_rootfs,
         )
 
     def _engine_cpus(self) -> float:
@@ -151,6 +155,11 @@ class ModelRunner:
             "nano_cpus": int(limits.cpus * 1e9),
             "pids_limit": limits.pids,
             "log_config": CONTAINER_LOG_CONFIG,
+            # A model writes /output (bounded by IS_MAX_OUTPUT_BYTES) and /tmp (a tmpfs bounded
+            # by its size, in the container's memory); a writable root filesystem would be disk
+            # outside every limit, so it is for models an operator registered that way.
+            "read_only": not limits.writable_rootfs,
+            "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={limits.tmp_mb}m"},
         }
         if not limits.allow_network:
             options["network_mode"] = "none"
@@ -249,7 +258,14 @@ class ModelRunner:
             if timed_out or cancelled or output_too_large:
                 continue
             try:
-                if directory_size(output_dir, stop_above=max_output) > max_output:
+                written = directory_size(output_dir, stop_above=max_output)
+            except OSError as exc:
+                # A model moving folders about while they are measured; the check after it
+                # exits measures a tree that no longer changes.
+                log.info("container %s: /output not measured this time (%r)", container.short_id, exc)
+                written = 0
+            try:
+                if written > max_output:
                     log.warning(
                         "container %s wrote more than %d bytes to /output; killing it",
                         container.short_id,

@@ -3,32 +3,40 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from inference_server.zipsafe import ZipLimits, extract_zip, remove_tree
+
+log = logging.getLogger(__name__)
 
 MODELS_DIR = "models"
 # Written next to (never inside) the mounted folders, so a model cannot see or change it.
 OWNER_FILE = ".consumer"
 TEMP_PREFIX = ".tmp-"
+# Folders only the consumer reads: task work folders, the models cache and its temporary folders.
+# The folders mounted into a container below them are opened up on their own; a bind mount does
+# not need search permission on the folders above its source.
+PRIVATE_MODE = 0o700
+# What the model (possibly the unprivileged 65534) reads: its input and its model files.
+READABLE_DIR_MODE = 0o755
 
 
-def _open_up(root: Path, dir_mode: int) -> None:
-    """Let the unprivileged model user (65534) read what root unpacked, whatever the umask."""
-    os.chmod(root, dir_mode)
-    for folder, dirnames, _ in os.walk(root):
-        for dirname in dirnames:
-            os.chmod(Path(folder) / dirname, dir_mode)
+def make_private_dir(path: Path) -> None:
+    path.mkdir(mode=PRIVATE_MODE, parents=True, exist_ok=True)
+    os.chmod(path, PRIVATE_MODE)  # whatever the umask, and for a folder that was there already
 
 
 @dataclass(frozen=True)
 class TaskWorkspace:
-    """IS_WORK_DIR/<uid>/: input/ (mounted ro), output/ (mounted rw), and the zips beside them."""
+    """IS_WORK_DIR/<uid>-a<attempt>-<random>/: input/ (mounted ro), output/ (mounted rw), and
+    the zips beside them. Every attempt gets a folder of its own, so two attempts of one task on
+    one host (two consumers sharing a work dir, or a lease that ran out) never share files."""
 
     root: Path
 
@@ -53,28 +61,44 @@ class TaskWorkspace:
         return self.root / "model.zip"
 
     @classmethod
-    def create(cls, work_dir: Path, uid: str, consumer_id: str) -> TaskWorkspace:
-        root = work_dir / uid
-        # A leftover of an earlier attempt on this host holds nothing worth keeping.
-        remove_tree(root)
-        root.mkdir(parents=True)
+    def create(cls, work_dir: Path, uid: str, consumer_id: str, attempt: int = 0) -> TaskWorkspace:
+        work_dir.mkdir(mode=PRIVATE_MODE, parents=True, exist_ok=True)
+        root = work_dir / f"{uid}-a{attempt}-{secrets.token_hex(4)}"
+        root.mkdir(mode=PRIVATE_MODE)
+        os.chmod(root, PRIVATE_MODE)
         (root / OWNER_FILE).write_text(consumer_id)
         workspace = cls(root)
         workspace.input_dir.mkdir()
         workspace.output_dir.mkdir()
         # Explicit modes, whatever the umask: the model may run as any user, it must be able to
         # read its input and write its results.
-        os.chmod(workspace.input_dir, 0o755)
+        os.chmod(workspace.input_dir, READABLE_DIR_MODE)
         os.chmod(workspace.output_dir, 0o777)
         return workspace
 
     def unpack_input(self, limits: ZipLimits) -> None:
-        extract_zip(self.input_zip, self.input_dir, limits)
+        extract_zip(self.input_zip, self.input_dir, limits, dir_mode=READABLE_DIR_MODE)
         self.input_zip.unlink(missing_ok=True)
-        _open_up(self.input_dir, 0o755)
+        os.chmod(self.input_dir, READABLE_DIR_MODE)
 
     def remove(self) -> None:
-        remove_tree(self.root)
+        remove_owned(self.root)
+
+
+def remove_owned(root: Path) -> None:
+    """Remove a folder that carries an owner file, the owner file last: a removal that fails
+    halfway leaves a folder the next sweep still recognises as this consumer's own."""
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        remove_tree(root)
+        return
+    for entry in entries:
+        if entry.name != OWNER_FILE:
+            remove_tree(entry)
+    remove_tree(root)
 
 
 def owned_task_dirs(work_dir: Path, consumer_id: str) -> list[Path]:
@@ -83,11 +107,11 @@ def owned_task_dirs(work_dir: Path, consumer_id: str) -> list[Path]:
         return []
     owned = []
     for entry in work_dir.iterdir():
-        if entry.name == MODELS_DIR or not entry.is_dir():
-            continue
         try:
+            if entry.name == MODELS_DIR or not entry.is_dir() or entry.is_symlink():
+                continue
             owner = (entry / OWNER_FILE).read_text().strip()
-        except OSError:
+        except (OSError, ValueError):  # ValueError: an owner file that is not text is not ours
             continue
         if owner == consumer_id:
             owned.append(entry)
@@ -117,9 +141,10 @@ class ModelCache:
         if final.is_dir():
             self._mark_used(final)
             return final
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.root)
         temp = self.root / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-        temp.mkdir()
+        temp.mkdir(mode=PRIVATE_MODE)
+        os.chmod(temp, PRIVATE_MODE)
         (temp / OWNER_FILE).write_text(self.consumer_id)
         try:
             zip_path = temp / "model.zip"
@@ -127,8 +152,8 @@ class ModelCache:
             if got != sha256:
                 raise ModelZipMismatch(f"model zip has sha256 {got}, the private API announced {sha256}")
             unpacked = temp / "unpacked"
-            extract_zip(zip_path, unpacked, self._model_limits())
-            _open_up(unpacked, 0o755)
+            extract_zip(zip_path, unpacked, self._model_limits(), dir_mode=READABLE_DIR_MODE)
+            os.chmod(unpacked, READABLE_DIR_MODE)
             try:
                 os.rename(unpacked, final)
             except OSError:
@@ -136,7 +161,10 @@ class ModelCache:
                 if not final.is_dir():
                     raise
         finally:
-            remove_tree(temp)
+            try:
+                remove_owned(temp)
+            except Exception as exc:  # owned and stale: remove_own_temp_dirs tries again later
+                log.warning("could not remove model temp dir %s yet: %s", temp.name, _brief(exc))
         self._mark_used(final)
         return final
 
@@ -167,25 +195,25 @@ class ModelCache:
                 os.rename(entry, doomed)
             except OSError:
                 continue
-            (doomed / OWNER_FILE).write_text(self.consumer_id)
-            remove_tree(doomed)
+            try:
+                # Owned from here on: if removing fails, remove_own_temp_dirs tries again later.
+                (doomed / OWNER_FILE).write_text(self.consumer_id)
+                remove_owned(doomed)
+            except Exception as exc:  # one model's folder must not stop the sweep
+                log.warning("could not remove unused model %s yet: %s", entry.name, _brief(exc))
+                continue
             removed += 1
         return removed
 
     def unpack_uncached(self, zip_path: Path, dest: Path) -> Path:
         """For a model zip without a known digest: unpack it for one task only."""
-        extract_zip(zip_path, dest, self._model_limits())
-        _open_up(dest, 0o755)
+        extract_zip(zip_path, dest, self._model_limits(), dir_mode=READABLE_DIR_MODE)
+        os.chmod(dest, READABLE_DIR_MODE)
         return dest
 
     def _model_limits(self) -> ZipLimits:
         # A model zip may legitimately be a single empty marker; it was checked at registration.
-        return ZipLimits(
-            max_total_bytes=self.limits.max_total_bytes,
-            max_files=self.limits.max_files,
-            max_ratio=self.limits.max_ratio,
-            allow_empty=True,
-        )
+        return replace(self.limits, allow_empty=True)
 
     def remove_own_temp_dirs(self, older_than_s: float = 0.0) -> int:
         """Half-unpacked models left by a crash of this consumer."""
@@ -197,11 +225,16 @@ class ModelCache:
             try:
                 owner = (entry / OWNER_FILE).read_text().strip()
                 stale = entry.stat().st_mtime <= cutoff
-            except OSError:
+            except (OSError, ValueError):
                 continue
-            if owner == self.consumer_id and stale:
-                remove_tree(entry)
-                removed += 1
+            if owner != self.consumer_id or not stale:
+                continue
+            try:
+                remove_owned(entry)
+            except Exception as exc:  # tried again at the next sweep
+                log.warning("could not remove model temp dir %s yet: %s", entry.name, _brief(exc))
+                continue
+            removed += 1
         return removed
 
 
@@ -211,3 +244,7 @@ class ModelZipMismatch(Exception):
 
 def _is_sha256(value: str) -> bool:
     return len(value) == 64 and all(ch in "0123456789abcdef" for ch in value)
+
+
+def _brief(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import time
+from pathlib import Path
 
 import pika
 import pytest
@@ -52,6 +53,11 @@ def task_containers(docker_client, uid: str) -> list:
     return docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_TASK}={uid}"})
 
 
+def task_folders(work_dir: Path, uid: str) -> list[Path]:
+    """The task's work folders: one per attempt, <uid>-a<attempt>-<random>."""
+    return sorted(work_dir.glob(f"{uid}-a*")) if work_dir.is_dir() else []
+
+
 def test_runs_a_task_uploads_output_and_logs_and_acks(
     private_api, make_consumer, test_images, rabbitmq_url, queue_name, docker_client
 ):
@@ -75,7 +81,7 @@ def test_runs_a_task_uploads_output_and_logs_and_acks(
     # The consumer closed its connection: an unacked message would be back on the queue now.
     assert queue_depth(rabbitmq_url, queue_name) == 0
     work_dir = consumer.settings.resolved_work_dir
-    assert not (work_dir / task.uid).exists()
+    assert task_folders(work_dir, task.uid) == []
     assert (work_dir / MODELS_DIR / model.model_zip_sha256 / "run.sh").read_bytes() == COPY_SCRIPT
     assert task_containers(docker_client, task.uid) == []
 
@@ -225,7 +231,8 @@ def test_first_stop_request_finishes_the_current_task(private_api, make_consumer
     wait_until(lambda: running_container(docker_client, task.uid), 30, "the model container to run")
 
     consumer.request_stop(now=False)
-    (consumer.settings.resolved_work_dir / task.uid / "output" / "go").write_text("go")
+    [folder] = task_folders(consumer.settings.resolved_work_dir, task.uid)
+    (folder / "output" / "go").write_text("go")
 
     assert worker.join(30) == 1
     finished = private_api.task(task.uid)

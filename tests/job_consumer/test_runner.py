@@ -298,6 +298,54 @@ def test_container_options_mount_identical_absolute_host_paths(docker_client, se
     assert opts["pids_limit"] == 50
     # 64 CPUs asked for, but never more than the engine has.
     assert opts["nano_cpus"] == int(min(64, docker_client.info()["NCPU"]) * 1e9)
+    # Read-only root filesystem, a /tmp of the consumer's default size.
+    assert opts["read_only"] is True
+    assert opts["tmpfs"] == {"/tmp": f"rw,nosuid,nodev,size={settings.default_tmp_mb}m"}
+    loosened = runner.container_options(
+        task_uid=uid(),
+        model=make_model(images.SCRIPT, writable_rootfs=True, tmp_mb=7),
+        input_dir=dirs.input,
+        output_dir=dirs.output,
+        model_dir=None,
+    )
+    assert loosened["read_only"] is False
+    assert loosened["tmpfs"] == {"/tmp": "rw,nosuid,nodev,size=7m"}
+
+
+ROOTFS_PROBE = r"""
+exec > /output/report.txt 2>&1
+sh -c 'echo x > /var/tmp/probe' 2>/output/root-error.txt && echo root=writable || echo root=readonly
+head -c 1048576 /dev/zero > /tmp/one-mb && echo tmp1=ok || echo tmp1=failed
+head -c 3145728 /dev/zero > /tmp/three-mb 2>/output/tmp-error.txt && echo tmp3=ok || echo tmp3=failed
+grep ' /tmp ' /proc/mounts > /output/tmp-mount.txt
+"""
+
+
+def probe_report(dirs: Dirs) -> dict[str, str]:
+    return dict(
+        line.split("=", 1) for line in (dirs.output / "report.txt").read_text().splitlines() if "=" in line
+    )
+
+
+@pytest.mark.docker
+def test_root_filesystem_is_read_only_and_tmp_is_a_small_tmpfs(runner, dirs, test_images):
+    result = run_script(runner, dirs, ROOTFS_PROBE, tmp_mb=2)
+
+    assert result.exit_code == 0, result.logs
+    report = probe_report(dirs)
+    assert report == {"root": "readonly", "tmp1": "ok", "tmp3": "failed"}
+    assert "Read-only file system" in (dirs.output / "root-error.txt").read_text()
+    assert "No space left on device" in (dirs.output / "tmp-error.txt").read_text()
+    mount = (dirs.output / "tmp-mount.txt").read_text()
+    assert mount.startswith("tmpfs /tmp tmpfs") and "nosuid" in mount and "nodev" in mount
+
+
+@pytest.mark.docker
+def test_writable_rootfs_is_an_operators_choice_per_model(runner, dirs, test_images):
+    result = run_script(runner, dirs, ROOTFS_PROBE, writable_rootfs=True, tmp_mb=8)
+
+    assert result.exit_code == 0, result.logs
+    assert probe_report(dirs) == {"root": "writable", "tmp1": "ok", "tmp3": "ok"}
 
 
 @pytest.mark.docker

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import logging
 import os
 import stat
 import threading
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import job_consumer.workspace as workspace_module
 from inference_server.zipsafe import UnsafeZipError, ZipLimits
 from job_consumer.workspace import (
     MODELS_DIR,
@@ -48,8 +51,11 @@ def restrictive_umask():
 
 
 def test_workspace_layout_and_permissions(tmp_path, restrictive_umask):
-    workspace = TaskWorkspace.create(tmp_path, UID, "consumer-a")
-    assert workspace.root == tmp_path / UID
+    workspace = TaskWorkspace.create(tmp_path, UID, "consumer-a", attempt=2)
+    assert workspace.root.parent == tmp_path
+    assert workspace.root.name.startswith(f"{UID}-a2-")
+    # Only the consumer reads the task folder; the mounted folders below it are opened up.
+    assert mode(workspace.root) == 0o700
     assert mode(workspace.output_dir) == 0o777
     assert mode(workspace.input_dir) == 0o755
     assert (workspace.root / OWNER_FILE).read_text() == "consumer-a"
@@ -67,11 +73,23 @@ def test_workspace_layout_and_permissions(tmp_path, restrictive_umask):
     assert not workspace.root.exists()
 
 
-def test_workspace_create_replaces_a_leftover_of_an_earlier_attempt(tmp_path):
-    first = TaskWorkspace.create(tmp_path, UID, "consumer-a")
-    (first.output_dir / "stale.txt").write_text("old result")
-    second = TaskWorkspace.create(tmp_path, UID, "consumer-a")
+def test_every_attempt_gets_a_folder_of_its_own(tmp_path):
+    # Two consumers sharing a work dir may hold two attempts of one task (a lease ran out while
+    # the first still ran), even with the same attempt number: they must never share files.
+    first = TaskWorkspace.create(tmp_path, UID, "consumer-a", attempt=1)
+    (first.output_dir / "first.txt").write_text("first attempt's result")
+    second = TaskWorkspace.create(tmp_path, UID, "consumer-b", attempt=1)
+    third = TaskWorkspace.create(tmp_path, UID, "consumer-a", attempt=2)
+
+    assert len({first.root, second.root, third.root}) == 3
     assert list(second.output_dir.iterdir()) == []
+    assert (first.output_dir / "first.txt").read_text() == "first attempt's result"
+    assert sorted(owned_task_dirs(tmp_path, "consumer-a")) == sorted([first.root, third.root])
+    assert owned_task_dirs(tmp_path, "consumer-b") == [second.root]
+
+    second.remove()
+    assert not second.root.exists()
+    assert (first.output_dir / "first.txt").exists()
 
 
 def test_unsafe_input_zip_is_refused(tmp_path):
@@ -83,11 +101,14 @@ def test_unsafe_input_zip_is_refused(tmp_path):
 
 
 def test_owned_task_dirs_are_found_by_owner_file(tmp_path):
-    TaskWorkspace.create(tmp_path, "workspacetest0000001", "consumer-a")
+    mine = TaskWorkspace.create(tmp_path, "workspacetest0000001", "consumer-a")
     TaskWorkspace.create(tmp_path, "workspacetest0000002", "consumer-b")
     (tmp_path / MODELS_DIR).mkdir()
     (tmp_path / "no-owner-file").mkdir()
-    assert owned_task_dirs(tmp_path, "consumer-a") == [tmp_path / "workspacetest0000001"]
+    # An owner file that is not text is nobody's, and does not stop the search.
+    (tmp_path / "garbled-owner").mkdir()
+    (tmp_path / "garbled-owner" / OWNER_FILE).write_bytes(b"\xff\xfe\x00")
+    assert owned_task_dirs(tmp_path, "consumer-a") == [mine.root]
     assert owned_task_dirs(tmp_path / "missing", "consumer-a") == []
 
 
@@ -120,6 +141,8 @@ def test_model_zip_is_unpacked_once_per_sha256(tmp_path, restrictive_umask):
 
     assert first == second == tmp_path / MODELS_DIR / sha
     assert (first / "weights" / "w.json").read_bytes() == b"{}"
+    # The cache is the consumer's; the model folder in it is mounted, so readable to the model.
+    assert mode(tmp_path / MODELS_DIR) == 0o700
     assert mode(first) == 0o755 and mode(first / "weights") == 0o755
     assert server.calls == 1
     assert [p.name for p in (tmp_path / MODELS_DIR).iterdir()] == [sha]
@@ -195,3 +218,58 @@ def test_prune_removes_only_models_unused_for_longer_than_the_limit(tmp_path):
     again = ZipServer(old_data)
     assert (cache.get(old_sha, again.fetch) / "w.json").read_bytes() == b"old"
     assert again.calls == 1
+
+
+def test_model_zips_get_the_same_shape_limits_as_inputs(tmp_path):
+    data = zip_bytes({"/".join(["d"] * 5): b"too deep"})
+    sha = hashlib.sha256(data).hexdigest()
+    cache = ModelCache(tmp_path, "consumer-a", ZipLimits(max_depth=4))
+    with pytest.raises(UnsafeZipError, match="5 levels deep; the limit is 4"):
+        cache.get(sha, ZipServer(data).fetch)
+    assert [p.name for p in (tmp_path / MODELS_DIR).iterdir()] == []
+
+
+def test_a_removal_that_fails_halfway_leaves_a_folder_the_next_sweep_still_owns(tmp_path, monkeypatch):
+    workspace = TaskWorkspace.create(tmp_path, UID, "consumer-a")
+    (workspace.output_dir / "result.txt").write_text("x")
+    real_remove_tree = workspace_module.remove_tree
+
+    def failing_on_output(path: Path) -> None:
+        if path.name == "output":
+            raise OSError(errno.EIO, "simulated", "output")
+        real_remove_tree(path)
+
+    monkeypatch.setattr(workspace_module, "remove_tree", failing_on_output)
+    with pytest.raises(OSError):
+        workspace.remove()
+    # The owner file goes last: still there, so the sweep finds the folder again.
+    assert owned_task_dirs(tmp_path, "consumer-a") == [workspace.root]
+
+    monkeypatch.setattr(workspace_module, "remove_tree", real_remove_tree)
+    workspace.remove()
+    assert not workspace.root.exists()
+
+
+def test_prune_that_cannot_remove_a_model_yet_leaves_it_to_a_later_sweep(tmp_path, monkeypatch, caplog):
+    cache = ModelCache(tmp_path, "consumer-a", ZipLimits())
+    data = zip_bytes({"w.json": b"old"})
+    sha = hashlib.sha256(data).hexdigest()
+    old_dir = cache.get(sha, ZipServer(data).fetch)
+    long_ago = time.time() - 10 * 86400
+    os.utime(old_dir, (long_ago, long_ago))
+    real_remove_tree = workspace_module.remove_tree
+
+    def refusing(path: Path) -> None:
+        raise OSError(errno.EBUSY, "simulated", path.name)
+
+    monkeypatch.setattr(workspace_module, "remove_tree", refusing)
+    caplog.set_level(logging.WARNING, logger="job_consumer")
+
+    assert cache.prune(unused_for_s=7 * 86400) == 0
+    assert not old_dir.exists()  # renamed away at once: no task finds it any more
+    assert any("could not remove unused model" in r.getMessage() for r in caplog.records)
+    assert cache.remove_own_temp_dirs() == 0  # still refusing: logged again, not raised
+
+    monkeypatch.setattr(workspace_module, "remove_tree", real_remove_tree)
+    assert cache.remove_own_temp_dirs() == 1
+    assert list((tmp_path / MODELS_DIR).iterdir()) == []
