@@ -298,15 +298,18 @@ def _ident(st: os.stat_result) -> tuple[int, int]:
 
 
 def _open_dir(name: str | Path, dir_fd: int | None, make_accessible: bool) -> int:
+    # The root of a walk is the caller's own path (a user's folder given to the client may be a
+    # link to it); everything below it is never followed.
+    flags = _DIR_FLAGS if dir_fd is not None else _DIR_FLAGS & ~os.O_NOFOLLOW
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        return os.open(name, flags, dir_fd=dir_fd)
     except PermissionError:
         if not make_accessible:
             raise
     # A model may leave folders without read or search permission; we may change that only
     # on our own folders (or as root), and only when removing.
     os.chmod(name, 0o700, dir_fd=dir_fd)
-    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    return os.open(name, flags, dir_fd=dir_fd)
 
 
 def _walk(root: Path, *, make_accessible: bool = False) -> Iterator[_Entry]:

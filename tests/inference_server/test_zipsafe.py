@@ -397,3 +397,19 @@ def test_a_folder_moved_during_a_walk_ends_it_with_a_clear_error_and_removal_sta
 
     remove_tree(root)
     assert not root.exists()
+
+
+def test_the_folder_given_may_itself_be_a_link_but_nothing_below_it_is_followed(tmp_path):
+    real = tmp_path / "scans"
+    (real / "series").mkdir(parents=True)
+    (real / "series" / "1.dcm").write_bytes(b"dicom")
+    (real / "elsewhere").symlink_to(tmp_path)
+    (tmp_path / "link-to-scans").symlink_to(real)
+
+    assert zip_directory(tmp_path / "link-to-scans", tmp_path / "out.zip") == 1
+    with zipfile.ZipFile(tmp_path / "out.zip") as archive:
+        assert archive.namelist() == ["series/1.dcm"]
+    assert directory_size(tmp_path / "link-to-scans") == 5
+    # Removing the link removes the link, not what it points to.
+    remove_tree(tmp_path / "link-to-scans")
+    assert (real / "series" / "1.dcm").exists()
