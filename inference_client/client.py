@@ -30,7 +30,7 @@ from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 
 from inference_server.contract import ModelPublic, PublicRoutes, TaskPublic, TaskStatus, V12Code
-from inference_server.zipsafe import zip_directory
+from inference_server.zipsafe import UnsafeZipError, zip_directory
 
 CHUNK_SIZE = 1024 * 1024
 TOKEN_FILE_NAME = "operator.key"
@@ -169,7 +169,12 @@ def _as_zip(path: Path) -> Iterator[Path]:
     if path.is_dir():
         with tempfile.TemporaryDirectory(prefix="infer-upload-") as scratch:
             archive = Path(scratch) / f"{_safe_filename(path.resolve().name)}.zip"
-            if zip_directory(path, archive) == 0:
+            try:
+                files = zip_directory(path, archive)
+            except UnsafeZipError as exc:
+                # Refused here by the default naming rules the server applies, before any upload.
+                raise InferenceClientError(None, f"{path}: cannot be sent as a zip: {exc}") from exc
+            if files == 0:
                 raise InferenceClientError(None, f"{path}: the folder holds no files")
             yield archive
     elif path.is_file():

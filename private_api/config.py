@@ -45,6 +45,10 @@ class PrivateSettings(BaseSettings):
     zip_max_total_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_total_bytes, ge=1)
     zip_max_files: int = Field(default=_DEFAULT_ZIP_LIMITS.max_files, ge=1)
     zip_max_ratio: float = Field(default=_DEFAULT_ZIP_LIMITS.max_ratio, gt=1)
+    # Same names and bounds as the consumer's, which checks every zip again before unpacking.
+    zip_max_depth: int = Field(default=_DEFAULT_ZIP_LIMITS.max_depth, ge=1, le=4096)
+    zip_max_path_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_path_bytes, ge=1, le=65535)
+    zip_max_name_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_name_bytes, ge=1, le=255)
 
     reaper_interval_s: float = Field(default=2.0, gt=0)
     outbox_interval_s: float = Field(default=2.0, gt=0)
@@ -79,15 +83,12 @@ class PrivateSettings(BaseSettings):
             max_total_bytes=self.zip_max_total_bytes,
             max_files=self.zip_max_files,
             max_ratio=self.zip_max_ratio,
+            max_depth=self.zip_max_depth,
+            max_path_bytes=self.zip_max_path_bytes,
+            max_name_bytes=self.zip_max_name_bytes,
         )
 
     @property
     def output_zip_limits(self) -> ZipLimits:
-        """Outputs come from our own consumer: still no unsafe names, but segmentation masks
-        compress extremely well and a model may legitimately write nothing."""
-        return ZipLimits(
-            max_total_bytes=max(self.zip_max_total_bytes, 1024**4),
-            max_files=max(self.zip_max_files, 1_000_000),
-            max_ratio=float("inf"),
-            allow_empty=True,
-        )
+        """Outputs come from our own consumer, which zips under the same rule (for_output)."""
+        return self.input_zip_limits.for_output()

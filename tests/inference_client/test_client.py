@@ -120,6 +120,12 @@ def test_errors_carry_status_and_detail(client: InferenceClient, input_folder: P
     empty.mkdir()
     with pytest.raises(InferenceClientError, match="holds no files"):
         client.submit("any", empty)
+    deep = tmp_path / "deep"
+    (deep / "/".join(["d"] * 70)).mkdir(parents=True)
+    (deep / "/".join(["d"] * 70) / "scan.nii").write_bytes(b"x")
+    with pytest.raises(InferenceClientError, match=r"cannot be sent as a zip.*levels deep") as refused:
+        client.submit("any", deep)
+    assert refused.value.status_code is None  # refused before anything was sent
 
 
 def test_unreachable_server_is_a_client_error_without_status() -> None:
