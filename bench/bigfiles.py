@@ -21,7 +21,7 @@ from bench.common import (
 )
 from inference_client import InferenceClient
 from inference_client.client import multipart_file_body
-from inference_server.contract import PrivateRoutes
+from inference_server.contract import PrivateRoutes, TaskStatus
 
 log = logging.getLogger("bench.bigfiles")
 
@@ -104,7 +104,7 @@ def run_bigfiles(ctx: BenchContext, size: int, reps: int) -> dict[str, Any]:
             started = time.perf_counter()
             task = client.wait(uid, poll_interval=0.5, timeout=1800)
             processing_s = time.perf_counter() - started
-            if task.status != "finished":
+            if task.status != TaskStatus.FINISHED:
                 raise RuntimeError(f"the big task ended {task.status}: {task.error}")
 
             download_s: list[float] = []

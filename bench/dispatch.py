@@ -29,14 +29,14 @@ from bench.common import (
     try_download_v12,
     write_small_zip,
 )
-from inference_server.contract import TaskPublic
+from bench.goals import THROUGHPUT_LEVELS
+from inference_server.contract import PublicRoutes, TaskPublic
 
 log = logging.getLogger("bench.dispatch")
 
 # The client's poll period while it waits for one task: short, so it adds little to the latency
 # (on average half of it), long enough not to load a 2-core machine.
 POLL_INTERVAL_S = 0.025
-THROUGHPUT_LEVELS = (1, 2, 4)
 # A batch client waits for many tasks: it polls the oldest unfinished one, less often than a
 # client waiting for one answer (InferenceClient.wait polls every 2 s). On 2 cores every poll
 # takes CPU from the containers; 200 ms adds at most that much to a batch of 60 tasks.
@@ -68,7 +68,7 @@ def run_platform_once(
         time.sleep(poll_interval_s)
     total = time.perf_counter() - started
     last_poll = time.perf_counter() - poll_started
-    status = TaskPublic.model_validate(client.get(f"/api/tasks/{uid}/status").json())
+    status = TaskPublic.model_validate(client.get(PublicRoutes.TASK_STATUS.format(uid=uid)).json())
     out.unlink(missing_ok=True)
     created = _seconds_since(status.created_at, origin_wall)
     claimed = _seconds_since(status.started_at, origin_wall)

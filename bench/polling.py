@@ -14,6 +14,7 @@ import random
 import resource
 import time
 from collections import Counter
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from bench.common import (
     write_small_zip,
 )
 from bench.httpload import HttpConnectionError, KeepAliveConnection
+from inference_server.contract import PublicRoutes
 
 log = logging.getLogger("bench.polling")
 
@@ -63,7 +65,7 @@ async def _one_client(
                 return
             try:
                 status, _ = await connection.get(path)
-                if status != 200:
+                if status != HTTPStatus.OK:
                     errors[f"HTTP {status}"] += 1
             except (HttpConnectionError, TimeoutError) as exc:
                 errors[type(exc).__name__] += 1
@@ -83,7 +85,7 @@ async def _load(host: str, port: int, uids: list[str], *, paced: bool, duration_
         *(
             _one_client(
                 KeepAliveConnection(host, port),
-                f"/api/tasks/{uids[index % len(uids)]}/status",
+                PublicRoutes.TASK_STATUS.format(uid=uids[index % len(uids)]),
                 paced=paced,
                 start=start,
                 measure_from=measure_from,

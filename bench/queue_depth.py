@@ -27,6 +27,7 @@ from bench.common import (
     submit_small,
     write_small_zip,
 )
+from inference_server.contract import TaskStatus
 
 log = logging.getLogger("bench.queue")
 
@@ -43,7 +44,10 @@ def _status_counts(bench_platform: BenchPlatform) -> dict[str, int]:
 def _finished_attempts(bench_platform: BenchPlatform) -> dict[int, int]:
     database = bench_platform.platform.data_dir / "inference.db"
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30) as db:
-        rows = db.execute("select attempts, count(*) from tasks where status = 'finished' group by attempts")
+        rows = db.execute(
+            "select attempts, count(*) from tasks where status = ? group by attempts",
+            (TaskStatus.FINISHED.value,),
+        )
         return {int(attempts): count for attempts, count in rows.fetchall()}
 
 
@@ -91,7 +95,7 @@ def run_queue_depth(ctx: BenchContext, tasks: int, run_budget_s: float) -> dict[
         counts: dict[str, int] = {}
         while time.perf_counter() < deadline:
             counts = _status_counts(bench_platform)
-            if counts.get("finished", 0) + counts.get("failed", 0) >= len(uids):
+            if counts.get(TaskStatus.FINISHED, 0) + counts.get(TaskStatus.FAILED, 0) >= len(uids):
                 break
             time.sleep(2.0)
         run_s = time.perf_counter() - run_started
@@ -111,7 +115,7 @@ def run_queue_depth(ctx: BenchContext, tasks: int, run_budget_s: float) -> dict[
         )
         rss = bench_platform.rss_mb()
 
-    finished = counts.get("finished", 0)
+    finished = counts.get(TaskStatus.FINISHED, 0)
     started_twice = sum(1 for count in started_per_task.values() if count > 1)
     each_ran_once = 0 < finished == sum(attempts.values()) == attempts.get(1, 0) and started_twice == 0
     all_ran = finished == len(uids) == tasks

@@ -32,14 +32,14 @@ from bench.common import (
     rounded,
 )
 from bench.dispatch import run_dispatch, run_throughput
+from bench.goals import PHASES, headline, judge
 from bench.polling import run_polling
 from bench.queue_depth import run_queue_depth
-from bench.report import headline, markdown, plot
+from bench.report import TEMPLATE_PATH, markdown, plot
 from inference_server.zipsafe import remove_tree
 
 log = logging.getLogger("bench")
 
-PHASES = ("dispatch", "throughput", "bigfiles", "polling", "queue")
 # The queue phase runs its backlog to the end, but not past this (each task is a real container).
 QUEUE_RUN_LIMIT_S = 45 * 60
 
@@ -86,18 +86,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _write_report(results: dict[str, Any], plot_path: Path, md_path: Path) -> None:
-    """The plot (its kind recorded in results["plot"]) and BENCHMARKS.md from the figures."""
+    """The plot (what drew it recorded in results["plot"]) and BENCHMARKS.md from the figures.
+
+    The prose comes from the repository's BENCHMARKS.md (read before it is written over), so a
+    quick run's report in bench/work/ says the same around its own figures.
+    """
     try:
         results["plot"] = plot(results, plot_path)
     except Exception:
         log.error("plot failed:\n%s", traceback.format_exc())
         results["plot"] = None
-    md_path.write_text(markdown(results))
+    md_path.write_text(markdown(results, TEMPLATE_PATH.read_text()))
 
 
 def _render(results_path: Path, plot_path: Path, md_path: Path) -> int:
-    """The report again from stored figures, e.g. after the report's wording changed."""
-    _write_report(json.loads(results_path.read_text()), plot_path, md_path)
+    """The report again from stored figures, e.g. after the goals or the report's wording changed:
+    the stored headline figures are judged again, by today's goals table."""
+    results = json.loads(results_path.read_text())
+    results.update(judge(results))
+    _write_report(results, plot_path, md_path)
     log.info("wrote %s and %s from %s", md_path, plot_path, results_path)
     return 0
 
