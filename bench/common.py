@@ -27,11 +27,12 @@ import pika
 import pika.exceptions
 
 from inference_server.contract import SERVICE_TOKEN_HEADER, ModelPublic, PrivateRoutes
-from inference_server.examples import DEFAULT_BASE_IMAGE, register_model
-from inference_server.launcher import LocalPlatform, free_port
 from inference_server.zipsafe import ZipLimits, extract_zip, remove_tree, zip_directory
 from job_consumer.config import ConsumerSettings
 from job_consumer.runner import ModelRunner
+from local_platform.examples import DEFAULT_BASE_IMAGE, register_model
+from local_platform.launcher import LocalPlatform
+from local_platform.ports import free_port
 from models_examples.catalog import build_example_images, get_example
 
 log = logging.getLogger("bench")

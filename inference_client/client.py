@@ -30,10 +30,10 @@ from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 
 from inference_server.contract import ModelPublic, PublicRoutes, TaskPublic, TaskStatus, V12Code
+from inference_server.data_folder import OPERATOR_KEY_FILE
 from inference_server.zipsafe import UnsafeZipError, zip_directory
 
 CHUNK_SIZE = 1024 * 1024
-TOKEN_FILE_NAME = "operator.key"
 
 _V12_MEANINGS = {
     V12Code.PENDING: "the task is not finished yet (pending or running)",
@@ -73,7 +73,7 @@ def resolve_token(token: str | None = None) -> str | None:
     from_env = os.environ.get("IS_API_TOKEN", "").strip()
     if from_env:
         return from_env
-    token_file = Path(os.environ.get("IS_DATA_DIR") or "data") / TOKEN_FILE_NAME
+    token_file = Path(os.environ.get("IS_DATA_DIR") or "data") / OPERATOR_KEY_FILE
     try:
         return token_file.read_text(encoding="utf-8").strip() or None
     except (FileNotFoundError, NotADirectoryError):

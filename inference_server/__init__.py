@@ -1,1 +1,4 @@
-"""Shared pieces of the InferenceServer platform: the wire contract, safe zips, the CLI."""
+"""Shared pieces of the InferenceServer platform: the wire contract, safe zips, settings, serving.
+
+Imports no other package of the project (tests/inference_server/test_layering.py): every service
+imports it."""

@@ -9,8 +9,9 @@ from pathlib import Path
 import docker
 import pytest
 
-from inference_server.examples import register_model
-from inference_server.launcher import LocalPlatform, free_port
+from local_platform.examples import register_model
+from local_platform.launcher import LocalPlatform
+from local_platform.ports import free_port
 from models_examples.catalog import EXAMPLES, build_example_images
 from tests.images import build_test_images
 

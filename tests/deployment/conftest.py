@@ -13,7 +13,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from inference_server.launcher import free_port
+from local_platform.ports import free_port
 from tests.deployment.helpers import base_process_env, run
 from tests.traefik.helpers import REPO_ROOT, make_cert
 

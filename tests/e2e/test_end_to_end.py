@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from inference_server.examples import register_model
+from local_platform.examples import register_model
 from models_examples.catalog import get_example
 from tests.helpers import make_zip, register_script_model, wait_until, zip_members
 from tests.images import FAIL, SLEEP

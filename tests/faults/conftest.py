@@ -14,7 +14,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from inference_server.launcher import free_port
+from local_platform.ports import free_port
 from tests.helpers import wait_until
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from inference_server.contract import SERVICE_TOKEN_HEADER
-from inference_server.launcher import free_port
+from local_platform.ports import free_port
 from private_api.__main__ import main as private_api_main
 from tests.helpers import wait_until
 from tests.private_api.conftest import SERVICE_TOKEN

@@ -18,13 +18,13 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from inference_server.contract import CONSUMER_ID_HEADER, SERVICE_TOKEN_HEADER, TaskStatus
-from inference_server.launcher import (
+from local_platform.launcher import (
     CONSUMER_TOKEN_FILE,
     PUBLIC_API_TOKEN_FILE,
     SERVICE_TOKEN_FILE,
     LocalPlatform,
-    free_port,
 )
+from local_platform.ports import free_port
 from private_api.config import PrivateSettings
 from tests.private_api.conftest import SERVICE_TOKEN
 from tests.private_api.helpers import as_consumer, make_zip, register_model, submit_ok

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from inference_server.contract import (
     TaskFailure,
     TaskPublic,
 )
+from local_platform.ports import free_port
 from private_api.config import PrivateSettings
 from private_api.db import make_engine, make_session_factory, upgrade_database
 from private_api.keys import create_key
@@ -51,12 +51,6 @@ BASE_IMAGE_TAG = "inference-server/base:bookworm"
 def shared_http() -> httpx.Client:
     """One client for all test requests: building an httpx client loads the CA bundle (~0.1 s)."""
     return httpx.Client(timeout=120)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class ServerThread:

@@ -22,6 +22,7 @@ from inference_server.contract import (
     TaskPublic,
     TaskStatus,
 )
+from local_platform.ports import free_port
 from private_api.db import make_engine, make_session_factory
 from private_api.keys import revoke_key
 from public_api.auth import MISSING_KEY_DETAIL
@@ -29,7 +30,6 @@ from tests.public_api.stack import (
     BASE_IMAGE_TAG,
     ConsumerDriver,
     PrivateStack,
-    free_port,
     make_zip,
     shared_http,
     start_public_api,

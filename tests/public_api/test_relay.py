@@ -9,12 +9,12 @@ import httpx
 import pytest
 
 from inference_server.contract import HealthReport, ModelPublic, PublicRoutes
+from local_platform.ports import free_port
 from tests.public_api.stack import (
     ANONYMOUS_ALLOWED,
     BASE_IMAGE_TAG,
     PrivateStack,
     ServerThread,
-    free_port,
     make_zip,
     register_model,
     start_public_api,

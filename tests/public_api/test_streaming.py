@@ -22,7 +22,8 @@ import pytest
 
 from inference_client.client import multipart_file_body
 from inference_server.contract import PublicRoutes, TaskStatus
-from tests.public_api.stack import SERVICE_TOKEN, ConsumerDriver, PrivateStack, free_port, register_model
+from local_platform.ports import free_port
+from tests.public_api.stack import SERVICE_TOKEN, ConsumerDriver, PrivateStack, register_model
 
 SIZE = 200 * 1024**2
 MAX_GROWTH = 100 * 1024**2

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from inference_server.contract import ApiKeyRole
-from inference_server.launcher import LocalPlatform, free_port
+from local_platform.launcher import LocalPlatform
+from local_platform.ports import free_port
 from private_api.db import make_engine, make_session_factory
 from private_api.keys import create_key
 from tests.traefik.helpers import (

@@ -16,7 +16,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from inference_server.contract import CONSUMER_ID_HEADER, SERVICE_TOKEN_HEADER, PrivateRoutes, PublicRoutes
-from inference_server.launcher import LocalPlatform
+from local_platform.launcher import LocalPlatform
 from models_examples.catalog import build_example_images, get_example
 from tests.public_api.hostile import HUGE, MULTIPART, multipart_body, send
 from tests.traefik.helpers import (

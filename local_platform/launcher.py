@@ -6,15 +6,12 @@ restart the private API exactly as a crash would, and `standalone` is the same c
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import logging
 import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,8 +20,12 @@ from pathlib import Path
 import httpx
 
 from inference_server.contract import SERVICE_TOKEN_HEADER
+from inference_server.data_folder import OPERATOR_KEY_FILE
+from local_platform.operator_key import ensure_operator_key
+from local_platform.ports import free_port
+from local_platform.service_process import ServiceProcess
 
-log = logging.getLogger("inference_server.launcher")
+log = logging.getLogger(__name__)
 
 # The private API's tokens, one per caller (private_api/deps.py, ROUTE_GRANTS): the full-access
 # one stays with the launcher (readiness checks, example registration, tests); each service is
@@ -36,24 +37,6 @@ CONSUMER_TOKEN_FILE = "consumer.token"
 # other services' tokens. The public API also gets no RabbitMQ URL: it never talks to the broker.
 _PRIVATE_API_ONLY_ENV = ("IS_DATABASE_URL", "IS_PUBLIC_API_TOKEN", "IS_CONSUMER_TOKEN")
 _NOT_FOR_PUBLIC_API_ENV = (*_PRIVATE_API_ONLY_ENV, "IS_RABBITMQ_URL")
-# Where `infer` looks for a key when it is given none (inference_client.client.resolve_token).
-OPERATOR_KEY_FILE = "operator.key"
-OPERATOR_KEY_NAME = "operator"
-_PR_SET_PDEATHSIG = 1
-
-
-def _detach_and_die_with_parent() -> None:
-    """Runs in the child: own process group (a terminal's Ctrl-C reaches only the launcher, which
-    then stops the children in order), and SIGTERM if the launcher itself dies."""
-    os.setsid()
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def load_or_create_secret(path: Path, nbytes: int = 32) -> str:
@@ -66,101 +49,6 @@ def load_or_create_secret(path: Path, nbytes: int = 32) -> str:
     with os.fdopen(descriptor, "w") as handle:
         handle.write(value + "\n")
     return value
-
-
-def ensure_operator_key(database_url: str, key_file: Path) -> str | None:
-    """For one person on one machine: unless `key_file` exists, create an operator key (named
-    `operator`, or `operator-<n>` when taken) and store it there, readable by its owner only.
-
-    Returns the new key's name, or None when the file was already there (it is left alone).
-    """
-    if key_file.exists():
-        return None
-    from inference_server.contract import ApiKeyRole
-    from private_api.db import make_engine, make_session_factory, upgrade_database
-    from private_api.keys import create_key, free_key_name, revoke_key
-
-    upgrade_database(database_url)
-    engine = make_engine(database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            name = free_key_name(session=session, base=OPERATOR_KEY_NAME)
-            key, _info = create_key(session=session, name=name, role=ApiKeyRole.OPERATOR)
-            try:
-                key_file.parent.mkdir(parents=True, exist_ok=True)
-                descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(descriptor, "w") as handle:
-                    handle.write(key + "\n")
-            except OSError:
-                # A key nobody holds is only a liability.
-                revoke_key(session=session, name_or_id=name)
-                raise
-    finally:
-        engine.dispose()
-    log.info("created operator key %r in %s", name, key_file)
-    return name
-
-
-@dataclass
-class ServiceProcess:
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    popen: subprocess.Popen | None = None
-    restarts: int = 0
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-        try:
-            self.popen = subprocess.Popen(
-                self.argv,
-                env=self.env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_detach_and_die_with_parent,
-            )
-        finally:
-            log_file.close()
-
-    @property
-    def running(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None, f"{self.name} was never started"
-        return self.popen.pid
-
-    def send(self, signum: int) -> None:
-        if self.running:
-            assert self.popen is not None
-            self.popen.send_signal(signum)
-
-    def wait(self, timeout: float) -> int | None:
-        if self.popen is None:
-            return None
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if not self.running:
-            return
-        self.send(signal.SIGTERM)
-        if self.wait(timeout) is None:
-            log.warning("%s did not stop within %.0fs after SIGTERM; killing it", self.name, timeout)
-            self.send(signal.SIGKILL)
-            self.wait(10)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
 
 
 @dataclass

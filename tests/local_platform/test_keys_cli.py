@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from inference_server.cli import main
 from inference_server.contract import ApiKeyRole, Principal
-from inference_server.launcher import ensure_operator_key
+from local_platform.cli import main
+from local_platform.operator_key import ensure_operator_key
 from private_api.db import make_engine, make_session_factory
 from private_api.keys import resolve_key
 

@@ -1,0 +1,151 @@
+"""`inference-server`: the operator's command line.
+
+inference-server standalone --port 8000 --data-dir ./data --consumers 1
+inference-server private-api|public-api [--host H --port P]
+inference-server consumer [--gpu ID]
+inference-server db upgrade
+inference-server keys create NAME [--operator] | keys list | keys revoke NAME_OR_ID
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from local_platform.examples import register_examples
+from local_platform.launcher import LocalPlatform
+from private_api.operator_cli import add_operator_commands, quiet_database_logs
+
+log = logging.getLogger(__name__)
+
+
+def _exec_module(module: str, args: list[str]) -> int:
+    os.execv(sys.executable, [sys.executable, "-m", module, *args])
+    return 0  # not reached: execv replaces this process
+
+
+def _parse_gpus(value: str | None, consumers: int) -> list[str | None]:
+    if not value:
+        return [None] * consumers
+    gpus = [gpu.strip() for gpu in value.split(",") if gpu.strip()]
+    return gpus
+
+
+def _cmd_standalone(args: argparse.Namespace) -> int:
+    gpus = _parse_gpus(args.gpus, args.consumers)
+    quiet_database_logs(args.verbose)  # the operator key is made in this process, migrations first
+    platform = LocalPlatform(
+        data_dir=Path(args.data_dir),
+        public_port=args.port,
+        consumers=0,
+        host=args.host,
+        # One person on one machine: they get the operator key, kept where `infer` finds it.
+        create_operator_key=True,
+    )
+    stop_requested = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s; stopping every service", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    platform.start()
+    try:
+        for index, gpu in enumerate(gpus):
+            platform.start_consumer(index, gpu=gpu)
+        if args.register_examples:
+            registered = register_examples(platform.private_url, platform.service_token)
+            print(f"example models ready: {', '.join(registered)}")
+        print(
+            f"InferenceServer is up at {platform.public_url} (API docs: {platform.public_url}/docs); "
+            f"{len(gpus)} consumer(s); data in {platform.data_dir}; logs in {platform.data_dir / 'logs'}"
+        )
+        key_file = platform.operator_key_file
+        if platform.operator_key_created:
+            print(
+                f"Operator key {platform.operator_key_created!r} created, stored in {key_file} (mode 0600)."
+            )
+        else:
+            print(f"Operator key: {key_file} (from an earlier start).")
+        # infer reads <IS_DATA_DIR or ./data>/operator.key by itself when run from here.
+        env_hint = "" if platform.data_dir == Path("data").resolve() else f"IS_DATA_DIR={platform.data_dir} "
+        print(
+            f"Submit a task:  {env_hint}.venv/bin/infer --url {platform.public_url} submit passthrough "
+            f"./some-folder --wait -o result/"
+        )
+        print("More keys:  .venv/bin/inference-server keys create NAME [--operator]")
+        print("Press Ctrl-C to stop.", flush=True)
+        while not stop_requested.wait(1.0):
+            platform.supervise_once()
+    finally:
+        platform.stop()
+        print("all services stopped", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inference-server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    standalone = commands.add_parser("standalone", help="all services as local processes (embedded default)")
+    standalone.add_argument("--host", default="127.0.0.1")
+    standalone.add_argument("--port", type=int, default=8000, help="public API port")
+    standalone.add_argument("--data-dir", default="./data")
+    standalone.add_argument("--consumers", type=int, default=1)
+    standalone.add_argument(
+        "--gpus", help="comma-separated GPU ids, one consumer each (replaces --consumers)"
+    )
+    standalone.add_argument(
+        "--register-examples",
+        action="store_true",
+        help="build the images in models_examples/ and register them",
+    )
+    standalone.set_defaults(handler=_cmd_standalone)
+
+    for name, module in (
+        ("private-api", "private_api"),
+        ("public-api", "public_api"),
+        ("consumer", "job_consumer"),
+    ):
+        sub = commands.add_parser(name, help=f"run the {name} service in the foreground", add_help=False)
+        sub.set_defaults(handler=None, module=module)
+
+    add_operator_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # One line per HTTP request to our own services is noise in the operator's terminal.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    if args.handler is None:
+        return _exec_module(args.module, rest)
+    if rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    try:
+        return args.handler(args)
+    except Exception as exc:  # one clear line for the operator; details are in the service logs
+        log.debug("command failed", exc_info=True)
+        print(f"inference-server: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The operator's database commands, `inference-server db ...` and `inference-server keys ...`.
+
+They work on the private API's database directly, so they run wherever IS_DATABASE_URL reaches
+it (the private API's container, or the machine of the embedded platform), with no API running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.orm import Session
+
+from inference_server.contract import ApiKeyRole
+from inference_server.settings import ENV_PREFIX
+from private_api.config import PrivateSettings
+from private_api.db import make_engine, make_session_factory, upgrade_database
+from private_api.keys import create_key, list_keys, revoke_key
+
+
+class DatabaseSettings(BaseSettings):
+    """Only the database URL, read as the private API reads it: database work needs none of the
+    service's secrets, so an operator's shell need not hold its token."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    # The private API's own default, so both find the same database when IS_DATABASE_URL is unset.
+    database_url: str = PrivateSettings.model_fields["database_url"].default
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    """--database-url, else IS_DATABASE_URL (or its default)."""
+    return args.database_url or DatabaseSettings().database_url
+
+
+def quiet_database_logs(verbose: bool) -> None:
+    """Migration chatter and the private API's own log lines would bury the lines that matter."""
+    if not verbose:
+        for name in ("alembic", "private_api"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    url = _database_url(args)
+    upgrade_database(url)
+    print(f"database at {url.split('@')[-1]} is at the latest revision")
+    return 0
+
+
+@contextlib.contextmanager
+def _key_session(args: argparse.Namespace) -> Iterator[Session]:
+    """A session on the migrated database: the keys commands work on it directly, no API needed."""
+    quiet_database_logs(args.verbose)
+    url = _database_url(args)
+    upgrade_database(url)
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> int:
+    role = ApiKeyRole.OPERATOR if args.operator else ApiKeyRole.USER
+    with _key_session(args) as session:
+        key, info = create_key(session=session, name=args.name, role=role)
+    # The key alone on stdout, so `KEY=$(inference-server keys create alice)` works.
+    print(key, flush=True)
+    print(
+        f"created {info.role} key {info.name!r} (id {info.key_id}). It is shown only this once: hand it "
+        "to its owner, who sends it as 'Authorization: Bearer <key>' (infer --token, or IS_API_TOKEN).",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> int:
+    with _key_session(args) as session:
+        keys = list_keys(session=session)
+    if args.json:
+        print(json.dumps([key.model_dump(mode="json") for key in keys], indent=2))
+        return 0
+    rows = [("NAME", "ROLE", "ID", "CREATED", "REVOKED", "LAST USED")]
+    rows += [
+        (key.name, str(key.role), key.key_id, _when(key.created_at), _when(key.revoked_at),
+         _when(key.last_used_at))
+        for key in keys
+    ]  # fmt: skip
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> int:
+    with _key_session(args) as session:
+        info = revoke_key(session=session, name_or_id=args.name_or_id)
+    print(
+        f"key {info.name!r} (id {info.key_id}) is revoked since {_when(info.revoked_at)}; "
+        "the public API refuses it within seconds"
+    )
+    return 0
+
+
+def add_operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds `db` and `keys` to a command line; each sets `handler(args) -> exit code`, and expects
+    the top-level parser to define `--verbose`."""
+    database = commands.add_parser("db", help="database maintenance")
+    db_commands = database.add_subparsers(dest="db_command", required=True)
+    upgrade = db_commands.add_parser("upgrade", help="migrate the database to the latest revision")
+    upgrade.add_argument("--database-url", help="default: IS_DATABASE_URL")
+    upgrade.set_defaults(handler=_cmd_db_upgrade)
+
+    keys = commands.add_parser(
+        "keys",
+        help="create, list and revoke API keys",
+        description="API keys, kept (hashed) in the platform's database: run this where "
+        "IS_DATABASE_URL reaches it, e.g. `docker compose exec private_api inference-server keys list`.",
+    )
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key and print it (shown only once)")
+    create.add_argument("name", metavar="NAME", help="the owner's label; their tasks are recorded under it")
+    create.add_argument("--operator", action="store_true", help="may also manage models and see every task")
+    create.set_defaults(handler=_cmd_keys_create)
+    listing = key_commands.add_parser("list", help="name, role, id and dates of every key (never the key)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(handler=_cmd_keys_list)
+    revoke = key_commands.add_parser("revoke", help="revoke a key by its name or id")
+    revoke.add_argument("name_or_id", metavar="NAME_OR_ID")
+    revoke.set_defaults(handler=_cmd_keys_revoke)
+    for command in (create, listing, revoke):
+        command.add_argument("--database-url", help="default: IS_DATABASE_URL")
