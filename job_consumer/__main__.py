@@ -11,6 +11,7 @@ from types import FrameType
 import docker.errors
 from pydantic import ValidationError
 
+from inference_server.settings import refuse_to_start
 from job_consumer.config import ConsumerSettings
 from job_consumer.consumer import Consumer, ConsumerConfigError
 
@@ -49,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = ConsumerSettings(**overrides)
     except ValidationError as exc:
-        log.error("invalid configuration:\n%s", exc)
-        return 2
+        return refuse_to_start("job_consumer", exc)
 
     try:
         consumer = Consumer(settings, max_tasks=args.max_tasks)

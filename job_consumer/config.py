@@ -7,9 +7,9 @@ import re
 import socket
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
 
+from inference_server.settings import BrokerSettings
 from inference_server.zipsafe import ZipLimits
 
 _DEFAULT_ZIP_LIMITS = ZipLimits()
@@ -24,13 +24,8 @@ def _default_consumer_id(gpu: str | None) -> str:
     return f"{host}-gpu{gpu}" if gpu is not None else f"{host}-{os.getpid()}"
 
 
-class ConsumerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IS_", extra="ignore")
-
+class ConsumerSettings(BrokerSettings):
     private_api_url: str = "http://127.0.0.1:8001"
-    service_token: SecretStr
-    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
-    queue_name: str = "inference_tasks"
     gpu: str | None = None
     consumer_id: str = ""
     data_dir: Path = Path("./data")
@@ -73,13 +68,6 @@ class ConsumerSettings(BaseSettings):
     zip_max_depth: int = Field(default=_DEFAULT_ZIP_LIMITS.max_depth, ge=1, le=4096)
     zip_max_path_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_path_bytes, ge=1, le=65535)
     zip_max_name_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_name_bytes, ge=1, le=255)
-
-    @field_validator("service_token")
-    @classmethod
-    def _token_not_blank(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
-            raise ValueError("IS_SERVICE_TOKEN must not be empty")
-        return value
 
     @field_validator("gpu", mode="before")
     @classmethod

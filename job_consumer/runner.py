@@ -15,8 +15,9 @@ import docker.errors
 import requests
 from docker.models.containers import Container
 from docker.types import DeviceRequest, LogConfig
+from pydantic import ConfigDict
 
-from inference_server.contract import ModelPublic
+from inference_server.contract import MODEL_NUMERIC_LIMITS, MODEL_SWITCHES, ModelLimits, ModelPublic
 from inference_server.zipsafe import directory_size
 from job_consumer.config import ConsumerSettings
 
@@ -40,16 +41,29 @@ class ModelRunError(Exception):
         self.retryable = retryable
 
 
-@dataclass(frozen=True)
-class RunLimits:
+class RunLimits(ModelLimits):
+    """A model's limits as its container runs under them: every platform default filled in."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # Narrowed from the contract's "None means the platform default"; bounds are the settings'.
     timeout_s: int
     memory_mb: int
     cpus: float
     pids: int
-    allow_network: bool
-    run_as_root: bool
     tmp_mb: int
-    writable_rootfs: bool
+
+    @classmethod
+    def of(cls, model: ModelPublic, settings: ConsumerSettings, *, engine_cpus: float) -> RunLimits:
+        """The model's own limits, else the consumer's IS_DEFAULT_<LIMIT> settings."""
+        values = {name: getattr(model, name) for name in MODEL_SWITCHES}
+        values |= {
+            name: getattr(model, name) or getattr(settings, f"default_{name}")
+            for name in MODEL_NUMERIC_LIMITS
+        }
+        limits = cls.model_validate(values)
+        # Docker refuses a CPU quota above the engine's core count; a smaller host still runs it.
+        return limits.model_copy(update={"cpus": min(limits.cpus, engine_cpus)})
 
 
 @dataclass(frozen=True)
@@ -101,18 +115,7 @@ class ModelRunner:
             self._removals.shutdown(wait=True)
 
     def limits_for(self, model: ModelPublic) -> RunLimits:
-        cpus = model.cpus or self.settings.default_cpus
-        return RunLimits(
-            timeout_s=model.timeout_s or self.settings.default_timeout_s,
-            memory_mb=model.memory_mb or self.settings.default_memory_mb,
-            # Docker refuses a CPU quota above the engine's core count; a smaller host still runs it.
-            cpus=min(cpus, self._engine_cpus()),
-            pids=model.pids or self.settings.default_pids,
-            allow_network=model.allow_network,
-            run_as_root=model.run_as_root,
-            tmp_mb=model.tmp_mb or self.settings.default_tmp_mb,
-            writable_rootfs=model.writable_rootfs,
-        )
+        return RunLimits.of(model, self.settings, engine_cpus=self._engine_cpus())
 
     def _engine_cpus(self) -> float:
         if self._host_cpus is None:

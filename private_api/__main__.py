@@ -9,7 +9,7 @@ import sys
 from pydantic import ValidationError
 
 from inference_server.serving import serve
-from inference_server.settings import describe_settings_errors
+from inference_server.settings import refuse_to_start
 from private_api.config import PrivateSettings
 from private_api.db import upgrade_database
 from private_api.main import create_app
@@ -25,9 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = PrivateSettings()
     except ValidationError as exc:
-        # Most often IS_SERVICE_TOKEN missing or too short: say so and refuse to start.
-        print(f"private_api: invalid settings: {describe_settings_errors(exc)}", file=sys.stderr)
-        return 2
+        # Most often IS_SERVICE_TOKEN missing or too short.
+        return refuse_to_start("private_api", exc)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationInfo, field_validator
 
+from inference_server.settings import BrokerSettings, ServiceToken
 from inference_server.zipsafe import ZipLimits
 
 _DEFAULT_ZIP_LIMITS = ZipLimits()
 
 
-class PrivateSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IS_", extra="ignore")
-
+class PrivateSettings(BrokerSettings):
     database_url: str = "sqlite:///./data/inference.db"
     # Connections kept open; as many again may open for a burst and close after it. Requests run
     # on up to 40 threads: with fewer kept, a polling burst opens and closes a connection per
@@ -23,19 +21,14 @@ class PrivateSettings(BaseSettings):
     # Threads for the quick queries of status polls (db.QuickQueries); few on purpose.
     db_quick_threads: int = Field(default=2, ge=1, le=64)
     data_dir: Path = Path("./data")
-    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
-    queue_name: str = Field(default="inference_tasks", min_length=1, max_length=255)
-    # No default on purpose: a private API reachable with a guessable token is an open door,
-    # so a missing or short token stops the service at start-up rather than at first use.
-    service_token: SecretStr = Field(min_length=16)
     # Least privilege between the services (deps.py, ROUTE_GRANTS): the public API and the
     # consumers each present a token of their own that opens only the routes they call, so a
     # leaked consumer token cannot read other tasks or change models. Optional, so a platform
-    # started with the one token above keeps working; unset, that role does not exist and its
+    # started with IS_SERVICE_TOKEN alone keeps working; unset, that role does not exist and its
     # service has to present the full-access token instead. Every shipped way to start the
     # platform (launcher, docker-compose.yaml, docker-stack.yaml) sets both.
-    public_api_token: SecretStr | None = Field(default=None, min_length=16)
-    consumer_token: SecretStr | None = Field(default=None, min_length=16)
+    public_api_token: ServiceToken | None = None
+    consumer_token: ServiceToken | None = None
 
     lease_seconds: int = Field(default=60, ge=1, le=24 * 3600)
     max_attempts: int = Field(default=3, ge=1, le=100)
@@ -61,7 +54,7 @@ class PrivateSettings(BaseSettings):
 
     @field_validator("public_api_token", "consumer_token")
     @classmethod
-    def _token_is_its_own(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+    def _token_is_its_own(cls, value: ServiceToken | None, info: ValidationInfo) -> ServiceToken | None:
         # A token shared by two roles would be resolved to one of them: whichever service holds
         # it would get the other's rights, or lose its own. Refuse at start-up instead.
         if value is None:

@@ -16,6 +16,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
+from inference_server.backoff import Backoff
 from inference_server.contract import MAX_PRIORITY, TASK_QUEUE_ARGUMENTS
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,11 @@ class TaskPublisher:
         self._parameters.stack_timeout = connect_timeout_s * 2
         # A broker under a memory alarm blocks publishers; give up rather than hold every submit.
         self._parameters.blocked_connection_timeout = 10
-        self._first_backoff_s = first_backoff_s
-        self._max_backoff_s = max_backoff_s
+        # No jitter: one publisher per private API process, no crowd of clients to spread out.
+        self._backoff = Backoff(max_backoff_s, first_backoff_s, jitter=False)
         self._lock = threading.Lock()
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
-        self._failures = 0
         self._retry_at = 0.0
         self.last_error: str | None = None
 
@@ -84,16 +84,15 @@ class TaskPublisher:
             self._note_failure(exc)
             return None
         self._connection, self._channel = connection, channel
-        if self._failures:
-            log.info("connected to RabbitMQ again after %d failed attempts", self._failures)
-        self._failures = 0
+        if self._backoff.failures:
+            log.info("connected to RabbitMQ again after %d failed attempts", self._backoff.failures)
+        self._backoff.reset()
         self._retry_at = 0.0
         self.last_error = None
         return channel
 
     def _note_failure(self, exc: BaseException) -> None:
-        self._failures += 1
-        backoff = min(self._first_backoff_s * 2 ** (self._failures - 1), self._max_backoff_s)
+        backoff = self._backoff.next()
         self._retry_at = time.monotonic() + backoff
         self.last_error = f"{type(exc).__name__}: {exc}"
         log.warning("RabbitMQ unreachable (%s); next try in %.1fs", self.last_error, backoff)

@@ -8,7 +8,7 @@ import sys
 from pydantic import ValidationError
 
 from inference_server.serving import serve
-from inference_server.settings import describe_settings_errors
+from inference_server.settings import refuse_to_start
 from public_api.config import PublicSettings
 from public_api.main import create_app
 
@@ -22,8 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = PublicSettings()
     except ValidationError as exc:
-        print(f"public_api: refusing to start: {describe_settings_errors(exc)}", file=sys.stderr)
-        return 2
+        return refuse_to_start("public_api", exc)
     serve(
         create_app(settings),
         host=args.host,

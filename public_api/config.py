@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
+
+from inference_server.settings import ServiceSettings
 
 
-class PublicSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IS_", extra="ignore")
-
+class PublicSettings(ServiceSettings):
     private_api_url: str = Field(default="http://127.0.0.1:8001", pattern=r"^https?://")
-    # No default on purpose: a public API that cannot prove itself to the private API is useless,
-    # so it must fail at start-up, not at the first request.
-    service_token: SecretStr
     private_api_connect_timeout_s: float = Field(default=5.0, gt=0)
     private_api_read_timeout_s: float = Field(default=60.0, gt=0)
     # After an upload the private API checks the whole zip before answering; a big archive takes
@@ -40,10 +36,3 @@ class PublicSettings(BaseSettings):
     # The proxies (addresses or networks, comma-separated, "*" for any) whose X-Forwarded-For
     # names the client; behind Traefik, its address, or the rate above counts all clients as one.
     forwarded_allow_ips: str = "127.0.0.1"
-
-    @field_validator("service_token")
-    @classmethod
-    def _token_not_blank(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
-            raise ValueError("IS_SERVICE_TOKEN must not be empty")
-        return value

@@ -10,6 +10,8 @@ from pydantic import ValidationError
 
 from job_consumer.config import ConsumerSettings
 
+TOKEN = "consumer-config-token-0123"
+
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
@@ -17,22 +19,25 @@ def clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_missing_or_blank_service_token_is_refused(monkeypatch):
+def test_missing_short_or_blank_service_token_is_refused(monkeypatch):
     with pytest.raises(ValidationError, match="service_token"):
         ConsumerSettings()
     monkeypatch.setenv("IS_SERVICE_TOKEN", "   ")
     with pytest.raises(ValidationError, match="must not be empty"):
         ConsumerSettings()
+    monkeypatch.setenv("IS_SERVICE_TOKEN", "short-token")
+    with pytest.raises(ValidationError, match="at least 16 characters"):
+        ConsumerSettings()
 
 
 def test_reads_is_prefixed_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("IS_SERVICE_TOKEN", "secret-token")
+    monkeypatch.setenv("IS_SERVICE_TOKEN", TOKEN)
     monkeypatch.setenv("IS_QUEUE_NAME", "q1")
     monkeypatch.setenv("IS_DEFAULT_MEMORY_MB", "1024")
     monkeypatch.setenv("IS_DATA_DIR", str(tmp_path))
     settings = ConsumerSettings()
-    assert settings.service_token.get_secret_value() == "secret-token"
-    assert "secret-token" not in repr(settings)
+    assert settings.service_token.get_secret_value() == TOKEN
+    assert TOKEN not in repr(settings)
     assert settings.queue_name == "q1"
     assert settings.default_memory_mb == 1024
     assert settings.resolved_work_dir == tmp_path / "work"
@@ -40,7 +45,7 @@ def test_reads_is_prefixed_environment(monkeypatch, tmp_path):
 
 
 def test_consumer_id_defaults(monkeypatch):
-    monkeypatch.setenv("IS_SERVICE_TOKEN", "t")
+    monkeypatch.setenv("IS_SERVICE_TOKEN", TOKEN)
     host = socket.gethostname()
     cpu = ConsumerSettings()
     assert cpu.gpu is None
@@ -54,7 +59,7 @@ def test_consumer_id_defaults(monkeypatch):
 
 
 def test_work_dir_is_made_absolute_and_bad_consumer_ids_refused(monkeypatch):
-    monkeypatch.setenv("IS_SERVICE_TOKEN", "t")
+    monkeypatch.setenv("IS_SERVICE_TOKEN", TOKEN)
     monkeypatch.setenv("IS_WORK_DIR", "relative/work")
     assert ConsumerSettings().resolved_work_dir == Path("relative/work").resolve()
     with pytest.raises(ValidationError, match="consumer id"):
@@ -62,7 +67,7 @@ def test_work_dir_is_made_absolute_and_bad_consumer_ids_refused(monkeypatch):
 
 
 def test_zip_shape_limits_and_tmp_size_are_settings(monkeypatch):
-    monkeypatch.setenv("IS_SERVICE_TOKEN", "t")
+    monkeypatch.setenv("IS_SERVICE_TOKEN", TOKEN)
     defaults = ConsumerSettings()
     assert defaults.default_tmp_mb == 256
     assert (defaults.zip_limits.max_depth, defaults.zip_limits.max_path_bytes) == (64, 1024)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import job_consumer.consumer as consumer_module
+import job_consumer.housekeeping as housekeeping_module
+import job_consumer.task_execution as task_execution_module
 from inference_server.contract import ZIP_MEDIA_TYPE, PrivateRoutes, TaskStatus
 from job_consumer.private_client import PrivateApiHttpError
 from job_consumer.workspace import OWNER_FILE, TaskWorkspace
@@ -98,13 +99,13 @@ def test_hostile_output_of_a_root_model_comes_back_as_regular_files_only(
     consumer = make_consumer(max_tasks=1)
     # What the host holds in /output at the moment it is zipped, after the consumer's clean-up.
     zipped_from: list[dict[str, int]] = []
-    real_zip_directory = consumer_module.zip_directory
+    real_zip_directory = task_execution_module.zip_directory
 
     def watching_zip_directory(source: Path, archive: Path, limits=None) -> int:
         zipped_from.append(host_view(source))
         return real_zip_directory(source, archive, limits)
 
-    monkeypatch.setattr(consumer_module, "zip_directory", watching_zip_directory)
+    monkeypatch.setattr(task_execution_module, "zip_directory", watching_zip_directory)
 
     assert ConsumerThread(consumer).start().join(90) == 1
 
@@ -295,7 +296,7 @@ def test_clean_up_failures_are_logged_and_retried_never_fatal(
     work_dir.mkdir(parents=True)
     deep = plant_deep_leftover(work_dir, "deepleftover0000001-a1-00000000", consumer.settings.consumer_id)
     stuck = plant_deep_leftover(work_dir, "stuckleftover000001-a1-00000000", consumer.settings.consumer_id, 3)
-    real_remove_owned = consumer_module.remove_owned
+    real_remove_owned = housekeeping_module.remove_owned
     refusing = True
 
     def remove_owned(folder: Path) -> None:
@@ -303,7 +304,7 @@ def test_clean_up_failures_are_logged_and_retried_never_fatal(
             raise RuntimeError("simulated: this one cannot be removed yet")
         real_remove_owned(folder)
 
-    monkeypatch.setattr(consumer_module, "remove_owned", remove_owned)
+    monkeypatch.setattr(housekeeping_module, "remove_owned", remove_owned)
     caplog.set_level(logging.WARNING, logger="job_consumer")
     worker = ConsumerThread(consumer).start()
 

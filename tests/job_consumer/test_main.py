@@ -71,7 +71,9 @@ def test_help_and_missing_token(tmp_path):
         [sys.executable, "-m", "job_consumer"], cwd=REPO_ROOT, env=env, capture_output=True, text=True
     )
     assert no_token.returncode == 2
-    assert "service_token" in no_token.stderr
+    # The same one line as the APIs print, naming the variable.
+    assert "job_consumer: invalid settings: IS_SERVICE_TOKEN: Field required" in no_token.stderr
+    assert "Traceback" not in no_token.stderr
 
 
 def test_sigterm_while_idle_exits_cleanly(consumer_env, rabbitmq_url, queue_name, tmp_path, test_session_id):

@@ -1,0 +1,322 @@
+"""Running one claimed task: download and unpack, run the model, judge the run, report back.
+
+Everything here runs on the task's worker thread, except `heartbeat`, which the connection
+thread calls while the task runs; nothing here touches pika.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+from inference_server.backoff import Backoff
+from inference_server.contract import TaskFailure
+from inference_server.zipsafe import UnsafeZipError, directory_size, make_inert, zip_directory
+from job_consumer.active_task import ActiveTask, StopReason
+from job_consumer.config import ConsumerSettings
+from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable
+from job_consumer.runner import ModelRunError, ModelRunner, RunResult
+from job_consumer.verdict import Failed, Stopped, output_too_large, verdict_for
+from job_consumer.workspace import ModelCache, ModelZipMismatch, TaskWorkspace
+
+log = logging.getLogger(__name__)
+
+LOG_PREFIX = "[inference-server]"
+# At most this many removed special files are named in a task's log.
+INERT_NOTE_LINES = 20
+T = TypeVar("T")
+
+
+class _TaskError(Exception):
+    def __init__(self, message: str, *, retryable: bool, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.exit_code = exit_code
+
+    @classmethod
+    def of(cls, failure: Failed) -> _TaskError:
+        return cls(failure.reason, retryable=failure.retryable, exit_code=failure.exit_code)
+
+
+class TaskExecutor:
+    """Runs tasks one by one for a consumer: its settings, private API client, runner and models.
+
+    `stopping_now` says whether the consumer was told to stop at once: reports then get only a
+    few seconds to reach an unreachable API, so shutting down is not held up for minutes.
+    """
+
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        *,
+        api: PrivateApiClient,
+        runner: ModelRunner,
+        models: ModelCache,
+        stopping_now: Callable[[], bool],
+    ) -> None:
+        self.settings = settings
+        self.work_dir = settings.resolved_work_dir
+        self.api = api
+        self.runner = runner
+        self.models = models
+        self._stopping_now = stopping_now
+
+    def work(self, task: ActiveTask) -> None:
+        """Everything for one task, on its worker thread. No exception leaves this function."""
+        workspace: TaskWorkspace | None = None
+        try:
+            workspace = TaskWorkspace.create(
+                self.work_dir, task.uid, self.settings.consumer_id, attempt=task.claim.task.attempts
+            )
+            task.workspace = workspace
+            self._execute(task, workspace)
+        except _TaskError as exc:
+            self._report_failure(task, str(exc), retryable=exc.retryable, exit_code=exc.exit_code)
+        except PrivateApiUnavailable as exc:
+            log.error(
+                "task %s: private API unreachable (%s); the lease reaper will requeue it", task.uid, exc
+            )
+        except Exception as exc:
+            # Whatever it was, it ends this task only: the reason goes to the task (host paths
+            # scrubbed by _report_failure), the consumer takes the next one.
+            log.exception("task %s: unexpected consumer error", task.uid)
+            self._report_failure(task, f"consumer error: {type(exc).__name__}: {exc}", retryable=True)
+        finally:
+            if workspace is not None:
+                try:
+                    workspace.remove()
+                except Exception as exc:  # owned, so the periodic sweep tries again
+                    log.warning("task %s: could not remove %s yet: %r", task.uid, workspace.root, exc)
+
+    def heartbeat(self, task: ActiveTask) -> None:
+        """Renew the task's lease; stop the task when it was cancelled or the lease is lost."""
+        if task.stop_reason in (StopReason.CANCELLED, StopReason.LEASE_LOST):
+            return
+        try:
+            reply = self.api.heartbeat(task.uid)
+        except PrivateApiUnavailable as exc:
+            # The lease outlives a few missed beats; if it does lapse, the next beat says so (409).
+            log.warning("task %s: heartbeat failed (%s)", task.uid, exc)
+            return
+        except PrivateApiHttpError as exc:
+            if exc.is_conflict:
+                log.warning("task %s: lease lost (%s); stopping the container", task.uid, exc.detail)
+                task.stop(StopReason.LEASE_LOST)
+            else:
+                log.warning("task %s: heartbeat refused (%s)", task.uid, exc)
+            return
+        except Exception:
+            # The task runs on in its own thread; the next beat tries again.
+            log.exception("task %s: heartbeat failed unexpectedly", task.uid)
+            return
+        if not reply.keep_running:
+            log.info("task %s: %s by the private API; stopping the container", task.uid, reply.status)
+            task.stop(StopReason.CANCELLED)
+
+    def _execute(self, task: ActiveTask, workspace: TaskWorkspace) -> None:
+        model = task.claim.model
+        if task.stop_reason is not None:
+            self._finish_stopped(task, task.stop_reason)
+            return
+        try:
+            self._with_retry(task, lambda: self.api.download_input(task.uid, workspace.input_zip))
+            workspace.unpack_input(self.settings.zip_limits)
+        except UnsafeZipError as exc:
+            raise _TaskError(f"input zip refused: {exc}", retryable=False) from exc
+        except PrivateApiHttpError as exc:
+            self._raise_for_download(task, "input", exc)
+        model_dir = self._model_dir(task, workspace) if model.model_available else None
+
+        if task.stop_reason is not None:
+            self._finish_stopped(task, task.stop_reason)
+            return
+        try:
+            result = self.runner.run(
+                task_uid=task.uid,
+                model=model,
+                input_dir=workspace.input_dir,
+                output_dir=workspace.output_dir,
+                model_dir=model_dir,
+                should_stop=task.should_stop,
+            )
+        except ModelRunError as exc:
+            self._upload_logs(task, f"{LOG_PREFIX} {exc}\n")
+            raise _TaskError(str(exc), retryable=exc.retryable) from exc
+        # Before anything on the host reads the output: only regular files and folders, no
+        # setuid/setgid bits. The model has exited; nothing changes the folder any more.
+        inert_error: OSError | None = None
+        removed: list[str] = []
+        try:
+            removed = make_inert(workspace.output_dir)
+        except OSError as exc:
+            inert_error = exc
+        log.info(
+            "task %s: container done in %.1fs (exit %s%s%s%s)",
+            task.uid,
+            result.duration_s,
+            result.exit_code,
+            ", timed out" if result.timed_out else "",
+            ", out of memory" if result.oom_killed else "",
+            ", stopped" if result.cancelled else "",
+        )
+        self._upload_logs(task, self._compose_logs(task, result) + _removed_note(removed))
+        verdict = verdict_for(result, task.stop_reason, max_output_bytes=self.settings.max_output_bytes)
+        if isinstance(verdict, Stopped):
+            self._finish_stopped(task, verdict.reason)
+            return
+        if isinstance(verdict, Failed):
+            raise _TaskError.of(verdict)
+        if inert_error is not None:
+            raise _TaskError(f"could not check /output: {_os_reason(inert_error)}", retryable=False)
+        self._upload_output(task, workspace)
+
+    def _upload_output(self, task: ActiveTask, workspace: TaskWorkspace) -> None:
+        limit = self.settings.max_output_bytes
+        try:
+            if directory_size(workspace.output_dir, stop_above=limit) > limit:
+                raise _TaskError.of(output_too_large(limit))
+            files = zip_directory(workspace.output_dir, workspace.output_zip, self.settings.output_zip_limits)
+        except UnsafeZipError as exc:
+            raise _TaskError(f"output refused: /output cannot be zipped: {exc}", retryable=False) from exc
+        except OSError as exc:
+            raise _TaskError(f"could not zip /output: {_os_reason(exc)}", retryable=True) from exc
+        try:
+            self._with_retry(task, lambda: self.api.upload_output(task.uid, workspace.output_zip))
+        except PrivateApiHttpError as exc:
+            if exc.is_conflict:
+                log.warning("task %s: output not accepted (%s); discarded", task.uid, exc.detail)
+                return
+            raise _TaskError(f"output refused by the private API: {exc.detail}", retryable=False) from exc
+        log.info("task %s: finished, %d output file(s) uploaded", task.uid, files)
+
+    def _model_dir(self, task: ActiveTask, workspace: TaskWorkspace) -> Path:
+        model = task.claim.model
+
+        def fetch(dest: Path) -> str:
+            return self._with_retry(task, lambda: self.api.download_model_zip(model.human_readable_id, dest))
+
+        try:
+            if model.model_zip_sha256:
+                return self.models.get(model.model_zip_sha256, fetch)
+            fetch(workspace.model_zip)
+            return self.models.unpack_uncached(workspace.model_zip, workspace.root / "model")
+        except UnsafeZipError as exc:
+            raise _TaskError(
+                f"model zip of {model.human_readable_id!r} refused: {exc}", retryable=False
+            ) from exc
+        except ModelZipMismatch as exc:
+            raise _TaskError(str(exc), retryable=True) from exc
+        except PrivateApiHttpError as exc:
+            self._raise_for_download(task, f"model zip of {model.human_readable_id!r}", exc)
+
+    def _raise_for_download(self, task: ActiveTask, what: str, exc: PrivateApiHttpError) -> NoReturn:
+        if exc.is_conflict:
+            task.stop(StopReason.LEASE_LOST)
+        raise _TaskError(
+            f"could not download the {what}: {exc.detail}", retryable=exc.status_code != 404
+        ) from exc
+
+    def _finish_stopped(self, task: ActiveTask, reason: StopReason) -> None:
+        if reason == StopReason.SHUTDOWN:
+            try:
+                self._with_retry(
+                    task,
+                    lambda: self.api.release(task.uid, f"consumer {self.settings.consumer_id} shut down"),
+                )
+                log.info("task %s: released back to the queue", task.uid)
+            except PrivateApiHttpError as exc:
+                log.warning("task %s: release refused (%s)", task.uid, exc)
+        elif reason == StopReason.CANCELLED:
+            log.info("task %s: stopped because it was cancelled", task.uid)
+        else:
+            log.warning("task %s: stopped because another consumer holds its lease", task.uid)
+
+    def _report_failure(
+        self, task: ActiveTask, error: str, *, retryable: bool, exit_code: int | None = None
+    ) -> None:
+        if task.stop_reason == StopReason.LEASE_LOST:
+            log.warning("task %s: failed (%s) but the lease is lost; not reporting", task.uid, error)
+            return
+        error = self._scrub(error)
+        log.warning("task %s: failed: %s", task.uid, error.splitlines()[0] if error else "")
+        failure = TaskFailure(error=error[:20_000], exit_code=exit_code, retryable=retryable)
+        try:
+            self._with_retry(task, lambda: self.api.fail(task.uid, failure))
+        except PrivateApiHttpError as exc:
+            log.warning("task %s: failure report refused (%s)", task.uid, exc)
+        except PrivateApiUnavailable as exc:
+            log.error(
+                "task %s: could not report the failure (%s); the lease reaper will retry it", task.uid, exc
+            )
+
+    def _upload_logs(self, task: ActiveTask, text: str) -> None:
+        text = self._scrub(text)
+        try:
+            self._with_retry(task, lambda: self.api.upload_logs(task.uid, text))
+        except PrivateApiHttpError as exc:
+            log.info("task %s: logs not accepted (%s)", task.uid, exc.detail)
+        except PrivateApiUnavailable as exc:
+            log.warning("task %s: logs not uploaded (%s)", task.uid, exc)
+
+    def _with_retry(self, task: ActiveTask, call: Callable[[], T]) -> T:
+        """Retry a private API call while the API is unreachable, up to IS_REPORT_RETRY_S."""
+        budget = 5.0 if self._stopping_now() else self.settings.report_retry_s
+        deadline = time.monotonic() + budget
+        backoff = Backoff(min(10.0, self.settings.reconnect_backoff_max_s))
+        while True:
+            try:
+                return call()
+            except PrivateApiUnavailable as exc:
+                delay = backoff.next()
+                if task.stop_reason == StopReason.LEASE_LOST or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("task %s: private API unavailable (%s); retrying in %.1fs", task.uid, exc, delay)
+                time.sleep(delay)
+
+    def _scrub(self, text: str) -> str:
+        """Task errors and logs go to users: no host paths in them (work dir, task folders)."""
+        for path in {str(self.work_dir), os.path.realpath(self.work_dir)}:
+            text = text.replace(path, "<work dir>")
+        return text
+
+    def _compose_logs(self, task: ActiveTask, result: RunResult) -> str:
+        logs = result.logs
+        encoded = logs.encode("utf-8", errors="replace")
+        if len(encoded) > self.settings.max_log_bytes:
+            cut = len(encoded) - self.settings.max_log_bytes
+            logs = f"{LOG_PREFIX} log truncated: the first {cut} bytes were dropped\n" + encoded[cut:].decode(
+                "utf-8", errors="replace"
+            )
+        notes = []
+        if result.timed_out:
+            notes.append(f"killed after the {result.limits.timeout_s} s timeout")
+        if result.oom_killed:
+            notes.append(f"killed: out of memory (limit {result.limits.memory_mb} MB)")
+        if result.cancelled:
+            notes.append(f"stopped ({task.stop_reason or 'stop requested'})")
+        notes.append(f"exit code {result.exit_code}, ran {result.duration_s:.1f} s")
+        if logs and not logs.endswith("\n"):
+            logs += "\n"
+        return logs + "".join(f"{LOG_PREFIX} {note}\n" for note in notes)
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OSError without the host path it names (names relative to a folder are kept)."""
+    name = exc.filename if isinstance(exc.filename, str) and not exc.filename.startswith("/") else None
+    reason = exc.strerror or type(exc).__name__
+    return f"{reason} ({name!r})" if name else reason
+
+
+def _removed_note(removed: list[str]) -> str:
+    if not removed:
+        return ""
+    shown = [entry[:300] for entry in removed[:INERT_NOTE_LINES]]
+    more = f" and {len(removed) - len(shown)} more" if len(removed) > len(shown) else ""
+    return (
+        f"{LOG_PREFIX} removed {len(removed)} file(s) from /output that are not regular files or folders "
+        f"(only those are returned){more}:\n" + "".join(f"{LOG_PREFIX}   {entry}\n" for entry in shown)
+    )
