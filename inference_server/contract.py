@@ -1,11 +1,15 @@
-"""The wire contract shared by every service: task states, status codes, schemas, routes.
+"""The wire contract shared by every service: task states, status codes, schemas, routes, and
+how its headers and error bodies are written and read.
 
 Every service and the client import from here; nothing in this module is copied elsewhere.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -38,6 +42,9 @@ CONTAINER_TAG_PATTERN = (
 CONTAINER_TAG_RE = re.compile(CONTAINER_TAG_PATTERN)
 TASK_UID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
 TASK_UID_RE = re.compile(TASK_UID_PATTERN)
+# Consumer ids end up in Docker labels, HTTP headers and file names, so keep them plain.
+CONSUMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+CONSUMER_ID_RE = re.compile(CONSUMER_ID_PATTERN)
 
 
 class TaskStatus(StrEnum):
@@ -80,6 +87,43 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+# An upstream's error body is not ours to trust with the size of a log line or a message.
+ERROR_DETAIL_MAX_CHARS = 2000
+# A body that is not JSON is a proxy's page or a crash text: its first words are enough.
+ERROR_PAGE_MAX_CHARS = 300
+
+
+def error_detail(body: bytes | str, *, fallback: str) -> str:
+    """The explanation in an error answer's body, as one line of text for a person or a log.
+
+    A JSON body's `detail` (FastAPI's list of validation errors as `where: what` pairs), any other
+    JSON as it came, and a body that is not JSON at all as its first words on one line;
+    `fallback` (say, the status) when that leaves nothing.
+    """
+    try:
+        parsed = json.loads(body)
+    except ValueError:  # UnicodeDecodeError included
+        text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+        return " ".join(text.split())[:ERROR_PAGE_MAX_CHARS] or fallback
+    detail = parsed.get("detail", parsed) if isinstance(parsed, dict) else parsed
+    if isinstance(detail, str):
+        text = detail
+    elif (
+        isinstance(detail, list)
+        and detail
+        and all(isinstance(item, dict) and "msg" in item for item in detail)
+    ):
+        text = "; ".join(_validation_problem(item) for item in detail)
+    else:
+        text = json.dumps(detail)
+    return text[:ERROR_DETAIL_MAX_CHARS] or fallback
+
+
+def _validation_problem(item: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in item.get("loc", ()))
+    return f"{where}: {item['msg']}" if where else str(item["msg"])
+
+
 class ApiKeyRole(StrEnum):
     """A user key submits and handles its own tasks; an operator key also manages models and sees
     every task."""
@@ -99,6 +143,47 @@ class Principal(BaseModel):
         return self.role == ApiKeyRole.OPERATOR
 
 
+class ActingHeadersError(ValueError):
+    """X-Acting-* headers that do not name one identity (the private API answers 422)."""
+
+
+@dataclass(frozen=True)
+class Acting:
+    """Whom a relayed user request acts for: a key's principal, or None for an anonymous caller."""
+
+    principal: Principal | None
+
+
+def encode_acting_headers(caller: Principal | None) -> dict[str, str]:
+    """The headers saying whom a relayed request acts for; None is an anonymous caller."""
+    if caller is None:
+        return {ACTING_ROLE_HEADER: ANONYMOUS_ROLE}
+    return {ACTING_OWNER_HEADER: caller.name, ACTING_ROLE_HEADER: caller.role.value}
+
+
+def decode_acting_headers(headers: Mapping[str, str]) -> Acting | None:
+    """Whom the headers (as `encode_acting_headers` writes them) say a request acts for; None when
+    they say nothing: the caller acts as the platform itself. `headers` is a request's own,
+    case-insensitive headers or a dict keyed by the names above."""
+    owner = headers.get(ACTING_OWNER_HEADER)
+    role = headers.get(ACTING_ROLE_HEADER)
+    if role is None:
+        if owner is not None:
+            raise ActingHeadersError(f"{ACTING_OWNER_HEADER} was sent without {ACTING_ROLE_HEADER}")
+        return None
+    if role == ANONYMOUS_ROLE:
+        if owner is not None:
+            raise ActingHeadersError(f"an anonymous request cannot name an owner in {ACTING_OWNER_HEADER}")
+        return Acting(principal=None)
+    try:
+        key_role = ApiKeyRole(role)
+    except ValueError:
+        raise ActingHeadersError(f"unknown {ACTING_ROLE_HEADER} {role!r}") from None
+    if not owner:
+        raise ActingHeadersError(f"{ACTING_ROLE_HEADER} {role} needs {ACTING_OWNER_HEADER}")
+    return Acting(principal=Principal(name=owner, role=key_role))
+
+
 class KeyResolveRequest(BaseModel):
     """Body of the private API's POST /auth/resolve: the key exactly as the caller presented it."""
 
@@ -106,25 +191,50 @@ class KeyResolveRequest(BaseModel):
 
 
 class ModelLimits(BaseModel):
-    """Per-model resource limits and isolation; None means the platform default."""
+    """A model's resource limits and isolation, declared once: the create, update and public
+    views below take them from here (and a test holds the ORM's columns to the same names).
+    None means the platform default."""
 
-    timeout_s: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+    timeout_s: int | None = Field(default=None, ge=1, le=7 * 24 * 3600, description="Seconds per task.")
     memory_mb: int | None = Field(default=None, ge=16, le=4 * 1024 * 1024)
     cpus: float | None = Field(default=None, gt=0, le=1024)
     pids: int | None = Field(default=None, ge=8, le=1_000_000)
     # Size of the tmpfs mounted at /tmp, the only writable place besides /output while the
     # root filesystem is read-only; it counts against the memory limit.
-    tmp_mb: int | None = Field(default=None, ge=1, le=1024 * 1024)
+    tmp_mb: int | None = Field(
+        default=None, ge=1, le=1024 * 1024, description="Size of the tmpfs at /tmp, in MB."
+    )
     allow_network: bool = False
     run_as_root: bool = False
     # Off by default: a model that can write its own root filesystem can fill the host's disk
     # outside every limit. An operator turns it on for images that write next to their code.
-    writable_rootfs: bool = False
+    writable_rootfs: bool = Field(
+        default=False, description="Let the model write its root filesystem (read-only by default)."
+    )
 
 
 # The switches an operator sets on purpose to loosen a model's isolation.
 MODEL_SWITCHES = ("allow_network", "run_as_root", "writable_rootfs")
 MODEL_NUMERIC_LIMITS = ("timeout_s", "memory_mb", "cpus", "pids", "tmp_mb")
+MODEL_DESCRIPTION_MAX_LENGTH = 10_000
+
+
+class ModelRegistration(BaseModel):
+    """The v1.2 registration fields, in the order v1.2 documents its query parameters."""
+
+    container_tag: str = Field(pattern=CONTAINER_TAG_PATTERN, max_length=512, description="Docker image.")
+    human_readable_id: str = Field(
+        pattern=HUMAN_READABLE_ID_PATTERN, max_length=128, description="Stable name tasks are sent to."
+    )
+    description: str = Field(default="", max_length=MODEL_DESCRIPTION_MAX_LENGTH)
+    model_available: bool = Field(default=False, description="True when zip_file is sent.")
+    use_gpu: bool = False
+
+
+# Pydantic orders fields from the last base to the first, so the limits follow the fields
+# of the other base here, as they do in the query string and the JSON v1.2 clients know.
+class ModelCreate(ModelLimits, ModelRegistration):
+    """The query parameters of POST /models in both APIs (the v1.2 ones plus the optional limits)."""
 
 
 class ModelUpdate(ModelLimits):
@@ -133,7 +243,7 @@ class ModelUpdate(ModelLimits):
 
     model_config = ConfigDict(extra="forbid")
 
-    description: str = Field(default="", max_length=10_000)
+    description: str = Field(default="", max_length=MODEL_DESCRIPTION_MAX_LENGTH)
 
     @model_validator(mode="before")
     @classmethod
@@ -150,8 +260,8 @@ class ModelUpdate(ModelLimits):
         return data
 
 
-class ModelPublic(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+class _ModelIdentity(BaseModel):
+    """What the platform records about a registered model besides its limits."""
 
     id: int
     human_readable_id: str
@@ -160,14 +270,13 @@ class ModelPublic(BaseModel):
     use_gpu: bool
     model_available: bool
     model_zip_sha256: str | None = None
-    timeout_s: int | None = None
-    memory_mb: int | None = None
-    cpus: float | None = None
-    pids: int | None = None
-    tmp_mb: int | None = None
-    allow_network: bool = False
-    run_as_root: bool = False
-    writable_rootfs: bool = False
+
+
+class ModelPublic(ModelLimits, _ModelIdentity):
+    """A registered model as every service and client sees it (limits after the identity)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     created_at: datetime
 
 

@@ -21,6 +21,7 @@ from inference_server.contract import (
     TaskFailure,
     TaskPublic,
     TaskRelease,
+    error_detail,
 )
 from job_consumer.config import ConsumerSettings
 
@@ -48,16 +49,6 @@ class PrivateApiHttpError(Exception):
     def is_conflict(self) -> bool:
         """409: this consumer does not (or no longer) hold the task, or the task is already done."""
         return self.status_code == 409
-
-
-def _detail_of(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:500] or response.reason_phrase
-    if isinstance(body, dict) and "detail" in body:
-        return str(body["detail"])[:2000]
-    return str(body)[:500]
 
 
 class PrivateApiClient:
@@ -108,10 +99,12 @@ class PrivateApiClient:
         return route.format(**{key: quote(value, safe="") for key, value in params.items()})
 
     def _check(self, method: str, path: str, response: httpx.Response) -> None:
+        if not response.is_error:
+            return
+        detail = error_detail(response.content, fallback=response.reason_phrase)
         if response.status_code in UNAVAILABLE_STATUSES:
-            raise PrivateApiUnavailable(f"{method} {path} -> {response.status_code}: {_detail_of(response)}")
-        if response.is_error:
-            raise PrivateApiHttpError(method, path, response.status_code, _detail_of(response))
+            raise PrivateApiUnavailable(f"{method} {path} -> {response.status_code}: {detail}")
+        raise PrivateApiHttpError(method, path, response.status_code, detail)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:

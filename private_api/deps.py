@@ -22,17 +22,20 @@ from inference_server.contract import (
     ACTING_ROLE_HEADER,
     ANONYMOUS_ROLE,
     CONSUMER_ID_HEADER,
+    CONSUMER_ID_PATTERN,
     SERVICE_TOKEN_HEADER,
     ApiKeyRole,
     PrivateRoutes,
+    decode_acting_headers,
 )
+from private_api.access import Actor
 from private_api.blobs import BlobStore
 from private_api.config import PrivateSettings
 from private_api.db import SessionDep
 from private_api.exceptions import Forbidden, Unauthorized, Unprocessable
+from private_api.leases import require_holder
 from private_api.metrics import Metrics
 from private_api.queue import TaskPublisher
-from private_api.service import Actor, require_holder
 
 __all__ = [
     "ROUTE_GRANTS",
@@ -162,7 +165,7 @@ PublisherDep = Annotated[TaskPublisher, Depends(_publisher)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 ConsumerIdDep = Annotated[
     str,
-    Header(alias=CONSUMER_ID_HEADER, min_length=1, max_length=255, description="the calling consumer's id"),
+    Header(alias=CONSUMER_ID_HEADER, pattern=CONSUMER_ID_PATTERN, description="the calling consumer's id"),
 ]
 
 
@@ -181,22 +184,11 @@ async def _acting(
 ) -> Actor | None:
     """The identity the public API relays a user request for. Trusted because only the public
     API's and the full-access tokens get this far: every router that uses it requires a token,
-    and the consumer's is granted none of these routes but its holder-checked input download."""
-    if role is None:
-        if owner is not None:
-            raise Unprocessable(f"{ACTING_OWNER_HEADER} was sent without {ACTING_ROLE_HEADER}")
-        return None
-    if role == ANONYMOUS_ROLE:
-        if owner is not None:
-            raise Unprocessable(f"an anonymous request cannot name an owner in {ACTING_OWNER_HEADER}")
-        return Actor(name=None)
-    try:
-        key_role = ApiKeyRole(role)
-    except ValueError:
-        raise Unprocessable(f"unknown {ACTING_ROLE_HEADER} {role!r}") from None
-    if not owner:
-        raise Unprocessable(f"{ACTING_ROLE_HEADER} {role} needs {ACTING_OWNER_HEADER}")
-    return Actor(name=owner, is_operator=key_role == ApiKeyRole.OPERATOR)
+    and the consumer's is granted none of these routes but its holder-checked input download.
+    (Declared as headers so /docs shows them; inconsistent ones raise ActingHeadersError, a 422.)"""
+    sent = {ACTING_OWNER_HEADER: owner, ACTING_ROLE_HEADER: role}
+    acting = decode_acting_headers({name: value for name, value in sent.items() if value is not None})
+    return None if acting is None else Actor.acting_for(acting.principal)
 
 
 ActorDep = Annotated[Actor | None, Depends(_acting)]
@@ -208,7 +200,9 @@ async def require_task_holder(
     session: SessionDep,
     consumer_id: Annotated[
         str | None,
-        Header(alias=CONSUMER_ID_HEADER, max_length=255, description="the calling consumer's id"),
+        Header(
+            alias=CONSUMER_ID_HEADER, pattern=CONSUMER_ID_PATTERN, description="the calling consumer's id"
+        ),
     ] = None,
 ) -> None:
     """A consumer reads a task's data only while it holds the task: the inputs are patients'

@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from inference_server.contract import ActingHeadersError
 from private_api.exceptions import DomainError
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,11 @@ def _validation_detail(exc: RequestValidationError) -> str:
 async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
     return _body(exc.status_code, exc.detail, getattr(exc, "headers", None))
+
+
+async def _acting_headers_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ActingHeadersError)
+    return _body(422, str(exc))
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -65,6 +71,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(ActingHeadersError, _acting_headers_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ClientDisconnect, _client_disconnect)

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from private_api import service
+from private_api import leases, outbox
 from private_api.blobs import BlobStore
 from private_api.queue import TaskPublisher
 from private_api.retention import expire_old_tasks
@@ -102,7 +102,7 @@ class MaintenanceLoop:
                     return 0
                 if not self.leases_enforced:
                     return 0
-                return service.reap_expired_leases(
+                return leases.reap_expired_leases(
                     session=session, publisher=self._publisher, max_attempts=self._max_attempts
                 )
         except SQLAlchemyError:
@@ -111,7 +111,7 @@ class MaintenanceLoop:
 
     def publish_once(self) -> int:
         with self._session_factory() as session:
-            return service.publish_unpublished(
+            return outbox.publish_unpublished(
                 session=session, publisher=self._publisher, republish_after_s=self._republish_after_s
             )
 

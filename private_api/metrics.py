@@ -11,7 +11,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from private_api import service
+from private_api import health
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class _TaskCounts(Collector):
     def collect(self) -> Iterator[Metric]:
         try:
             with self._session_factory() as session:
-                counts = service.task_counts(session=session)
+                counts = health.task_counts(session=session)
         except SQLAlchemyError:
             log.warning("cannot count tasks for /metrics", exc_info=True)
             return

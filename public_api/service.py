@@ -8,10 +8,8 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from inference_server.contract import (
-    ACTING_OWNER_HEADER,
-    ACTING_ROLE_HEADER,
-    ANONYMOUS_ROLE,
     HealthReport,
+    ModelCreate,
     ModelPublic,
     ModelUpdate,
     Principal,
@@ -19,6 +17,7 @@ from inference_server.contract import (
     TaskPublic,
     TaskStatus,
     V12Code,
+    encode_acting_headers,
     v12_code_for,
 )
 from public_api.errors import PublicAPIError, UpstreamHTTPError, UpstreamUnavailableError, V12Error
@@ -56,13 +55,6 @@ def unknown_task_v12(uid: str) -> V12Error:
     return V12Error(V12Code.NOT_FOUND, f"task {uid} is unknown or was deleted")
 
 
-def acting_headers(caller: Principal | None) -> dict[str, str]:
-    """Whom a task request acts for; the private API shows and changes only what they may see."""
-    if caller is None:
-        return {ACTING_ROLE_HEADER: ANONYMOUS_ROLE}
-    return {ACTING_OWNER_HEADER: caller.name, ACTING_ROLE_HEADER: caller.role.value}
-
-
 async def submit_task(
     api: PrivateAPI, *, caller: Principal | None, model_id: str, priority: int, body: UploadBody
 ) -> TaskPublic:
@@ -72,7 +64,7 @@ async def submit_task(
         PrivateRoutes.TASKS,
         params={"model_human_readable_id": model_id, "priority": priority},
         body=body.chunks,
-        headers={**body.headers, **acting_headers(caller)},
+        headers={**body.headers, **encode_acting_headers(caller)},
     )
     return _parse(TaskPublic, data)
 
@@ -81,7 +73,7 @@ async def list_tasks(
     api: PrivateAPI, *, caller: Principal | None, status: TaskStatus | None, limit: int, offset: int
 ) -> list[TaskPublic]:
     params = _without_none({"status": status, "limit": limit, "offset": offset})
-    data = await api.call("GET", PrivateRoutes.TASKS, params=params, headers=acting_headers(caller))
+    data = await api.call("GET", PrivateRoutes.TASKS, params=params, headers=encode_acting_headers(caller))
     try:
         return _TASK_LIST.validate_python(data)
     except ValidationError as exc:
@@ -89,7 +81,7 @@ async def list_tasks(
 
 
 async def get_task(api: PrivateAPI, uid: str, *, caller: Principal | None) -> TaskPublic:
-    data = await api.call("GET", PrivateRoutes.TASK.format(uid=uid), headers=acting_headers(caller))
+    data = await api.call("GET", PrivateRoutes.TASK.format(uid=uid), headers=encode_acting_headers(caller))
     return _parse(TaskPublic, data)
 
 
@@ -97,7 +89,7 @@ async def task_status_json(api: PrivateAPI, uid: str, *, caller: Principal | Non
     """The private API's TaskPublic JSON as it came: status polls are the hottest route, and
     parsing, validating and serializing it again here would change nothing in it."""
     return checked(
-        await api.exchange("GET", PrivateRoutes.TASK.format(uid=uid), headers=acting_headers(caller))
+        await api.exchange("GET", PrivateRoutes.TASK.format(uid=uid), headers=encode_acting_headers(caller))
     ).body
 
 
@@ -118,7 +110,7 @@ async def open_output_v12(api: PrivateAPI, uid: str, *, caller: Principal | None
         raise V12Error(code, v12_detail(task, code))
     try:
         return await api.open_stream(
-            "GET", PrivateRoutes.TASK_OUTPUT.format(uid=uid), headers=acting_headers(caller)
+            "GET", PrivateRoutes.TASK_OUTPUT.format(uid=uid), headers=encode_acting_headers(caller)
         )
     except UpstreamHTTPError as exc:
         if exc.status_code not in (404, 409):
@@ -133,7 +125,9 @@ async def open_output_v12(api: PrivateAPI, uid: str, *, caller: Principal | None
 
 async def delete_task_v12(api: PrivateAPI, uid: str, *, caller: Principal | None) -> TaskPublic:
     try:
-        data = await api.call("DELETE", PrivateRoutes.TASK.format(uid=uid), headers=acting_headers(caller))
+        data = await api.call(
+            "DELETE", PrivateRoutes.TASK.format(uid=uid), headers=encode_acting_headers(caller)
+        )
     except UpstreamHTTPError as exc:
         if exc.status_code == 404:
             raise unknown_task_v12(uid) from exc
@@ -142,13 +136,15 @@ async def delete_task_v12(api: PrivateAPI, uid: str, *, caller: Principal | None
 
 
 async def cancel_task(api: PrivateAPI, uid: str, *, caller: Principal | None) -> TaskPublic:
-    data = await api.call("POST", PrivateRoutes.TASK_CANCEL.format(uid=uid), headers=acting_headers(caller))
+    data = await api.call(
+        "POST", PrivateRoutes.TASK_CANCEL.format(uid=uid), headers=encode_acting_headers(caller)
+    )
     return _parse(TaskPublic, data)
 
 
 async def open_logs(api: PrivateAPI, uid: str, *, caller: Principal | None) -> httpx.Response:
     return await api.open_stream(
-        "GET", PrivateRoutes.TASK_LOGS.format(uid=uid), headers=acting_headers(caller)
+        "GET", PrivateRoutes.TASK_LOGS.format(uid=uid), headers=encode_acting_headers(caller)
     )
 
 
@@ -161,15 +157,15 @@ async def list_models(api: PrivateAPI) -> list[ModelPublic]:
 
 
 async def register_model(
-    api: PrivateAPI, *, caller: Principal | None, params: dict[str, Any], body: UploadBody
+    api: PrivateAPI, *, caller: Principal | None, params: ModelCreate, body: UploadBody
 ) -> ModelPublic:
     # The caller goes along: what a non-operator may set (IS_ANONYMOUS_MODELS) is the private
-    # API's rule.
+    # API's rule. Only what the caller sent is relayed; the private API has the same defaults.
     data = await api.upload(
         PrivateRoutes.MODELS,
-        params=_without_none(params),
+        params=params.model_dump(exclude_unset=True),
         body=body.chunks,
-        headers={**body.headers, **acting_headers(caller)},
+        headers={**body.headers, **encode_acting_headers(caller)},
     )
     return _parse(ModelPublic, data)
 
@@ -181,7 +177,7 @@ async def update_model(
         "PATCH",
         PrivateRoutes.MODEL.format(human_readable_id=human_readable_id),
         json=changes.model_dump(mode="json", exclude_unset=True),
-        headers=acting_headers(caller),
+        headers=encode_acting_headers(caller),
     )
     return _parse(ModelPublic, data)
 
@@ -190,7 +186,7 @@ async def delete_model(api: PrivateAPI, human_readable_id: str, *, caller: Princ
     data = await api.call(
         "DELETE",
         PrivateRoutes.MODEL.format(human_readable_id=human_readable_id),
-        headers=acting_headers(caller),
+        headers=encode_acting_headers(caller),
     )
     return _parse(ModelPublic, data)
 

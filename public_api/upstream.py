@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-from inference_server.contract import ACTOR_REFUSED_HEADER, SERVICE_TOKEN_HEADER
+from inference_server.contract import ACTOR_REFUSED_HEADER, SERVICE_TOKEN_HEADER, error_detail
 from public_api.config import PublicSettings
 from public_api.errors import UpstreamHTTPError, UpstreamUnavailableError
 
@@ -48,21 +48,10 @@ class Reply:
         return self.body.decode("utf-8", errors="replace")
 
 
-def _detail_of(reply: Reply) -> str:
-    try:
-        body = reply.json()
-    except ValueError:
-        text = " ".join(reply.text.split())
-        return text[:2000] or f"HTTP {reply.status_code}"
-    detail = body.get("detail", body) if isinstance(body, dict) else body
-    # Every error body of this API has a text detail, whatever shape the upstream one had.
-    return detail if isinstance(detail, str) else json.dumps(detail)
-
-
 def upstream_error(reply: Reply) -> UpstreamHTTPError:
     """The error to answer with for a non-2xx private API answer."""
     status = reply.status_code
-    detail = _detail_of(reply)
+    detail = error_detail(reply.body, fallback=f"HTTP {status}")
     if status == 403 and reply.headers.get(ACTOR_REFUSED_HEADER):
         return UpstreamHTTPError(403, detail)
     if status in (401, 403):

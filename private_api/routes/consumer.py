@@ -13,7 +13,7 @@ from inference_server.contract import (
     TaskPublic,
     TaskRelease,
 )
-from private_api import service
+from private_api import leases
 from private_api.deps import (
     BlobsDep,
     ConsumerIdDep,
@@ -31,7 +31,7 @@ router = APIRouter(tags=["consumer"], dependencies=[Depends(require_service_toke
 def claim_task(
     request: Request, uid: str, consumer_id: ConsumerIdDep, session: SessionDep, settings: SettingsDep
 ) -> TaskClaim:
-    return service.claim_task(
+    return leases.claim_task(
         session=session,
         uid=uid,
         consumer_id=consumer_id,
@@ -45,7 +45,7 @@ def claim_task(
 def heartbeat(
     uid: str, consumer_id: ConsumerIdDep, session: SessionDep, settings: SettingsDep
 ) -> HeartbeatReply:
-    return service.heartbeat(
+    return leases.heartbeat(
         session=session, uid=uid, consumer_id=consumer_id, lease_seconds=settings.lease_seconds
     )
 
@@ -61,7 +61,7 @@ async def upload_output(
     settings: SettingsDep,
     blobs: BlobsDep,
 ) -> TaskPublic:
-    await run_in_threadpool(service.require_holder, session=session, uid=uid, consumer_id=consumer_id)
+    await run_in_threadpool(leases.require_holder, session=session, uid=uid, consumer_id=consumer_id)
     await run_in_threadpool(session.close)
     async with zip_upload(
         request,
@@ -71,7 +71,7 @@ async def upload_output(
         limits=settings.output_zip_limits,
     ) as output_blob:
         return await run_in_threadpool(
-            service.store_output, session=session, uid=uid, consumer_id=consumer_id, output_blob=output_blob
+            leases.store_output, session=session, uid=uid, consumer_id=consumer_id, output_blob=output_blob
         )
 
 
@@ -84,7 +84,7 @@ def fail_task(
     settings: SettingsDep,
     publisher: PublisherDep,
 ) -> TaskPublic:
-    return service.fail_task(
+    return leases.fail_task(
         session=session,
         publisher=publisher,
         uid=uid,
@@ -98,7 +98,7 @@ def fail_task(
 def release_task(
     uid: str, release: TaskRelease, consumer_id: ConsumerIdDep, session: SessionDep, publisher: PublisherDep
 ) -> TaskPublic:
-    return service.release_task(
+    return leases.release_task(
         session=session, publisher=publisher, uid=uid, consumer_id=consumer_id, release=release
     )
 
@@ -118,17 +118,17 @@ async def put_task_logs(
     blobs: BlobsDep,
 ) -> Response:
     await run_in_threadpool(
-        service.require_holder,
+        leases.require_holder,
         session=session,
         uid=uid,
         consumer_id=consumer_id,
-        statuses=service.LOG_WRITABLE_STATUSES,
+        statuses=leases.LOG_WRITABLE_STATUSES,
     )
     await run_in_threadpool(session.close)
     log_blob = await receive_log(request, blobs=blobs, max_bytes=settings.max_log_bytes)
     try:
         await run_in_threadpool(
-            service.store_logs,
+            leases.store_logs,
             session=session,
             blobs=blobs,
             uid=uid,

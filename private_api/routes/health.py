@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from inference_server.contract import HealthReport, PrivateRoutes
-from private_api import service
+from private_api import health
 from private_api.deps import MetricsDep, PublisherDep, SessionDep, require_service_token
 
 router = APIRouter(tags=["health"])
@@ -23,7 +23,7 @@ def live() -> HealthReport:
     PrivateRoutes.HEALTH_READY, response_model=HealthReport, responses={503: {"model": HealthReport}}
 )
 async def ready(session: SessionDep, publisher: PublisherDep) -> JSONResponse:
-    database = await run_in_threadpool(service.database_problem, session=session)
+    database = await run_in_threadpool(health.database_problem, session=session)
     rabbitmq = await run_in_threadpool(publisher.check)
     report = HealthReport(
         status="ok" if database is None and rabbitmq is None else "unavailable",

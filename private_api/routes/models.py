@@ -8,11 +8,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from inference_server.contract import ZIP_MEDIA_TYPE, ModelPublic, ModelUpdate, PrivateRoutes
-from private_api import service
+from inference_server.contract import ZIP_MEDIA_TYPE, ModelCreate, ModelPublic, ModelUpdate, PrivateRoutes
+from private_api import access, model_registry
 from private_api.deps import ActorDep, BlobsDep, SessionDep, SettingsDep, require_service_token
 from private_api.responses import blob_response
-from private_api.schemas import ModelCreate
 from private_api.uploads import optional_zip_upload, zip_request_body
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_service_token)])
@@ -33,9 +32,9 @@ async def create_model(
     actor: ActorDep,
 ) -> ModelPublic:
     # Refused before the zip streams in, like a duplicate name.
-    service.refuse_loosened_isolation(actor, params.model_dump())
+    access.refuse_loosened_isolation(actor, params.model_dump())
     await run_in_threadpool(
-        service.ensure_model_name_free, session=session, human_readable_id=params.human_readable_id
+        model_registry.ensure_model_name_free, session=session, human_readable_id=params.human_readable_id
     )
     # Hand the connection back while the zip streams in; a large model zip takes a while.
     await run_in_threadpool(session.close)
@@ -47,32 +46,32 @@ async def create_model(
         limits=settings.input_zip_limits,
     ) as model_zip:
         return await run_in_threadpool(
-            service.create_model, session=session, params=params, model_zip=model_zip, actor=actor
+            model_registry.create_model, session=session, params=params, model_zip=model_zip, actor=actor
         )
 
 
 @router.get(PrivateRoutes.MODELS, response_model=list[ModelPublic])
 def list_models(session: SessionDep) -> list[ModelPublic]:
-    return service.list_models(session=session)
+    return model_registry.list_models(session=session)
 
 
 @router.get(PrivateRoutes.MODEL, response_model=ModelPublic)
 def get_model(human_readable_id: str, session: SessionDep) -> ModelPublic:
-    return service.get_model(session=session, human_readable_id=human_readable_id)
+    return model_registry.get_model(session=session, human_readable_id=human_readable_id)
 
 
 @router.patch(PrivateRoutes.MODEL, response_model=ModelPublic)
 def update_model(
     human_readable_id: str, changes: ModelUpdate, session: SessionDep, actor: ActorDep
 ) -> ModelPublic:
-    return service.update_model(
+    return model_registry.update_model(
         session=session, human_readable_id=human_readable_id, changes=changes, actor=actor
     )
 
 
 @router.get(PrivateRoutes.MODEL_ZIP, response_class=StreamingResponse)
 def get_model_zip(human_readable_id: str, session: SessionDep, blobs: BlobsDep) -> StreamingResponse:
-    key = service.model_zip_key(session=session, human_readable_id=human_readable_id)
+    key = model_registry.model_zip_key(session=session, human_readable_id=human_readable_id)
     return blob_response(
         blobs,
         key,
@@ -86,6 +85,6 @@ def get_model_zip(human_readable_id: str, session: SessionDep, blobs: BlobsDep) 
 def delete_model(
     human_readable_id: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep
 ) -> ModelPublic:
-    return service.delete_model(
+    return model_registry.delete_model(
         session=session, blobs=blobs, human_readable_id=human_readable_id, actor=actor
     )

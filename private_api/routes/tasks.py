@@ -17,7 +17,7 @@ from inference_server.contract import (
     TaskPublic,
     TaskStatus,
 )
-from private_api import service
+from private_api import model_registry, task_lifecycle
 from private_api.db import QuickQueriesDep
 from private_api.deps import (
     ActorDep,
@@ -54,7 +54,9 @@ async def submit_task(
     priority: Annotated[int, Query(ge=0, le=MAX_PRIORITY)] = 0,
 ) -> TaskPublic:
     # Unknown model: refuse before a byte of the upload is stored.
-    await run_in_threadpool(service.get_model, session=session, human_readable_id=model_human_readable_id)
+    await run_in_threadpool(
+        model_registry.get_model, session=session, human_readable_id=model_human_readable_id
+    )
     await run_in_threadpool(session.close)  # no connection held while the body streams in
     async with zip_upload(
         request,
@@ -64,7 +66,7 @@ async def submit_task(
         limits=settings.input_zip_limits,
     ) as input_blob:
         task = await run_in_threadpool(
-            service.create_task,
+            task_lifecycle.create_task,
             session=session,
             model_human_readable_id=model_human_readable_id,
             priority=priority,
@@ -73,7 +75,7 @@ async def submit_task(
         )
     metrics.submissions.labels(model=model_human_readable_id).inc()
     # After the commit: a broker outage leaves the task to the outbox, never fails the submit.
-    await run_in_threadpool(service.publish_task, session=session, publisher=publisher, uid=task.uid)
+    await run_in_threadpool(task_lifecycle.publish_task, session=session, publisher=publisher, uid=task.uid)
     return task
 
 
@@ -85,20 +87,20 @@ def list_tasks(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[TaskPublic]:
-    return service.list_tasks(session=session, actor=actor, status=status, limit=limit, offset=offset)
+    return task_lifecycle.list_tasks(session=session, actor=actor, status=status, limit=limit, offset=offset)
 
 
 @router.get(PrivateRoutes.TASK, response_model=TaskPublic)
 async def get_task(uid: str, queries: QuickQueriesDep, actor: ActorDep) -> Response:
     # Every status poll lands here: one thread hop, one serialization.
-    return json_response(await queries.run(service.get_task, uid=uid, actor=actor))
+    return json_response(await queries.run(task_lifecycle.get_task, uid=uid, actor=actor))
 
 
 @router.get(
     PrivateRoutes.TASK_INPUT, response_class=StreamingResponse, dependencies=[Depends(require_task_holder)]
 )
 def get_task_input(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep) -> StreamingResponse:
-    key = service.input_blob_key(session=session, uid=uid, actor=actor)
+    key = task_lifecycle.input_blob_key(session=session, uid=uid, actor=actor)
     return blob_response(
         blobs,
         key,
@@ -117,7 +119,7 @@ def get_task_input(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorD
     },
 )
 def get_task_output(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep) -> StreamingResponse:
-    key = service.output_blob_key(session=session, uid=uid, actor=actor)
+    key = task_lifecycle.output_blob_key(session=session, uid=uid, actor=actor)
     return blob_response(
         blobs,
         key,
@@ -129,7 +131,7 @@ def get_task_output(uid: str, session: SessionDep, blobs: BlobsDep, actor: Actor
 
 @router.get(PrivateRoutes.TASK_LOGS, response_class=PlainTextResponse)
 def get_task_logs(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep) -> Response:
-    key = service.log_blob_key(session=session, uid=uid, actor=actor)
+    key = task_lifecycle.log_blob_key(session=session, uid=uid, actor=actor)
     if key is None:
         return Response(content=b"", media_type=LOG_MEDIA_TYPE)
     try:
@@ -143,9 +145,9 @@ def get_task_logs(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDe
 
 @router.post(PrivateRoutes.TASK_CANCEL, response_model=TaskPublic)
 def cancel_task(uid: str, session: SessionDep, actor: ActorDep) -> TaskPublic:
-    return service.cancel_task(session=session, uid=uid, actor=actor)
+    return task_lifecycle.cancel_task(session=session, uid=uid, actor=actor)
 
 
 @router.delete(PrivateRoutes.TASK, response_model=TaskPublic)
 def delete_task(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep) -> TaskPublic:
-    return service.delete_task(session=session, blobs=blobs, uid=uid, actor=actor)
+    return task_lifecycle.delete_task(session=session, blobs=blobs, uid=uid, actor=actor)

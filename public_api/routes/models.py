@@ -7,9 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request
 
 from inference_server.contract import (
-    CONTAINER_TAG_PATTERN,
     HUMAN_READABLE_ID_PATTERN,
-    ModelLimits,
+    ModelCreate,
     ModelPublic,
     ModelUpdate,
     PublicRoutes,
@@ -19,8 +18,6 @@ from public_api.deps import ModelManagerDep, PrivateAPIDep, SettingsDep, model_r
 from public_api.json_body import json_request_body, read_json
 from public_api.relay import upload_body
 from public_api.routes._docs import COMMON_RESPONSES, OPERATOR_ONLY, error, zip_upload_body
-
-_LIMITS = ModelLimits.model_fields
 
 router = APIRouter(tags=["models"], responses=COMMON_RESPONSES)
 
@@ -63,44 +60,9 @@ async def register_model(
     caller: ModelManagerDep,
     api: PrivateAPIDep,
     settings: SettingsDep,
-    container_tag: Annotated[str, Query(pattern=CONTAINER_TAG_PATTERN, description="Docker image.")],
-    human_readable_id: Annotated[
-        str, Query(pattern=HUMAN_READABLE_ID_PATTERN, description="Stable name tasks are sent to.")
-    ],
-    description: Annotated[str, Query(max_length=10_000)] = "",
-    model_available: Annotated[bool | None, Query(description="True when zip_file is sent.")] = None,
-    use_gpu: bool | None = None,
-    # Same bounds as the private API applies, taken from the shared schema, so /docs tells the truth.
-    timeout_s: Annotated[
-        int | None, *_LIMITS["timeout_s"].metadata, Query(description="Seconds per task.")
-    ] = None,
-    memory_mb: Annotated[int | None, *_LIMITS["memory_mb"].metadata, Query()] = None,
-    cpus: Annotated[float | None, *_LIMITS["cpus"].metadata, Query()] = None,
-    pids: Annotated[int | None, *_LIMITS["pids"].metadata, Query()] = None,
-    tmp_mb: Annotated[
-        int | None, *_LIMITS["tmp_mb"].metadata, Query(description="Size of the tmpfs at /tmp, in MB.")
-    ] = None,
-    allow_network: bool | None = None,
-    run_as_root: bool | None = None,
-    writable_rootfs: Annotated[
-        bool | None, Query(description="Let the model write its root filesystem (read-only by default).")
-    ] = None,
+    # The private API's own schema, so /docs states the bounds the private API applies.
+    params: Annotated[ModelCreate, Query()],
 ) -> ModelPublic:
-    params = {
-        "container_tag": container_tag,
-        "human_readable_id": human_readable_id,
-        "description": description,
-        "model_available": model_available,
-        "use_gpu": use_gpu,
-        "timeout_s": timeout_s,
-        "memory_mb": memory_mb,
-        "cpus": cpus,
-        "pids": pids,
-        "tmp_mb": tmp_mb,
-        "allow_network": allow_network,
-        "run_as_root": run_as_root,
-        "writable_rootfs": writable_rootfs,
-    }
     return await service.register_model(
         api, caller=caller, params=params, body=upload_body(request, settings.max_upload_bytes)
     )

@@ -16,9 +16,10 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from inference_server.contract import TaskStatus
-from private_api import service
+from private_api import task_lifecycle
 from private_api.maintenance import MaintenanceLoop
 from private_api.models import Task, utcnow
+from private_api.outbox import publish_unpublished
 from tests.private_api.helpers import (
     as_consumer,
     claim,
@@ -186,7 +187,7 @@ def test_request_and_outbox_never_both_publish_a_task(client, queue):
     register_model(client)
     with client.app.state.session_factory() as session:
         input_blob = client.app.state.blobs.save([make_zip()], "inputs", suffix=".zip")
-        uid = service.create_task(
+        uid = task_lifecycle.create_task(
             session=session, model_human_readable_id="seg-model", priority=0, input_blob=input_blob
         ).uid
         publisher = client.app.state.publisher
@@ -196,12 +197,12 @@ def test_request_and_outbox_never_both_publish_a_task(client, queue):
         def outbox_round() -> None:
             with client.app.state.session_factory() as own_session:
                 barrier.wait()
-                results.append(service.publish_unpublished(session=own_session, publisher=publisher))
+                results.append(publish_unpublished(session=own_session, publisher=publisher))
 
         outbox = threading.Thread(target=outbox_round)
         outbox.start()
         barrier.wait()
-        results.append(service.publish_task(session=session, publisher=publisher, uid=uid))
+        results.append(task_lifecycle.publish_task(session=session, publisher=publisher, uid=uid))
         outbox.join(30)
 
     # Exactly one of them sent it: True from the request, or a count of 1 from the outbox.

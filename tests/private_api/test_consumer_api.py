@@ -7,7 +7,7 @@ import threading
 from datetime import datetime
 
 from inference_server.contract import TaskStatus
-from private_api import service
+from private_api import leases
 from private_api.blobs import StoredBlob
 from private_api.exceptions import Conflict
 from tests.private_api.helpers import (
@@ -74,7 +74,7 @@ def race_claims(session_factory, uid: str, contenders: int) -> list[str]:
         with session_factory() as session:
             barrier.wait()
             try:
-                service.claim_task(
+                leases.claim_task(
                     session=session, uid=uid, consumer_id=name, lease_seconds=60, max_attempts=3
                 )
                 outcome = f"won:{name}"
@@ -260,7 +260,7 @@ def test_store_output_failure_leaves_blob_to_caller(client, settings):
     uid = submit_ok(client)["uid"]
     with client.app.state.session_factory() as session:
         try:
-            service.store_output(
+            leases.store_output(
                 session=session,
                 uid=uid,
                 consumer_id="nobody",

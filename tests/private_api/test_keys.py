@@ -22,7 +22,7 @@ from inference_server.contract import (
 from private_api import keys
 from private_api.exceptions import Conflict, NotFound, Unprocessable
 from private_api.models import ApiKey
-from private_api.service import new_task_uid
+from private_api.task_rows import new_task_uid
 from tests.private_api.helpers import claim, make_zip, register_model, stored_files, task_row
 
 ALICE = {ACTING_OWNER_HEADER: "alice", ACTING_ROLE_HEADER: "user"}

@@ -1,0 +1,299 @@
+"""Tasks as consumers hold them: claim, heartbeat, output, failure, release, logs, and the
+reaper that takes tasks back from consumers that stopped renewing their lease."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any, NoReturn
+
+from sqlalchemy import and_, case, or_, select
+from sqlalchemy.orm import Session
+
+from inference_server.contract import (
+    HeartbeatReply,
+    ModelPublic,
+    TaskClaim,
+    TaskFailure,
+    TaskPublic,
+    TaskRelease,
+    TaskStatus,
+)
+from private_api.blobs import BlobStore, StoredBlob
+from private_api.exceptions import Conflict, NotFound
+from private_api.models import Task, utcnow
+from private_api.outbox import publish
+from private_api.queue import TaskPublisher
+from private_api.task_rows import BATCH_SIZE, describe_holder, load_task, sql_time, task_public, update_task
+
+log = logging.getLogger(__name__)
+
+# A consumer may still upload the log of a task cancelled under it.
+LOG_WRITABLE_STATUSES = (TaskStatus.RUNNING, TaskStatus.CANCELLED)
+
+
+def _raise_not_holder(session: Session, uid: str, consumer_id: str) -> NoReturn:
+    """Explain why a consumer's request on a task it should hold did not apply."""
+    session.rollback()
+    task = load_task(session, uid)
+    if task is None:
+        raise NotFound(f"task {uid} is unknown")
+    raise Conflict(f"consumer {consumer_id!r} does not hold task {uid}: it is {describe_holder(task)}")
+
+
+def claim_task(
+    *,
+    session: Session,
+    uid: str,
+    consumer_id: str,
+    lease_seconds: int,
+    max_attempts: int,
+    leases_enforced: bool = True,
+) -> TaskClaim:
+    """pending -> running for this consumer (or the same claim again, or an expired lease taken
+    over, unless leases are in their grace period after an outage: see maintenance)."""
+    now = utcnow()
+    same_holder = and_(Task.status == TaskStatus.RUNNING, Task.consumer_id == consumer_id)
+    claimable = [Task.status == TaskStatus.PENDING, same_holder]
+    if leases_enforced:
+        claimable.append(
+            and_(
+                Task.status == TaskStatus.RUNNING,
+                Task.lease_expires_at < now,
+                Task.attempts < max_attempts,
+            )
+        )
+    won = update_task(
+        session,
+        Task.uid == uid,
+        or_(*claimable),
+        status=TaskStatus.RUNNING,
+        # SET expressions see the row as it was, so `same_holder` means "was already ours".
+        attempts=case((same_holder, Task.attempts), else_=Task.attempts + 1),
+        started_at=case((same_holder, Task.started_at), else_=sql_time(now)),
+        consumer_id=consumer_id,
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
+    )
+    if not won:
+        session.rollback()
+        task = load_task(session, uid)
+        if task is None:
+            raise NotFound(f"task {uid} is unknown")
+        lapsed = task.status == TaskStatus.RUNNING and task.lease_expires_at and task.lease_expires_at < now
+        if lapsed and leases_enforced:
+            raise Conflict(f"task {uid} used all {max_attempts} attempts; it will be marked failed")
+        raise Conflict(f"task {uid} cannot be claimed: it is {describe_holder(task)}")
+    task = load_task(session, uid)
+    assert task is not None
+    claim = TaskClaim(
+        task=task_public(task), model=ModelPublic.model_validate(task.model), lease_seconds=lease_seconds
+    )
+    session.commit()
+    log.info("task %s claimed by %s (attempt %d)", uid, consumer_id, task.attempts)
+    return claim
+
+
+def heartbeat(*, session: Session, uid: str, consumer_id: str, lease_seconds: int) -> HeartbeatReply:
+    """Extend the lease; keep_running false once the task was cancelled or deleted under the consumer."""
+    extended = update_task(
+        session,
+        Task.uid == uid,
+        Task.status == TaskStatus.RUNNING,
+        Task.consumer_id == consumer_id,
+        lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
+    )
+    if extended:
+        session.commit()
+        return HeartbeatReply(keep_running=True, status=TaskStatus.RUNNING)
+    session.rollback()
+    task = load_task(session, uid)
+    if task is None:
+        raise NotFound(f"task {uid} is unknown")
+    if task.consumer_id == consumer_id and task.status.is_terminal:
+        return HeartbeatReply(keep_running=False, status=task.status)
+    raise Conflict(f"consumer {consumer_id!r} does not hold task {uid}: it is {describe_holder(task)}")
+
+
+def require_holder(
+    *,
+    session: Session,
+    uid: str,
+    consumer_id: str,
+    statuses: tuple[TaskStatus, ...] = (TaskStatus.RUNNING,),
+) -> None:
+    """Early refusal before a consumer's upload streams in; the final write checks again."""
+    task = load_task(session, uid)
+    if task is None:
+        raise NotFound(f"task {uid} is unknown")
+    if task.consumer_id != consumer_id or task.status not in statuses:
+        raise Conflict(f"consumer {consumer_id!r} does not hold task {uid}: it is {describe_holder(task)}")
+
+
+def store_output(*, session: Session, uid: str, consumer_id: str, output_blob: StoredBlob) -> TaskPublic:
+    """running -> finished with its output, once; the caller deletes the blob if this raises."""
+    finished = update_task(
+        session,
+        Task.uid == uid,
+        Task.status == TaskStatus.RUNNING,
+        Task.consumer_id == consumer_id,
+        Task.output_blob_key.is_(None),
+        status=TaskStatus.FINISHED,
+        output_blob_key=output_blob.key,
+        output_sha256=output_blob.sha256,
+        exit_code=0,
+        error=None,
+        finished_at=utcnow(),
+        lease_expires_at=None,
+    )
+    if not finished:
+        _raise_not_holder(session, uid, consumer_id)
+    task = load_task(session, uid)
+    assert task is not None
+    public = task_public(task)
+    session.commit()
+    log.info("task %s finished on %s (%d output bytes)", uid, consumer_id, output_blob.size)
+    return public
+
+
+def fail_task(
+    *,
+    session: Session,
+    publisher: TaskPublisher,
+    uid: str,
+    consumer_id: str,
+    failure: TaskFailure,
+    max_attempts: int,
+) -> TaskPublic:
+    """A retryable failure with attempts left goes back to pending (republished); else failed."""
+    held = (Task.uid == uid, Task.status == TaskStatus.RUNNING, Task.consumer_id == consumer_id)
+    retried = failure.retryable and update_task(
+        session,
+        *held,
+        Task.attempts < max_attempts,
+        status=TaskStatus.PENDING,
+        error=failure.error,
+        exit_code=failure.exit_code,
+        consumer_id=None,
+        lease_expires_at=None,
+        published_at=None,
+    )
+    if not retried and not update_task(
+        session,
+        *held,
+        status=TaskStatus.FAILED,
+        error=failure.error,
+        exit_code=failure.exit_code,
+        finished_at=utcnow(),
+        lease_expires_at=None,
+    ):
+        _raise_not_holder(session, uid, consumer_id)
+    task = load_task(session, uid)
+    assert task is not None
+    public = task_public(task)
+    session.commit()
+    log.info(
+        "task %s %s after attempt %d on %s: %s",
+        uid,
+        task.status,
+        task.attempts,
+        consumer_id,
+        failure.error[:200],
+    )
+    if retried:
+        publish(session, publisher, task_id=task.id, uid=uid, priority=task.priority)
+    return public
+
+
+def release_task(
+    *, session: Session, publisher: TaskPublisher, uid: str, consumer_id: str, release: TaskRelease
+) -> TaskPublic:
+    """running -> pending unrun (consumer shutdown, infrastructure trouble); the attempt is not counted."""
+    released = update_task(
+        session,
+        Task.uid == uid,
+        Task.status == TaskStatus.RUNNING,
+        Task.consumer_id == consumer_id,
+        status=TaskStatus.PENDING,
+        attempts=case((Task.attempts > 0, Task.attempts - 1), else_=0),
+        consumer_id=None,
+        lease_expires_at=None,
+        published_at=None,
+    )
+    if not released:
+        _raise_not_holder(session, uid, consumer_id)
+    task = load_task(session, uid)
+    assert task is not None
+    public = task_public(task)
+    session.commit()
+    log.info("task %s released by %s: %s", uid, consumer_id, release.reason[:200])
+    publish(session, publisher, task_id=task.id, uid=uid, priority=task.priority)
+    return public
+
+
+def store_logs(
+    *, session: Session, blobs: BlobStore, uid: str, consumer_id: str, log_blob: StoredBlob
+) -> None:
+    """Replace the task's log; the caller deletes `log_blob` if this raises."""
+    task = load_task(session, uid)
+    if task is None:
+        raise NotFound(f"task {uid} is unknown")
+    old_key = task.log_blob_key
+    replaced = update_task(
+        session,
+        Task.uid == uid,
+        Task.consumer_id == consumer_id,
+        Task.status.in_(LOG_WRITABLE_STATUSES),
+        # Only over the log we saw, so a concurrent replacement is not silently orphaned.
+        Task.log_blob_key.is_(None) if old_key is None else Task.log_blob_key == old_key,
+        log_blob_key=log_blob.key,
+    )
+    if not replaced:
+        _raise_not_holder(session, uid, consumer_id)
+    session.commit()
+    blobs.delete(old_key)
+
+
+def reap_expired_leases(
+    *, session: Session, publisher: TaskPublisher, max_attempts: int, limit: int = BATCH_SIZE
+) -> int:
+    """Running tasks whose consumer stopped heartbeating: back to pending, or failed when out of attempts."""
+    now = utcnow()
+    rows = session.execute(
+        select(Task.id, Task.uid, Task.priority, Task.attempts, Task.consumer_id)
+        .where(Task.status == TaskStatus.RUNNING, Task.lease_expires_at < now)
+        .order_by(Task.lease_expires_at)
+        .limit(limit)
+    ).all()
+    session.rollback()
+    requeued: list[Any] = []
+    failed = 0
+    for row in rows:
+        expired = (Task.id == row.id, Task.status == TaskStatus.RUNNING, Task.lease_expires_at < now)
+        if update_task(
+            session,
+            *expired,
+            Task.attempts < max_attempts,
+            status=TaskStatus.PENDING,
+            consumer_id=None,
+            lease_expires_at=None,
+            published_at=None,
+        ):
+            requeued.append(row)
+            log.warning("lease of task %s on %s expired; back to pending", row.uid, row.consumer_id)
+        elif update_task(
+            session,
+            *expired,
+            status=TaskStatus.FAILED,
+            error=(
+                f"consumer {row.consumer_id!r} stopped renewing its lease; "
+                f"gave up after {row.attempts} attempts"
+            ),
+            finished_at=now,
+            lease_expires_at=None,
+        ):
+            failed += 1
+            log.warning("lease of task %s expired on its last attempt; failed", row.uid)
+        session.commit()
+    for row in requeued:
+        publish(session, publisher, task_id=row.id, uid=row.uid, priority=row.priority)
+    return len(requeued) + failed

@@ -1,0 +1,169 @@
+"""Tasks as users see them: submit, publish, look up, list, cancel and delete, and their files."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from inference_server.contract import TaskPublic, TaskStatus
+from private_api.access import Actor, owner_conditions, visible_task
+from private_api.blobs import BlobStore, StoredBlob
+from private_api.exceptions import Conflict, NotFound
+from private_api.model_registry import required_model
+from private_api.models import Task, utcnow
+from private_api.outbox import Publish, publish
+from private_api.queue import TaskPublisher
+from private_api.task_rows import (
+    ACTIVE_STATUSES,
+    load_task,
+    new_task_uid,
+    sql_time,
+    task_public,
+    update_task,
+)
+
+log = logging.getLogger(__name__)
+
+
+def create_task(
+    *,
+    session: Session,
+    model_human_readable_id: str,
+    priority: int,
+    input_blob: StoredBlob,
+    owner: str | None = None,
+) -> TaskPublic:
+    """Insert a pending task for an already stored input; the caller deletes the blob if this raises.
+
+    Publishing is a separate step (`publish_task`) after the commit, so a broker outage never
+    loses an accepted task nor fails the submit.
+    """
+    model = required_model(session, model_human_readable_id)
+    task = Task(
+        uid=new_task_uid(),
+        model=model,
+        status=TaskStatus.PENDING,
+        priority=priority,
+        attempts=0,
+        input_blob_key=input_blob.key,
+        input_sha256=input_blob.sha256,
+        created_at=utcnow(),
+        owner=owner,
+    )
+    session.add(task)
+    try:
+        session.flush()
+        public = task_public(task)
+        session.commit()
+    except IntegrityError as exc:
+        session.rollback()
+        # The model was deleted between the lookup and the insert.
+        raise NotFound(f"model {model_human_readable_id!r} is not registered") from exc
+    log.info("task %s accepted for model %s (priority %d)", public.uid, model_human_readable_id, priority)
+    return public
+
+
+def publish_task(*, session: Session, publisher: TaskPublisher, uid: str) -> bool:
+    """Put a freshly committed task on the queue; never raises for broker or bookkeeping errors."""
+    row = session.execute(select(Task.id, Task.priority).where(Task.uid == uid)).first()
+    session.rollback()  # end the read; publishing may wait on the broker
+    if row is None:
+        return False
+    return publish(session, publisher, task_id=row.id, uid=uid, priority=row.priority) == Publish.DONE
+
+
+def get_task(*, session: Session, uid: str, actor: Actor | None = None) -> TaskPublic:
+    return task_public(visible_task(session, uid, actor))
+
+
+def list_tasks(
+    *,
+    session: Session,
+    actor: Actor | None,
+    status: TaskStatus | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[TaskPublic]:
+    """The tasks `actor` may see, newest first; deleted ones are left out.
+
+    Anonymous callers get an empty list: anonymous tasks are reachable only by their uid, and
+    listing them would hand every anonymous caller the uids of all the others.
+    """
+    if actor is not None and actor.name is None and not actor.is_operator:
+        return []
+    statement = select(Task).where(Task.status != TaskStatus.DELETED, *owner_conditions(actor))
+    if status is not None:
+        statement = statement.where(Task.status == status)
+    tasks = session.scalars(statement.order_by(Task.id.desc()).offset(offset).limit(limit))
+    return [task_public(task) for task in tasks]
+
+
+def input_blob_key(*, session: Session, uid: str, actor: Actor | None = None) -> str:
+    task = visible_task(session, uid, actor)
+    if task.input_blob_key is None:
+        raise NotFound(f"task {uid} has no input")
+    return task.input_blob_key
+
+
+def output_blob_key(*, session: Session, uid: str, actor: Actor | None = None) -> str:
+    task = visible_task(session, uid, actor)
+    if task.status != TaskStatus.FINISHED:
+        raise Conflict(f"task {uid} is {task.status}; an output exists only once it is finished")
+    if task.output_blob_key is None:
+        raise NotFound(f"task {uid} is finished but its output is missing")
+    return task.output_blob_key
+
+
+def log_blob_key(*, session: Session, uid: str, actor: Actor | None = None) -> str | None:
+    return visible_task(session, uid, actor).log_blob_key
+
+
+def cancel_task(*, session: Session, uid: str, actor: Actor | None = None) -> TaskPublic:
+    """pending/running -> cancelled; a terminal task is answered unchanged.
+
+    A running task's consumer learns it from its next heartbeat (keep_running false).
+    """
+    changed = update_task(
+        session,
+        Task.uid == uid,
+        Task.status.in_(ACTIVE_STATUSES),
+        *owner_conditions(actor),
+        status=TaskStatus.CANCELLED,
+        finished_at=utcnow(),
+        lease_expires_at=None,
+    )
+    task = visible_task(session, uid, actor)
+    public = task_public(task)
+    session.commit()
+    if changed:
+        log.info("task %s cancelled", uid)
+    return public
+
+
+def delete_task(*, session: Session, blobs: BlobStore, uid: str, actor: Actor | None = None) -> TaskPublic:
+    """Cancel if active, mark deleted, drop the input/output/log files; the row stays as a tombstone."""
+    changed = update_task(
+        session,
+        Task.uid == uid,
+        Task.status != TaskStatus.DELETED,
+        *owner_conditions(actor),
+        status=TaskStatus.DELETED,
+        finished_at=func.coalesce(Task.finished_at, sql_time(utcnow())),
+        lease_expires_at=None,
+    )
+    if not changed:
+        session.rollback()
+        raise NotFound(f"task {uid} is unknown or was deleted")
+    task = load_task(session, uid)
+    assert task is not None  # the UPDATE above just matched it, under our write lock
+    keys = (task.input_blob_key, task.output_blob_key, task.log_blob_key)
+    task.input_blob_key = task.output_blob_key = task.log_blob_key = None
+    public = task_public(task)
+    session.commit()
+    for key in keys:
+        blobs.delete(key)
+    log.info("task %s deleted", uid)
+    return public
