@@ -29,7 +29,7 @@ import httpx
 from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 
-from inference_server.contract import ModelPublic, PublicRoutes, TaskPublic, TaskStatus, V12Code
+from inference_server.contract import ModelPublic, PublicRoutes, TaskPublic, TaskStatus, V12Code, error_detail
 from inference_server.data_folder import OPERATOR_KEY_FILE
 from inference_server.zipsafe import UnsafeZipError, zip_directory
 
@@ -82,28 +82,10 @@ def resolve_token(token: str | None = None) -> str | None:
         raise InferenceClientError(None, f"cannot read the token file {token_file}: {exc}") from exc
 
 
-def _format_detail(detail: Any) -> str:
-    """FastAPI validation errors come as a list; show them as `where: what` pairs."""
-    if isinstance(detail, list):
-        parts = []
-        for item in detail:
-            if isinstance(item, dict) and "msg" in item:
-                where = ".".join(str(part) for part in item.get("loc", ()))
-                parts.append(f"{where}: {item['msg']}" if where else str(item["msg"]))
-            else:
-                parts.append(str(item))
-        return "; ".join(parts)
-    return str(detail)
-
-
 def _error_from(response: httpx.Response) -> InferenceClientError:
-    try:
-        body = response.json()
-        detail = body["detail"] if isinstance(body, dict) and "detail" in body else body
-    except ValueError:
-        # A proxy's HTML error page or similar: keep it short and on one line.
-        detail = " ".join(response.text.split())[:300] or response.reason_phrase
-    return InferenceClientError(response.status_code, _format_detail(detail))
+    return InferenceClientError(
+        response.status_code, error_detail(response.content, fallback=response.reason_phrase)
+    )
 
 
 def _progress_bar(total: int | None, description: str, progress: bool | None) -> tqdm:
