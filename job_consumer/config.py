@@ -9,12 +9,11 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
+from inference_server.contract import CONSUMER_ID_RE
 from inference_server.settings import BrokerSettings
 from inference_server.zipsafe import ZipLimits
 
 _DEFAULT_ZIP_LIMITS = ZipLimits()
-# Consumer ids end up in Docker labels, HTTP headers and file names, so keep them plain.
-CONSUMER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _default_consumer_id(gpu: str | None) -> str:
