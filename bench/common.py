@@ -26,7 +26,14 @@ import httpx
 import pika
 import pika.exceptions
 
-from inference_server.contract import SERVICE_TOKEN_HEADER, ModelPublic, PrivateRoutes
+from inference_server.contract import (
+    SERVICE_TOKEN_HEADER,
+    ZIP_MEDIA_TYPE,
+    ModelPublic,
+    PrivateRoutes,
+    PublicRoutes,
+    V12Code,
+)
 from inference_server.zipsafe import ZipLimits, extract_zip, remove_tree, zip_directory
 from job_consumer.config import ConsumerSettings
 from job_consumer.runner import ModelRunner
@@ -511,11 +518,11 @@ class RawRunner:
 def submit_small(client: httpx.Client, zip_path: Path, model: str = PASSTHROUGH) -> str:
     with zip_path.open("rb") as handle:
         response = client.post(
-            "/api/tasks/",
+            PublicRoutes.TASKS,
             params={"model_human_readable_id": model},
-            files={"zip_file": (zip_path.name, handle, "application/zip")},
+            files={"zip_file": (zip_path.name, handle, ZIP_MEDIA_TYPE)},
         )
-    if response.status_code not in (200, 201):
+    if response.status_code not in (httpx.codes.OK, httpx.codes.CREATED):
         raise RuntimeError(f"submit answered {response.status_code}: {response.text[:300]}")
     uid = json.loads(response.content)
     assert isinstance(uid, str)
@@ -523,12 +530,12 @@ def submit_small(client: httpx.Client, zip_path: Path, model: str = PASSTHROUGH)
 
 
 def try_download_v12(client: httpx.Client, uid: str, dest: Path) -> bool:
-    """One v1.2 poll: False while pending (551); on 200 the output zip is streamed to `dest`."""
-    with client.stream("GET", f"/api/tasks/{uid}") as response:
-        if response.status_code == 551:
+    """One v1.2 poll: False while pending or running; on 200 the output zip is streamed to `dest`."""
+    with client.stream("GET", PublicRoutes.TASK.format(uid=uid)) as response:
+        if response.status_code == V12Code.PENDING:
             response.read()
             return False
-        if response.status_code != 200:
+        if response.status_code != httpx.codes.OK:
             response.read()
             raise RuntimeError(f"task {uid}: poll answered {response.status_code}: {response.text[:300]}")
         with dest.open("wb") as sink:
