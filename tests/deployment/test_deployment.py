@@ -21,7 +21,8 @@ import yaml
 
 from inference_server.contract import SERVICE_TOKEN_HEADER, PrivateRoutes, PublicRoutes
 from tests.deployment.helpers import base_process_env, run
-from tests.traefik.helpers import REPO_ROOT, FrontDoor, answers, register_model, run_task, wait_for
+from tests.helpers import register_model_public
+from tests.traefik.helpers import REPO_ROOT, FrontDoor, answers, run_task, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -123,7 +124,7 @@ def exercise_front_door(
         assert client.get(PublicRoutes.MODELS).status_code == 401  # no anonymous access by default
     door = dataclasses.replace(door, api_key=create_operator_key(docker_client, private_api_labels))
     with door.client() as client:
-        register_model(client, container_tag, human_readable_id)
+        register_model_public(client, human_readable_id, container_tag)
         uid, _ = run_task(client, human_readable_id, timeout=180)
         private = client.get(
             PrivateRoutes.TASKS, headers={SERVICE_TOKEN_HEADER: settings["IS_SERVICE_TOKEN"]}

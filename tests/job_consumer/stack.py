@@ -4,14 +4,11 @@ thread, plus the calls the consumer tests make on it as an operator and as a use
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pika
-import uvicorn
 
 from inference_server.contract import (
     SERVICE_TOKEN_HEADER,
@@ -23,7 +20,7 @@ from inference_server.contract import (
 from private_api.config import PrivateSettings
 from private_api.db import upgrade_database
 from private_api.main import create_app
-from tests.helpers import make_zip, zip_members
+from tests.helpers import ServerThread, make_zip, register_model_private, zip_members
 
 SERVICE_TOKEN = "consumer-tests-service-token-0123456789"
 # What the consumers under test present, as deployed: the consumer role's own token, which
@@ -42,7 +39,7 @@ def queue_depth(rabbitmq_url: str, queue_name: str) -> int:
 
 
 class PrivateApiServer:
-    """The private API on a free port; `stop()` shuts uvicorn down and waits for it."""
+    """The private API on a free port (tests.helpers.ServerThread); `stop()` shuts it down."""
 
     def __init__(self, *, data_dir: Path, database_url: str, rabbitmq_url: str, queue_name: str) -> None:
         upgrade_database(database_url)
@@ -55,50 +52,46 @@ class PrivateApiServer:
             consumer_token=CONSUMER_TOKEN,
             lease_seconds=30,
         )
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            create_app(self.settings), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="private-api", daemon=True)
-        self.http = httpx.Client(base_url=self.url, headers={SERVICE_TOKEN_HEADER: SERVICE_TOKEN}, timeout=60)
+        self.server = ServerThread(create_app(self.settings), name="private-api")
+        self._http: httpx.Client | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def http(self) -> httpx.Client:
+        """The harness's own client, with the full-access service token."""
+        if self._http is None:
+            raise RuntimeError("the private API is not started")
+        return self._http
 
     def start(self, timeout_s: float = 30.0) -> PrivateApiServer:
-        self.thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("the private API died during start-up")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the private API did not start within {timeout_s} s")
-            time.sleep(0.02)
+        self.server.start(timeout_s)
+        self._http = httpx.Client(
+            base_url=self.url, headers={SERVICE_TOKEN_HEADER: SERVICE_TOKEN}, timeout=60
+        )
         return self
 
     def stop(self) -> None:
-        self.http.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        if self._http is not None:
+            self._http.close()
+        self.server.stop()
 
     # --- operator and user calls -------------------------------------------------------------
 
     def register_model(
-        self, human_readable_id: str, container_tag: str, *, model_zip: bytes | None = None, **params
+        self, human_readable_id: str, container_tag: str, *, model_zip: bytes | None = None, **params: Any
     ) -> ModelPublic:
-        query = {
-            "human_readable_id": human_readable_id,
-            "container_tag": container_tag,
-            "description": f"consumer test model {human_readable_id}",
-            "model_available": model_zip is not None,
-            "use_gpu": False,
+        registered = register_model_private(
+            self.http,
+            human_readable_id,
+            container_tag,
+            model_zip=model_zip,
+            description=f"consumer test model {human_readable_id}",
             **params,
-        }
-        files = {"zip_file": ("model.zip", model_zip, ZIP_MEDIA_TYPE)} if model_zip is not None else None
-        response = self.http.post(PrivateRoutes.MODELS, params=query, files=files)
-        assert response.status_code == 201, response.text
-        return ModelPublic.model_validate(response.json())
+        )
+        return ModelPublic.model_validate(registered)
 
     def submit(self, human_readable_id: str, files: dict[str, bytes], priority: int = 0) -> TaskPublic:
         response = self.http.post(

@@ -6,7 +6,7 @@ import io
 import stat
 import zipfile
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pika
 from fastapi.testclient import TestClient
@@ -17,7 +17,7 @@ from inference_server.contract import CONSUMER_ID_HEADER, TASK_QUEUE_ARGUMENTS
 from private_api.config import PrivateSettings
 from private_api.models import Model, Task
 from tests.helpers import make_zip as shared_make_zip
-from tests.helpers import wait_until
+from tests.helpers import register_model_private, wait_until
 
 T = TypeVar("T")
 
@@ -42,20 +42,22 @@ def symlink_zip() -> bytes:
 
 
 def register_model(
-    client: TestClient, hrid: str = "seg-model", *, zip_bytes: bytes | None = None, **params
-) -> dict:
-    query = {
-        "human_readable_id": hrid,
-        "container_tag": "inference-server/test-script:1",
-        "description": "a test model",
-        "use_gpu": False,
-        "model_available": zip_bytes is not None,
+    client: TestClient,
+    hrid: str = "seg-model",
+    *,
+    zip_bytes: bytes | None = None,
+    description: str = "a test model",
+    **params: Any,
+) -> dict[str, Any]:
+    """register_model_private on the in-process app, with the names these tests default to."""
+    return register_model_private(
+        client,
+        hrid,
+        "inference-server/test-script:1",
+        model_zip=zip_bytes,
+        description=description,
         **params,
-    }
-    files = {"zip_file": ("model.zip", zip_bytes, "application/zip")} if zip_bytes is not None else None
-    response = client.post("/models", params=query, files=files)
-    assert response.status_code == 201, response.text
-    return response.json()
+    )
 
 
 def submit(client: TestClient, model: str = "seg-model", data: bytes | None = None, **params) -> Response:

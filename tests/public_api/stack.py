@@ -12,7 +12,6 @@ import os
 import secrets
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
 from inference_client.client import multipart_file_body
 from inference_server.contract import (
@@ -41,7 +38,7 @@ from private_api.keys import create_key
 from private_api.main import create_app as create_private_app
 from public_api.config import PublicSettings
 from public_api.main import create_app as create_public_app
-from tests.helpers import make_zip, zip_members  # noqa: F401 - re-exported for the API tests
+from tests.helpers import ServerThread, make_zip, register_model_public, zip_members  # noqa: F401 - re-exported
 
 SERVICE_TOKEN = f"public-api-tests-{secrets.token_hex(12)}"
 BASE_IMAGE_TAG = "inference-server/base:bookworm"
@@ -51,39 +48,6 @@ BASE_IMAGE_TAG = "inference-server/base:bookworm"
 def shared_http() -> httpx.Client:
     """One client for all test requests: building an httpx client loads the CA bundle (~0.1 s)."""
     return httpx.Client(timeout=120)
-
-
-class ServerThread:
-    """uvicorn serving an app in a background thread, started and stopped deterministically."""
-
-    def __init__(self, app: FastAPI, forwarded_allow_ips: str | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            lifespan="on",
-            forwarded_allow_ips=forwarded_allow_ips,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
-
-    def start(self, timeout: float = 30.0) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError(f"uvicorn on port {self.port} died during start-up")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"uvicorn on port {self.port} did not start in {timeout} s")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @dataclass
@@ -169,20 +133,11 @@ class ConsumerDriver:
 def register_model(
     public_url: str, human_readable_id: str | None = None, headers: dict[str, str] | None = None
 ) -> str:
+    """A model of the base image, through the public API at `public_url`; returns its id."""
     human_readable_id = human_readable_id or unique_id()
-    response = shared_http().post(
-        public_url + PublicRoutes.MODELS,
-        params={
-            "container_tag": BASE_IMAGE_TAG,
-            "human_readable_id": human_readable_id,
-            "description": "test model",
-            "model_available": False,
-            "use_gpu": False,
-        },
-        headers=headers,
-        timeout=30,
+    register_model_public(
+        shared_http(), human_readable_id, BASE_IMAGE_TAG, base_url=public_url, headers=headers
     )
-    assert response.status_code == 200, response.text
     return human_readable_id
 
 
@@ -208,7 +163,7 @@ def start_private_api(data_dir: Path, rabbitmq_url: str, queue_name: str) -> Ser
         queue_name=queue_name,
         service_token=SERVICE_TOKEN,
     )
-    return ServerThread(create_private_app(settings)).start()
+    return ServerThread(create_private_app(settings), name="private-api").start()
 
 
 # The relay, streaming and client tests are about moving requests and bodies, not about who may:
@@ -223,7 +178,9 @@ TEST_DEFAULTS = {**ANONYMOUS_ALLOWED, "unauthenticated_rate_per_minute": 1_000_0
 def start_public_api(private_url: str, **overrides: object) -> ServerThread:
     values = {**TEST_DEFAULTS, **overrides}
     settings = PublicSettings(private_api_url=private_url, service_token=SERVICE_TOKEN, **values)
-    return ServerThread(create_public_app(settings), settings.forwarded_allow_ips).start()
+    return ServerThread(
+        create_public_app(settings), name="public-api", forwarded_allow_ips=settings.forwarded_allow_ips
+    ).start()
 
 
 @dataclass

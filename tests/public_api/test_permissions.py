@@ -26,6 +26,7 @@ from local_platform.ports import free_port
 from private_api.db import make_engine, make_session_factory
 from private_api.keys import revoke_key
 from public_api.auth import MISSING_KEY_DETAIL
+from tests.helpers import register_model_public
 from tests.public_api.stack import (
     BASE_IMAGE_TAG,
     ConsumerDriver,
@@ -92,16 +93,15 @@ def model(strict_url: str, keys: Keys) -> str:
 
 
 def _register(base: str, headers: dict[str, str], human_readable_id: str | None = None) -> httpx.Response:
-    return shared_http().post(
-        base + PublicRoutes.MODELS,
-        params={
-            "container_tag": BASE_IMAGE_TAG,
-            "human_readable_id": human_readable_id or unique_id(),
-            "description": "permission tests",
-            "model_available": False,
-            "use_gpu": False,
-        },
+    """The answer, whatever it is: these tests look at refusals as much as at registrations."""
+    return register_model_public(
+        shared_http(),
+        human_readable_id or unique_id(),
+        BASE_IMAGE_TAG,
+        base_url=base,
         headers=headers,
+        description="permission tests",
+        check=False,
     )
 
 
@@ -427,21 +427,31 @@ def test_a_revoked_key_stops_working_within_the_cache_time(private_api: PrivateS
     headers = {"Authorization": f"Bearer {private_api.create_key(name)}"}
     url = server.url + PublicRoutes.TASKS
     try:
+        # The server remembers the answer until (the moment it got this request) + ttl: no sooner
+        # than asked_at + ttl, no later than answered_at + ttl. Both bounds below follow from that
+        # alone, so they hold however slowly a loaded machine answers.
+        asked_at = time.monotonic()
         assert shared_http().get(url, headers=headers).status_code == 200
+        answered_at = time.monotonic()
         engine = make_engine(private_api.database_url)
         try:
             with make_session_factory(engine)() as session:
                 revoke_key(session=session, name_or_id=name)
         finally:
             engine.dispose()
-        revoked_at = time.monotonic()
         # Within the cache time the remembered answer stands: no private API call per request.
-        assert shared_http().get(url, headers=headers).status_code == 200
-        while (status := shared_http().get(url, headers=headers).status_code) == 200:
-            assert time.monotonic() - revoked_at < ttl + 3, "the revoked key still works"
+        remembered = shared_http().get(url, headers=headers).status_code
+        if time.monotonic() - asked_at < ttl:
+            assert remembered == 200
+        while True:
+            sent_at = time.monotonic()
+            status = shared_http().get(url, headers=headers).status_code
+            if status != 200:
+                break
+            assert sent_at - answered_at < ttl, "the revoked key still works after the cache time"
             time.sleep(0.1)
         assert status == 401
-        assert time.monotonic() - revoked_at >= ttl - 0.5  # it was the cache, and it expired
+        assert time.monotonic() - asked_at >= ttl  # it was the cache, and it expired
     finally:
         server.stop()
 

@@ -20,14 +20,11 @@ from typing import Any
 import httpx
 import yaml
 
-from inference_server.contract import PrivateRoutes, PublicRoutes
+from inference_server.contract import ZIP_MEDIA_TYPE, PrivateRoutes, PublicRoutes, V12Code
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAEFIK_DIR = REPO_ROOT / "traefik"
 MAKE_CERT = REPO_ROOT / "scripts" / "make_cert.sh"
-
-# v1.2 status codes of GET /api/tasks/{uid} while the task is not done yet.
-TASK_PENDING = 551
 
 
 def traefik_binary() -> Path:
@@ -99,21 +96,6 @@ def example_zip() -> tuple[bytes, dict[str, bytes]]:
     return buffer.getvalue(), files
 
 
-def register_model(client: httpx.Client, container_tag: str, human_readable_id: str) -> dict[str, Any]:
-    response = client.post(
-        PublicRoutes.MODELS,
-        params={
-            "container_tag": container_tag,
-            "human_readable_id": human_readable_id,
-            "description": "registered by the deployment tests",
-            "model_available": "false",
-            "use_gpu": "false",
-        },
-    )
-    assert response.status_code in (200, 201), response.text
-    return response.json()
-
-
 def run_task(
     client: httpx.Client, human_readable_id: str, timeout: float = 120.0
 ) -> tuple[str, dict[str, bytes]]:
@@ -122,7 +104,7 @@ def run_task(
     response = client.post(
         PublicRoutes.TASKS,
         params={"model_human_readable_id": human_readable_id},
-        files={"zip_file": ("input.zip", payload, "application/zip")},
+        files={"zip_file": ("input.zip", payload, ZIP_MEDIA_TYPE)},
     )
     assert response.status_code in (200, 201), response.text
     uid = response.json()
@@ -131,7 +113,7 @@ def run_task(
     deadline = time.monotonic() + timeout
     while True:
         response = client.get(PublicRoutes.TASK.format(uid=uid))
-        if response.status_code != TASK_PENDING:
+        if response.status_code != V12Code.PENDING:
             break
         assert time.monotonic() < deadline, f"task {uid} still pending or running after {timeout:.0f}s"
         time.sleep(0.5)

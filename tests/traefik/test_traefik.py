@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from inference_server.contract import CONSUMER_ID_HEADER, SERVICE_TOKEN_HEADER, PrivateRoutes, PublicRoutes
 from local_platform.launcher import LocalPlatform
 from models_examples.catalog import build_example_images, get_example
+from tests.helpers import register_model_public
 from tests.public_api.hostile import HUGE, MULTIPART, multipart_body, send
 from tests.traefik.helpers import (
     TRAEFIK_DIR,
@@ -25,7 +26,6 @@ from tests.traefik.helpers import (
     dynamic_config_as_yaml,
     example_zip,
     private_only_requests,
-    register_model,
     run_task,
 )
 
@@ -151,7 +151,7 @@ def test_a_whole_task_over_https(
     example = get_example("passthrough")
     build_example_images(docker_client, base_image, [example])
     with front_door.client() as client:
-        model = register_model(client, example.container_tag, example.human_readable_id)
+        model = register_model_public(client, example.human_readable_id, example.container_tag).json()
         assert model["human_readable_id"] == example.human_readable_id
         uid, output = run_task(client, example.human_readable_id)
     # A 6 MiB file (above memRequestBodyBytes) made the round trip byte for byte.
@@ -260,7 +260,7 @@ def test_an_upload_with_the_right_key_passes_the_check_and_the_buffer(
     before = _public_api_requests(platform)
     with front_door.client() as operator:
         # An image no engine has: the consumer fails the task at once, which is not the point here.
-        registered = register_model(operator, "inference-server/not-built:none", model_id)
+        registered = register_model_public(operator, model_id, "inference-server/not-built:none").json()
         changed = operator.patch(
             PublicRoutes.MODEL.format(human_readable_id=model_id), json={"description": "d"}
         )
