@@ -10,10 +10,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from inference_server.contract import CONSUMER_ID_RE
-from inference_server.settings import BrokerSettings
-from inference_server.zipsafe import ZipLimits
-
-_DEFAULT_ZIP_LIMITS = ZipLimits()
+from inference_server.settings import BrokerSettings, ZipLimitSettings
 
 
 def _default_consumer_id(gpu: str | None) -> str:
@@ -23,7 +20,7 @@ def _default_consumer_id(gpu: str | None) -> str:
     return f"{host}-gpu{gpu}" if gpu is not None else f"{host}-{os.getpid()}"
 
 
-class ConsumerSettings(BrokerSettings):
+class ConsumerSettings(BrokerSettings, ZipLimitSettings):
     private_api_url: str = "http://127.0.0.1:8001"
     gpu: str | None = None
     consumer_id: str = ""
@@ -57,17 +54,6 @@ class ConsumerSettings(BrokerSettings):
     # model's memory limit. Besides /output, the only place a model may write by default.
     default_tmp_mb: int = Field(default=256, ge=1, le=1024 * 1024)
 
-    zip_max_total_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_total_bytes, ge=1)
-    # Files and folders, explicit or implied by a deeper path.
-    zip_max_files: int = Field(default=_DEFAULT_ZIP_LIMITS.max_files, ge=1)
-    zip_max_ratio: float = Field(default=_DEFAULT_ZIP_LIMITS.max_ratio, gt=1)
-    # Shape of what is unpacked, and of what a model's /output may be to be zipped: path
-    # components, UTF-8 bytes of a whole path and of one name. Keep them equal to the private
-    # API's, which checks every zip against its own before storing it.
-    zip_max_depth: int = Field(default=_DEFAULT_ZIP_LIMITS.max_depth, ge=1, le=4096)
-    zip_max_path_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_path_bytes, ge=1, le=65535)
-    zip_max_name_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_name_bytes, ge=1, le=255)
-
     @field_validator("gpu", mode="before")
     @classmethod
     def _blank_gpu_is_none(cls, value: object) -> object:
@@ -86,22 +72,6 @@ class ConsumerSettings(BrokerSettings):
         # Bind mounts need absolute host paths, so the work dir is resolved here once.
         self.work_dir = (self.work_dir or self.data_dir / "work").resolve()
         return self
-
-    @property
-    def zip_limits(self) -> ZipLimits:
-        return ZipLimits(
-            max_total_bytes=self.zip_max_total_bytes,
-            max_files=self.zip_max_files,
-            max_ratio=self.zip_max_ratio,
-            max_depth=self.zip_max_depth,
-            max_path_bytes=self.zip_max_path_bytes,
-            max_name_bytes=self.zip_max_name_bytes,
-        )
-
-    @property
-    def output_zip_limits(self) -> ZipLimits:
-        """What the output zip must satisfy: the private API checks it against the same rules."""
-        return self.zip_limits.for_output()
 
     @property
     def resolved_work_dir(self) -> Path:

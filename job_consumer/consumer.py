@@ -56,7 +56,7 @@ class Consumer:
         self._owns_docker = docker_client is None
         self.docker = docker_client or docker.from_env()
         self.runner = ModelRunner(self.docker, settings, remove_in_background=True)
-        self.models = ModelCache(self.work_dir, settings.consumer_id, settings.zip_limits)
+        self.models = ModelCache(self.work_dir, settings.consumer_id, settings.input_zip_limits)
         self.executor = TaskExecutor(
             settings,
             api=self.api,

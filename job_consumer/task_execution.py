@@ -124,7 +124,7 @@ class TaskExecutor:
             return
         try:
             self._with_retry(task, lambda: self.api.download_input(task.uid, workspace.input_zip))
-            workspace.unpack_input(self.settings.zip_limits)
+            workspace.unpack_input(self.settings.input_zip_limits)
         except UnsafeZipError as exc:
             raise _TaskError(f"input zip refused: {exc}", retryable=False) from exc
         except PrivateApiHttpError as exc:

@@ -6,13 +6,10 @@ from pathlib import Path
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from inference_server.settings import BrokerSettings, ServiceToken
-from inference_server.zipsafe import ZipLimits
-
-_DEFAULT_ZIP_LIMITS = ZipLimits()
+from inference_server.settings import BrokerSettings, ServiceToken, ZipLimitSettings
 
 
-class PrivateSettings(BrokerSettings):
+class PrivateSettings(BrokerSettings, ZipLimitSettings):
     database_url: str = "sqlite:///./data/inference.db"
     # Connections kept open; as many again may open for a burst and close after it. Requests run
     # on up to 40 threads: with fewer kept, a polling burst opens and closes a connection per
@@ -35,13 +32,6 @@ class PrivateSettings(BrokerSettings):
     max_upload_bytes: int = Field(default=50 * 1024**3, ge=1)
     # Logs past this size are cut (with a note), not refused: a chatty model must not lose its result.
     max_log_bytes: int = Field(default=16 * 1024**2, ge=1024)
-    zip_max_total_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_total_bytes, ge=1)
-    zip_max_files: int = Field(default=_DEFAULT_ZIP_LIMITS.max_files, ge=1)
-    zip_max_ratio: float = Field(default=_DEFAULT_ZIP_LIMITS.max_ratio, gt=1)
-    # Same names and bounds as the consumer's, which checks every zip again before unpacking.
-    zip_max_depth: int = Field(default=_DEFAULT_ZIP_LIMITS.max_depth, ge=1, le=4096)
-    zip_max_path_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_path_bytes, ge=1, le=65535)
-    zip_max_name_bytes: int = Field(default=_DEFAULT_ZIP_LIMITS.max_name_bytes, ge=1, le=255)
 
     reaper_interval_s: float = Field(default=2.0, gt=0)
     outbox_interval_s: float = Field(default=2.0, gt=0)
@@ -68,20 +58,3 @@ class PrivateSettings(BrokerSettings):
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
-
-    @property
-    def input_zip_limits(self) -> ZipLimits:
-        """Limits for zips users send: task inputs and model zips."""
-        return ZipLimits(
-            max_total_bytes=self.zip_max_total_bytes,
-            max_files=self.zip_max_files,
-            max_ratio=self.zip_max_ratio,
-            max_depth=self.zip_max_depth,
-            max_path_bytes=self.zip_max_path_bytes,
-            max_name_bytes=self.zip_max_name_bytes,
-        )
-
-    @property
-    def output_zip_limits(self) -> ZipLimits:
-        """Outputs come from our own consumer, which zips under the same rule (for_output)."""
-        return self.input_zip_limits.for_output()

@@ -41,7 +41,7 @@ def test_reads_is_prefixed_environment(monkeypatch, tmp_path):
     assert settings.queue_name == "q1"
     assert settings.default_memory_mb == 1024
     assert settings.resolved_work_dir == tmp_path / "work"
-    assert settings.zip_limits.max_files == settings.zip_max_files
+    assert settings.input_zip_limits.max_files == settings.zip_max_files
 
 
 def test_consumer_id_defaults(monkeypatch):
@@ -70,19 +70,19 @@ def test_zip_shape_limits_and_tmp_size_are_settings(monkeypatch):
     monkeypatch.setenv("IS_SERVICE_TOKEN", TOKEN)
     defaults = ConsumerSettings()
     assert defaults.default_tmp_mb == 256
-    assert (defaults.zip_limits.max_depth, defaults.zip_limits.max_path_bytes) == (64, 1024)
-    assert defaults.zip_limits.max_name_bytes == 255
+    assert (defaults.input_zip_limits.max_depth, defaults.input_zip_limits.max_path_bytes) == (64, 1024)
+    assert defaults.input_zip_limits.max_name_bytes == 255
     monkeypatch.setenv("IS_ZIP_MAX_DEPTH", "12")
     monkeypatch.setenv("IS_ZIP_MAX_PATH_BYTES", "300")
     monkeypatch.setenv("IS_ZIP_MAX_NAME_BYTES", "100")
     monkeypatch.setenv("IS_DEFAULT_TMP_MB", "64")
     settings = ConsumerSettings()
     assert settings.default_tmp_mb == 64
-    for limits in (settings.zip_limits, settings.output_zip_limits):
+    for limits in (settings.input_zip_limits, settings.output_zip_limits):
         assert (limits.max_depth, limits.max_path_bytes, limits.max_name_bytes) == (12, 300, 100)
     # The output may hold more than an input, never names the private API would refuse.
     assert settings.output_zip_limits.allow_empty
-    assert settings.output_zip_limits.max_files >= settings.zip_limits.max_files
+    assert settings.output_zip_limits.max_files >= settings.input_zip_limits.max_files
     # More than a filesystem allows for one name cannot be set.
     monkeypatch.setenv("IS_ZIP_MAX_NAME_BYTES", "256")
     with pytest.raises(ValidationError, match="zip_max_name_bytes"):
