@@ -219,7 +219,7 @@ MODEL_NUMERIC_LIMITS = ("timeout_s", "memory_mb", "cpus", "pids", "tmp_mb")
 MODEL_DESCRIPTION_MAX_LENGTH = 10_000
 
 
-class ModelRegistration(BaseModel):
+class _ModelRegistration(BaseModel):
     """The v1.2 registration fields, in the order v1.2 documents its query parameters."""
 
     container_tag: str = Field(pattern=CONTAINER_TAG_PATTERN, max_length=512, description="Docker image.")
@@ -233,7 +233,7 @@ class ModelRegistration(BaseModel):
 
 # Pydantic orders fields from the last base to the first, so the limits follow the fields
 # of the other base here, as they do in the query string and the JSON v1.2 clients know.
-class ModelCreate(ModelLimits, ModelRegistration):
+class ModelCreate(ModelLimits, _ModelRegistration):
     """The query parameters of POST /models in both APIs (the v1.2 ones plus the optional limits)."""
 
 
