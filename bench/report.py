@@ -25,7 +25,7 @@ TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 MARKER_RE = re.compile(
     r"<!-- bench:(?P<name>[a-z0-9_]+) -->(?P<inner>.*?)<!-- /bench:(?P=name) -->", re.DOTALL
 )
-# The throughput breakdown lists each level the plot shows; the order is the table's.
+# Its instances are the throughput levels, in the order the table and the CPU breakdown list them.
 THROUGHPUT_GOAL = goal("throughput_ratio")
 
 
