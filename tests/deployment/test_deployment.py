@@ -21,8 +21,8 @@ import yaml
 
 from inference_server.contract import SERVICE_TOKEN_HEADER, PrivateRoutes, PublicRoutes
 from tests.deployment.helpers import base_process_env, run
-from tests.helpers import register_model_public
-from tests.traefik.helpers import REPO_ROOT, FrontDoor, answers, run_task, wait_for
+from tests.helpers import register_model_public, wait_until
+from tests.traefik.helpers import REPO_ROOT, FrontDoor, answers, run_task
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -120,7 +120,7 @@ def exercise_front_door(
     container_tag, human_readable_id = model
     with door.client() as client:
         # Ready means the private API has migrated the database: keys can be made now.
-        wait_for(answers(client, PublicRoutes.HEALTH_READY), 180, "the platform ready behind Traefik", 1.0)
+        wait_until(answers(client, PublicRoutes.HEALTH_READY), 180, "the platform ready behind Traefik", 1.0)
         assert client.get(PublicRoutes.MODELS).status_code == 401  # no anonymous access by default
     door = dataclasses.replace(door, api_key=create_operator_key(docker_client, private_api_labels))
     with door.client() as client:
@@ -172,7 +172,7 @@ def assert_model_container_removed(docker_client: docker.DockerClient, uid: str)
             all=True, sparse=True, filters={"label": f"inference-server.task={uid}"}
         )
 
-    wait_for(gone, 30, f"removal of the model container of task {uid}")
+    wait_until(gone, 30, f"removal of the model container of task {uid}")
 
 
 # --- images and configuration -----------------------------------------------------------
@@ -387,13 +387,13 @@ def single_node_swarm(docker_client: docker.DockerClient) -> Iterator[None]:
                     return False
                 return True
 
-            wait_for(gwbridge_removed, 30, "removal of docker_gwbridge", 1.0)
+            wait_until(gwbridge_removed, 30, "removal of docker_gwbridge", 1.0)
 
 
 def remove_stack(docker_client: docker.DockerClient, stack: str) -> None:
     run(["docker", "stack", "rm", stack], check=False)
     label = {"label": f"com.docker.stack.namespace={stack}"}
-    wait_for(
+    wait_until(
         lambda: not docker_client.containers.list(all=True, sparse=True, filters=label),
         120,
         f"{stack}'s containers",
@@ -416,8 +416,8 @@ def remove_stack(docker_client: docker.DockerClient, stack: str) -> None:
                 return False
         return True
 
-    wait_for(networks_removed, 60, f"removal of {stack}'s networks", 1.0)
-    wait_for(volumes_removed, 60, f"removal of {stack}'s volumes", 1.0)
+    wait_until(networks_removed, 60, f"removal of {stack}'s networks", 1.0)
+    wait_until(volumes_removed, 60, f"removal of {stack}'s volumes", 1.0)
 
 
 def test_swarm_stack_runs_a_task_over_https(

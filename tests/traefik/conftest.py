@@ -17,13 +17,13 @@ from local_platform.launcher import LocalPlatform
 from local_platform.ports import free_port
 from private_api.db import make_engine, make_session_factory
 from private_api.keys import create_key
+from tests.helpers import wait_until
 from tests.traefik.helpers import (
     FrontDoor,
     answers,
     make_cert,
     render_static_config,
     traefik_binary,
-    wait_for,
 )
 
 TRAEFIK_DIR = Path(__file__).resolve().parents[2] / "traefik"
@@ -98,10 +98,10 @@ def front_door(
     )
     try:
         with httpx.Client(timeout=2.0) as ping:
-            wait_for(answers(ping, f"http://127.0.0.1:{ping_port}/ping"), 30, "Traefik's ping")
+            wait_until(answers(ping, f"http://127.0.0.1:{ping_port}/ping"), 30, "Traefik's ping")
         # The file provider loads the routers just after start-up: wait until one answers.
         with door.client(timeout=2.0) as client:
-            wait_for(answers(client, "/health/live"), 30, "the route to the public API")
+            wait_until(answers(client, "/health/live"), 30, "the route to the public API")
         yield door
     except BaseException:
         print(log_path.read_text(errors="replace")[-5000:])

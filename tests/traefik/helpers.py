@@ -63,15 +63,6 @@ def dynamic_config_as_yaml(values: dict[str, str] | None = None) -> dict[str, An
     return yaml.safe_load(text)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.25) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"{what} did not happen within {timeout:.0f}s")
-
-
 def answers(client: httpx.Client, path: str, status: int = 200) -> Callable[[], bool]:
     def check() -> bool:
         try:
