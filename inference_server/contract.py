@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import IntEnum, StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 SERVICE_TOKEN_HEADER = "X-Service-Token"
 CONSUMER_ID_HEADER = "X-Consumer-Id"
@@ -297,6 +297,34 @@ class TaskPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    # The model container's run on the latest attempt that reported one, by the consumer's clock:
+    # from the consumer creating the container until it had exited and its log was read. Beside
+    # started_at - created_at (the queue wait), run_finished_at - run_started_at is the run time.
+    # Both None when that attempt ran no container (it failed before) or none has reported yet.
+    run_started_at: datetime | None = None
+    run_finished_at: datetime | None = None
+
+
+class RunTimes(BaseModel):
+    """When a task's container started and ended, as a consumer reports them with its verdict
+    (query parameters of the output upload; fields of a TaskFailure). Both or neither: a failure
+    before the container started has none."""
+
+    # Aware only: a naive time means nothing across hosts, so it is refused rather than guessed.
+    run_started_at: AwareDatetime | None = None
+    run_finished_at: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _both_and_in_order(self) -> RunTimes:
+        if (self.run_started_at is None) != (self.run_finished_at is None):
+            raise ValueError("run_started_at and run_finished_at are sent together or not at all")
+        if (
+            self.run_started_at is not None
+            and self.run_finished_at is not None
+            and self.run_finished_at < self.run_started_at
+        ):
+            raise ValueError("run_finished_at is before run_started_at")
+        return self
 
 
 class TaskClaim(BaseModel):
@@ -314,7 +342,7 @@ class HeartbeatReply(BaseModel):
     status: TaskStatus
 
 
-class TaskFailure(BaseModel):
+class TaskFailure(RunTimes):
     error: str = Field(max_length=20_000)
     exit_code: int | None = None
     retryable: bool = False

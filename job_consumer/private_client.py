@@ -17,6 +17,7 @@ from inference_server.contract import (
     ZIP_MEDIA_TYPE,
     HeartbeatReply,
     PrivateRoutes,
+    RunTimes,
     TaskClaim,
     TaskFailure,
     TaskPublic,
@@ -170,11 +171,15 @@ class PrivateApiClient:
             headers={"Content-Type": LOG_MEDIA_TYPE},
         )
 
-    def upload_output(self, uid: str, zip_path: Path) -> TaskPublic:
+    def upload_output(self, uid: str, zip_path: Path, run_times: RunTimes | None = None) -> TaskPublic:
+        """Finish the task with its output and the container's run times (query parameters)."""
         path = self._path(PrivateRoutes.TASK_OUTPUT, uid=uid)
+        params = (run_times or RunTimes()).model_dump(mode="json", exclude_none=True)
         with open(zip_path, "rb") as body:
             # httpx reads a file object in chunks, so the zip is never held whole in memory.
-            response = self._request("POST", path, files={"zip_file": ("output.zip", body, ZIP_MEDIA_TYPE)})
+            response = self._request(
+                "POST", path, params=params, files={"zip_file": ("output.zip", body, ZIP_MEDIA_TYPE)}
+            )
         return TaskPublic.model_validate(response.json())
 
     def fail(self, uid: str, failure: TaskFailure) -> TaskPublic:

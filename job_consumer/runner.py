@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import docker
@@ -17,7 +18,13 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, LogConfig
 from pydantic import ConfigDict
 
-from inference_server.contract import MODEL_NUMERIC_LIMITS, MODEL_SWITCHES, ModelLimits, ModelPublic
+from inference_server.contract import (
+    MODEL_NUMERIC_LIMITS,
+    MODEL_SWITCHES,
+    ModelLimits,
+    ModelPublic,
+    RunTimes,
+)
 from inference_server.zipsafe import directory_size
 from job_consumer.config import ConsumerSettings
 
@@ -76,6 +83,14 @@ class RunResult:
     duration_s: float
     limits: RunLimits
     output_too_large: bool = False
+    # Wall-clock UTC ends of the span duration_s measures (None when no container was created):
+    # what the consumer reports to the platform as the task's run times.
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def run_times(self) -> RunTimes:
+        return RunTimes(run_started_at=self.started_at, run_finished_at=self.finished_at)
 
     @property
     def succeeded(self) -> bool:
@@ -193,6 +208,9 @@ class ModelRunner:
         )
         limits = self.limits_for(model)
         started = time.monotonic()
+        # The monotonic clock measures the run; the wall clock only places its start, so the
+        # reported end minus start is exactly duration_s whatever the wall clock does meanwhile.
+        started_at = datetime.now(UTC)
         if should_stop():
             return RunResult(None, False, False, True, "", 0.0, limits)
         container: Container | None = None
@@ -223,15 +241,18 @@ class ModelRunner:
         finally:
             if container is not None:
                 self._dispose(container)
+        duration_s = time.monotonic() - started
         return RunResult(
             exit_code=exit_code,
             timed_out=timed_out,
             oom_killed=oom_killed,
             cancelled=cancelled,
             logs=logs,
-            duration_s=time.monotonic() - started,
+            duration_s=duration_s,
             limits=limits,
             output_too_large=output_too_large,
+            started_at=started_at,
+            finished_at=started_at + timedelta(seconds=duration_s),
         )
 
     def _wait(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from inference_server.backoff import Backoff
-from inference_server.contract import TaskFailure
+from inference_server.contract import RunTimes, TaskFailure
 from inference_server.zipsafe import UnsafeZipError, directory_size, make_inert, zip_directory
 from job_consumer.active_task import ActiveTask, StopReason
 from job_consumer.config import ConsumerSettings
@@ -32,10 +32,13 @@ T = TypeVar("T")
 
 
 class _TaskError(Exception):
+    """The task failed; `run_times` are the model container's, when it ran before the failure."""
+
     def __init__(self, message: str, *, retryable: bool, exit_code: int | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.exit_code = exit_code
+        self.run_times = RunTimes()
 
     @classmethod
     def of(cls, failure: Failed) -> _TaskError:
@@ -75,7 +78,9 @@ class TaskExecutor:
             task.workspace = workspace
             self._execute(task, workspace)
         except _TaskError as exc:
-            self._report_failure(task, str(exc), retryable=exc.retryable, exit_code=exc.exit_code)
+            self._report_failure(
+                task, str(exc), retryable=exc.retryable, exit_code=exc.exit_code, run_times=exc.run_times
+            )
         except PrivateApiUnavailable as exc:
             log.error(
                 "task %s: private API unreachable (%s); the lease reaper will requeue it", task.uid, exc
@@ -146,6 +151,15 @@ class TaskExecutor:
         except ModelRunError as exc:
             self._upload_logs(task, f"{LOG_PREFIX} {exc}\n")
             raise _TaskError(str(exc), retryable=exc.retryable) from exc
+        try:
+            self._conclude(task, workspace, result)
+        except _TaskError as exc:
+            # Whatever failed after the run, the container did run: the platform records when.
+            exc.run_times = result.run_times
+            raise
+
+    def _conclude(self, task: ActiveTask, workspace: TaskWorkspace, result: RunResult) -> None:
+        """Judge a run and report it: its log, then its output or why it failed."""
         # Before anything on the host reads the output: only regular files and folders, no
         # setuid/setgid bits. The model has exited; nothing changes the folder any more.
         inert_error: OSError | None = None
@@ -172,9 +186,9 @@ class TaskExecutor:
             raise _TaskError.of(verdict)
         if inert_error is not None:
             raise _TaskError(f"could not check /output: {_os_reason(inert_error)}", retryable=False)
-        self._upload_output(task, workspace)
+        self._upload_output(task, workspace, result.run_times)
 
-    def _upload_output(self, task: ActiveTask, workspace: TaskWorkspace) -> None:
+    def _upload_output(self, task: ActiveTask, workspace: TaskWorkspace, run_times: RunTimes) -> None:
         limit = self.settings.max_output_bytes
         try:
             if directory_size(workspace.output_dir, stop_above=limit) > limit:
@@ -185,7 +199,11 @@ class TaskExecutor:
         except OSError as exc:
             raise _TaskError(f"could not zip /output: {_os_reason(exc)}", retryable=True) from exc
         try:
-            self._with_retry(task, lambda: self.api.upload_output(task.uid, workspace.output_zip))
+            self._with_run_times(
+                task,
+                run_times,
+                lambda times: self.api.upload_output(task.uid, workspace.output_zip, times),
+            )
         except PrivateApiHttpError as exc:
             if exc.is_conflict:
                 log.warning("task %s: output not accepted (%s); discarded", task.uid, exc.detail)
@@ -236,7 +254,13 @@ class TaskExecutor:
             log.warning("task %s: stopped because another consumer holds its lease", task.uid)
 
     def _report_failure(
-        self, task: ActiveTask, error: str, *, retryable: bool, exit_code: int | None = None
+        self,
+        task: ActiveTask,
+        error: str,
+        *,
+        retryable: bool,
+        exit_code: int | None = None,
+        run_times: RunTimes | None = None,
     ) -> None:
         if task.stop_reason == StopReason.LEASE_LOST:
             log.warning("task %s: failed (%s) but the lease is lost; not reporting", task.uid, error)
@@ -245,7 +269,11 @@ class TaskExecutor:
         log.warning("task %s: failed: %s", task.uid, error.splitlines()[0] if error else "")
         failure = TaskFailure(error=error[:20_000], exit_code=exit_code, retryable=retryable)
         try:
-            self._with_retry(task, lambda: self.api.fail(task.uid, failure))
+            self._with_run_times(
+                task,
+                run_times or RunTimes(),
+                lambda times: self.api.fail(task.uid, failure.model_copy(update=times.model_dump())),
+            )
         except PrivateApiHttpError as exc:
             log.warning("task %s: failure report refused (%s)", task.uid, exc)
         except PrivateApiUnavailable as exc:
@@ -261,6 +289,17 @@ class TaskExecutor:
             log.info("task %s: logs not accepted (%s)", task.uid, exc.detail)
         except PrivateApiUnavailable as exc:
             log.warning("task %s: logs not uploaded (%s)", task.uid, exc)
+
+    def _with_run_times(self, task: ActiveTask, run_times: RunTimes, report: Callable[[RunTimes], T]) -> T:
+        """Report a verdict with the run's times; should the API find them impossible (422: this
+        host's clock is far off), report it again without them, as the verdict matters more."""
+        try:
+            return self._with_retry(task, lambda: report(run_times))
+        except PrivateApiHttpError as exc:
+            if exc.status_code != 422 or run_times.run_started_at is None:
+                raise
+            log.warning("task %s: run times refused (%s); reported without them", task.uid, exc.detail)
+            return self._with_retry(task, lambda: report(RunTimes()))
 
     def _with_retry(self, task: ActiveTask, call: Callable[[], T]) -> T:
         """Retry a private API call while the API is unreachable, up to IS_REPORT_RETRY_S."""

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from inference_server.contract import (
     HeartbeatReply,
     ModelPublic,
+    RunTimes,
     TaskClaim,
     TaskFailure,
     TaskPublic,
@@ -20,7 +21,7 @@ from inference_server.contract import (
     TaskStatus,
 )
 from private_api.blobs import BlobStore, StoredBlob
-from private_api.exceptions import Conflict, NotFound
+from private_api.exceptions import Conflict, NotFound, Unprocessable
 from private_api.models import Task, utcnow
 from private_api.outbox import publish
 from private_api.queue import TaskPublisher
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # A consumer may still upload the log of a task cancelled under it.
 LOG_WRITABLE_STATUSES = (TaskStatus.RUNNING, TaskStatus.CANCELLED)
+# Consumers may run on other hosts than the private API: their clocks may disagree by this much
+# before a reported run time counts as impossible.
+RUN_TIMES_CLOCK_SKEW = timedelta(minutes=5)
 
 
 def _raise_not_holder(session: Session, uid: str, consumer_id: str) -> NoReturn:
@@ -129,8 +133,39 @@ def require_holder(
         raise Conflict(f"consumer {consumer_id!r} does not hold task {uid}: it is {describe_holder(task)}")
 
 
-def store_output(*, session: Session, uid: str, consumer_id: str, output_blob: StoredBlob) -> TaskPublic:
-    """running -> finished with its output, once; the caller deletes the blob if this raises."""
+def check_run_times(*, session: Session, uid: str, run_times: RunTimes) -> None:
+    """Refuse (422) run times no run of this task can have had: ending in the future, or starting
+    before the task was created, by more than two hosts' clocks may disagree."""
+    if run_times.run_started_at is None or run_times.run_finished_at is None:
+        return
+    created_at = session.scalar(select(Task.created_at).where(Task.uid == uid))
+    if created_at is None:
+        raise NotFound(f"task {uid} is unknown")
+    now = utcnow()
+    if run_times.run_finished_at > now + RUN_TIMES_CLOCK_SKEW:
+        raise Unprocessable(
+            f"run_finished_at {run_times.run_finished_at.isoformat()} is in the future "
+            f"(the private API's clock says {now.isoformat()})"
+        )
+    if run_times.run_started_at < created_at - RUN_TIMES_CLOCK_SKEW:
+        raise Unprocessable(
+            f"run_started_at {run_times.run_started_at.isoformat()} is before task {uid} was created "
+            f"({created_at.isoformat()})"
+        )
+
+
+def store_output(
+    *,
+    session: Session,
+    uid: str,
+    consumer_id: str,
+    output_blob: StoredBlob,
+    run_times: RunTimes | None = None,
+) -> TaskPublic:
+    """running -> finished with its output and its run times, once; the caller deletes the blob if
+    this raises."""
+    run_times = run_times or RunTimes()
+    check_run_times(session=session, uid=uid, run_times=run_times)
     finished = update_task(
         session,
         Task.uid == uid,
@@ -143,6 +178,8 @@ def store_output(*, session: Session, uid: str, consumer_id: str, output_blob: S
         exit_code=0,
         error=None,
         finished_at=utcnow(),
+        run_started_at=run_times.run_started_at,
+        run_finished_at=run_times.run_finished_at,
         lease_expires_at=None,
     )
     if not finished:
@@ -164,8 +201,11 @@ def fail_task(
     failure: TaskFailure,
     max_attempts: int,
 ) -> TaskPublic:
-    """A retryable failure with attempts left goes back to pending (republished); else failed."""
+    """A retryable failure with attempts left goes back to pending (republished); else failed.
+    Its run times replace the last attempt's, none included (this attempt ran no container)."""
+    check_run_times(session=session, uid=uid, run_times=failure)
     held = (Task.uid == uid, Task.status == TaskStatus.RUNNING, Task.consumer_id == consumer_id)
+    run_times = {"run_started_at": failure.run_started_at, "run_finished_at": failure.run_finished_at}
     retried = failure.retryable and update_task(
         session,
         *held,
@@ -173,6 +213,7 @@ def fail_task(
         status=TaskStatus.PENDING,
         error=failure.error,
         exit_code=failure.exit_code,
+        **run_times,
         consumer_id=None,
         lease_expires_at=None,
         published_at=None,
@@ -183,6 +224,7 @@ def fail_task(
         status=TaskStatus.FAILED,
         error=failure.error,
         exit_code=failure.exit_code,
+        **run_times,
         finished_at=utcnow(),
         lease_expires_at=None,
     ):

@@ -139,6 +139,9 @@ class Task(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The container's start and end on the latest attempt that reported them (consumer's clock).
+    run_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    run_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The name of the API key that submitted the task; NULL for an anonymous submission.
     owner: Mapped[str | None] = mapped_column(String(255))
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from inference_server.contract import (
     HeartbeatReply,
     PrivateRoutes,
+    RunTimes,
     TaskClaim,
     TaskFailure,
     TaskPublic,
@@ -60,8 +63,11 @@ async def upload_output(
     session: SessionDep,
     settings: SettingsDep,
     blobs: BlobsDep,
+    run_times: Annotated[RunTimes, Query()],
 ) -> TaskPublic:
     await run_in_threadpool(leases.require_holder, session=session, uid=uid, consumer_id=consumer_id)
+    # Before the body streams in, so impossible run times cost no upload.
+    await run_in_threadpool(leases.check_run_times, session=session, uid=uid, run_times=run_times)
     await run_in_threadpool(session.close)
     async with zip_upload(
         request,
@@ -71,7 +77,12 @@ async def upload_output(
         limits=settings.output_zip_limits,
     ) as output_blob:
         return await run_in_threadpool(
-            leases.store_output, session=session, uid=uid, consumer_id=consumer_id, output_blob=output_blob
+            leases.store_output,
+            session=session,
+            uid=uid,
+            consumer_id=consumer_id,
+            output_blob=output_blob,
+            run_times=run_times,
         )
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import pika
 import pytest
 
-from inference_server.contract import TASK_QUEUE_ARGUMENTS, TaskStatus
+from inference_server.contract import TASK_QUEUE_ARGUMENTS, TaskPublic, TaskStatus
 from job_consumer.consumer import Consumer
 from job_consumer.runner import LABEL_CONSUMER, LABEL_MANAGED, LABEL_TASK
 from job_consumer.workspace import MODELS_DIR, OWNER_FILE, TEMP_PREFIX
@@ -85,6 +86,26 @@ def test_runs_a_task_uploads_output_and_logs_and_acks(
     assert task_containers(docker_client, task.uid) == []
 
 
+def assert_run_times_within_the_attempt(task: TaskPublic) -> None:
+    """The container ran after the claim and before the verdict was stored, by a shared clock."""
+    assert task.run_started_at is not None and task.run_finished_at is not None
+    assert task.started_at is not None and task.finished_at is not None
+    assert task.started_at <= task.run_started_at <= task.run_finished_at <= task.finished_at
+
+
+def test_a_run_reports_when_its_container_started_and_ended(private_api, make_consumer, test_images):
+    model_id = hrid("copy")
+    private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": b"sleep 0.3\n"}))
+    task = private_api.submit(model_id, {"a.txt": b"a"})
+
+    assert ConsumerThread(make_consumer(max_tasks=1)).start().join(60) == 1
+
+    done = private_api.task(task.uid)
+    assert done.status == TaskStatus.FINISHED, done.error
+    assert_run_times_within_the_attempt(done)
+    assert done.run_finished_at - done.run_started_at >= timedelta(seconds=0.3)
+
+
 def test_model_zip_is_unpacked_once_and_reused(private_api, make_consumer, test_images):
     model_id = hrid("copy")
     model = private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": COPY_SCRIPT}))
@@ -121,6 +142,7 @@ def test_failing_model_fails_the_task_with_exit_code_and_log_tail(private_api, m
     assert "exited with code 3" in failed.error
     assert "fatal: synthetic failure" in failed.error
     assert "working on it" in private_api.logs(task.uid)
+    assert_run_times_within_the_attempt(failed)
 
 
 def test_timeout_fails_the_task_as_timeout(private_api, make_consumer, test_images):
@@ -182,6 +204,7 @@ def test_missing_image_fails_that_task_and_the_consumer_goes_on(private_api, mak
     assert failed.status == TaskStatus.FAILED
     assert "inference-server/not-built-anywhere:1" in failed.error
     assert "not present" in failed.error
+    assert failed.run_started_at is None and failed.run_finished_at is None  # no container ran
     assert private_api.task(good.uid).status == TaskStatus.FINISHED
 
 

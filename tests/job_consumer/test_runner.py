@@ -398,3 +398,17 @@ def test_directory_size_counts_files_not_links_and_stops_early(tmp_path):
     assert directory_size(tmp_path) == 1500
     # Past the bound after the first file it meets, whichever that is: the walk ends there.
     assert directory_size(tmp_path, stop_above=100) in (500, 1000)
+
+
+@pytest.mark.docker
+def test_the_run_times_bracket_what_the_model_did(runner, dirs, test_images):
+    """The model writes the moment it ran (same host clock); the run times hold it between them."""
+    result = run_script(runner, dirs, "sleep 0.2; date -u +%s.%N > /output/ran_at\n")
+
+    assert result.exit_code == 0, result.logs
+    assert result.started_at is not None and result.finished_at is not None
+    assert result.started_at.tzinfo is not None
+    ran_at = float((dirs.output / "ran_at").read_text())
+    assert result.started_at.timestamp() <= ran_at <= result.finished_at.timestamp()
+    assert (result.finished_at - result.started_at).total_seconds() == pytest.approx(result.duration_s)
+    assert result.run_times.run_started_at == result.started_at

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 
-from inference_server.contract import TaskStatus
+import pytest
+
+from inference_server.contract import TaskStatus, error_detail
 from private_api import leases
 from private_api.blobs import StoredBlob
 from private_api.exceptions import Conflict
@@ -24,8 +26,17 @@ A = as_consumer("consumer-a")
 B = as_consumer("consumer-b")
 
 
-def upload_output(client, uid, data, headers=A):
-    return client.post(f"/tasks/{uid}/output", files={"zip_file": ("output.zip", data)}, headers=headers)
+def upload_output(client, uid, data, headers=A, params=None):
+    return client.post(
+        f"/tasks/{uid}/output", files={"zip_file": ("output.zip", data)}, headers=headers, params=params
+    )
+
+
+def run_times(started: datetime, seconds: float = 2.5) -> dict[str, str]:
+    return {
+        "run_started_at": started.isoformat(),
+        "run_finished_at": (started + timedelta(seconds=seconds)).isoformat(),
+    }
 
 
 def test_claim_gives_task_and_model_and_starts_a_lease(client, settings):
@@ -271,3 +282,103 @@ def test_store_output_failure_leaves_blob_to_caller(client, settings):
         else:
             raise AssertionError("a pending task accepted an output")
     assert task_row(client, uid).output_blob_key is None
+
+
+def test_the_run_times_of_a_finished_task_are_stored_and_reported(client):
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    claim(client, uid)
+    assert client.get(f"/tasks/{uid}").json()["run_started_at"] is None
+    # Another time zone on the wire is the same moment; it comes back in UTC.
+    started = datetime.now(UTC).astimezone(timezone(timedelta(hours=2)))
+
+    finished = upload_output(client, uid, make_zip({"a.txt": b"a"}), params=run_times(started))
+
+    assert finished.status_code == 200, finished.text
+    status = client.get(f"/tasks/{uid}").json()
+    for body in (finished.json(), status):
+        reported_start = datetime.fromisoformat(body["run_started_at"])
+        reported_end = datetime.fromisoformat(body["run_finished_at"])
+        assert reported_start == started
+        assert (reported_end - reported_start).total_seconds() == 2.5
+    row = task_row(client, uid)
+    assert row.run_started_at == started and row.run_started_at.tzinfo is not None
+
+
+def test_an_output_without_run_times_is_still_accepted(client):
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    claim(client, uid)
+    finished = upload_output(client, uid, make_zip({}))
+    assert finished.status_code == 200, finished.text
+    assert finished.json()["run_started_at"] is None
+    assert finished.json()["run_finished_at"] is None
+
+
+@pytest.mark.parametrize(
+    ("params", "detail"),
+    [
+        ({"run_started_at": "2026-12-01T10:00:00", "run_finished_at": "2026-12-01T10:00:01"}, "timezone"),
+        ({"run_started_at": "yesterday", "run_finished_at": "2026-12-01T10:00:01Z"}, "run_started_at"),
+        ({"run_started_at": "2026-12-01T10:00:01Z"}, "together"),
+        ({"run_started_at": "2026-12-01T10:00:01Z", "run_finished_at": "2026-12-01T10:00:00Z"}, "before"),
+        (run_times(datetime(1970, 1, 1, tzinfo=UTC)), "before task"),
+        (run_times(datetime.now(UTC) + timedelta(days=2)), "in the future"),
+    ],
+)
+def test_impossible_run_times_refuse_the_output(client, settings, params, detail):
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    claim(client, uid)
+
+    refused = upload_output(client, uid, make_zip({"a.txt": b"a"}), params=params)
+
+    assert refused.status_code == 422, refused.text
+    assert detail in error_detail(refused.content, fallback="")
+    assert task_row(client, uid).status == TaskStatus.RUNNING
+    assert len(stored_files(settings)) == 1  # the input only: the refused output was not kept
+
+
+def test_a_failure_reports_its_run_times_and_one_before_any_run_clears_them(start_app, make_settings):
+    client = start_app(make_settings(max_attempts=2))
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    started = datetime.now(UTC)
+    claim(client, uid)
+
+    retried = client.post(
+        f"/tasks/{uid}/fail",
+        json={"error": "CUDA error", "retryable": True, **run_times(started, seconds=1)},
+        headers=A,
+    )
+    assert retried.status_code == 200, retried.text
+    assert datetime.fromisoformat(retried.json()["run_started_at"]) == started
+    assert datetime.fromisoformat(retried.json()["run_finished_at"]) == started + timedelta(seconds=1)
+
+    # The second attempt failed before its container ran: no run times, not the first attempt's.
+    claim(client, uid, consumer="consumer-b")
+    failed = client.post(f"/tasks/{uid}/fail", json={"error": "input gone"}, headers=B)
+    assert failed.status_code == 200, failed.text
+    assert failed.json()["status"] == TaskStatus.FAILED
+    assert failed.json()["run_started_at"] is None and failed.json()["run_finished_at"] is None
+
+
+@pytest.mark.parametrize(
+    ("times", "detail"),
+    [
+        ({"run_started_at": "2026-12-01T10:00:00", "run_finished_at": "2026-12-01T10:00:01"}, "timezone"),
+        ({"run_finished_at": "2026-12-01T10:00:01Z"}, "together"),
+        ({"run_started_at": "2026-12-01T10:00:01Z", "run_finished_at": "2026-12-01T10:00:00Z"}, "before"),
+        (run_times(datetime.now(UTC) + timedelta(hours=1)), "in the future"),
+    ],
+)
+def test_impossible_run_times_refuse_the_failure(client, times, detail):
+    register_model(client)
+    uid = submit_ok(client)["uid"]
+    claim(client, uid)
+
+    refused = client.post(f"/tasks/{uid}/fail", json={"error": "boom", **times}, headers=A)
+
+    assert refused.status_code == 422, refused.text
+    assert detail in error_detail(refused.content, fallback="")
+    assert task_row(client, uid).status == TaskStatus.RUNNING
