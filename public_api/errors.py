@@ -1,15 +1,16 @@
-"""Every error the public API answers with, and the one place they become `{"detail": "<text>"}`."""
+"""Every error the public API answers with, and where they become `{"detail": "<text>"}` (the
+answers both APIs give alike: inference_server.error_responses)."""
 
 from __future__ import annotations
 
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 from starlette.routing import Match
+
+from inference_server.error_responses import error_response, install_shared_error_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -57,23 +58,7 @@ async def _public_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PublicAPIError)
     if exc.status_code >= 500 and not isinstance(exc, V12Error):
         logger.warning("answering %s: %s", exc.status_code, exc.detail)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-
-
-def validation_detail(exc: RequestValidationError) -> str:
-    """One line naming each problem, e.g. `query priority: Input should be less than or equal to 9`."""
-    parts = []
-    for problem in exc.errors():
-        location = [str(part) for part in problem.get("loc", ())]
-        where = f"{' '.join(location[:1])} {'.'.join(location[1:])}".strip()
-        message = problem.get("msg", "invalid")
-        parts.append(f"{where}: {message}" if where else str(message))
-    return "; ".join(parts) or "invalid request"
-
-
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"detail": validation_detail(exc)}, status_code=422)
+    return error_response(exc.status_code, exc.detail, exc.headers)
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
@@ -96,22 +81,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
         headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
-    return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=headers or None)
-
-
-async def _client_disconnect(_request: Request, _exc: Exception) -> JSONResponse:
-    # Nobody is left to read this; the status only shows up in logs and metrics.
-    return JSONResponse({"detail": "client disconnected before the request body was complete"}, 400)
-
-
-async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error", exc_info=exc)
-    return JSONResponse({"detail": "internal error in the public API"}, status_code=500)
+    return error_response(exc.status_code, str(exc.detail), headers or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    install_shared_error_handlers(app, service_name="public API")
     app.add_exception_handler(PublicAPIError, _public_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(ClientDisconnect, _client_disconnect)
-    app.add_exception_handler(Exception, _unexpected)
