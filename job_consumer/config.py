@@ -7,7 +7,7 @@ import re
 import socket
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, field_validator, model_validator
 
 from inference_server.contract import CONSUMER_ID_RE
 from inference_server.settings import BrokerSettings, ZipLimitSettings
@@ -27,28 +27,28 @@ class ConsumerSettings(BrokerSettings, ZipLimitSettings):
     data_dir: Path = Path("./data")
     work_dir: Path | None = None
 
-    heartbeat_interval_s: float = Field(default=5.0, gt=0)
-    amqp_heartbeat_s: int = Field(default=30, ge=0)
-    http_connect_timeout_s: float = Field(default=5.0, gt=0)
-    http_read_timeout_s: float = Field(default=30.0, gt=0)
-    reconnect_backoff_max_s: float = Field(default=30.0, gt=0)
-    cleanup_interval_s: float = Field(default=300.0, gt=0)
+    heartbeat_interval_s: PositiveFloat = 5.0
+    amqp_heartbeat_s: NonNegativeInt = 30
+    http_connect_timeout_s: PositiveFloat = 5.0
+    http_read_timeout_s: PositiveFloat = 30.0
+    reconnect_backoff_max_s: PositiveFloat = 30.0
+    cleanup_interval_s: PositiveFloat = 300.0
     # How long finished work keeps trying to reach an unreachable private API before leaving
     # the task to the lease reaper.
-    report_retry_s: float = Field(default=120.0, ge=0)
+    report_retry_s: NonNegativeFloat = 120.0
 
     default_timeout_s: int = Field(default=3600, ge=1)
     default_memory_mb: int = Field(default=8192, ge=16)
-    default_cpus: float = Field(default=2.0, gt=0)
+    default_cpus: PositiveFloat = 2.0
     default_pids: int = Field(default=512, ge=8)
-    stop_grace_s: int = Field(default=2, ge=0)
+    stop_grace_s: NonNegativeInt = 2
     max_log_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     # What a model may write to /output. Checked every second while it runs, so a runaway model
     # is stopped before it fills the consumer's disk, and again before the output is zipped.
     max_output_bytes: int = Field(default=20 * 1024**3, ge=1)
     # Unpacked models no task on this host used for this long are removed (0: kept for ever).
     # Far above any task's run time: a model in use is mounted into a running container.
-    model_cache_max_idle_days: float = Field(default=7.0, ge=0)
+    model_cache_max_idle_days: NonNegativeFloat = 7.0
 
     # Size of the tmpfs at /tmp of a model that does not set tmp_mb; it counts against the
     # model's memory limit. Besides /output, the only place a model may write by default.
