@@ -80,27 +80,25 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def upgrade_database(url: str, revision: str = "head") -> None:
-    """Bring the schema to `revision` (the latest by default); safe to run on every start."""
+def _migrate(url: str, step: Callable[[Config, str], None], revision: str) -> None:
+    """Run an Alembic command (`command.upgrade`, `command.downgrade`) in one transaction."""
     engine = make_engine(url)
     try:
         with engine.begin() as connection:
             config = alembic_config(url)
             config.attributes["connection"] = connection
-            command.upgrade(config, revision)
+            step(config, revision)
     finally:
         engine.dispose()
+
+
+def upgrade_database(url: str, revision: str = "head") -> None:
+    """Bring the schema to `revision` (the latest by default); safe to run on every start."""
+    _migrate(url, command.upgrade, revision)
 
 
 def downgrade_database(url: str, revision: str) -> None:
-    engine = make_engine(url)
-    try:
-        with engine.begin() as connection:
-            config = alembic_config(url)
-            config.attributes["connection"] = connection
-            command.downgrade(config, revision)
-    finally:
-        engine.dispose()
+    _migrate(url, command.downgrade, revision)
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
