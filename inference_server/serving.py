@@ -1,11 +1,14 @@
-"""Serving an API app with uvicorn, the same way for both APIs, and the request guards they share."""
+"""Serving an API app with uvicorn, the same way for both APIs, and the request guards and
+dependencies they share."""
 
 from __future__ import annotations
 
 import gc
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.datastructures import Headers
@@ -82,6 +85,16 @@ class JsonBodyLimit:
 def install_json_body_limit(app: FastAPI, max_bytes: int | None = None) -> None:
     """The one line each API's create_app calls; the limit defaults to IS_MAX_JSON_BYTES."""
     app.add_middleware(JsonBodyLimit, max_bytes=max_bytes or BodyLimitSettings().max_json_bytes)
+
+
+def app_state(name: str) -> Callable[[Request], Awaitable[Any]]:
+    """A dependency that hands a route `app.state.<name>`, one of the objects create_app builds
+    once. A coroutine: a plain `def` dependency costs a thread-pool hop on every request."""
+
+    async def from_app_state(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    return from_app_state
 
 
 def serve(

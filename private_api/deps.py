@@ -28,6 +28,7 @@ from inference_server.contract import (
     PrivateRoutes,
     decode_acting_headers,
 )
+from inference_server.serving import app_state
 from private_api.access import Actor
 from private_api.blobs import BlobStore
 from private_api.config import PrivateSettings
@@ -143,26 +144,10 @@ async def require_service_token(
 ServiceRoleDep = Annotated[ServiceRole, Depends(require_service_token)]
 
 
-async def _settings(request: Request) -> PrivateSettings:
-    return request.app.state.settings
-
-
-async def _blobs(request: Request) -> BlobStore:
-    return request.app.state.blobs
-
-
-async def _publisher(request: Request) -> TaskPublisher:
-    return request.app.state.publisher
-
-
-async def _metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
-
-
-SettingsDep = Annotated[PrivateSettings, Depends(_settings)]
-BlobsDep = Annotated[BlobStore, Depends(_blobs)]
-PublisherDep = Annotated[TaskPublisher, Depends(_publisher)]
-MetricsDep = Annotated[Metrics, Depends(_metrics)]
+SettingsDep = Annotated[PrivateSettings, Depends(app_state("settings"))]
+BlobsDep = Annotated[BlobStore, Depends(app_state("blobs"))]
+PublisherDep = Annotated[TaskPublisher, Depends(app_state("publisher"))]
+MetricsDep = Annotated[Metrics, Depends(app_state("metrics"))]
 ConsumerIdDep = Annotated[
     str,
     Header(alias=CONSUMER_ID_HEADER, pattern=CONSUMER_ID_PATTERN, description="the calling consumer's id"),

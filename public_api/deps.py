@@ -16,9 +16,9 @@ body. Each failed key check also spends the caller's address's budget (ratelimit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import unquote, urlsplit
 
 from fastapi import Depends, Request, Security
@@ -27,6 +27,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.routing import BaseRoute, Match
 
 from inference_server.contract import API_KEY_HEADER, Principal
+from inference_server.serving import app_state
 from public_api.auth import KeyResolver, invalid_key, missing_key, presented_key
 from public_api.config import PublicSettings
 from public_api.errors import PublicAPIError, TooManyFailuresError
@@ -50,20 +51,9 @@ class Access(Enum):
     KEY = "key"
 
 
-async def get_private_api(request: Request) -> PrivateAPI:
-    return request.app.state.private_api
-
-
-async def get_settings(request: Request) -> PublicSettings:
-    return request.app.state.settings
-
-
-async def get_key_resolver(request: Request) -> KeyResolver:
-    return request.app.state.key_resolver
-
-
-PrivateAPIDep = Annotated[PrivateAPI, Depends(get_private_api)]
-SettingsDep = Annotated[PublicSettings, Depends(get_settings)]
+PrivateAPIDep = Annotated[PrivateAPI, Depends(app_state("private_api"))]
+SettingsDep = Annotated[PublicSettings, Depends(app_state("settings"))]
+KeyResolverDep = Annotated[KeyResolver, Depends(app_state("key_resolver"))]
 
 
 def refused(request: Request, error: PublicAPIError) -> PublicAPIError:
@@ -114,7 +104,7 @@ async def declared_key_headers(
 
 async def current_principal(
     request: Request,
-    resolver: Annotated[KeyResolver, Depends(get_key_resolver)],
+    resolver: KeyResolverDep,
     _documented: Annotated[None, Depends(declared_key_headers)],
 ) -> Principal | None:
     return await resolve_caller(request, resolver)
@@ -123,32 +113,30 @@ async def current_principal(
 PrincipalDep = Annotated[Principal | None, Depends(current_principal)]
 
 
-async def task_caller(request: Request, principal: PrincipalDep, settings: SettingsDep) -> Principal | None:
-    authorize(request, principal, Access.TASKS, settings)
-    return principal
+# The Access each caller dependency enforces: how access_for reads a route's rule off the route.
+_ACCESS_OF_DEPENDENCY: dict[Callable[..., Any], Access] = {}
 
 
-async def model_reader(request: Request, principal: PrincipalDep, settings: SettingsDep) -> Principal | None:
-    authorize(request, principal, Access.READ_MODELS, settings)
-    return principal
+def _caller_allowed(access: Access) -> Callable[..., Awaitable[Principal | None]]:
+    """The dependency a route declares to let in only the callers `authorize` allows `access`."""
+
+    async def allowed_caller(
+        request: Request, principal: PrincipalDep, settings: SettingsDep
+    ) -> Principal | None:
+        authorize(request, principal, access, settings)
+        return principal
+
+    _ACCESS_OF_DEPENDENCY[allowed_caller] = access
+    return allowed_caller
 
 
-async def require_operator(
-    request: Request, principal: PrincipalDep, settings: SettingsDep
-) -> Principal | None:
-    authorize(request, principal, Access.OPERATOR, settings)
-    return principal
-
+task_caller = _caller_allowed(Access.TASKS)
+model_reader = _caller_allowed(Access.READ_MODELS)
+require_operator = _caller_allowed(Access.OPERATOR)
 
 TaskCallerDep = Annotated[Principal | None, Depends(task_caller)]
 # An operator, or anyone when IS_ANONYMOUS_MODELS is on (None: anonymous).
 ModelManagerDep = Annotated[Principal | None, Depends(require_operator)]
-
-_ACCESS_OF_DEPENDENCY = {
-    task_caller: Access.TASKS,
-    model_reader: Access.READ_MODELS,
-    require_operator: Access.OPERATOR,
-}
 
 
 def _route_access(route: APIRoute) -> Access:

@@ -7,8 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request, Response
 
 from inference_server.contract import PublicRoutes
-from public_api.auth import KeyResolver
-from public_api.deps import SettingsDep, check_forwarded_request, declared_key_headers, get_key_resolver
+from public_api.deps import KeyResolverDep, SettingsDep, check_forwarded_request, declared_key_headers
 from public_api.routes._docs import error
 
 router = APIRouter(tags=["access"])
@@ -38,7 +37,7 @@ router = APIRouter(tags=["access"])
 )
 async def check(
     request: Request,
-    resolver: Annotated[KeyResolver, Depends(get_key_resolver)],
+    resolver: KeyResolverDep,
     settings: SettingsDep,
     x_forwarded_method: Annotated[
         str | None, Header(description="The method of the request to check.")
