@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import platform as py_platform
-import re
 import secrets
 import shutil
 import statistics
@@ -16,7 +15,8 @@ import subprocess
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +32,12 @@ from inference_server.contract import (
     ModelPublic,
     PrivateRoutes,
     PublicRoutes,
+    TaskPublic,
     V12Code,
 )
 from inference_server.zipsafe import ZipLimits, extract_zip, remove_tree, zip_directory
 from job_consumer.config import ConsumerSettings
-from job_consumer.runner import ModelRunner
+from job_consumer.runner import LABEL_TASK, ModelRunner
 from local_platform.examples import DEFAULT_BASE_IMAGE, register_model
 from local_platform.launcher import LocalPlatform
 from local_platform.ports import free_port
@@ -367,21 +368,69 @@ class BenchPlatform:
                 raise RuntimeError(f"only {consumers} of {count} consumers listen on {self.queue}")
             time.sleep(0.1)
 
-    def consumer_logs(self) -> str:
-        return "\n".join(
-            process.log_path.read_text(errors="replace")
-            for name, process in self.platform.processes.items()
-            if name.startswith("consumer-") and process.log_path.exists()
-        )
-
     def rss_mb(self) -> dict[str, float]:
         assert self.sampler is not None
         self.sampler.sample()
         return self.sampler.peaks_mb()
 
 
-CONTAINER_DONE_RE = re.compile(r"task (\S+): container done in ([0-9.]+)s")
-CONTAINER_STARTED_RE = re.compile(r"task (\S+): container \S+ started")
+def container_run_s(task: TaskPublic) -> float | None:
+    """How long the task's model container ran inside its consumer, as the platform recorded it
+    (consumer creating the container until it had exited and its log was read); None when no
+    run was reported."""
+    if task.run_started_at is None or task.run_finished_at is None:
+        return None
+    return (task.run_finished_at - task.run_started_at).total_seconds()
+
+
+EVENTS_DRAIN_S = 1.0
+
+
+class ContainerStarts:
+    """Counts the model containers the Docker engine starts per task while open, from the
+    engine's own event stream (the consumers' task label says whose): the engine's record of every
+    start, where the platform keeps only each task's latest run."""
+
+    def __init__(self, docker_client: docker.DockerClient) -> None:
+        self._docker = docker_client
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._events: Any = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> ContainerStarts:
+        self._events = self._docker.events(
+            decode=True, filters={"type": "container", "event": "start", "label": LABEL_TASK}
+        )
+        self._thread = threading.Thread(target=self._read, name="container-starts", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # The engine sends each event as it happens; this lets the last ones reach the reader
+        # before closing the stream ends its iteration (with an error, ignored there).
+        time.sleep(EVENTS_DRAIN_S)
+        self._events.close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _read(self) -> None:
+        # The stream ends by close() from another thread, which surfaces as any of several errors.
+        with contextlib.suppress(Exception):
+            self.count(self._events)
+
+    def count(self, events: Iterable[dict[str, Any]]) -> None:
+        for event in events:
+            task_uid = ((event.get("Actor") or {}).get("Attributes") or {}).get(LABEL_TASK)
+            if task_uid:
+                with self._lock:
+                    self._counts[task_uid] += 1
+
+    def per_task(self, uids: Iterable[str]) -> Counter[str]:
+        """Starts of these tasks' containers (others' on the same engine are not counted)."""
+        wanted = set(uids)
+        with self._lock:
+            return Counter({uid: count for uid, count in self._counts.items() if uid in wanted})
 
 
 # --- the raw baseline ---------------------------------------------------------------------------

@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 
 from bench.common import (
-    CONTAINER_DONE_RE,
     BenchContext,
     BenchPlatform,
     RawRunner,
+    container_run_s,
     machine_busy_cpu_s,
     platform_cpu_s,
     submit_small,
@@ -79,6 +79,7 @@ def run_platform_once(
         "submit_s": submitted,
         "polls": polls,
         "attempts": status.attempts,
+        "container_s": container_run_s(status),
         # Server timestamps against the client's clock (same machine): where the latency went.
         "queue_to_claim_s": (claimed - created) if claimed is not None and created is not None else None,
         "claim_to_finished_s": (finished - claimed) if finished is not None and claimed is not None else None,
@@ -122,16 +123,10 @@ def run_dispatch(ctx: BenchContext, reps: int, poll_interval_s: float = POLL_INT
                         log.info("[dispatch] %d/%d repetitions", rep + 1, reps)
         finally:
             raw.close()
-        consumer_log = bench_platform.consumer_logs()
         rss = bench_platform.rss_mb()
 
-    container_in_consumer = {
-        match.group(1): float(match.group(2)) for match in CONTAINER_DONE_RE.finditer(consumer_log)
-    }
     platform_total = [run["total_s"] for run in platform_runs]
-    platform_container = [
-        container_in_consumer[run["uid"]] for run in platform_runs if run["uid"] in container_in_consumer
-    ]
+    platform_container = [run["container_s"] for run in platform_runs if run["container_s"] is not None]
 
     def median_of(key: str) -> float | None:
         values = [run[key] for run in platform_runs if run[key] is not None]

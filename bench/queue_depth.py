@@ -17,12 +17,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import docker
 import httpx
 
 from bench.common import (
-    CONTAINER_STARTED_RE,
     BenchContext,
     BenchPlatform,
+    ContainerStarts,
     queue_consumer_count,
     submit_small,
     write_small_zip,
@@ -89,30 +90,32 @@ def run_queue_depth(ctx: BenchContext, tasks: int, run_budget_s: float) -> dict[
             ready,
         )
 
-        bench_platform.add_consumers(CONSUMERS, wait=False)
-        run_started = time.perf_counter()
-        deadline = run_started + run_budget_s
-        counts: dict[str, int] = {}
-        while time.perf_counter() < deadline:
-            counts = _status_counts(bench_platform)
-            if counts.get(TaskStatus.FINISHED, 0) + counts.get(TaskStatus.FAILED, 0) >= len(uids):
-                break
-            time.sleep(2.0)
-        run_s = time.perf_counter() - run_started
-        # First SIGTERM: each consumer finishes the task in hand, then exits.
-        consumers = [
-            p for name, p in bench_platform.platform.processes.items() if name.startswith("consumer-")
-        ]
-        for process in consumers:
-            process.send(signal.SIGTERM)
-        for process in consumers:
-            # wait, not stop(): a second SIGTERM would stop the container and release its task.
-            process.wait(timeout=120)
+        # Listening before the first consumer starts, until the last has exited: every start counts.
+        docker_client = docker.from_env()
+        with ContainerStarts(docker_client) as container_starts:
+            bench_platform.add_consumers(CONSUMERS, wait=False)
+            run_started = time.perf_counter()
+            deadline = run_started + run_budget_s
+            counts: dict[str, int] = {}
+            while time.perf_counter() < deadline:
+                counts = _status_counts(bench_platform)
+                if counts.get(TaskStatus.FINISHED, 0) + counts.get(TaskStatus.FAILED, 0) >= len(uids):
+                    break
+                time.sleep(2.0)
+            run_s = time.perf_counter() - run_started
+            # First SIGTERM: each consumer finishes the task in hand, then exits.
+            consumers = [
+                p for name, p in bench_platform.platform.processes.items() if name.startswith("consumer-")
+            ]
+            for process in consumers:
+                process.send(signal.SIGTERM)
+            for process in consumers:
+                # wait, not stop(): a second SIGTERM would stop the container and release its task.
+                process.wait(timeout=120)
         counts = _status_counts(bench_platform)
         attempts = _finished_attempts(bench_platform)
-        started_per_task = Counter(
-            match.group(1) for match in CONTAINER_STARTED_RE.finditer(bench_platform.consumer_logs())
-        )
+        docker_client.close()
+        started_per_task = container_starts.per_task(uids)
         rss = bench_platform.rss_mb()
 
     finished = counts.get(TaskStatus.FINISHED, 0)
