@@ -474,6 +474,12 @@ def _cli_args(options: dict[str, Any]) -> list[str]:
     if "nano_cpus" in options:
         args += ["--cpus", f"{options['nano_cpus'] / 1e9:g}"]
         handled.add("nano_cpus")
+    if options.get("read_only"):
+        args.append("--read-only")
+    handled.add("read_only")
+    for mount_point, mount_options in options.get("tmpfs", {}).items():
+        args += ["--tmpfs", f"{mount_point}:{mount_options}"]
+    handled.add("tmpfs")
     if "log_config" in options:
         config = options["log_config"]
         args += ["--log-driver", config["Type"]]
