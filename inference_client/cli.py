@@ -41,11 +41,11 @@ def _say_error(message: str) -> None:
     print(f"infer: error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
-def _print_json(value: BaseModel | list[BaseModel]) -> None:
-    if isinstance(value, list):
-        print(json.dumps([item.model_dump(mode="json") for item in value], indent=2))
-    else:
+def _print_json(value: BaseModel | Sequence[BaseModel]) -> None:
+    if isinstance(value, BaseModel):
         print(value.model_dump_json(indent=2))
+    else:
+        print(json.dumps([item.model_dump(mode="json") for item in value], indent=2))
 
 
 def _progress(args: argparse.Namespace) -> bool | None:

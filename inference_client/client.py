@@ -35,7 +35,7 @@ from inference_server.zipsafe import UnsafeZipError, zip_directory
 
 CHUNK_SIZE = 1024 * 1024
 
-_V12_MEANINGS = {
+_V12_MEANINGS: dict[int, str] = {
     V12Code.PENDING: "the task is not finished yet (pending or running)",
     V12Code.FAILED: "the task failed or was cancelled",
     V12Code.OUTPUT_MISSING: "the task finished but its output is missing",

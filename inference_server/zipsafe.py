@@ -19,9 +19,10 @@ import os
 import stat
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import IO
 
 COPY_CHUNK = 1024 * 1024
 # Open folder descriptors kept on the way down a tree; deeper levels are reopened through ".."
@@ -136,10 +137,8 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
         raise UnsafeZipError(f"not a valid zip file: {exc}") from exc
 
 
-def _plan(
-    archive: zipfile.ZipFile, limits: ZipLimits
-) -> tuple[list[tuple[zipfile.ZipInfo, tuple[str, ...]]], int]:
-    """Every entry with its normalised path, checked; and the number of files and folders."""
+def _plan(archive: zipfile.ZipFile, limits: ZipLimits) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
+    """Every entry with its normalised path, checked (files and folders together within the limit)."""
     members = archive.infolist()
     # A cheap first bound, before any per-entry work: every entry creates at least one thing.
     if len(members) > limits.max_files:
@@ -147,7 +146,7 @@ def _plan(
             f"zip holds {len(members)} entries, folders counted as files; the limit is {limits.max_files}"
         )
     nodes: dict[tuple[str, ...], _Node] = {}
-    plan = []
+    plan: list[tuple[zipfile.ZipInfo, tuple[str, ...]]] = []
     for member in members:
         name = member.orig_filename
         parts = _parts_of(name)
@@ -312,7 +311,7 @@ def _open_dir(name: str | Path, dir_fd: int | None, make_accessible: bool) -> in
     return os.open(name, flags, dir_fd=dir_fd)
 
 
-def _walk(root: Path, *, make_accessible: bool = False) -> Iterator[_Entry]:
+def _walk(root: Path, *, make_accessible: bool = False) -> Generator[_Entry, None, None]:
     """Every entry under `root`, depth first, folders announced before and after their contents.
 
     Iterative, through descriptors, never following links and never leaving root's filesystem.
@@ -571,7 +570,7 @@ def _add_file(archive: zipfile.ZipFile, entry: _Entry, name: str, budget: int) -
     return copied
 
 
-def copy_stream(source, sink, chunk_size: int = COPY_CHUNK) -> int:
+def copy_stream(source: IO[bytes], sink: IO[bytes], chunk_size: int = COPY_CHUNK) -> int:
     """Copy a binary file-like object to another in chunks; returns the bytes copied."""
     copied = 0
     while chunk := source.read(chunk_size):

@@ -184,7 +184,13 @@ class Consumer:
             self.settings.queue_name, on_message_callback=self._on_message, auto_ack=False
         )
 
-    def _on_message(self, _channel: BlockingChannel, method, _properties, body: bytes) -> None:
+    def _on_message(
+        self,
+        _channel: BlockingChannel,
+        method: pika.spec.Basic.Deliver,
+        _properties: pika.spec.BasicProperties,
+        body: bytes,
+    ) -> None:
         # Handled by the loop, not in this callback, so the long work never nests in pika's dispatch.
         self._deliveries.append((method.delivery_tag, body))
 

@@ -334,7 +334,9 @@ class ModelRunner:
 
     def remove_leftovers(self, keep_task_uid: str | None = None) -> int:
         """Remove this consumer's labelled containers except the current task's (crash leftovers)."""
-        filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_CONSUMER}={self.settings.consumer_id}"]}
+        filters: dict[str, str | list[str] | bool] = {
+            "label": [f"{LABEL_MANAGED}=true", f"{LABEL_CONSUMER}={self.settings.consumer_id}"]
+        }
         removed = 0
         # sparse: no inspect per container, so one vanishing meanwhile cannot fail the listing.
         for container in self.docker.containers.list(all=True, sparse=True, filters=filters):

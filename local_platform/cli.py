@@ -33,7 +33,7 @@ def _exec_module(module: str, args: list[str]) -> int:
 def _parse_gpus(value: str | None, consumers: int) -> list[str | None]:
     if not value:
         return [None] * consumers
-    gpus = [gpu.strip() for gpu in value.split(",") if gpu.strip()]
+    gpus: list[str | None] = [gpu.strip() for gpu in value.split(",") if gpu.strip()]
     return gpus
 
 

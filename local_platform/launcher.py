@@ -35,8 +35,8 @@ PUBLIC_API_TOKEN_FILE = "public-api.token"
 CONSUMER_TOKEN_FILE = "consumer.token"
 # What only the private API may hold: the database (its URL carries the password) and the
 # other services' tokens. The public API also gets no RabbitMQ URL: it never talks to the broker.
-_PRIVATE_API_ONLY_ENV = ("IS_DATABASE_URL", "IS_PUBLIC_API_TOKEN", "IS_CONSUMER_TOKEN")
-_NOT_FOR_PUBLIC_API_ENV = (*_PRIVATE_API_ONLY_ENV, "IS_RABBITMQ_URL")
+_PRIVATE_API_ONLY_ENV: tuple[str, ...] = ("IS_DATABASE_URL", "IS_PUBLIC_API_TOKEN", "IS_CONSUMER_TOKEN")
+_NOT_FOR_PUBLIC_API_ENV: tuple[str, ...] = (*_PRIVATE_API_ONLY_ENV, "IS_RABBITMQ_URL")
 
 
 def load_or_create_secret(path: Path, nbytes: int = 32) -> str:

@@ -118,5 +118,7 @@ def build_example_images(
             lines = [str(chunk.get("stream") or chunk.get("error") or "").rstrip() for chunk in exc.build_log]
             tail = "\n".join(line for line in lines if line)[-3000:]
             raise ExampleBuildError(f"building {example.container_tag} failed: {exc.msg}\n{tail}") from exc
+        if image.id is None:  # the engine names every image it builds
+            raise ExampleBuildError(f"building {example.container_tag} gave an image without an id")
         built.append(BuiltImage(example=example, image_id=image.id))
     return built

@@ -10,7 +10,7 @@ import logging
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import case, or_, select
+from sqlalchemy import ColumnElement, case, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -88,7 +88,7 @@ def publish_unpublished(
     otherwise strand their tasks. The duplicate this makes when nothing was lost is harmless;
     it loses the atomic claim and the consumer skips it.
     """
-    waiting = Task.published_at.is_(None)
+    waiting: ColumnElement[bool] = Task.published_at.is_(None)
     if republish_after_s is not None:
         waiting = or_(waiting, Task.published_at < utcnow() - timedelta(seconds=republish_after_s))
     rows = session.execute(

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from typing import Any, cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import CursorResult, or_, select, update
 from sqlalchemy.orm import Session
 
 from inference_server.contract import TaskStatus
@@ -67,7 +68,8 @@ def expire_old_tasks(*, session: Session, blobs: BlobStore, max_age: timedelta) 
             .execution_options(synchronize_session=False)
         )
         session.commit()
-        if changed.rowcount != 1:
+        # An UPDATE's result is a CursorResult, with its rowcount; Session.execute is typed as Result.
+        if cast(CursorResult[Any], changed).rowcount != 1:
             continue
         expired += 1
         for key in (row.input_blob_key, row.output_blob_key, row.log_blob_key):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -19,6 +20,9 @@ from starlette.requests import Request
 from inference_server.zipsafe import UnsafeZipError, ZipLimits, inspect_zip
 from private_api.blobs import BlobStore, BlobTooLarge, BlobWriter, StoredBlob
 from private_api.exceptions import BadInput, TooLarge, Unprocessable
+
+if TYPE_CHECKING:  # python_multipart defines it for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 ZIP_FIELD = "zip_file"
 FLUSH_BYTES = 1024 * 1024
@@ -56,7 +60,7 @@ class _FormSink:
         self.stored: StoredBlob | None = None
         self.body_complete = False
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._on_part_begin,
             "on_header_field": self._on_header_field,

@@ -67,6 +67,8 @@ def brain_mask(volume: np.ndarray) -> tuple[np.ndarray, float]:
 
 def process(path: Path) -> dict:
     image = nib.load(str(path))
+    if not isinstance(image, nib.Nifti1Image):  # NIfTI-2 images are NIfTI-1 images too
+        raise ValueError(f"not a NIfTI image: nibabel read it as {type(image).__name__}")
     data = np.asanyarray(image.dataobj).astype(np.float32, copy=False)
     if data.ndim == 4:
         # A time series or multi-echo file: the mask of the mean image covers every volume.

@@ -29,7 +29,10 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = make_engine(config.get_main_option("sqlalchemy.url"))
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise SystemExit("no connection handed over and no sqlalchemy.url set; run upgrade_database(url)")
+    engine = make_engine(url)
     try:
         with engine.begin() as own_connection:
             _run(own_connection)
