@@ -34,6 +34,28 @@ LOG_WRITABLE_STATUSES = (TaskStatus.RUNNING, TaskStatus.CANCELLED)
 # Consumers may run on other hosts than the private API: their clocks may disagree by this much
 # before a reported run time counts as impossible.
 RUN_TIMES_CLOCK_SKEW = timedelta(minutes=5)
+# A task taken back from its consumer: pending, held by nobody, and waiting for the outbox to
+# publish it again (it publishes what has no published_at).
+BACK_TO_PENDING: dict[str, Any] = {
+    "status": TaskStatus.PENDING,
+    "consumer_id": None,
+    "lease_expires_at": None,
+    "published_at": None,
+}
+
+
+def _held_by(uid: str, consumer_id: str) -> tuple[Any, ...]:
+    """The conditions under which a consumer's write applies: it still runs the task."""
+    return (Task.uid == uid, Task.status == TaskStatus.RUNNING, Task.consumer_id == consumer_id)
+
+
+def _commit_and_view(session: Session, uid: str) -> tuple[Task, TaskPublic]:
+    """The task as just written and its public view, built before the commit expires the row."""
+    task = load_task(session, uid)
+    assert task is not None
+    public = task_public(task)
+    session.commit()
+    return task, public
 
 
 def _raise_not_holder(session: Session, uid: str, consumer_id: str) -> NoReturn:
@@ -168,9 +190,7 @@ def store_output(
     check_run_times(session=session, uid=uid, run_times=run_times)
     finished = update_task(
         session,
-        Task.uid == uid,
-        Task.status == TaskStatus.RUNNING,
-        Task.consumer_id == consumer_id,
+        *_held_by(uid, consumer_id),
         Task.output_blob_key.is_(None),
         status=TaskStatus.FINISHED,
         output_blob_key=output_blob.key,
@@ -184,10 +204,7 @@ def store_output(
     )
     if not finished:
         _raise_not_holder(session, uid, consumer_id)
-    task = load_task(session, uid)
-    assert task is not None
-    public = task_public(task)
-    session.commit()
+    _task, public = _commit_and_view(session, uid)
     log.info("task %s finished on %s (%d output bytes)", uid, consumer_id, output_blob.size)
     return public
 
@@ -204,19 +221,16 @@ def fail_task(
     """A retryable failure with attempts left goes back to pending (republished); else failed.
     Its run times replace the last attempt's, none included (this attempt ran no container)."""
     check_run_times(session=session, uid=uid, run_times=failure)
-    held = (Task.uid == uid, Task.status == TaskStatus.RUNNING, Task.consumer_id == consumer_id)
+    held = _held_by(uid, consumer_id)
     run_times = {"run_started_at": failure.run_started_at, "run_finished_at": failure.run_finished_at}
     retried = failure.retryable and update_task(
         session,
         *held,
         Task.attempts < max_attempts,
-        status=TaskStatus.PENDING,
+        **BACK_TO_PENDING,
         error=failure.error,
         exit_code=failure.exit_code,
         **run_times,
-        consumer_id=None,
-        lease_expires_at=None,
-        published_at=None,
     )
     if not retried and not update_task(
         session,
@@ -229,10 +243,7 @@ def fail_task(
         lease_expires_at=None,
     ):
         _raise_not_holder(session, uid, consumer_id)
-    task = load_task(session, uid)
-    assert task is not None
-    public = task_public(task)
-    session.commit()
+    task, public = _commit_and_view(session, uid)
     log.info(
         "task %s %s after attempt %d on %s: %s",
         uid,
@@ -252,21 +263,13 @@ def release_task(
     """running -> pending unrun (consumer shutdown, infrastructure trouble); the attempt is not counted."""
     released = update_task(
         session,
-        Task.uid == uid,
-        Task.status == TaskStatus.RUNNING,
-        Task.consumer_id == consumer_id,
-        status=TaskStatus.PENDING,
+        *_held_by(uid, consumer_id),
+        **BACK_TO_PENDING,
         attempts=case((Task.attempts > 0, Task.attempts - 1), else_=0),
-        consumer_id=None,
-        lease_expires_at=None,
-        published_at=None,
     )
     if not released:
         _raise_not_holder(session, uid, consumer_id)
-    task = load_task(session, uid)
-    assert task is not None
-    public = task_public(task)
-    session.commit()
+    task, public = _commit_and_view(session, uid)
     log.info("task %s released by %s: %s", uid, consumer_id, release.reason[:200])
     publish(session, publisher, task_id=task.id, uid=uid, priority=task.priority)
     return public
@@ -315,10 +318,7 @@ def reap_expired_leases(
             session,
             *expired,
             Task.attempts < max_attempts,
-            status=TaskStatus.PENDING,
-            consumer_id=None,
-            lease_expires_at=None,
-            published_at=None,
+            **BACK_TO_PENDING,
         ):
             requeued.append(row)
             log.warning("lease of task %s on %s expired; back to pending", row.uid, row.consumer_id)

@@ -18,7 +18,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import aiohttp
 import httpx
@@ -46,6 +46,14 @@ class Reply:
     @property
     def text(self) -> str:
         return self.body.decode("utf-8", errors="replace")
+
+
+class SmallRequestOptions(TypedDict, total=False):
+    """The optional parts of a small request, as PrivateAPI.exchange takes them."""
+
+    params: Mapping[str, Any] | None
+    json: Any
+    headers: Mapping[str, str] | None
 
 
 def upstream_error(reply: Reply) -> UpstreamHTTPError:
@@ -168,17 +176,9 @@ class PrivateAPI:
         finally:
             self._slots.release()
 
-    async def call(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, Any] | None = None,
-        json: Any = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Any:
-        """A small request whose JSON answer is returned; any non-2xx raises."""
-        return _json_of(checked(await self.exchange(method, path, params=params, json=json, headers=headers)))
+    async def call(self, method: str, path: str, **options: Unpack[SmallRequestOptions]) -> Any:
+        """A small request (`options` as for `exchange`) whose JSON answer is returned; any non-2xx raises."""
+        return _json_of(checked(await self.exchange(method, path, **options)))
 
     # --- streamed bodies ---------------------------------------------------------------------
 
