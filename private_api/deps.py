@@ -37,6 +37,7 @@ from private_api.exceptions import Forbidden, Unauthorized, Unprocessable
 from private_api.leases import require_holder
 from private_api.metrics import Metrics
 from private_api.queue import TaskPublisher
+from private_api.uploads import ZipUploads
 
 __all__ = [
     "ROUTE_GRANTS",
@@ -49,6 +50,7 @@ __all__ = [
     "ServiceRoleDep",
     "SessionDep",
     "SettingsDep",
+    "ZipUploadsDep",
     "require_service_token",
     "require_task_holder",
 ]
@@ -148,6 +150,14 @@ SettingsDep = Annotated[PrivateSettings, Depends(app_state("settings"))]
 BlobsDep = Annotated[BlobStore, Depends(app_state("blobs"))]
 PublisherDep = Annotated[TaskPublisher, Depends(app_state("publisher"))]
 MetricsDep = Annotated[Metrics, Depends(app_state("metrics"))]
+
+
+async def _zip_uploads(request: Request, blobs: BlobsDep, settings: SettingsDep) -> ZipUploads:
+    # Routes close their session before receiving, so no connection is held while a body streams in.
+    return ZipUploads(request, blobs, settings.max_upload_bytes)
+
+
+ZipUploadsDep = Annotated[ZipUploads, Depends(_zip_uploads)]
 ConsumerIdDep = Annotated[
     str,
     Header(alias=CONSUMER_ID_HEADER, pattern=CONSUMER_ID_PATTERN, description="the calling consumer's id"),

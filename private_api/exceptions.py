@@ -56,9 +56,3 @@ class Unprocessable(DomainError):
     """A required part of the request is missing or contradicts another part."""
 
     status_code = 422
-
-
-class Unavailable(DomainError):
-    """A dependency (database, broker) cannot be reached right now; retrying later may work."""
-
-    status_code = 503

@@ -9,7 +9,8 @@ event loop blocks on disk nor is a file ever held whole in memory. The upload is
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from python_multipart.exceptions import FormParserError
@@ -196,53 +197,53 @@ def _check_zip(blobs: BlobStore, blob: StoredBlob, field: str, limits: ZipLimits
         raise BadInput(f"{field}: {exc}") from exc
 
 
-@contextlib.asynccontextmanager
-async def optional_zip_upload(
-    request: Request,
-    *,
-    blobs: BlobStore,
-    kind: str,
-    max_bytes: int,
-    limits: ZipLimits,
-    field: str = ZIP_FIELD,
-    required: bool = False,
-) -> AsyncIterator[StoredBlob | None]:
-    """Stream the zip of a multipart body into the store, check it, and yield it.
-
-    If the `async with` block raises (the row could not be committed), the blob is deleted:
-    nothing is ever left half-stored.
-    """
-    blob = await _receive_multipart_file(
-        request, blobs=blobs, kind=kind, field=field, max_bytes=max_bytes, required=required
-    )
-    if blob is None:
-        yield None
-        return
+@contextlib.contextmanager
+def _deleted_if_raised(blobs: BlobStore, blob: StoredBlob) -> Iterator[StoredBlob]:
+    """Yields `blob`; if the block raises (the row could not be committed), the blob is deleted."""
     try:
-        await run_in_threadpool(_check_zip, blobs, blob, field, limits)
         yield blob
     except BaseException:
         blobs.delete(blob.key)  # not awaited: must happen even when the request was cancelled
         raise
 
 
-@contextlib.asynccontextmanager
-async def zip_upload(
-    request: Request,
-    *,
-    blobs: BlobStore,
-    kind: str,
-    max_bytes: int,
-    limits: ZipLimits,
-    field: str = ZIP_FIELD,
-) -> AsyncIterator[StoredBlob]:
-    """Like `optional_zip_upload`, for a body that must carry the zip (422 without it)."""
-    async with optional_zip_upload(
-        request, blobs=blobs, kind=kind, max_bytes=max_bytes, limits=limits, field=field, required=True
-    ) as blob:
-        if blob is None:  # _receive_multipart_file raised already; this keeps the type exact
-            raise Unprocessable(f"the multipart body has no file field {field!r}")
-        yield blob
+@dataclass(frozen=True)
+class ZipUploads:
+    """Receives the zip in a request's `zip_file` field: streamed into the store (under `kind`),
+    cut off past `max_bytes`, checked against `limits`, and yielded to an `async with` block. If
+    the block raises (the row could not be committed), the blob is deleted: nothing is ever left
+    half-stored."""
+
+    request: Request
+    blobs: BlobStore
+    max_bytes: int
+
+    @contextlib.asynccontextmanager
+    async def optional_zip(
+        self, kind: str, limits: ZipLimits, *, required: bool = False
+    ) -> AsyncIterator[StoredBlob | None]:
+        blob = await _receive_multipart_file(
+            self.request,
+            blobs=self.blobs,
+            kind=kind,
+            field=ZIP_FIELD,
+            max_bytes=self.max_bytes,
+            required=required,
+        )
+        if blob is None:
+            yield None
+            return
+        with _deleted_if_raised(self.blobs, blob):
+            await run_in_threadpool(_check_zip, self.blobs, blob, ZIP_FIELD, limits)
+            yield blob
+
+    @contextlib.asynccontextmanager
+    async def zip(self, kind: str, limits: ZipLimits) -> AsyncIterator[StoredBlob]:
+        """Like `optional_zip`, for a body that must carry the zip (422 without it)."""
+        async with self.optional_zip(kind, limits, required=True) as blob:
+            if blob is None:  # _receive_multipart_file raised already; this keeps the type exact
+                raise Unprocessable(f"the multipart body has no file field {ZIP_FIELD!r}")
+            yield blob
 
 
 class _HeadAndTail:
@@ -283,8 +284,16 @@ class _HeadAndTail:
         return self._writer.commit()
 
 
-async def receive_log(request: Request, *, blobs: BlobStore, max_bytes: int) -> StoredBlob:
-    """Stream a raw log body into the store; past `max_bytes` the middle is cut, not refused."""
+@contextlib.asynccontextmanager
+async def log_upload(request: Request, *, blobs: BlobStore, max_bytes: int) -> AsyncIterator[StoredBlob]:
+    """Stream a raw log body into the store and yield it, deleted again if the `async with`
+    block raises; past `max_bytes` the middle is cut, not refused."""
+    blob = await _receive_log(request, blobs=blobs, max_bytes=max_bytes)
+    with _deleted_if_raised(blobs, blob):
+        yield blob
+
+
+async def _receive_log(request: Request, *, blobs: BlobStore, max_bytes: int) -> StoredBlob:
     writer = blobs.writer("logs", suffix=".txt")
     keeper = _HeadAndTail(writer, max_bytes)
     try:

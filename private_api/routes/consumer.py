@@ -23,9 +23,10 @@ from private_api.deps import (
     PublisherDep,
     SessionDep,
     SettingsDep,
+    ZipUploadsDep,
     require_service_token,
 )
-from private_api.uploads import receive_log, zip_request_body, zip_upload
+from private_api.uploads import log_upload, zip_request_body
 
 router = APIRouter(tags=["consumer"], dependencies=[Depends(require_service_token)])
 
@@ -57,25 +58,18 @@ def heartbeat(
     PrivateRoutes.TASK_OUTPUT, response_model=TaskPublic, openapi_extra=zip_request_body(required=True)
 )
 async def upload_output(
-    request: Request,
     uid: str,
     consumer_id: ConsumerIdDep,
     session: SessionDep,
     settings: SettingsDep,
-    blobs: BlobsDep,
+    uploads: ZipUploadsDep,
     run_times: Annotated[RunTimes, Query()],
 ) -> TaskPublic:
     await run_in_threadpool(leases.require_holder, session=session, uid=uid, consumer_id=consumer_id)
     # Before the body streams in, so impossible run times cost no upload.
     await run_in_threadpool(leases.check_run_times, session=session, uid=uid, run_times=run_times)
     await run_in_threadpool(session.close)
-    async with zip_upload(
-        request,
-        blobs=blobs,
-        kind="outputs",
-        max_bytes=settings.max_upload_bytes,
-        limits=settings.output_zip_limits,
-    ) as output_blob:
+    async with uploads.zip("outputs", settings.output_zip_limits) as output_blob:
         return await run_in_threadpool(
             leases.store_output,
             session=session,
@@ -136,8 +130,7 @@ async def put_task_logs(
         statuses=leases.LOG_WRITABLE_STATUSES,
     )
     await run_in_threadpool(session.close)
-    log_blob = await receive_log(request, blobs=blobs, max_bytes=settings.max_log_bytes)
-    try:
+    async with log_upload(request, blobs=blobs, max_bytes=settings.max_log_bytes) as log_blob:
         await run_in_threadpool(
             leases.store_logs,
             session=session,
@@ -146,7 +139,4 @@ async def put_task_logs(
             consumer_id=consumer_id,
             log_blob=log_blob,
         )
-    except BaseException:
-        blobs.delete(log_blob.key)  # not awaited: must happen even when the request was cancelled
-        raise
     return Response(status_code=204)

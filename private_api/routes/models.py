@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from inference_server.contract import ZIP_MEDIA_TYPE, ModelCreate, ModelPublic, ModelUpdate, PrivateRoutes
 from private_api import access, model_registry
-from private_api.deps import ActorDep, BlobsDep, SessionDep, SettingsDep, require_service_token
+from private_api.deps import (
+    ActorDep,
+    BlobsDep,
+    SessionDep,
+    SettingsDep,
+    ZipUploadsDep,
+    require_service_token,
+)
 from private_api.responses import blob_response
-from private_api.uploads import optional_zip_upload, zip_request_body
+from private_api.uploads import zip_request_body
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_service_token)])
 
@@ -24,11 +31,10 @@ router = APIRouter(tags=["models"], dependencies=[Depends(require_service_token)
     openapi_extra=zip_request_body(required=False),
 )
 async def create_model(
-    request: Request,
     params: Annotated[ModelCreate, Query()],
     session: SessionDep,
     settings: SettingsDep,
-    blobs: BlobsDep,
+    uploads: ZipUploadsDep,
     actor: ActorDep,
 ) -> ModelPublic:
     # Refused before the zip streams in, like a duplicate name.
@@ -38,13 +44,7 @@ async def create_model(
     )
     # Hand the connection back while the zip streams in; a large model zip takes a while.
     await run_in_threadpool(session.close)
-    async with optional_zip_upload(
-        request,
-        blobs=blobs,
-        kind="models",
-        max_bytes=settings.max_upload_bytes,
-        limits=settings.input_zip_limits,
-    ) as model_zip:
+    async with uploads.optional_zip("models", settings.input_zip_limits) as model_zip:
         return await run_in_threadpool(
             model_registry.create_model, session=session, params=params, model_zip=model_zip, actor=actor
         )

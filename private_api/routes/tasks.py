@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -26,12 +26,13 @@ from private_api.deps import (
     PublisherDep,
     SessionDep,
     SettingsDep,
+    ZipUploadsDep,
     require_service_token,
     require_task_holder,
 )
 from private_api.exceptions import NotFound
 from private_api.responses import blob_response, json_response
-from private_api.uploads import zip_request_body, zip_upload
+from private_api.uploads import zip_request_body
 
 router = APIRouter(tags=["tasks"], dependencies=[Depends(require_service_token)])
 
@@ -43,11 +44,10 @@ router = APIRouter(tags=["tasks"], dependencies=[Depends(require_service_token)]
     openapi_extra=zip_request_body(required=True),
 )
 async def submit_task(
-    request: Request,
     model_human_readable_id: Annotated[str, Query(pattern=HUMAN_READABLE_ID_PATTERN, max_length=128)],
     session: SessionDep,
     settings: SettingsDep,
-    blobs: BlobsDep,
+    uploads: ZipUploadsDep,
     publisher: PublisherDep,
     metrics: MetricsDep,
     actor: ActorDep,
@@ -58,13 +58,7 @@ async def submit_task(
         model_registry.get_model, session=session, human_readable_id=model_human_readable_id
     )
     await run_in_threadpool(session.close)  # no connection held while the body streams in
-    async with zip_upload(
-        request,
-        blobs=blobs,
-        kind="inputs",
-        max_bytes=settings.max_upload_bytes,
-        limits=settings.input_zip_limits,
-    ) as input_blob:
+    async with uploads.zip("inputs", settings.input_zip_limits) as input_blob:
         task = await run_in_threadpool(
             task_lifecycle.create_task,
             session=session,
