@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import TypeAdapter, ValidationError
@@ -41,8 +41,11 @@ _V12_MEANINGS: dict[int, str] = {
     V12Code.OUTPUT_MISSING: "the task finished but its output is missing",
     V12Code.NOT_FOUND: "the task is unknown or was deleted",
 }
+_MODEL = TypeAdapter(ModelPublic)
 _MODEL_LIST = TypeAdapter(list[ModelPublic])
+_TASK = TypeAdapter(TaskPublic)
 _TASK_LIST = TypeAdapter(list[TaskPublic])
+_T = TypeVar("_T")
 
 
 class InferenceClientError(Exception):
@@ -88,7 +91,7 @@ def _error_from(response: httpx.Response) -> InferenceClientError:
     )
 
 
-def _progress_bar(total: int | None, description: str, progress: bool | None) -> tqdm:
+def _progress_bar(total: int | None, description: str, progress: bool | None) -> tqdm[Any]:
     # progress None: show the bar only when stderr is a terminal (tqdm's disable=None).
     disable = {True: False, False: True, None: None}[progress]
     return tqdm(
@@ -265,13 +268,9 @@ class InferenceClient:
         return self._json(response)
 
     @staticmethod
-    def _parse(schema: Any, data: Any) -> Any:
+    def _parse(schema: TypeAdapter[_T], data: Any) -> _T:
         try:
-            return (
-                schema.validate_python(data)
-                if isinstance(schema, TypeAdapter)
-                else schema.model_validate(data)
-            )
+            return schema.validate_python(data)
         except ValidationError as exc:
             raise InferenceClientError(None, f"unexpected answer from the server: {exc}") from exc
 
@@ -309,7 +308,7 @@ class InferenceClient:
         else:
             with _as_zip(Path(model_zip)) as archive:
                 data = self._upload(PublicRoutes.MODELS, params=params, zip_path=archive, progress=progress)
-        return self._parse(ModelPublic, data)
+        return self._parse(_MODEL, data)
 
     # -- tasks ---------------------------------------------------------------------------------
 
@@ -323,11 +322,10 @@ class InferenceClient:
             params["priority"] = priority
         with _as_zip(Path(path)) as archive:
             data = self._upload(PublicRoutes.TASKS, params=params, zip_path=archive, progress=progress)
-        if isinstance(data, dict) and isinstance(data.get("uid"), str):
-            return data["uid"]
-        if not isinstance(data, str):
+        uid = data.get("uid") if isinstance(data, dict) else data
+        if not isinstance(uid, str):
             raise InferenceClientError(None, f"unexpected answer to a submission: {data!r}")
-        return data
+        return uid
 
     def list_tasks(self, status: TaskStatus | str | None = None, limit: int = 100) -> list[TaskPublic]:
         """The key owner's tasks, newest first (with an operator's key: everyone's)."""
@@ -338,7 +336,7 @@ class InferenceClient:
 
     def status(self, uid: str) -> TaskPublic:
         return self._parse(
-            TaskPublic, self._json(self._request("GET", PublicRoutes.TASK_STATUS.format(uid=_quoted(uid))))
+            _TASK, self._json(self._request("GET", PublicRoutes.TASK_STATUS.format(uid=_quoted(uid))))
         )
 
     def wait(self, uid: str, poll_interval: float = 2.0, timeout: float | None = None) -> TaskPublic:
@@ -382,10 +380,10 @@ class InferenceClient:
 
     def cancel(self, uid: str) -> TaskPublic:
         return self._parse(
-            TaskPublic, self._json(self._request("POST", PublicRoutes.TASK_CANCEL.format(uid=_quoted(uid))))
+            _TASK, self._json(self._request("POST", PublicRoutes.TASK_CANCEL.format(uid=_quoted(uid))))
         )
 
     def delete(self, uid: str) -> TaskPublic:
         return self._parse(
-            TaskPublic, self._json(self._request("DELETE", PublicRoutes.TASK.format(uid=_quoted(uid))))
+            _TASK, self._json(self._request("DELETE", PublicRoutes.TASK.format(uid=_quoted(uid))))
         )

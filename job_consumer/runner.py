@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
@@ -149,7 +150,7 @@ class ModelRunner:
 
     def container_options(
         self, *, task_uid: str, model: ModelPublic, input_dir: Path, output_dir: Path, model_dir: Path | None
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Everything passed to `containers.create`, kept apart so it can be inspected."""
         limits = self.limits_for(model)
         # Same absolute path inside and outside: a consumer that itself runs in a container,
@@ -160,7 +161,7 @@ class ModelRunner:
         }
         if model_dir is not None:
             volumes[str(model_dir.resolve())] = {"bind": "/model", "mode": "ro"}
-        options: dict = {
+        options: dict[str, Any] = {
             "image": model.container_tag,
             "name": f"is-task-{task_uid}-{secrets.token_hex(3)}",
             "labels": self.labels_for(task_uid),

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     try:
-        return args.handler(args)
+        status: int = args.handler(args)
+        return status
     except Exception as exc:  # one clear line for the operator; details are in the service logs
         log.debug("command failed", exc_info=True)
         print(f"inference-server: error: {exc}", file=sys.stderr)

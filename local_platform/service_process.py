@@ -30,7 +30,7 @@ class ServiceProcess:
     argv: list[str]
     env: dict[str, str]
     log_path: Path
-    popen: subprocess.Popen | None = None
+    popen: subprocess.Popen[bytes] | None = None
     restarts: int = 0
 
     def start(self) -> None:

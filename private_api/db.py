@@ -141,7 +141,8 @@ class QuickQueries:
 
 
 async def _quick_queries(request: Request) -> QuickQueries:
-    return request.app.state.quick_queries
+    queries: QuickQueries = request.app.state.quick_queries
+    return queries
 
 
 QuickQueriesDep = Annotated[QuickQueries, Depends(_quick_queries)]

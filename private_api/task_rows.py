@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, literal, select, update
+from sqlalchemy import ColumnElement, CursorResult, literal, select, update
 from sqlalchemy.orm import Session
 
 from inference_server.contract import TaskPublic, TaskStatus
@@ -39,7 +39,8 @@ def update_task(session: Session, *conditions: Any, **values: Any) -> bool:
     result = session.execute(
         update(Task).where(*conditions).values(**values).execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    # An UPDATE's result is a CursorResult, with its rowcount; Session.execute is typed as Result.
+    return cast(CursorResult[Any], result).rowcount == 1
 
 
 def load_task(session: Session, uid: str) -> Task | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -31,9 +31,9 @@ FLUSH_BYTES = 1024 * 1024
 FORM_OVERHEAD_BYTES = 1024 * 1024
 
 
-def zip_request_body(*, required: bool) -> dict:
+def zip_request_body(*, required: bool) -> dict[str, Any]:
     """OpenAPI for a body this module parses by hand (FastAPI cannot see it)."""
-    schema: dict = {
+    schema: dict[str, Any] = {
         "type": "object",
         "properties": {ZIP_FIELD: {"type": "string", "format": "binary"}},
     }

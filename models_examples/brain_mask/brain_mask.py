@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -65,7 +66,7 @@ def brain_mask(volume: np.ndarray) -> tuple[np.ndarray, float]:
     return mask, threshold
 
 
-def process(path: Path) -> dict:
+def process(path: Path) -> dict[str, Any]:
     image = nib.load(str(path))
     if not isinstance(image, nib.Nifti1Image):  # NIfTI-2 images are NIfTI-1 images too
         raise ValueError(f"not a NIfTI image: nibabel read it as {type(image).__name__}")

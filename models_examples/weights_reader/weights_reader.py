@@ -11,13 +11,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 INPUT = Path(os.environ.get("MODEL_INPUT_DIR", "/input"))
 OUTPUT = Path(os.environ.get("MODEL_OUTPUT_DIR", "/output"))
 MODEL = Path(os.environ.get("MODEL_DIR", "/model"))
 
 
-def load_weights() -> tuple[float, float, dict]:
+def load_weights() -> tuple[float, float, dict[str, Any]]:
     weights_file = MODEL / "weights.json"
     if not weights_file.is_file():
         raise SystemExit(
