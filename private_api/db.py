@@ -17,6 +17,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from inference_server.serving import app_state
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 30
 T = TypeVar("T")
@@ -140,12 +142,7 @@ class QuickQueries:
         return await anyio.to_thread.run_sync(self._in_session, work, kwargs, limiter=self._limiter)
 
 
-async def _quick_queries(request: Request) -> QuickQueries:
-    queries: QuickQueries = request.app.state.quick_queries
-    return queries
-
-
-QuickQueriesDep = Annotated[QuickQueries, Depends(_quick_queries)]
+QuickQueriesDep = Annotated[QuickQueries, Depends(app_state("quick_queries"))]
 
 
 def schema_revision_problem(engine: Engine) -> str | None:
