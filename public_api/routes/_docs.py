@@ -49,6 +49,13 @@ V12_POLL_RESPONSES: dict[int | str, dict[str, Any]] = {
     V12Code.NOT_FOUND.value: error("554: no such task, or it was deleted."),
 }
 
+# Any route that asks the private API something, the key check included, may answer these.
+UPSTREAM_FAILURES: dict[int | str, dict[str, Any]] = {
+    502: error("The private API failed or refused this service."),
+    503: error("The private API is unreachable."),
+    504: error("The private API did not answer in time."),
+}
+
 # Declaring 422 here also stops FastAPI from documenting its list-shaped default: every error
 # body of this API, validation included, is {"detail": "<text>"}.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -61,9 +68,7 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
         "Too many requests without a valid API key from this address "
         "(IS_UNAUTHENTICATED_RATE_PER_MINUTE); `Retry-After` says when to try again."
     ),
-    502: error("The private API failed or refused this service."),
-    503: error("The private API is unreachable."),
-    504: error("The private API did not answer in time."),
+    **UPSTREAM_FAILURES,
 }
 
 OPERATOR_ONLY: dict[int | str, dict[str, Any]] = {

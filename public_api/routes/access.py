@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 
 from inference_server.contract import PublicRoutes
 from public_api.deps import KeyResolverDep, SettingsDep, check_forwarded_request, declared_key_headers
-from public_api.routes._docs import error
+from public_api.routes._docs import UPSTREAM_FAILURES, error
 
 router = APIRouter(tags=["access"])
 
@@ -28,9 +28,7 @@ router = APIRouter(tags=["access"])
         401: error("No API key where one is needed, or the key is unknown or revoked."),
         403: error("The key is valid but lacks the right (model changes need an operator key)."),
         429: error("Too many requests without a valid key from this address; see Retry-After."),
-        502: error("The private API failed or refused this service."),
-        503: error("The private API is unreachable."),
-        504: error("The private API did not answer in time."),
+        **UPSTREAM_FAILURES,
     },
     # The key is resolved by the check itself, once it knows the forwarded request needs one.
     dependencies=[Depends(declared_key_headers)],
