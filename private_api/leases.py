@@ -97,6 +97,9 @@ def claim_task(
         # SET expressions see the row as it was, so `same_holder` means "was already ours".
         attempts=case((same_holder, Task.attempts), else_=Task.attempts + 1),
         started_at=case((same_holder, Task.started_at), else_=sql_time(now)),
+        # A new attempt has not run its container yet: the last attempt's run times go.
+        run_started_at=case((same_holder, Task.run_started_at), else_=None),
+        run_finished_at=case((same_holder, Task.run_finished_at), else_=None),
         consumer_id=consumer_id,
         lease_expires_at=now + timedelta(seconds=lease_seconds),
     )

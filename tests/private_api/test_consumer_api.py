@@ -356,7 +356,10 @@ def test_a_failure_reports_its_run_times_and_one_before_any_run_clears_them(star
     assert datetime.fromisoformat(retried.json()["run_finished_at"]) == started + timedelta(seconds=1)
 
     # The second attempt failed before its container ran: no run times, not the first attempt's.
-    claim(client, uid, consumer="consumer-b")
+    second = claim(client, uid, consumer="consumer-b").json()["task"]
+    # While it runs, its status does not show the first attempt's run either.
+    assert second["attempts"] == 2
+    assert second["run_started_at"] is None and second["run_finished_at"] is None
     failed = client.post(f"/tasks/{uid}/fail", json={"error": "input gone"}, headers=B)
     assert failed.status_code == 200, failed.text
     assert failed.json()["status"] == TaskStatus.FAILED

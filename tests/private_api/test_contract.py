@@ -13,11 +13,12 @@ from inference_server.contract import (
     ModelPublic,
     ModelUpdate,
     Principal,
+    TaskPublic,
     decode_acting_headers,
     encode_acting_headers,
 )
 from private_api.access import Actor
-from private_api.models import Model
+from private_api.models import Model, Task
 
 # Where a model's zip lies in the blob store: the platform's business, never shown.
 RECORDED_ONLY = {"model_zip_key"}
@@ -29,6 +30,14 @@ def test_the_models_table_has_a_column_for_every_contract_field_and_no_other() -
     assert columns - RECORDED_ONLY == set(ModelPublic.model_fields)
     for view in (ModelLimits, ModelCreate, ModelUpdate):
         assert set(view.model_fields) <= columns, view.__name__
+
+
+def test_every_task_field_of_the_contract_is_a_column_or_derived_from_one() -> None:
+    columns = set(inspect(Task).columns.keys())
+    # Answered from the row's relations and keys rather than stored under their own name.
+    derived = {"model_human_readable_id", "output_present"}
+    assert set(TaskPublic.model_fields) - derived <= columns
+    assert derived <= {name for name in dir(Task) if isinstance(getattr(Task, name), property)}
 
 
 @pytest.mark.parametrize(
