@@ -35,7 +35,8 @@ from inference_server.contract import (
     TaskPublic,
     V12Code,
 )
-from inference_server.zipsafe import ZipLimits, extract_zip, remove_tree, zip_directory
+from inference_server.file_trees import remove_tree
+from inference_server.zipsafe import ZipLimits, extract_zip, zip_directory
 from job_consumer.config import ConsumerSettings
 from job_consumer.runner import LABEL_TASK, ModelRunner
 from local_platform.examples import DEFAULT_BASE_IMAGE, register_model

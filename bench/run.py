@@ -36,7 +36,7 @@ from bench.goals import PHASES, headline, judge
 from bench.polling import run_polling
 from bench.queue_depth import run_queue_depth
 from bench.report import TEMPLATE_PATH, markdown, plot
-from inference_server.zipsafe import remove_tree
+from inference_server.file_trees import remove_tree
 
 log = logging.getLogger("bench")
 

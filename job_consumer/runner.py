@@ -26,7 +26,7 @@ from inference_server.contract import (
     ModelPublic,
     RunTimes,
 )
-from inference_server.zipsafe import directory_size
+from inference_server.file_trees import directory_size
 from job_consumer.config import ConsumerSettings
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from typing import NoReturn, TypeVar
 
 from inference_server.backoff import Backoff
 from inference_server.contract import RunTimes, TaskFailure
-from inference_server.zipsafe import UnsafeZipError, directory_size, make_inert, zip_directory
+from inference_server.file_trees import directory_size, make_inert
+from inference_server.zipsafe import UnsafeZipError, zip_directory
 from job_consumer.active_task import ActiveTask, StopReason
 from job_consumer.config import ConsumerSettings
 from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from inference_server.zipsafe import ZipLimits, extract_zip, remove_tree
+from inference_server.file_trees import remove_tree
+from inference_server.zipsafe import ZipLimits, extract_zip
 
 log = logging.getLogger(__name__)
 

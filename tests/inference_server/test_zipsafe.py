@@ -14,18 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from inference_server.zipsafe import (
-    TreeChangedError,
-    UnsafeZipError,
-    ZipLimits,
-    _walk,
-    directory_size,
-    extract_zip,
-    inspect_zip,
-    make_inert,
-    remove_tree,
-    zip_directory,
-)
+from inference_server.file_trees import TreeChangedError, directory_size, make_inert, remove_tree, walk_tree
+from inference_server.zipsafe import UnsafeZipError, ZipLimits, extract_zip, inspect_zip, zip_directory
 
 LIMITS = ZipLimits()
 
@@ -388,7 +378,7 @@ def test_a_folder_moved_during_a_walk_ends_it_with_a_clear_error_and_removal_sta
     make_deep_tree(root, 40)
     # A model still running may move folders while /output is measured. Past the descriptors
     # the walk keeps open, it finds its way up through ".."; moved, that is somewhere else.
-    entries = _walk(root)
+    entries = walk_tree(root)
     with pytest.raises(TreeChangedError):
         for entry in entries:
             if entry.kind == "other" and entry.name == "bottom.bin":

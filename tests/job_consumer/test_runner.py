@@ -11,7 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from inference_server.zipsafe import directory_size
+from inference_server.file_trees import directory_size
 from job_consumer.runner import LABEL_CONSUMER, LABEL_MANAGED, LABEL_TASK, ModelRunError, ModelRunner
 from tests import images
 from tests.job_consumer.helpers import make_model
