@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
+from typing import TypeVar
 
 from sqlalchemy import (
     DateTime,
@@ -53,30 +55,25 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-class StatusType(TypeDecorator[TaskStatus]):
-    """TaskStatus stored as its plain string value (portable, readable in SQL, no native enum)."""
+_Enum = TypeVar("_Enum", bound=StrEnum)
+
+
+class StrEnumText(TypeDecorator[_Enum]):
+    """A string enum (TaskStatus, ApiKeyRole) stored as its plain value: portable, readable in
+    SQL, no native enum type to migrate when a value is added."""
 
     impl = String(16)
     cache_ok = True
 
-    def process_bind_param(self, value: TaskStatus | str | None, dialect: Dialect) -> str | None:
-        return None if value is None else TaskStatus(value).value
+    def __init__(self, enum: type[_Enum]) -> None:
+        super().__init__()
+        self.enum = enum
 
-    def process_result_value(self, value: str | None, dialect: Dialect) -> TaskStatus | None:
-        return None if value is None else TaskStatus(value)
+    def process_bind_param(self, value: _Enum | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum(value).value
 
-
-class RoleType(TypeDecorator[ApiKeyRole]):
-    """ApiKeyRole stored as its plain string value, like StatusType."""
-
-    impl = String(16)
-    cache_ok = True
-
-    def process_bind_param(self, value: ApiKeyRole | str | None, dialect: Dialect) -> str | None:
-        return None if value is None else ApiKeyRole(value).value
-
-    def process_result_value(self, value: str | None, dialect: Dialect) -> ApiKeyRole | None:
-        return None if value is None else ApiKeyRole(value)
+    def process_result_value(self, value: str | None, dialect: Dialect) -> _Enum | None:
+        return None if value is None else self.enum(value)
 
 
 def utcnow() -> datetime:
@@ -122,7 +119,7 @@ class Task(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     uid: Mapped[str] = mapped_column(String(64), unique=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
-    status: Mapped[TaskStatus] = mapped_column(StatusType)
+    status: Mapped[TaskStatus] = mapped_column(StrEnumText(TaskStatus))
     priority: Mapped[int]
     attempts: Mapped[int]
     exit_code: Mapped[int | None]
@@ -168,7 +165,7 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64))
     # The owner label its tasks are recorded under (tasks.owner).
     name: Mapped[str] = mapped_column(String(255), unique=True)
-    role: Mapped[ApiKeyRole] = mapped_column(RoleType)
+    role: Mapped[ApiKeyRole] = mapped_column(StrEnumText(ApiKeyRole))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
