@@ -9,6 +9,7 @@ from typing import BinaryIO
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
+from inference_server.contract import ZIP_MEDIA_TYPE
 from private_api.blobs import BlobStore
 from private_api.exceptions import NotFound
 
@@ -34,6 +35,13 @@ def blob_response(
         _chunks(handle),
         media_type=media_type,
         headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def zip_response(blobs: BlobStore, key: str, filename: str, missing_detail: str) -> StreamingResponse:
+    """A stored zip (a task's input or output, a model's files) as a download."""
+    return blob_response(
+        blobs, key, media_type=ZIP_MEDIA_TYPE, filename=filename, missing_detail=missing_detail
     )
 
 

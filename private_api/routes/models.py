@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from inference_server.contract import ZIP_MEDIA_TYPE, ModelCreate, ModelPublic, ModelUpdate, PrivateRoutes
+from inference_server.contract import ModelCreate, ModelPublic, ModelUpdate, PrivateRoutes
 from private_api import access, model_registry
 from private_api.deps import (
     ActorDep,
@@ -18,7 +18,7 @@ from private_api.deps import (
     ZipUploadsDep,
     require_service_token,
 )
-from private_api.responses import blob_response
+from private_api.responses import zip_response
 from private_api.uploads import zip_request_body
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_service_token)])
@@ -72,12 +72,11 @@ def update_model(
 @router.get(PrivateRoutes.MODEL_ZIP, response_class=StreamingResponse)
 def get_model_zip(human_readable_id: str, session: SessionDep, blobs: BlobsDep) -> StreamingResponse:
     key = model_registry.model_zip_key(session=session, human_readable_id=human_readable_id)
-    return blob_response(
+    return zip_response(
         blobs,
         key,
-        media_type=ZIP_MEDIA_TYPE,
-        filename=f"{human_readable_id}.zip",
-        missing_detail=f"the zip file of model {human_readable_id!r} is missing from storage",
+        f"{human_readable_id}.zip",
+        f"the zip file of model {human_readable_id!r} is missing from storage",
     )
 
 

@@ -12,7 +12,6 @@ from inference_server.contract import (
     HUMAN_READABLE_ID_PATTERN,
     LOG_MEDIA_TYPE,
     MAX_PRIORITY,
-    ZIP_MEDIA_TYPE,
     PrivateRoutes,
     TaskPublic,
     TaskStatus,
@@ -31,7 +30,7 @@ from private_api.deps import (
     require_task_holder,
 )
 from private_api.exceptions import NotFound
-from private_api.responses import blob_response, json_response
+from private_api.responses import blob_response, json_response, zip_response
 from private_api.uploads import zip_request_body
 
 router = APIRouter(tags=["tasks"], dependencies=[Depends(require_service_token)])
@@ -95,13 +94,7 @@ async def get_task(uid: str, queries: QuickQueriesDep, actor: ActorDep) -> Respo
 )
 def get_task_input(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep) -> StreamingResponse:
     key = task_lifecycle.input_blob_key(session=session, uid=uid, actor=actor)
-    return blob_response(
-        blobs,
-        key,
-        media_type=ZIP_MEDIA_TYPE,
-        filename=f"{uid}-input.zip",
-        missing_detail=f"the input of task {uid} is missing from storage",
-    )
+    return zip_response(blobs, key, f"{uid}-input.zip", f"the input of task {uid} is missing from storage")
 
 
 @router.get(
@@ -114,12 +107,8 @@ def get_task_input(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorD
 )
 def get_task_output(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep) -> StreamingResponse:
     key = task_lifecycle.output_blob_key(session=session, uid=uid, actor=actor)
-    return blob_response(
-        blobs,
-        key,
-        media_type=ZIP_MEDIA_TYPE,
-        filename=f"{uid}.zip",
-        missing_detail=f"task {uid} is finished but its output is missing from storage",
+    return zip_response(
+        blobs, key, f"{uid}.zip", f"task {uid} is finished but its output is missing from storage"
     )
 
 
