@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from inference_server.contract import MAX_PRIORITY
 from inference_server.settings import BrokerSettings, ServiceToken, ZipLimitSettings
 
 
@@ -32,6 +33,12 @@ class PrivateSettings(BrokerSettings, ZipLimitSettings):
     max_upload_bytes: int = Field(default=50 * 1024**3, ge=1)
     # Logs past this size are cut (with a note), not refused: a chatty model must not lose its result.
     max_log_bytes: int = Field(default=16 * 1024**2, ge=1024)
+
+    # What a user key may do when the operator gave it no limits of its own (`keys set`); operator
+    # keys default to MAX_PRIORITY and no limit. Anonymous submissions get the user priority.
+    default_max_priority: int = Field(default=5, ge=0, le=MAX_PRIORITY)
+    # Pending plus running tasks per user key; 0 is unlimited.
+    default_max_active_tasks: int = Field(default=0, ge=0)
 
     reaper_interval_s: float = Field(default=2.0, gt=0)
     outbox_interval_s: float = Field(default=2.0, gt=0)

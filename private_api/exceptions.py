@@ -56,3 +56,13 @@ class Unprocessable(DomainError):
     """A required part of the request is missing or contradicts another part."""
 
     status_code = 422
+
+
+class TooManyActiveTasks(DomainError):
+    """The key has as many pending and running tasks as it may; another is welcome once one ends."""
+
+    status_code = 429
+
+    def __init__(self, detail: str, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after_s)}

@@ -16,14 +16,16 @@ import hashlib
 import logging
 import re
 import secrets
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from inference_server.contract import ApiKeyRole, Principal
+from inference_server.contract import MAX_PRIORITY, ApiKeyRole, Principal
 from private_api.exceptions import Conflict, NotFound, Unprocessable
 from private_api.models import ApiKey, utcnow
 
@@ -54,6 +56,9 @@ class ApiKeyInfo(BaseModel):
     created_at: datetime
     revoked_at: datetime | None = None
     last_used_at: datetime | None = None
+    # None: the role's default (see `submission_limits`).
+    max_priority: int | None = None
+    max_active_tasks: int | None = None
 
     @property
     def revoked(self) -> bool:
@@ -73,8 +78,24 @@ def _by_name(session: Session, name: str) -> ApiKey | None:
     return session.scalars(select(ApiKey).where(ApiKey.name == name)).first()
 
 
-def create_key(*, session: Session, name: str, role: ApiKeyRole) -> tuple[str, ApiKeyInfo]:
-    """A new key for `name`; returns the key itself (its only appearance) and its description."""
+def _check_limits(max_priority: int | None, max_active_tasks: int | None) -> None:
+    if max_priority is not None and not 0 <= max_priority <= MAX_PRIORITY:
+        raise Unprocessable(f"a maximum priority is 0..{MAX_PRIORITY}, not {max_priority}")
+    if max_active_tasks is not None and max_active_tasks < 0:
+        raise Unprocessable(f"a maximum of active tasks is 0 (unlimited) or more, not {max_active_tasks}")
+
+
+def create_key(
+    *,
+    session: Session,
+    name: str,
+    role: ApiKeyRole,
+    max_priority: int | None = None,
+    max_active_tasks: int | None = None,
+) -> tuple[str, ApiKeyInfo]:
+    """A new key for `name`; returns the key itself (its only appearance) and its description.
+    Limits left None take the role's default."""
+    _check_limits(max_priority, max_active_tasks)
     if not KEY_NAME_RE.match(name):
         raise Unprocessable(
             f"invalid key name {name!r}: use 1-128 letters, digits and . _ @ + - (starting with a "
@@ -84,7 +105,15 @@ def create_key(*, session: Session, name: str, role: ApiKeyRole) -> tuple[str, A
         raise Conflict(f"a key named {name!r} exists already (names are owner labels and stay unique)")
     for _attempt in range(_ID_ATTEMPTS):
         key_id, key = _new_key()
-        row = ApiKey(key_id=key_id, key_hash=hash_key(key), name=name, role=role, created_at=utcnow())
+        row = ApiKey(
+            key_id=key_id,
+            key_hash=hash_key(key),
+            name=name,
+            role=role,
+            created_at=utcnow(),
+            max_priority=max_priority,
+            max_active_tasks=max_active_tasks,
+        )
         session.add(row)
         try:
             session.flush()
@@ -105,13 +134,74 @@ def list_keys(*, session: Session) -> list[ApiKeyInfo]:
     return [ApiKeyInfo.model_validate(row) for row in rows]
 
 
-def revoke_key(*, session: Session, name_or_id: str) -> ApiKeyInfo:
-    """Revoke the key with this name or id; revoking a revoked key changes nothing."""
+def _by_name_or_id(session: Session, name_or_id: str) -> ApiKey:
     row = session.scalars(
         select(ApiKey).where(or_(ApiKey.name == name_or_id, ApiKey.key_id == name_or_id))
     ).first()
     if row is None:
         raise NotFound(f"no key is named {name_or_id!r} or has that id")
+    return row
+
+
+_UNSET: Any = object()
+
+
+def set_limits(
+    *,
+    session: Session,
+    name_or_id: str,
+    max_priority: int | None = _UNSET,
+    max_active_tasks: int | None = _UNSET,
+) -> ApiKeyInfo:
+    """Change a key's limits; a limit given as None returns to the role's default, one not given
+    stays. Takes effect at the key's next submission."""
+    row = _by_name_or_id(session, name_or_id)
+    _check_limits(
+        None if max_priority is _UNSET else max_priority,
+        None if max_active_tasks is _UNSET else max_active_tasks,
+    )
+    if max_priority is not _UNSET:
+        row.max_priority = max_priority
+    if max_active_tasks is not _UNSET:
+        row.max_active_tasks = max_active_tasks
+    info = ApiKeyInfo.model_validate(row)
+    session.commit()
+    log.info("key %r (id %s): max priority %s, max active tasks %s", row.name, row.key_id,
+             row.max_priority, row.max_active_tasks)  # fmt: skip
+    return info
+
+
+@dataclass(frozen=True)
+class SubmissionLimits:
+    """What one submitter may do: the highest priority, and how many pending plus running
+    tasks it may hold (0: no limit)."""
+
+    max_priority: int
+    max_active_tasks: int
+
+
+def submission_limits(
+    session: Session, *, name: str | None, is_operator: bool, default_max_priority: int,
+    default_max_active_tasks: int,
+) -> SubmissionLimits:  # fmt: skip
+    """The limits of the key named `name` (None: an anonymous caller, who gets a user's default
+    priority and no limit on active tasks, since anonymous callers share no identity to count by).
+    A key without its own limits gets its role's: the defaults for users, the top priority and no
+    limit for operators."""
+    row = None if name is None else _by_name(session, name)
+    operator = is_operator or (row is not None and row.role == ApiKeyRole.OPERATOR)
+    max_priority = MAX_PRIORITY if operator else default_max_priority
+    max_active = 0 if operator or name is None else default_max_active_tasks
+    if row is not None and row.max_priority is not None:
+        max_priority = row.max_priority
+    if row is not None and row.max_active_tasks is not None:
+        max_active = row.max_active_tasks
+    return SubmissionLimits(max_priority=max_priority, max_active_tasks=max_active)
+
+
+def revoke_key(*, session: Session, name_or_id: str) -> ApiKeyInfo:
+    """Revoke the key with this name or id; revoking a revoked key changes nothing."""
+    row = _by_name_or_id(session, name_or_id)
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         log.info("revoked key %r (id %s)", row.name, row.key_id)

@@ -169,3 +169,7 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Limits on submissions; None takes the role's default (keys.submission_limits), so a changed
+    # IS_DEFAULT_* setting reaches every key that was never given its own.
+    max_priority: Mapped[int | None]
+    max_active_tasks: Mapped[int | None]

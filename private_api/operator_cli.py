@@ -17,11 +17,11 @@ from datetime import datetime
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session
 
-from inference_server.contract import ApiKeyRole
+from inference_server.contract import MAX_PRIORITY, ApiKeyRole
 from inference_server.settings import ENV_PREFIX
 from private_api.config import PrivateSettings
 from private_api.db import make_engine, make_session_factory, upgrade_database
-from private_api.keys import create_key, list_keys, revoke_key
+from private_api.keys import create_key, list_keys, revoke_key, set_limits
 
 
 class DatabaseSettings(BaseSettings):
@@ -70,7 +70,13 @@ def _key_session(args: argparse.Namespace) -> Iterator[Session]:
 def _cmd_keys_create(args: argparse.Namespace) -> int:
     role = ApiKeyRole.OPERATOR if args.operator else ApiKeyRole.USER
     with _key_session(args) as session:
-        key, info = create_key(session=session, name=args.name, role=role)
+        key, info = create_key(
+            session=session,
+            name=args.name,
+            role=role,
+            max_priority=args.max_priority,
+            max_active_tasks=args.max_active_tasks,
+        )
     # The key alone on stdout, so `KEY=$(inference-server keys create alice)` works.
     print(key, flush=True)
     print(
@@ -79,6 +85,34 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _limit(value: int | None) -> str:
+    return "default" if value is None else str(value)
+
+
+def _cmd_keys_set(args: argparse.Namespace) -> int:
+    changes: dict[str, int | None] = {}
+    for field in ("max_priority", "max_active_tasks"):
+        value = getattr(args, field)
+        if value is not None:
+            changes[field] = None if value == "default" else int(value)
+    if not changes:
+        print("nothing to change: give --max-priority and/or --max-active-tasks", file=sys.stderr)
+        return 2
+    with _key_session(args) as session:
+        info = set_limits(session=session, name_or_id=args.name_or_id, **changes)
+    print(
+        f"key {info.name!r} (id {info.key_id}): max priority {_limit(info.max_priority)}, "
+        f"max active tasks {_limit(info.max_active_tasks)} (from its next submission)"
+    )
+    return 0
+
+
+def _limit_value(text: str) -> str:
+    if text != "default" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a whole number or 'default', not {text!r}")
+    return text
 
 
 def _when(moment: datetime | None) -> str:
@@ -91,10 +125,10 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([key.model_dump(mode="json") for key in keys], indent=2))
         return 0
-    rows = [("NAME", "ROLE", "ID", "CREATED", "REVOKED", "LAST USED")]
+    rows = [("NAME", "ROLE", "ID", "CREATED", "REVOKED", "LAST USED", "MAX_PRIORITY", "MAX_ACTIVE")]
     rows += [
         (key.name, str(key.role), key.key_id, _when(key.created_at), _when(key.revoked_at),
-         _when(key.last_used_at))
+         _when(key.last_used_at), _limit(key.max_priority), _limit(key.max_active_tasks))
         for key in keys
     ]  # fmt: skip
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
@@ -124,7 +158,7 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
 
     keys = commands.add_parser(
         "keys",
-        help="create, list and revoke API keys",
+        help="create, list, limit and revoke API keys",
         description="API keys, kept (hashed) in the platform's database: run this where "
         "IS_DATABASE_URL reaches it, e.g. `docker compose exec private_api inference-server keys list`.",
     )
@@ -132,12 +166,29 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
     create = key_commands.add_parser("create", help="create a key and print it (shown only once)")
     create.add_argument("name", metavar="NAME", help="the owner's label; their tasks are recorded under it")
     create.add_argument("--operator", action="store_true", help="may also manage models and see every task")
+    limits_help = (
+        f"the highest priority its tasks may ask for (0..{MAX_PRIORITY}); default: IS_DEFAULT_MAX_PRIORITY "
+        f"for users, {MAX_PRIORITY} for operators"
+    )
+    active_help = (
+        "how many pending plus running tasks it may hold, 0 for no limit; default: "
+        "IS_DEFAULT_MAX_ACTIVE_TASKS for users, no limit for operators"
+    )
+    create.add_argument("--max-priority", type=int, metavar="N", help=limits_help)
+    create.add_argument("--max-active-tasks", type=int, metavar="N", help=active_help)
     create.set_defaults(handler=_cmd_keys_create)
+    limit_cmd = key_commands.add_parser(
+        "set", help="change a key's limits (by name or id); 'default' returns one to its role's default"
+    )
+    limit_cmd.add_argument("name_or_id", metavar="NAME_OR_ID")
+    limit_cmd.add_argument("--max-priority", type=_limit_value, metavar="N|default", help=limits_help)
+    limit_cmd.add_argument("--max-active-tasks", type=_limit_value, metavar="N|default", help=active_help)
+    limit_cmd.set_defaults(handler=_cmd_keys_set)
     listing = key_commands.add_parser("list", help="name, role, id and dates of every key (never the key)")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(handler=_cmd_keys_list)
     revoke = key_commands.add_parser("revoke", help="revoke a key by its name or id")
     revoke.add_argument("name_or_id", metavar="NAME_OR_ID")
     revoke.set_defaults(handler=_cmd_keys_revoke)
-    for command in (create, listing, revoke):
+    for command in (create, limit_cmd, listing, revoke):
         command.add_argument("--database-url", help="default: IS_DATABASE_URL")

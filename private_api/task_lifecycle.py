@@ -11,9 +11,11 @@ from sqlalchemy.orm import Session
 from inference_server.contract import TaskPublic, TaskStatus
 from private_api.access import Actor, owner_conditions, visible_task
 from private_api.blobs import BlobStore, StoredBlob
-from private_api.exceptions import Conflict, NotFound
+from private_api.config import PrivateSettings
+from private_api.exceptions import ActorForbidden, Conflict, DomainError, NotFound, TooManyActiveTasks
+from private_api.keys import submission_limits
 from private_api.model_registry import required_model
-from private_api.models import Task, utcnow
+from private_api.models import ApiKey, Task, utcnow
 from private_api.outbox import Publish, publish
 from private_api.queue import TaskPublisher
 from private_api.task_rows import (
@@ -28,6 +30,50 @@ from private_api.task_rows import (
 log = logging.getLogger(__name__)
 
 
+# How soon a caller at its limit of active tasks is told to try again (Retry-After).
+ACTIVE_LIMIT_RETRY_AFTER_S = 10
+
+
+def check_submission(
+    *, session: Session, actor: Actor | None, priority: int, settings: PrivateSettings, lock: bool = False
+) -> None:
+    """Refuse a submission above the key's maximum priority (403) or past its number of active
+    tasks (429 with Retry-After). The route calls it before the upload is received, so a refused
+    body is never stored, and `create_task` again in its insert transaction with `lock`: the
+    key's row is locked (SELECT ... FOR UPDATE, on PostgreSQL) until the insert commits, so two
+    submissions of one key are counted one after the other and never both pass the limit.
+    `actor` None is the platform itself: no limits."""
+    if actor is None:
+        return
+    if lock and actor.name is not None:
+        session.execute(select(ApiKey.id).where(ApiKey.name == actor.name).with_for_update())
+    limits = submission_limits(
+        session,
+        name=actor.name,
+        is_operator=actor.is_operator,
+        default_max_priority=settings.default_max_priority,
+        default_max_active_tasks=settings.default_max_active_tasks,
+    )
+    who = "anonymous submissions" if actor.name is None else f"key {actor.name!r}"
+    if priority > limits.max_priority:
+        raise ActorForbidden(
+            f"priority {priority} is above the maximum priority of {who} ({limits.max_priority}); "
+            "an operator may raise it (inference-server keys set NAME --max-priority N)"
+        )
+    if limits.max_active_tasks and actor.name is not None:
+        active = session.scalar(
+            select(func.count())
+            .select_from(Task)
+            .where(Task.owner == actor.name, Task.status.in_(ACTIVE_STATUSES))
+        )
+        if (active or 0) >= limits.max_active_tasks:
+            raise TooManyActiveTasks(
+                f"{who} has {active} pending or running tasks, its limit of active tasks "
+                f"({limits.max_active_tasks}); submit again once one ends or is cancelled",
+                ACTIVE_LIMIT_RETRY_AFTER_S,
+            )
+
+
 def create_task(
     *,
     session: Session,
@@ -35,12 +81,21 @@ def create_task(
     priority: int,
     input_blob: StoredBlob,
     owner: str | None = None,
+    actor: Actor | None = None,
+    settings: PrivateSettings | None = None,
 ) -> TaskPublic:
     """Insert a pending task for an already stored input; the caller deletes the blob if this raises.
 
-    Publishing is a separate step (`publish_task`) after the commit, so a broker outage never
-    loses an accepted task nor fails the submit.
+    With `settings`, the acting key's limits are checked again in the insert's transaction
+    (`check_submission`). Publishing is a separate step (`publish_task`) after the commit, so a
+    broker outage never loses an accepted task nor fails the submit.
     """
+    if settings is not None:
+        try:
+            check_submission(session=session, actor=actor, priority=priority, settings=settings, lock=True)
+        except DomainError:
+            session.rollback()
+            raise
     model = required_model(session, model_human_readable_id)
     task = Task(
         uid=new_task_uid(),

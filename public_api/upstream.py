@@ -69,6 +69,9 @@ def upstream_error(reply: Reply) -> UpstreamHTTPError:
         return UpstreamHTTPError(503, f"private API unavailable: {detail}")
     if status >= 500:
         return UpstreamHTTPError(502, f"private API error ({status}): {detail}")
+    if status == 429 and reply.headers.get("Retry-After"):
+        # A limit of the caller's key (active tasks): when to try again is for the caller.
+        return UpstreamHTTPError(status, detail, {"Retry-After": reply.headers["Retry-After"]})
     return UpstreamHTTPError(status, detail)
 
 

@@ -40,6 +40,10 @@ router = APIRouter(tags=["tasks"], dependencies=[Depends(require_service_token)]
     PrivateRoutes.TASKS,
     status_code=201,
     response_model=TaskPublic,
+    responses={
+        403: {"description": "priority above the acting key's maximum"},
+        429: {"description": "the acting key holds its limit of active tasks (Retry-After)"},
+    },
     openapi_extra=zip_request_body(required=True),
 )
 async def submit_task(
@@ -52,9 +56,13 @@ async def submit_task(
     actor: ActorDep,
     priority: Annotated[int, Query(ge=0, le=MAX_PRIORITY)] = 0,
 ) -> TaskPublic:
-    # Unknown model: refuse before a byte of the upload is stored.
+    # Unknown model, priority above the key's, too many active tasks: refuse before a byte of the
+    # upload is stored (the limits are checked again in the insert's transaction).
     await run_in_threadpool(
         model_registry.get_model, session=session, human_readable_id=model_human_readable_id
+    )
+    await run_in_threadpool(
+        task_lifecycle.check_submission, session=session, actor=actor, priority=priority, settings=settings
     )
     await run_in_threadpool(session.close)  # no connection held while the body streams in
     async with uploads.zip("inputs", settings.input_zip_limits) as input_blob:
@@ -65,6 +73,8 @@ async def submit_task(
             priority=priority,
             input_blob=input_blob,
             owner=actor.name if actor is not None else None,
+            actor=actor,
+            settings=settings,
         )
     metrics.submissions.labels(model=model_human_readable_id).inc()
     # After the commit: a broker outage leaves the task to the outbox, never fails the submit.

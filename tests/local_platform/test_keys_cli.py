@@ -50,7 +50,9 @@ def test_create_list_revoke(database_url: str, capsys: pytest.CaptureFixture[str
     code, table, _ = _run(capsys, "keys", "list", *db)
     assert code == 0
     lines = table.splitlines()
-    assert lines[0].split() == ["NAME", "ROLE", "ID", "CREATED", "REVOKED", "LAST", "USED"]
+    assert lines[0].split() == [
+        "NAME", "ROLE", "ID", "CREATED", "REVOKED", "LAST", "USED", "MAX_PRIORITY", "MAX_ACTIVE"
+    ]  # fmt: skip
     assert lines[1].split()[:3] == ["alice", "user", alice_key.split("_")[1]]
     assert lines[2].split()[:2] == ["bob", "operator"]
     assert alice_key.split("_", 2)[2] not in table and bob_key.strip().split("_", 2)[2] not in table
@@ -66,6 +68,37 @@ def test_create_list_revoke(database_url: str, capsys: pytest.CaptureFixture[str
     code, _, err = _run(capsys, "keys", "revoke", bob_key.strip().split("_")[1], *db)  # by id
     assert code == 0
     assert _resolve(database_url, bob_key.strip()) is None
+
+
+def test_keys_carry_limits_set_at_creation_and_changed_later(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = ("--database-url", sqlite_url)
+    assert (
+        _run(capsys, "keys", "create", "dana", "--max-priority", "3", "--max-active-tasks", "2", *db)[0] == 0
+    )
+    assert _run(capsys, "keys", "create", "erin", *db)[0] == 0
+
+    def limits() -> dict[str, tuple[int | None, int | None]]:
+        listed = json.loads(_run(capsys, "keys", "list", "--json", *db)[1])
+        return {key["name"]: (key["max_priority"], key["max_active_tasks"]) for key in listed}
+
+    assert limits() == {"dana": (3, 2), "erin": (None, None)}  # None: the role's default
+    code, out, err = _run(capsys, "keys", "set", "erin", "--max-priority", "9", *db)
+    assert code == 0, err
+    assert "max priority 9, max active tasks default" in out
+    code, out, _ = _run(capsys, "keys", "set", "dana", "--max-active-tasks", "default", *db)
+    assert code == 0
+    assert limits() == {"dana": (3, None), "erin": (9, None)}
+    table = _run(capsys, "keys", "list", *db)[1].splitlines()
+    assert table[1].split()[-2:] == ["3", "default"]
+
+    code, _, err = _run(capsys, "keys", "set", "dana", "--max-priority", "10", *db)
+    assert code == 1 and "0..9" in err
+    assert _run(capsys, "keys", "set", "dana", *db)[0] == 2  # nothing to change
+    code, _, err = _run(capsys, "keys", "set", "nobody", "--max-priority", "1", *db)
+    assert code == 1 and "no key is named" in err
+    assert limits()["dana"] == (3, None)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,9 @@ from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect
 
-from private_api.db import downgrade_database, make_engine, upgrade_database
+from inference_server.contract import ApiKeyRole
+from private_api.db import downgrade_database, make_engine, make_session_factory, upgrade_database
+from private_api.keys import create_key, list_keys
 from private_api.main import create_app
 from private_api.models import Base
 
@@ -55,3 +57,21 @@ def test_app_refuses_to_start_on_an_unmigrated_database(make_settings):
     app = create_app(make_settings())
     with pytest.raises(RuntimeError, match="upgrade_database"), TestClient(app):
         pass
+
+
+def test_0005_adds_key_limits_that_existing_keys_leave_to_their_role(database_url):
+    upgrade_database(database_url)
+    engine = make_engine(database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            create_key(session=session, name="limited", role=ApiKeyRole.USER, max_priority=3)
+        downgrade_database(database_url, "0004")
+        with engine.connect() as connection:
+            columns = {column["name"] for column in inspect(connection).get_columns("api_keys")}
+            assert not {"max_priority", "max_active_tasks"} & columns
+        upgrade_database(database_url)
+        with make_session_factory(engine)() as session:
+            info = list_keys(session=session)[0]
+        assert (info.name, info.max_priority, info.max_active_tasks) == ("limited", None, None)
+    finally:
+        engine.dispose()

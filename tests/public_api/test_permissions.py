@@ -24,7 +24,7 @@ from inference_server.contract import (
 )
 from local_platform.ports import free_port
 from private_api.db import make_engine, make_session_factory
-from private_api.keys import revoke_key
+from private_api.keys import revoke_key, set_limits
 from public_api.auth import MISSING_KEY_DETAIL
 from tests.helpers import register_model_public
 from tests.public_api.stack import (
@@ -454,6 +454,53 @@ def test_a_revoked_key_stops_working_within_the_cache_time(private_api: PrivateS
         assert time.monotonic() - asked_at >= ttl  # it was the cache, and it expired
     finally:
         server.stop()
+
+
+def test_a_keys_limits_reach_the_caller_through_the_public_api(
+    private_api: PrivateStack, strict_url: str, model: str
+) -> None:
+    """Above the key's maximum priority: 403; at its limit of active tasks: 429 with Retry-After,
+    passed through from the private API; neither stores anything."""
+    name = f"limited-{secrets.token_hex(3)}"
+    headers = {"Authorization": f"Bearer {private_api.create_key(name)}"}
+    engine = make_engine(private_api.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            set_limits(session=session, name_or_id=name, max_priority=2, max_active_tasks=1)
+    finally:
+        engine.dispose()
+    http = shared_http()
+
+    def submit(priority: int) -> httpx.Response:
+        return http.post(
+            strict_url + PublicRoutes.TASKS,
+            params={"model_human_readable_id": model, "priority": priority},
+            files={"zip_file": ("input.zip", make_zip({"in.txt": b"scan"}), "application/zip")},
+            headers=headers,
+        )
+
+    def own_tasks() -> list[str]:
+        listed = http.get(strict_url + PublicRoutes.TASKS, headers=headers)
+        assert listed.status_code == 200
+        return sorted(task["uid"] for task in listed.json())
+
+    too_high = submit(3)
+    assert too_high.status_code == 403
+    assert f"maximum priority of key {name!r} (2)" in too_high.json()["detail"]
+    assert own_tasks() == []
+    first = submit(2)
+    assert first.status_code == 200, first.text
+    uid = first.json()
+    refused = submit(0)
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "10"
+    assert "limit of active tasks (1)" in refused.json()["detail"]
+    assert own_tasks() == [uid]
+    cancelled = http.post(strict_url + PublicRoutes.TASK_CANCEL.format(uid=uid), headers=headers)
+    assert cancelled.status_code == 200
+    again = submit(0)
+    assert again.status_code == 200, again.text
+    assert own_tasks() == sorted([uid, again.json()])
 
 
 def test_key_lookup_with_the_private_api_down_is_503_not_401(keys: Keys) -> None:
