@@ -41,8 +41,10 @@ TaskUid = Annotated[str, Path(pattern=TASK_UID_PATTERN, description="The uid ret
     responses={
         200: {"description": "The new task's uid, as a JSON string."},
         400: error("The upload is not a valid, safe zip."),
+        403: error("The priority is above the key's maximum (operators set it: `keys set`)."),
         404: error("No model with this id."),
         413: error("The upload is larger than allowed."),
+        429: error("The key holds its limit of pending plus running tasks; try again after Retry-After."),
     },
     openapi_extra=zip_upload_body(required=True, description="The task's input files, zipped."),
 )
@@ -54,7 +56,9 @@ async def submit_task(
     model_human_readable_id: Annotated[
         str, Query(pattern=HUMAN_READABLE_ID_PATTERN, description="The model that runs the task.")
     ],
-    priority: Annotated[int, Query(ge=0, le=MAX_PRIORITY, description="Higher runs sooner.")] = 0,
+    priority: Annotated[
+        int, Query(ge=0, le=MAX_PRIORITY, description="Higher runs sooner; at most the key's maximum.")
+    ] = 0,
 ) -> str:
     task = await service.submit_task(
         api,
