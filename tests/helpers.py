@@ -4,11 +4,13 @@ thread, and registering a model through each interface a test can reach the plat
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 import zipfile
 from collections.abc import Callable
 from http import HTTPStatus
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -189,3 +191,20 @@ def register_script_model(
     return register_model_directly(
         platform, human_readable_id, SCRIPT, make_zip({"run.sh": script.encode()}), **limits
     )
+
+
+def nest_new_folders(root: Path, levels: int, name: str = "d") -> int:
+    """Make `levels` folders each inside the last under the existing `root`, through folder
+    descriptors (a path would pass PATH_MAX long before the bottom); returns an open descriptor
+    of the deepest one, which the caller closes."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir(name, dir_fd=fd)
+            below = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

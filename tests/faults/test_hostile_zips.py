@@ -12,7 +12,7 @@ import requests
 
 from job_consumer.workspace import OWNER_FILE
 from tests.faults.test_faults import all_terminal, status, submit
-from tests.helpers import register_script_model, wait_until, zip_members
+from tests.helpers import nest_new_folders, register_script_model, wait_until, zip_members
 from tests.inference_server.test_zipsafe import build_zip, deep_folder_entries, raw_name_zip
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -79,13 +79,7 @@ def plant_deep_tree(folder: Path, owner: str, levels: int = 1500) -> None:
     """A work folder as a consumer that died mid-task leaves it: a model's 1,500-level tree."""
     (folder / "output").mkdir(parents=True)
     (folder / OWNER_FILE).write_text(owner)
-    fd = os.open(folder / "output", os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(levels):
-        os.mkdir("d", dir_fd=fd)
-        below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = below
-    os.close(fd)
+    os.close(nest_new_folders(folder / "output", levels))
 
 
 def test_hostile_zips_are_refused_odd_ones_run_and_deep_leftovers_stop_no_consumer(

@@ -16,6 +16,7 @@ import pytest
 
 from inference_server.file_trees import TreeChangedError, directory_size, make_inert, remove_tree, walk_tree
 from inference_server.zipsafe import UnsafeZipError, ZipLimits, extract_zip, inspect_zip, zip_directory
+from tests.helpers import nest_new_folders
 
 LIMITS = ZipLimits()
 
@@ -231,13 +232,8 @@ def make_deep_tree(root: Path, levels: int, name: str = "d") -> None:
     """`levels` nested folders under root, a file at the bottom, built through folder
     descriptors (a path would pass PATH_MAX long before the bottom)."""
     root.mkdir()
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    fd = nest_new_folders(root, levels, name)
     try:
-        for _ in range(levels):
-            os.mkdir(name, dir_fd=fd)
-            below = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = below
         bottom = os.open("bottom.bin", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
         with os.fdopen(bottom, "wb") as sink:
             sink.write(b"z" * 4321)

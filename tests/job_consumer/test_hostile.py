@@ -20,7 +20,7 @@ from inference_server.contract import ZIP_MEDIA_TYPE, PrivateRoutes, TaskStatus
 from job_consumer.private_client import PrivateApiHttpError
 from job_consumer.workspace import OWNER_FILE, TaskWorkspace
 from tests import images
-from tests.helpers import wait_until
+from tests.helpers import nest_new_folders, wait_until
 from tests.inference_server.test_zipsafe import REFUSED
 from tests.job_consumer.helpers import ConsumerThread
 from tests.job_consumer.stack import make_zip
@@ -275,13 +275,7 @@ def plant_deep_leftover(work_dir: Path, name: str, owner: str, levels: int = 150
     folder = work_dir / name
     (folder / "output").mkdir(parents=True)
     (folder / OWNER_FILE).write_text(owner)
-    fd = os.open(folder / "output", os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(levels):
-        os.mkdir("d", dir_fd=fd)
-        below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = below
-    os.close(fd)
+    os.close(nest_new_folders(folder / "output", levels))
     os.chmod(folder / "output", 0o000)  # and locked by the model, for good measure
     return folder
 
