@@ -25,8 +25,12 @@ BATCH_SIZE = 200
 
 
 def new_task_uid() -> str:
-    # 192 random bits: the uid is the only thing a v1.2 client needs to read a result.
-    return secrets.token_urlsafe(24)
+    # 192 random bits: the uid is the only thing a v1.2 client needs to read a result. One in 64
+    # would start with "-", which command lines (`infer cancel UID`) take for an option, so those
+    # are drawn again.
+    while (uid := secrets.token_urlsafe(24)).startswith("-"):
+        pass
+    return uid
 
 
 def sql_time(moment: datetime) -> ColumnElement[datetime]:

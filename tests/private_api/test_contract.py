@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import inspect
 
 from inference_server.contract import (
+    TASK_UID_RE,
     ActingHeadersError,
     ApiKeyRole,
     ModelCreate,
@@ -19,6 +20,7 @@ from inference_server.contract import (
 )
 from private_api.access import Actor
 from private_api.models import Model, Task
+from private_api.task_rows import new_task_uid
 
 # Where a model's zip lies in the blob store: the platform's business, never shown.
 RECORDED_ONLY = {"model_zip_key"}
@@ -58,3 +60,11 @@ def test_no_acting_headers_is_the_platform_and_half_of_them_is_refused() -> None
     assert decode_acting_headers({}) is None
     with pytest.raises(ActingHeadersError, match="X-Acting-Role"):
         decode_acting_headers({"X-Acting-Owner": "alice"})
+
+
+def test_task_uids_are_valid_and_never_read_as_a_command_line_option() -> None:
+    # One uid in 64 would start with "-" if drawn plainly: 5,000 draws would all but surely show one.
+    uids = [new_task_uid() for _ in range(5000)]
+    assert all(TASK_UID_RE.match(uid) for uid in uids)
+    assert not [uid for uid in uids if uid.startswith("-")]
+    assert len(set(uids)) == len(uids)
