@@ -13,7 +13,13 @@ from fastapi.testclient import TestClient
 from httpx import Response
 from sqlalchemy import func, select
 
-from inference_server.contract import CONSUMER_ID_HEADER, TASK_QUEUE_ARGUMENTS
+from inference_server.contract import (
+    CONSUMER_ID_HEADER,
+    TASK_QUEUE_ARGUMENTS,
+    ApiKeyRole,
+    Principal,
+    encode_acting_headers,
+)
 from private_api.config import PrivateSettings
 from private_api.models import Model, Task
 from tests.helpers import make_zip as shared_make_zip
@@ -69,6 +75,12 @@ def submit_ok(client: TestClient, model: str = "seg-model", data: bytes | None =
     response = submit(client, model, data, **params)
     assert response.status_code == 201, response.text
     return response.json()
+
+
+def acting_as(name: str | None, role: ApiKeyRole = ApiKeyRole.USER) -> dict[str, str]:
+    """The headers the public API relays a request with: for key `name` of `role`, or for an
+    anonymous caller when `name` is None (built by the contract's own encoder)."""
+    return dict(encode_acting_headers(None if name is None else Principal(name=name, role=role)))
 
 
 def as_consumer(name: str) -> dict[str, str]:

@@ -11,9 +11,6 @@ from fastapi.testclient import TestClient
 from httpx import Response
 
 from inference_server.contract import (
-    ACTING_OWNER_HEADER,
-    ACTING_ROLE_HEADER,
-    ANONYMOUS_ROLE,
     MAX_PRIORITY,
     ApiKeyRole,
 )
@@ -21,11 +18,11 @@ from private_api import keys, task_lifecycle
 from private_api.access import Actor
 from private_api.blobs import StoredBlob
 from private_api.exceptions import TooManyActiveTasks
-from tests.private_api.helpers import claim, make_zip, register_model, row_counts, stored_files
+from tests.private_api.helpers import acting_as, claim, make_zip, register_model, row_counts, stored_files
 
-ALICE = {ACTING_OWNER_HEADER: "alice", ACTING_ROLE_HEADER: "user"}
-ROOT = {ACTING_OWNER_HEADER: "root", ACTING_ROLE_HEADER: "operator"}
-ANONYMOUS = {ACTING_ROLE_HEADER: ANONYMOUS_ROLE}
+ALICE = acting_as("alice")
+ROOT = acting_as("root", ApiKeyRole.OPERATOR)
+ANONYMOUS = acting_as(None)
 
 
 def _keys(client: TestClient, **limits: int | None) -> None:

@@ -23,12 +23,12 @@ from private_api import keys
 from private_api.exceptions import Conflict, NotFound, Unprocessable
 from private_api.models import ApiKey
 from private_api.task_rows import new_task_uid
-from tests.private_api.helpers import claim, make_zip, register_model, stored_files, task_row
+from tests.private_api.helpers import acting_as, claim, make_zip, register_model, stored_files, task_row
 
-ALICE = {ACTING_OWNER_HEADER: "alice", ACTING_ROLE_HEADER: "user"}
-BOB = {ACTING_OWNER_HEADER: "bob", ACTING_ROLE_HEADER: "user"}
-OPERATOR = {ACTING_OWNER_HEADER: "root", ACTING_ROLE_HEADER: "operator"}
-ANONYMOUS = {ACTING_ROLE_HEADER: ANONYMOUS_ROLE}
+ALICE = acting_as("alice")
+BOB = acting_as("bob")
+OPERATOR = acting_as("root", ApiKeyRole.OPERATOR)
+ANONYMOUS = acting_as(None)
 
 
 def _session(client: TestClient):

@@ -6,8 +6,9 @@ import hashlib
 
 import pytest
 
-from inference_server.contract import ACTING_OWNER_HEADER, ACTING_ROLE_HEADER, ANONYMOUS_ROLE
+from inference_server.contract import ApiKeyRole
 from tests.private_api.helpers import (
+    acting_as,
     claim,
     make_zip,
     register_model,
@@ -112,18 +113,15 @@ def test_isolation_defaults_and_the_operator_switches(client):
         assert refused.json()["detail"]
 
 
-ANONYMOUS = {ACTING_ROLE_HEADER: ANONYMOUS_ROLE}
-
-
-def as_user(name: str) -> dict[str, str]:
-    return {ACTING_OWNER_HEADER: name, ACTING_ROLE_HEADER: "user"}
+ANONYMOUS = acting_as(None)
+OPERATOR = acting_as("root-of-lab", ApiKeyRole.OPERATOR)
 
 
 @pytest.mark.parametrize("switch", ["run_as_root", "allow_network", "writable_rootfs"])
 def test_only_operators_loosen_isolation_even_with_anonymous_models_on(client, settings, switch):
     """IS_ANONYMOUS_MODELS lets callers without an operator key manage models; it must not let
     them open the host: the isolation switches stay an operator's."""
-    for caller in (ANONYMOUS, as_user("alice")):
+    for caller in (ANONYMOUS, acting_as("alice")):
         refused = client.post(
             "/models",
             params={"human_readable_id": "rooted", "container_tag": "img:1", switch: True},
@@ -142,8 +140,7 @@ def test_only_operators_loosen_isolation_even_with_anonymous_models_on(client, s
     assert patched.status_code == 403, patched.text
     assert client.get("/models/plain").json()[switch] is False
     # Operators (and the platform itself) may.
-    operator = {ACTING_OWNER_HEADER: "root-of-lab", ACTING_ROLE_HEADER: "operator"}
-    assert client.patch("/models/plain", json={switch: True}, headers=operator).json()[switch] is True
+    assert client.patch("/models/plain", json={switch: True}, headers=OPERATOR).json()[switch] is True
 
 
 def test_a_model_with_other_owners_tasks_is_removed_only_by_an_operator(client):
@@ -164,14 +161,13 @@ def test_a_model_with_other_owners_tasks_is_removed_only_by_an_operator(client):
         "/tasks",
         params={"model_human_readable_id": "shared"},
         files={"zip_file": ("in.zip", make_zip(), "application/zip")},
-        headers=as_user("alice"),
+        headers=acting_as("alice"),
     )
     assert client.post(f"/tasks/{alice.json()['uid']}/cancel").status_code == 200
     # ... but not once it holds alice's task; neither may bob. alice herself meets the anonymous one.
-    for caller in (ANONYMOUS, as_user("bob"), as_user("alice")):
+    for caller in (ANONYMOUS, acting_as("bob"), acting_as("alice")):
         refused = client.delete("/models/shared", headers=caller)
         assert refused.status_code == 403, refused.text
         assert "other owners" in refused.json()["detail"]
     assert client.get("/models/shared").status_code == 200
-    operator = {ACTING_OWNER_HEADER: "root-of-lab", ACTING_ROLE_HEADER: "operator"}
-    assert client.delete("/models/shared", headers=operator).status_code == 200
+    assert client.delete("/models/shared", headers=OPERATOR).status_code == 200
