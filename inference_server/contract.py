@@ -198,6 +198,11 @@ class ModelLimits(BaseModel):
     timeout_s: int | None = Field(default=None, ge=1, le=7 * 24 * 3600, description="Seconds per task.")
     memory_mb: int | None = Field(default=None, ge=16, le=4 * 1024 * 1024)
     cpus: float | None = Field(default=None, gt=0, le=1024)
+    # The GPU memory one task of the model needs. Consumers pack tasks onto a GPU while their
+    # declared memory fits; a GPU model that declares none takes a whole GPU.
+    gpu_memory_mb: int | None = Field(
+        default=None, ge=1, le=16 * 1024 * 1024, description="GPU memory one task needs, in MiB."
+    )
     pids: int | None = Field(default=None, ge=8, le=1_000_000)
     # Size of the tmpfs mounted at /tmp, the only writable place besides /output while the
     # root filesystem is read-only; it counts against the memory limit.
@@ -215,7 +220,7 @@ class ModelLimits(BaseModel):
 
 # The switches an operator sets on purpose to loosen a model's isolation.
 MODEL_SWITCHES = ("allow_network", "run_as_root", "writable_rootfs")
-MODEL_NUMERIC_LIMITS = ("timeout_s", "memory_mb", "cpus", "pids", "tmp_mb")
+MODEL_NUMERIC_LIMITS = ("timeout_s", "memory_mb", "cpus", "gpu_memory_mb", "pids", "tmp_mb")
 MODEL_DESCRIPTION_MAX_LENGTH = 10_000
 
 
@@ -303,6 +308,9 @@ class TaskPublic(BaseModel):
     # Both None when that attempt ran no container (it failed before) or none has reported yet.
     run_started_at: datetime | None = None
     run_finished_at: datetime | None = None
+    # Why a pending task is not running yet, in words (None once it runs or ended): no consumer
+    # could ever run it, none has room for it now, or its owner's turn has not come.
+    waiting_reason: str | None = None
 
 
 class RunTimes(BaseModel):
@@ -354,6 +362,66 @@ class TaskRelease(BaseModel):
     reason: str = Field(max_length=2_000)
 
 
+class GpuInfo(BaseModel):
+    """One GPU a consumer owns, as NVML reports it (or as a simulated GPU declares it)."""
+
+    index: int = Field(ge=0, le=1023)
+    uuid: str = Field(min_length=1, max_length=128)
+    name: str = Field(default="", max_length=256)
+    memory_total_mb: int = Field(ge=1, le=16 * 1024 * 1024)
+    simulated: bool = False
+
+
+class ConsumerRegistration(BaseModel):
+    """What a consumer declares about itself at start-up (PUT /consumers/{consumer_id})."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(min_length=1, max_length=255)
+    runtime: str = Field(default="docker", min_length=1, max_length=32)
+    version: str = Field(default="", max_length=64)
+    gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
+    cpus: float = Field(gt=0, le=65536, description="CPU cores its tasks may use together.")
+    memory_mb: int = Field(ge=16, le=1024 * 1024 * 1024, description="Memory its tasks may use together.")
+    max_tasks: int = Field(default=1, ge=1, le=1024, description="Tasks it runs at once at most.")
+    takes_gpu_tasks: bool = False
+    takes_cpu_tasks: bool = True
+
+
+class ConsumerHeartbeat(BaseModel):
+    """A consumer's periodic word that it is alive, and what it runs now."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    running_tasks: list[str] = Field(default_factory=list, max_length=1024)
+
+
+class ConsumerState(StrEnum):
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+    LOST = "lost"
+
+
+class ConsumerHeartbeatReply(BaseModel):
+    """draining: take no new task; finish (or hand back) the ones running."""
+
+    draining: bool
+
+
+class ConsumerPublic(ConsumerRegistration):
+    """A consumer as GET /api/consumers lists it."""
+
+    model_config = ConfigDict(from_attributes=True, extra="ignore")
+
+    id: str
+    state: ConsumerState
+    draining: bool
+    running_tasks: list[str]
+    registered_at: datetime
+    last_seen_at: datetime
+
+
 class HealthReport(BaseModel):
     status: str
     checks: dict[str, str]
@@ -376,6 +444,11 @@ class PrivateRoutes:
     TASK_FAIL = "/tasks/{uid}/fail"
     TASK_RELEASE = "/tasks/{uid}/release"
     AUTH_RESOLVE = "/auth/resolve"
+    CONSUMERS = "/consumers"
+    CONSUMER = "/consumers/{consumer_id}"
+    CONSUMER_HEARTBEAT = "/consumers/{consumer_id}/heartbeat"
+    # POST drains (no new tasks), DELETE resumes.
+    CONSUMER_DRAIN = "/consumers/{consumer_id}/drain"
     HEALTH_LIVE = "/health/live"
     HEALTH_READY = "/health/ready"
     METRICS = "/metrics"
@@ -391,6 +464,8 @@ class PublicRoutes:
     TASK_LOGS = "/api/tasks/{uid}/logs"
     TASK_CANCEL = "/api/tasks/{uid}/cancel"
     MODEL = "/api/models/{human_readable_id}"
+    CONSUMERS = "/api/consumers"
+    CONSUMER_DRAIN = "/api/consumers/{consumer_id}/drain"
     HEALTH_LIVE = "/health/live"
     HEALTH_READY = "/health/ready"
     METRICS = "/metrics"
@@ -401,7 +476,24 @@ class PublicRoutes:
 ZIP_MEDIA_TYPE = "application/zip"
 LOG_MEDIA_TYPE = "text/plain; charset=utf-8"
 
-# Declared identically by the private API (publisher) and every consumer: RabbitMQ refuses a
-# redeclaration with other arguments (PRECONDITION_FAILED). Task priorities are 0..MAX_PRIORITY.
-TASK_QUEUE_ARGUMENTS: dict[str, int] = {"x-max-priority": 10}
 MAX_PRIORITY = 9
+# Declared identically by the private API (publisher) and every consumer: RabbitMQ refuses a
+# redeclaration with other arguments (PRECONDITION_FAILED). Broker priorities are twice the task
+# priority, plus one for a retried task (broker_priority), so they run to 2 * MAX_PRIORITY + 1.
+TASK_QUEUE_ARGUMENTS: dict[str, int] = {"x-max-priority": 2 * MAX_PRIORITY + 1}
+
+
+def broker_priority(priority: int, *, retry: bool) -> int:
+    """A retried task goes ahead of the fresh tasks of its own priority, which were submitted
+    after it, and behind every task of a higher priority: FIFO within a level survives a retry."""
+    return 2 * priority + (1 if retry else 0)
+
+
+class TaskQueue(StrEnum):
+    """GPU and CPU tasks wait in queues of their own, so neither kind delays the other."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+
+    def queue_name(self, base: str) -> str:
+        return f"{base}.{self.value}"
