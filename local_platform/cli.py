@@ -1,6 +1,7 @@
 """`inference-server`: the operator's command line.
 
 inference-server standalone --port 8000 --data-dir ./data --consumers 1
+    [--gpus all|ID,ID | --simulate-gpus N --gpu-memory-mb M] [--[no-]cpu-tasks-on-gpus]
 inference-server private-api|public-api [--host H --port P]
 inference-server consumer [--gpu ID]
 inference-server db upgrade
@@ -19,7 +20,8 @@ from pathlib import Path
 from types import FrameType
 
 from local_platform.examples import register_examples
-from local_platform.launcher import LocalPlatform
+from local_platform.gpus import detect_gpus
+from local_platform.launcher import DEFAULT_SIMULATED_GPU_MEMORY_MB, LocalPlatform
 from private_api.operator_cli import add_operator_commands, quiet_database_logs
 
 log = logging.getLogger(__name__)
@@ -30,24 +32,68 @@ def _exec_module(module: str, args: list[str]) -> int:
     return 0  # not reached: execv replaces this process
 
 
-def _parse_gpus(value: str | None, consumers: int) -> list[str | None]:
-    if not value:
-        return [None] * consumers
-    gpus: list[str | None] = [gpu.strip() for gpu in value.split(",") if gpu.strip()]
+def _parse_gpus(value: str | None) -> list[str]:
+    """--gpus: "all" (every GPU NVML finds) or comma-separated GPU ids; none without the flag."""
+    if value is None:
+        return []
+    if value.strip().lower() == "all":
+        return detect_gpus()
+    gpus = [gpu.strip() for gpu in value.split(",") if gpu.strip()]
+    if not gpus:
+        raise ValueError(f"--gpus {value!r} names no GPU; give 'all' or ids such as 0,1")
     return gpus
 
 
-def _cmd_standalone(args: argparse.Namespace) -> int:
-    gpus = _parse_gpus(args.gpus, args.consumers)
-    quiet_database_logs(args.verbose)  # the operator key is made in this process, migrations first
-    platform = LocalPlatform(
+def _platform_of(args: argparse.Namespace) -> LocalPlatform:
+    """The platform the standalone flags describe (GPUs detected here, before anything starts)."""
+    if args.gpu_memory_mb is not None and not args.simulate_gpus:
+        raise ValueError("--gpu-memory-mb sizes simulated GPUs: give it with --simulate-gpus N")
+    gpus = _parse_gpus(args.gpus)
+    # --gpus used to replace --consumers; it still does unless CPU consumers are asked for.
+    default_cpu_consumers = 0 if gpus else 1
+    return LocalPlatform(
         data_dir=Path(args.data_dir),
         public_port=args.port,
-        consumers=0,
+        consumers=default_cpu_consumers if args.consumers is None else args.consumers,
+        gpus=gpus,
+        simulate_gpus=args.simulate_gpus,
+        simulated_gpu_memory_mb=args.gpu_memory_mb or DEFAULT_SIMULATED_GPU_MEMORY_MB,
+        gpu_consumers_take_cpu_tasks=args.cpu_tasks_on_gpus,
         host=args.host,
         # One person on one machine: they get the operator key, kept where `infer` finds it.
         create_operator_key=True,
     )
+
+
+def _describe_consumers(platform: LocalPlatform) -> str:
+    parts = [f"{platform.consumers} CPU consumer(s)"]
+    if platform.gpus:
+        parts.append(f"{len(platform.gpus)} GPU consumer(s) (GPUs {','.join(platform.gpus)})")
+    if platform.simulate_gpus:
+        parts.append(
+            f"{platform.simulate_gpus} consumer(s) with a simulated GPU of "
+            f"{platform.simulated_gpu_memory_mb} MiB"
+        )
+    return ", ".join(parts)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a count (0 or more)")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
+
+
+def _cmd_standalone(args: argparse.Namespace) -> int:
+    platform = _platform_of(args)
+    quiet_database_logs(args.verbose)  # the operator key is made in this process, migrations first
     stop_requested = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -59,14 +105,13 @@ def _cmd_standalone(args: argparse.Namespace) -> int:
 
     platform.start()
     try:
-        for index, gpu in enumerate(gpus):
-            platform.start_consumer(index, gpu=gpu)
         if args.register_examples:
             registered = register_examples(platform.private_url, platform.service_token)
             print(f"example models ready: {', '.join(registered)}")
         print(
             f"InferenceServer is up at {platform.public_url} (API docs: {platform.public_url}/docs); "
-            f"{len(gpus)} consumer(s); data in {platform.data_dir}; logs in {platform.data_dir / 'logs'}"
+            f"{_describe_consumers(platform)}; data in {platform.data_dir}; "
+            f"logs in {platform.data_dir / 'logs'}"
         )
         key_file = platform.operator_key_file
         if platform.operator_key_created:
@@ -102,9 +147,36 @@ def build_parser() -> argparse.ArgumentParser:
     standalone.add_argument("--host", default="127.0.0.1")
     standalone.add_argument("--port", type=int, default=8000, help="public API port")
     standalone.add_argument("--data-dir", default="./data")
-    standalone.add_argument("--consumers", type=int, default=1)
     standalone.add_argument(
-        "--gpus", help="comma-separated GPU ids, one consumer each (replaces --consumers)"
+        "--consumers",
+        type=_count,
+        metavar="N",
+        help="CPU-only consumers (default 1, or 0 with --gpus)",
+    )
+    gpu_kind = standalone.add_mutually_exclusive_group()
+    gpu_kind.add_argument(
+        "--gpus",
+        metavar="all|ID,ID",
+        help="one consumer per GPU: 'all' the GPUs NVML reports, or comma-separated GPU ids",
+    )
+    gpu_kind.add_argument(
+        "--simulate-gpus",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="N more consumers, each owning one simulated GPU (for machines without one)",
+    )
+    standalone.add_argument(
+        "--gpu-memory-mb",
+        type=_positive,
+        metavar="M",
+        help=f"memory of each simulated GPU in MiB (default {DEFAULT_SIMULATED_GPU_MEMORY_MB})",
+    )
+    standalone.add_argument(
+        "--cpu-tasks-on-gpus",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether GPU consumers also take CPU tasks (default: the consumer's IS_TAKE_CPU_TASKS)",
     )
     standalone.add_argument(
         "--register-examples",

@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import httpx
@@ -37,6 +37,58 @@ CONSUMER_TOKEN_FILE = "consumer.token"
 # other services' tokens. The public API also gets no RabbitMQ URL: it never talks to the broker.
 _PRIVATE_API_ONLY_ENV: tuple[str, ...] = ("IS_DATABASE_URL", "IS_PUBLIC_API_TOKEN", "IS_CONSUMER_TOKEN")
 _NOT_FOR_PUBLIC_API_ENV: tuple[str, ...] = (*_PRIVATE_API_ONLY_ENV, "IS_RABBITMQ_URL")
+# A consumer's identity: the launcher gives each consumer its own, so none inherits the launcher's
+# (a CPU consumer must not pick up a GPU index exported in the operator's shell).
+_CONSUMER_IDENTITY_ENV: tuple[str, ...] = ("IS_GPU", "IS_SIMULATE_GPU_MEMORY_MB", "IS_CONSUMER_ID")
+DEFAULT_SIMULATED_GPU_MEMORY_MB = 24576
+
+
+def _env_value(value: bool | int | float | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class _IsSettings:
+    """Settings of a service, each field named as its IS_ variable (None: the service's default)."""
+
+    def env(self) -> dict[str, str]:
+        values = ((spec.name, getattr(self, spec.name)) for spec in fields(self))
+        return {f"IS_{name.upper()}": _env_value(value) for name, value in values if value is not None}
+
+
+@dataclass(frozen=True)
+class ConsumerCapacity(_IsSettings):
+    """What each consumer may give its tasks together (job_consumer/config.py reads these)."""
+
+    capacity_cpus: float | None = None
+    capacity_memory_mb: int | None = None
+    max_concurrent_tasks: int | None = None
+
+
+@dataclass(frozen=True)
+class SchedulingSettings(_IsSettings):
+    """The private API's settings for placing tasks (private_api/config.py reads these)."""
+
+    lease_seconds: int | None = None
+    # A consumer silent this long is listed as lost.
+    consumer_lost_after_s: float | None = None
+    # Each owner's tasks waiting in the broker at most; the rest wait in the database for a turn.
+    fair_share_queued_per_owner: int | None = None
+    # A task no registered consumer could ever run fails after this long (None: it waits).
+    unrunnable_timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """One consumer the platform runs: its process name, its id, and the GPU it owns if any."""
+
+    name: str
+    consumer_id: str
+    gpu: str | None = None
+    # A simulated GPU of this many MiB instead of a real one (machines without a GPU).
+    simulated_gpu_memory_mb: int | None = None
 
 
 def load_or_create_secret(path: Path, nbytes: int = 32) -> str:
@@ -53,11 +105,20 @@ def load_or_create_secret(path: Path, nbytes: int = 32) -> str:
 
 @dataclass
 class LocalPlatform:
-    """Private API, public API and N consumers as child processes sharing one data folder."""
+    """Private API, public API and consumers as child processes sharing one data folder: `consumers`
+    CPU-only ones, one per id in `gpus`, and `simulate_gpus` owning a simulated GPU each."""
 
     data_dir: Path
     public_port: int
     consumers: int = 1
+    gpus: list[str] = field(default_factory=list)
+    simulate_gpus: int = 0
+    simulated_gpu_memory_mb: int = DEFAULT_SIMULATED_GPU_MEMORY_MB
+    consumer_capacity: ConsumerCapacity = field(default_factory=ConsumerCapacity)
+    # Whether the GPU consumers also take CPU tasks, the operator's choice (None: the consumer's
+    # default). CPU consumers always take them: they take nothing else.
+    gpu_consumers_take_cpu_tasks: bool | None = None
+    scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
     private_port: int | None = None
     host: str = "127.0.0.1"
     rabbitmq_url: str | None = None
@@ -68,6 +129,8 @@ class LocalPlatform:
     # Standalone use: create an operator key in <data_dir>/operator.key on start if none is there.
     create_operator_key: bool = False
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    # Process name -> consumer id, for every consumer started.
+    consumer_ids: dict[str, str] = field(default_factory=dict)
     # Set by start() when create_operator_key made a new key: its name.
     operator_key_created: str | None = None
 
@@ -133,6 +196,7 @@ class LocalPlatform:
         service reads as "the token I present") and nothing it does not use."""
         env = self.base_env()
         if module == "private_api":
+            env.update(self.scheduling.env())
             return env
         if module == "public_api":
             withheld, token = _NOT_FOR_PUBLIC_API_ENV, self.public_api_token
@@ -170,8 +234,8 @@ class LocalPlatform:
             )
             public.start()
             self.wait_healthy(public, f"{self.public_url}/health/ready", timeout)
-            for index in range(self.consumers):
-                self.start_consumer(index)
+            for spec in self.consumer_specs():
+                self.start_consumer_spec(spec)
         except BaseException:
             self.stop()
             raise
@@ -179,16 +243,74 @@ class LocalPlatform:
     def consumer_name(self, index: int) -> str:
         return f"consumer-{index}"
 
-    def start_consumer(self, index: int, gpu: str | None = None) -> ServiceProcess:
+    def _consumer_id(self, suffix: str) -> str:
         # Stable for one data folder (a restarted consumer finds its own crash leftovers) and
         # distinct between folders (two platforms on one engine never clean up each other's).
         folder_tag = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:8]
-        args = ["--consumer-id", f"{socket.gethostname()}-{folder_tag}-{index}"]
-        if gpu is not None:
-            args += ["--gpu", gpu]
-        consumer = self._service(self.consumer_name(index), "job_consumer", *args)
-        consumer.start()
-        return consumer
+        return f"{socket.gethostname()}-{folder_tag}-{suffix}"
+
+    def cpu_consumer_spec(self, index: int) -> ConsumerSpec:
+        return ConsumerSpec(name=self.consumer_name(index), consumer_id=self._consumer_id(str(index)))
+
+    def gpu_consumer_spec(self, gpu: str, simulated_gpu_memory_mb: int | None = None) -> ConsumerSpec:
+        """The consumer owning GPU `gpu`: a real one, or a simulated one of that many MiB."""
+        return ConsumerSpec(
+            name=f"consumer-gpu{gpu}",
+            consumer_id=self._consumer_id(f"gpu{gpu}"),
+            gpu=gpu,
+            simulated_gpu_memory_mb=simulated_gpu_memory_mb,
+        )
+
+    def consumer_specs(self) -> list[ConsumerSpec]:
+        """Every consumer start() runs: the CPU ones, then one per real GPU, then the simulated."""
+        if self.gpus and self.simulate_gpus:
+            # Both would number their GPUs from 0: two consumers would claim one index.
+            raise ValueError("real and simulated GPUs cannot be mixed on one platform")
+        return [
+            *(self.cpu_consumer_spec(index) for index in range(self.consumers)),
+            *(self.gpu_consumer_spec(gpu) for gpu in self.gpus),
+            *(
+                self.gpu_consumer_spec(str(index), self.simulated_gpu_memory_mb)
+                for index in range(self.simulate_gpus)
+            ),
+        ]
+
+    def consumer_env(self, spec: ConsumerSpec) -> dict[str, str]:
+        """A consumer's environment: the platform's, its capacity, and its own GPU if it has one."""
+        env = self.service_env("job_consumer")
+        for name in _CONSUMER_IDENTITY_ENV:
+            env.pop(name, None)
+        env.update(self.consumer_capacity.env())
+        if spec.gpu is not None:
+            env["IS_GPU"] = spec.gpu
+            if self.gpu_consumers_take_cpu_tasks is not None:
+                env["IS_TAKE_CPU_TASKS"] = _env_value(self.gpu_consumers_take_cpu_tasks)
+        if spec.simulated_gpu_memory_mb is not None:
+            env["IS_SIMULATE_GPU_MEMORY_MB"] = str(spec.simulated_gpu_memory_mb)
+        return env
+
+    def start_consumer_spec(self, spec: ConsumerSpec) -> ServiceProcess:
+        process = ServiceProcess(
+            name=spec.name,
+            argv=[self.python, "-m", "job_consumer", "--consumer-id", spec.consumer_id],
+            env=self.consumer_env(spec),
+            log_path=self.data_dir / "logs" / f"{spec.name}.log",
+        )
+        self.processes[spec.name] = process
+        self.consumer_ids[spec.name] = spec.consumer_id
+        process.start()
+        return process
+
+    def start_consumer(self, index: int) -> ServiceProcess:
+        """Start CPU consumer `index` (again, under the same id, if it ran before)."""
+        return self.start_consumer_spec(self.cpu_consumer_spec(index))
+
+    def consumer_process(self, consumer_id: str) -> ServiceProcess:
+        """The process of the consumer a task's consumer_id names."""
+        for name, known_id in self.consumer_ids.items():
+            if known_id == consumer_id:
+                return self.processes[name]
+        raise KeyError(f"no consumer {consumer_id!r} was started by this platform")
 
     def restart(self, name: str, timeout: float = 60.0) -> None:
         process = self.processes[name]
