@@ -1,4 +1,4 @@
-"""`python -m job_consumer [--gpu ID] [--consumer-id NAME] [--max-tasks N]`."""
+"""`python -m job_consumer [--gpu ID] [--simulate-gpu-memory-mb M] [--consumer-id NAME] [--max-tasks N]`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import logging
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
 import docker.errors
 from pydantic import ValidationError
 
 from inference_server.settings import refuse_to_start
+from job_consumer.capacity_probe import CapacityProbeError
 from job_consumer.config import ConsumerSettings
 from job_consumer.consumer import Consumer, ConsumerConfigError
 
@@ -21,9 +23,18 @@ log = logging.getLogger("job_consumer")
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m job_consumer",
-        description="Run inference tasks from RabbitMQ in Docker containers, one at a time.",
+        description=(
+            "Run inference tasks from RabbitMQ in Docker containers, several at once while their "
+            "declared needs fit this consumer's GPU, CPUs and memory."
+        ),
     )
     parser.add_argument("--gpu", help="GPU id this consumer owns (overrides IS_GPU; empty = CPU only)")
+    parser.add_argument(
+        "--simulate-gpu-memory-mb",
+        type=int,
+        metavar="M",
+        help="own a simulated GPU of M MiB instead of a real one (overrides IS_SIMULATE_GPU_MEMORY_MB)",
+    )
     parser.add_argument("--consumer-id", help="stable name of this consumer (overrides IS_CONSUMER_ID)")
     parser.add_argument(
         "--max-tasks", type=int, default=None, metavar="N", help="exit after running N tasks (default: never)"
@@ -42,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
     )
-    overrides = {}
+    overrides: dict[str, Any] = {}
     if args.gpu is not None:
         overrides["gpu"] = args.gpu
+    if args.simulate_gpu_memory_mb is not None:
+        overrides["simulate_gpu_memory_mb"] = str(args.simulate_gpu_memory_mb)
     if args.consumer_id is not None:
         overrides["consumer_id"] = args.consumer_id
     try:
@@ -54,17 +67,20 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         consumer = Consumer(settings, max_tasks=args.max_tasks)
+    except CapacityProbeError as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
     except docker.errors.DockerException as exc:
         log.error("cannot reach the Docker engine: %s", exc)
         return 2
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        # First signal: finish the current task, then exit. Second: stop it now and release it.
+        # First signal: finish the running tasks, then exit. Second: stop them now and release them.
         now = consumer.stop_requested
         log.info(
             "%s received: %s",
             signal.Signals(signum).name,
-            "stopping now" if now else "finishing the current task",
+            "stopping now" if now else "finishing the running tasks",
         )
         consumer.request_stop(now=now)
 

@@ -1,9 +1,11 @@
-"""The task a consumer holds: its claim, its work folder, and why it must stop, if it must."""
+"""A task a consumer holds: its claim, what it takes of the consumer, its work folder, and why
+it must stop, if it must."""
 
 from __future__ import annotations
 
 from enum import StrEnum
 
+from inference_server.capacity import TaskNeeds
 from inference_server.contract import TaskClaim
 from job_consumer.workspace import TaskWorkspace
 
@@ -15,11 +17,13 @@ class StopReason(StrEnum):
 
 
 class ActiveTask:
-    """The task in hand. Its stop flag is a plain attribute: signal handlers set it."""
+    """A task in hand. Its stop flag is a plain attribute: signal handlers set it."""
 
     def __init__(self, claim: TaskClaim) -> None:
         self.claim = claim
         self.uid = claim.task.uid
+        # From the claimed model, not the message's headers: the model is the truth.
+        self.needs = TaskNeeds.of_model(claim.model)
         self.stop_reason: StopReason | None = None
         # Its work folder, once made: the sweep must leave it alone.
         self.workspace: TaskWorkspace | None = None

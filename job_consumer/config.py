@@ -22,7 +22,23 @@ def _default_consumer_id(gpu: str | None) -> str:
 
 class ConsumerSettings(BrokerSettings, ZipLimitSettings):
     private_api_url: str = "http://127.0.0.1:8001"
+    # The GPU this consumer owns: an index or a UUID as NVML knows it; None for a CPU consumer.
     gpu: str | None = None
+    # A GPU of this many MiB that does not exist, for machines without one: tasks are placed as
+    # on a real GPU and their containers get the same environment, but no device. Without
+    # IS_GPU, the simulated GPU is index 0.
+    simulate_gpu_memory_mb: int | None = Field(default=None, ge=1, le=16 * 1024 * 1024)
+    # What this consumer's tasks may use together (packing); unset: the host's cores and memory.
+    capacity_cpus: PositiveFloat | None = None
+    capacity_memory_mb: int | None = Field(default=None, ge=16)
+    max_concurrent_tasks: int = Field(default=8, ge=1, le=1024)
+    # Whether a GPU consumer also runs CPU tasks (unset: a GPU consumer does not, a CPU one does).
+    take_cpu_tasks: bool | None = None
+    # How long a delivered task that does not fit beside the running ones is held for them to
+    # make room, before it is handed back to the queue for another consumer.
+    hold_limit_s: PositiveFloat = 60.0
+    # How long a queue is left alone after it delivered a task this consumer can never run.
+    unfit_queue_pause_s: PositiveFloat = 30.0
     consumer_id: str = ""
     data_dir: Path = Path("./data")
     work_dir: Path | None = None
@@ -54,15 +70,29 @@ class ConsumerSettings(BrokerSettings, ZipLimitSettings):
     # model's memory limit. Besides /output, the only place a model may write by default.
     default_tmp_mb: int = Field(default=256, ge=1, le=1024 * 1024)
 
-    @field_validator("gpu", mode="before")
+    @field_validator(
+        "gpu",
+        "simulate_gpu_memory_mb",
+        "capacity_cpus",
+        "capacity_memory_mb",
+        "take_cpu_tasks",
+        mode="before",
+    )
     @classmethod
-    def _blank_gpu_is_none(cls, value: object) -> object:
+    def _blank_is_unset(cls, value: object) -> object:
+        # Compose files pass a variable they do not set as an empty string.
         if isinstance(value, str) and not value.strip():
             return None
         return value.strip() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _fill_derived(self) -> ConsumerSettings:
+        if self.simulate_gpu_memory_mb is not None:
+            self.gpu = self.gpu or "0"
+            if not self.gpu.isdigit():
+                raise ValueError(f"a simulated GPU is named by its index, not {self.gpu!r} (IS_GPU)")
+        if self.gpu is None and self.take_cpu_tasks is False:
+            raise ValueError("a consumer without a GPU that takes no CPU tasks would take nothing")
         if not self.consumer_id:
             self.consumer_id = _default_consumer_id(self.gpu)
         if not CONSUMER_ID_RE.match(self.consumer_id):
@@ -72,6 +102,10 @@ class ConsumerSettings(BrokerSettings, ZipLimitSettings):
         # Bind mounts need absolute host paths, so the work dir is resolved here once.
         self.work_dir = (self.work_dir or self.data_dir / "work").resolve()
         return self
+
+    @property
+    def simulates_gpu(self) -> bool:
+        return self.simulate_gpu_memory_mb is not None
 
     @property
     def resolved_work_dir(self) -> Path:

@@ -1,19 +1,35 @@
-"""The consumer's AMQP session and loop: take task ids from RabbitMQ, claim them, hand each to
-its worker thread (task_execution.py), and sweep up while idle (housekeeping.py).
+"""The consumer's AMQP session and loop: take task ids from the GPU and CPU queues, claim those
+that fit, hand each to a worker thread of its own (task_execution.py), keep the registry told
+(registry_presence.py), and sweep up (housekeeping.py).
 
-Threads: the calling thread owns the pika connection (pika is not thread-safe) and, while a
-task runs, keeps both heartbeats going - RabbitMQ's, by processing data events, and the task
-lease's, by calling the private API. One worker thread runs the task itself and never touches
-pika. The queue message is acked right after a successful claim: from then on the lease, not
-the broker, guards the task, so a task may run far longer than RabbitMQ's consumer timeout.
+Threads: the calling thread owns the pika connection (pika is not thread-safe) and keeps every
+heartbeat going - RabbitMQ's, by processing data events, each running task's lease and the
+consumer's registry entry, by calling the private API. One worker thread per task runs it and
+never touches pika. A message is acked right after a successful claim: from then on the lease,
+not the broker, guards the task, so a task may run far longer than RabbitMQ's consumer timeout.
+
+Packing: a message carries its task's needs in its headers (inference_server/capacity.py), so
+the consumer knows before the claim whether the task fits. Each queue it serves is consumed
+with a prefetch of one while any room is left. A task that fits beside the running ones is
+claimed at once. One that fits only when others have ended is held, unacked, with every
+subscription paused until they make room, so nothing overtakes it here and priority and FIFO
+order hold; held longer than IS_HOLD_LIMIT_S, it goes back to the queue for another consumer.
+One this consumer could never run goes back at once, and its queue is left alone for
+IS_UNFIT_QUEUE_PAUSE_S (the private API publishes no task that no consumer can run, so this
+is a mixed fleet's rare case).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import docker
 import pika
@@ -21,24 +37,78 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from inference_server.backoff import Backoff
-from inference_server.contract import TASK_QUEUE_ARGUMENTS, TASK_UID_RE, TaskClaim
+from inference_server.capacity import Capacity, TaskNeeds
+from inference_server.contract import (
+    TASK_QUEUE_ARGUMENTS,
+    TASK_UID_RE,
+    ConsumerRegistration,
+    TaskQueue,
+)
 from job_consumer.active_task import ActiveTask, StopReason
+from job_consumer.capacity_probe import probe_capacity
 from job_consumer.config import ConsumerSettings
 from job_consumer.housekeeping import Housekeeper
 from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable
+from job_consumer.registry_presence import RegistryPresence
 from job_consumer.runner import ModelRunner
 from job_consumer.task_execution import TaskExecutor
 from job_consumer.workspace import ModelCache, make_private_dir
 
 log = logging.getLogger(__name__)
 
+# The smallest task each queue could bring: room for it is room for something, so the queue is
+# worth consuming.
+SMALLEST_TASK = {
+    TaskQueue.GPU: TaskNeeds(gpu=True, gpu_memory_mb=1),
+    TaskQueue.CPU: TaskNeeds(gpu=False, memory_mb=1),
+}
+# Longest wait in one turn of the loop: stop requests and timers are looked at this often.
+TURN_S = 1.0
+
 
 class ConsumerConfigError(RuntimeError):
     """A set-up error reconnecting cannot fix (credentials, a queue declared differently)."""
 
 
+@dataclass
+class _Delivery:
+    """A message in hand, not yet acked."""
+
+    queue: TaskQueue
+    tag: int
+    body: bytes
+    headers: Mapping[str, Any] | None
+    received_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def uid(self) -> str:
+        return self.body.decode("utf-8", errors="replace").strip()
+
+    @property
+    def needs(self) -> TaskNeeds:
+        # A message without (readable) needs is taken to want the whole consumer; the claim
+        # tells the truth later.
+        return TaskNeeds.from_headers(self.headers) or TaskNeeds(gpu=self.queue is TaskQueue.GPU)
+
+
+@dataclass
+class _Subscription:
+    queue: TaskQueue
+    name: str
+    consumer_tag: str | None = None
+    # Until then the queue is left alone: it delivered a task this consumer can never run.
+    paused_until: float = 0.0
+
+
+@dataclass
+class _Running:
+    task: ActiveTask
+    worker: threading.Thread
+    next_heartbeat: float
+
+
 class Consumer:
-    """One consumer: one queue subscription, one task at a time, one (optional) GPU."""
+    """One consumer: one (optional) GPU, its queues, as many tasks at once as fit."""
 
     def __init__(
         self,
@@ -47,10 +117,15 @@ class Consumer:
         max_tasks: int | None = None,
         docker_client: docker.DockerClient | None = None,
         api: PrivateApiClient | None = None,
+        registration: ConsumerRegistration | None = None,
     ) -> None:
         self.settings = settings
         self.max_tasks = max_tasks
         self.work_dir = settings.resolved_work_dir
+        # First, before any connection is made: a consumer that cannot say what it has
+        # (a GPU NVML cannot read) refuses to start (CapacityProbeError).
+        self.registration = registration or probe_capacity(settings)
+        self.capacity = Capacity.of_registration(self.registration)
         self._owns_api = api is None
         self.api = api or PrivateApiClient.from_settings(settings)
         self._owns_docker = docker_client is None
@@ -65,18 +140,40 @@ class Consumer:
             stopping_now=lambda: self._stop_now,
         )
         self.housekeeper = Housekeeper(settings, runner=self.runner, models=self.models)
+        self.presence = RegistryPresence(
+            self.api,
+            self.registration,
+            interval_s=settings.heartbeat_interval_s,
+            backoff_max_s=settings.reconnect_backoff_max_s,
+        )
+        self.subscriptions = [
+            _Subscription(queue, queue.queue_name(settings.queue_name))
+            for queue, served in (
+                (TaskQueue.GPU, self.capacity.takes_gpu_tasks),
+                (TaskQueue.CPU, self.capacity.takes_cpu_tasks),
+            )
+            if served
+        ]
         self.tasks_run = 0
+        self.tasks_started = 0
         # Plain attributes, not Events: they are set from signal handlers, where taking a lock
         # the interrupted code may hold would deadlock.
         self._stop_requested = False
         self._stop_now = False
-        self._current: ActiveTask | None = None
+        # Replaced whole, never changed in place: other threads and signal handlers read it.
+        self._running: dict[str, _Running] = {}
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
-        self._consumer_tag: str | None = None
-        self._connection_lost = False
-        self._deliveries: list[tuple[int, bytes]] = []
+        self._deliveries: list[_Delivery] = []
+        self._held: _Delivery | None = None
+        # Claims wait until then after the private API failed one; subscriptions until then
+        # after a held task went back (or until a task ends).
+        self._claims_paused_until = 0.0
+        self._resume_at = 0.0
+        self._reconnect_at = 0.0
         self._api_backoff = Backoff(settings.reconnect_backoff_max_s)
+        self._wake = threading.Event()
+        self._fatal: ConsumerConfigError | None = None
 
     # --- control ---------------------------------------------------------------------------
 
@@ -85,76 +182,115 @@ class Consumer:
         return self._stop_requested
 
     @property
-    def current_task_uid(self) -> str | None:
-        task = self._current
-        return task.uid if task else None
+    def draining(self) -> bool:
+        return self.presence.draining
 
     @property
-    def current_workspace(self) -> Path | None:
-        task = self._current
-        workspace = task.workspace if task else None
-        return workspace.root if workspace else None
+    def queue_names(self) -> list[str]:
+        return [subscription.name for subscription in self.subscriptions]
+
+    @property
+    def current_task_uids(self) -> set[str]:
+        return set(self._running)
+
+    @property
+    def current_workspaces(self) -> list[Path]:
+        workspaces = (running.task.workspace for running in self._running.values())
+        return [workspace.root for workspace in workspaces if workspace is not None]
 
     def request_stop(self, now: bool = False) -> None:
-        """now=False: finish the current task, then exit. now=True: stop it and hand it back."""
+        """now=False: finish the running tasks, then exit. now=True: stop them and hand them back."""
         self._stop_requested = True
         if now:
             self._stop_now = True
-            task = self._current
-            if task is not None:
-                task.stop(StopReason.SHUTDOWN)
+            for running in self._running.values():
+                running.task.stop(StopReason.SHUTDOWN)
 
     def _should_exit(self) -> bool:
         if self._stop_requested:
             return True
-        return self.max_tasks is not None and self.tasks_run >= self.max_tasks
+        return self.max_tasks is not None and self.tasks_started >= self.max_tasks
+
+    def _taking_work(self) -> bool:
+        return (
+            not self._should_exit()
+            and not self.presence.draining
+            and time.monotonic() >= self._claims_paused_until
+        )
 
     # --- the loop ------------------------------------------------------------------------------
 
     def run(self) -> int:
         """Consume until asked to stop (or until max_tasks tasks ran); returns the tasks run."""
         log.info(
-            "consumer %s starting: queue %r, private API %s, GPU %s, work dir %s",
+            "consumer %s starting: queues %s, private API %s, GPU %s, %g CPUs, %d MiB, up to %d task(s), "
+            "work dir %s",
             self.settings.consumer_id,
-            self.settings.queue_name,
+            ", ".join(self.queue_names),
             self.settings.private_api_url,
-            self.settings.gpu or "none",
+            self._describe_gpu(),
+            self.capacity.cpus,
+            self.capacity.memory_mb,
+            self.capacity.tasks,
             self.work_dir,
         )
         make_private_dir(self.work_dir)
         self._cleanup()
+        self.presence.beat([])
         backoff = Backoff(self.settings.reconnect_backoff_max_s)
         try:
-            while not self._should_exit():
+            while not (self._should_exit() and not self._running):
+                reconnect_due = time.monotonic() >= self._reconnect_at
+                if self._connection is None and not self._should_exit() and reconnect_due:
+                    self._try_connect(backoff)
                 try:
-                    self._connect()
-                    backoff.reset()
-                    self._consume()
-                except pika.exceptions.ConnectionClosedByBroker as exc:
-                    log.warning(
-                        "RabbitMQ closed the connection (%s %s); reconnecting", exc.reply_code, exc.reply_text
-                    )
-                except pika.exceptions.AMQPChannelError as exc:
-                    log.warning("RabbitMQ channel error (%r); reconnecting", exc)
-                except (
-                    pika.exceptions.ProbableAuthenticationError,
-                    pika.exceptions.ProbableAccessDeniedError,
-                ) as exc:
-                    raise ConsumerConfigError(f"RabbitMQ refused the credentials: {exc!r}") from exc
-                except pika.exceptions.AMQPConnectionError as exc:
-                    log.warning("RabbitMQ connection failed or lost (%r); reconnecting", exc)
-                finally:
+                    self._turn()
+                except pika.exceptions.AMQPError as exc:
+                    # Running tasks were acked already; they run on, and we reconnect meanwhile.
+                    log.warning("RabbitMQ connection lost (%r); reconnecting", exc)
                     self._disconnect()
-                if not self._should_exit():
-                    self._pause(backoff.next())
+                    self._reconnect_at = time.monotonic() + backoff.next()
         finally:
+            self._disconnect()
             self.runner.close()
             if self._owns_api:
                 self.api.close()
             if self._owns_docker:
                 self.docker.close()
         log.info("consumer %s stopped after %d task(s)", self.settings.consumer_id, self.tasks_run)
+        if self._fatal is not None:
+            raise self._fatal
         return self.tasks_run
+
+    def _describe_gpu(self) -> str:
+        gpu = self.registration.gpus[0] if self.registration.gpus else None
+        if gpu is None:
+            return "none"
+        return f"{gpu.index} ({gpu.uuid}, {gpu.memory_total_mb} MiB{', simulated' if gpu.simulated else ''})"
+
+    def _try_connect(self, backoff: Backoff) -> None:
+        try:
+            self._connect()
+            backoff.reset()
+        except (
+            pika.exceptions.ProbableAuthenticationError,
+            pika.exceptions.ProbableAccessDeniedError,
+        ) as exc:
+            self._disconnect()
+            self._give_up(ConsumerConfigError(f"RabbitMQ refused the credentials: {exc!r}"))
+        except ConsumerConfigError as exc:
+            self._disconnect()
+            self._give_up(exc)
+        except pika.exceptions.AMQPError as exc:
+            log.warning("RabbitMQ connection failed (%r); reconnecting", exc)
+            self._disconnect()
+            self._reconnect_at = time.monotonic() + backoff.next()
+
+    def _give_up(self, error: ConsumerConfigError) -> None:
+        """Reconnecting cannot help: take nothing more, let running tasks finish, then raise."""
+        log.error("%s", error)
+        self._fatal = error
+        self._stop_requested = True
 
     def _connect(self) -> None:
         params = pika.URLParameters(self.settings.rabbitmq_url)
@@ -162,176 +298,283 @@ class Consumer:
             # Heartbeats flow only while we process data events; the loop does so every second.
             params.heartbeat = self.settings.amqp_heartbeat_s
         self._connection = pika.BlockingConnection(params)
-        self._connection_lost = False
         channel = self._connection.channel()
-        # One unacked message at most: long tasks must not hoard messages other consumers could run.
+        # One unacked message per subscription: long tasks must not hoard messages other
+        # consumers could run, and a message that does not fit yet waits alone.
         channel.basic_qos(prefetch_count=1)
-        try:
-            channel.queue_declare(self.settings.queue_name, durable=True, arguments=TASK_QUEUE_ARGUMENTS)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code in (403, 406):
-                raise ConsumerConfigError(
-                    f"cannot declare queue {self.settings.queue_name!r}: {exc.reply_text}"
-                ) from exc
-            raise
+        for subscription in self.subscriptions:
+            try:
+                channel.queue_declare(subscription.name, durable=True, arguments=TASK_QUEUE_ARGUMENTS)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code in (403, 406):
+                    raise ConsumerConfigError(
+                        f"cannot declare queue {subscription.name!r}: {exc.reply_text}"
+                    ) from exc
+                raise
         self._channel = channel
-        self._start_consuming()
-        log.info("connected to RabbitMQ; consuming %r", self.settings.queue_name)
-
-    def _start_consuming(self) -> None:
-        assert self._channel is not None
-        self._consumer_tag = self._channel.basic_consume(
-            self.settings.queue_name, on_message_callback=self._on_message, auto_ack=False
-        )
-
-    def _on_message(
-        self,
-        _channel: BlockingChannel,
-        method: pika.spec.Basic.Deliver,
-        _properties: pika.spec.BasicProperties,
-        body: bytes,
-    ) -> None:
-        # Handled by the loop, not in this callback, so the long work never nests in pika's dispatch.
-        self._deliveries.append((method.delivery_tag, body))
+        log.info("connected to RabbitMQ; serving %s", ", ".join(self.queue_names))
+        self._update_subscriptions()
 
     def _disconnect(self) -> None:
         channel, connection = self._channel, self._connection
         self._channel = self._connection = None
-        self._consumer_tag = None
-        deliveries, self._deliveries = self._deliveries, []
+        for subscription in self.subscriptions:
+            subscription.consumer_tag = None
+        unacked = self._deliveries + ([self._held] if self._held is not None else [])
+        self._deliveries, self._held = [], None
         try:
             if channel is not None and channel.is_open:
-                for tag, _ in deliveries:
-                    channel.basic_nack(tag, requeue=True)
+                for delivery in unacked:
+                    channel.basic_nack(delivery.tag, requeue=True)
             if connection is not None and connection.is_open:
                 connection.close()
         except pika.exceptions.AMQPError as exc:
             # Unacked messages go back to the queue when the connection dies anyway.
             log.debug("closing the RabbitMQ connection: %r", exc)
 
-    def _consume(self) -> None:
-        while not self._should_exit():
-            if self._connection is None or self._connection_lost:
-                raise pika.exceptions.AMQPConnectionError("connection lost while a task ran")
-            self._connection.process_data_events(time_limit=1)
-            if self._deliveries:
-                tag, body = self._deliveries.pop(0)
-                self._handle_delivery(tag, body)
-            elif self.housekeeper.due:
-                self._cleanup()
+    def _turn(self) -> None:
+        """One turn of the loop: wait for a message or a timer, then do what is due."""
+        self._wait(self._seconds_to_wait())
+        self._reap_finished()
+        if self._stop_now:
+            for running in self._running.values():
+                running.task.stop(StopReason.SHUTDOWN)
+        self._heartbeat_leases()
+        if self.presence.due:
+            self.presence.beat(sorted(self._running))
+        self._handle_held()
+        while self._deliveries:
+            self._handle_delivery(self._deliveries.pop(0))
+        self._update_subscriptions()
+        if self.housekeeper.due:
+            self._cleanup()
 
-    def _pause(self, seconds: float) -> None:
-        """Wait, keeping the connection serviced and staying responsive to stop requests."""
-        deadline = time.monotonic() + seconds
-        while not self._stop_requested and (left := deadline - time.monotonic()) > 0:
-            if self._connection is not None and self._connection.is_open and not self._connection_lost:
-                self._connection.process_data_events(time_limit=min(1.0, left))
-            else:
-                time.sleep(min(0.5, left))
+    def _seconds_to_wait(self) -> float:
+        if self._deliveries:
+            return 0.0
+        now = time.monotonic()
+        due = [now + TURN_S, now + self.presence.seconds_to_next_beat]
+        due += [running.next_heartbeat for running in self._running.values()]
+        return max(0.05, min(due) - now)
 
-    def _handle_delivery(self, tag: int, body: bytes) -> None:
-        assert self._channel is not None
-        if self._stop_requested:
-            # Arrived while we were told to stop: leave it to another consumer.
-            self._channel.basic_nack(tag, requeue=True)
+    def _wait(self, seconds: float) -> None:
+        if self._connection is not None:
+            self._connection.process_data_events(time_limit=seconds)
+        else:
+            self._wake.wait(seconds)
+            self._wake.clear()
+
+    def _on_message(
+        self,
+        queue: TaskQueue,
+        _channel: BlockingChannel,
+        method: pika.spec.Basic.Deliver,
+        properties: pika.spec.BasicProperties,
+        body: bytes,
+    ) -> None:
+        # Handled by the loop, not in this callback, so the long work never nests in pika's dispatch.
+        self._deliveries.append(_Delivery(queue, method.delivery_tag, body, properties.headers))
+
+    # --- subscriptions -------------------------------------------------------------------------
+
+    def _update_subscriptions(self) -> None:
+        """Consume a queue exactly while a task from it could be taken now."""
+        channel = self._channel
+        if channel is None:
             return
-        uid = body.decode("utf-8", errors="replace").strip()
-        if not TASK_UID_RE.match(uid):
-            log.error("dropping a queue message that is not a task uid: %r", body[:100])
-            self._channel.basic_ack(tag)
+        for subscription in self.subscriptions:
+            wanted = self._wants(subscription)
+            if wanted and subscription.consumer_tag is None:
+                subscription.consumer_tag = channel.basic_consume(
+                    subscription.name,
+                    on_message_callback=partial(self._on_message, subscription.queue),
+                    auto_ack=False,
+                )
+            elif not wanted and subscription.consumer_tag is not None:
+                channel.basic_cancel(subscription.consumer_tag)
+                subscription.consumer_tag = None
+
+    def _wants(self, subscription: _Subscription) -> bool:
+        now = time.monotonic()
+        return (
+            self._taking_work()
+            and self._held is None
+            and now >= self._resume_at
+            and now >= subscription.paused_until
+            and self._capacity_now().fits_now(SMALLEST_TASK[subscription.queue])
+        )
+
+    def _capacity_now(self) -> Capacity:
+        return dataclasses.replace(
+            self.capacity, running=[running.task.needs for running in self._running.values()]
+        )
+
+    # --- messages: hold, hand back, claim ----------------------------------------------------
+
+    def _handle_held(self) -> None:
+        held = self._held
+        if held is None:
             return
+        if not self._taking_work():
+            self._held = None
+            self._nack(held)
+        elif self._capacity_now().fits_now(held.needs):
+            self._held = None
+            self._claim(held)
+        elif time.monotonic() - held.received_at >= self.settings.hold_limit_s:
+            log.info(
+                "task %s: no room for it here after %gs; handed back to %s",
+                held.uid,
+                self.settings.hold_limit_s,
+                held.queue.queue_name(self.settings.queue_name),
+            )
+            self._held = None
+            self._nack(held)
+            # Taking it again at once would only hold it again: wait for a task to end.
+            self._resume_at = time.monotonic() + self.settings.hold_limit_s
+
+    def _handle_delivery(self, delivery: _Delivery) -> None:
+        if not self._taking_work() or self._held is not None:
+            # Stopping, draining, or another task waits for room first: leave it to the queue.
+            self._nack(delivery)
+            return
+        if not TASK_UID_RE.match(delivery.uid):
+            log.error("dropping a queue message that is not a task uid: %r", delivery.body[:100])
+            self._ack(delivery)
+            return
+        needs = delivery.needs
+        why_never = self.capacity.never_fits(needs)
+        if why_never is not None:
+            subscription = self._subscription(delivery.queue)
+            log.warning(
+                "task %s %s, which consumer %s can never give; handed back, and %s left alone for %gs",
+                delivery.uid,
+                why_never,
+                self.settings.consumer_id,
+                subscription.name,
+                self.settings.unfit_queue_pause_s,
+            )
+            self._nack(delivery)
+            subscription.paused_until = time.monotonic() + self.settings.unfit_queue_pause_s
+        elif self._capacity_now().fits_now(needs):
+            self._claim(delivery)
+        else:
+            log.info("task %s: held until the running tasks leave room for it", delivery.uid)
+            self._held = delivery
+            self._update_subscriptions()
+
+    def _subscription(self, queue: TaskQueue) -> _Subscription:
+        return next(subscription for subscription in self.subscriptions if subscription.queue is queue)
+
+    def _claim(self, delivery: _Delivery) -> None:
+        uid = delivery.uid
         try:
             claim = self.api.claim(uid)
         except PrivateApiUnavailable as exc:
             log.warning("task %s: private API unavailable (%s); message requeued", uid, exc)
-            self._channel.basic_nack(tag, requeue=True)
-            self._pause(self._api_backoff.next())
+            self._claim_failed(delivery)
             return
         except PrivateApiHttpError as exc:
             if exc.status_code in (401, 403) or exc.status_code >= 500:
                 # Our token or the API is wrong right now; the task itself may be fine.
                 log.error("task %s: claim refused (%s); message requeued", uid, exc)
-                self._channel.basic_nack(tag, requeue=True)
-                self._pause(self._api_backoff.next())
+                self._claim_failed(delivery)
             else:
                 log.error("task %s: claim answered %s; dropping the message", uid, exc)
-                self._channel.basic_ack(tag)
+                self._ack(delivery)
             return
         except Exception:
             # A reply we cannot read: the task may be fine, and if the claim did go through, the
             # lease reaper hands it on. This consumer stays up either way.
             log.exception("task %s: claim failed unexpectedly; message requeued", uid)
-            self._channel.basic_nack(tag, requeue=True)
-            self._pause(self._api_backoff.next())
+            self._claim_failed(delivery)
             return
         self._api_backoff.reset()
         if claim is None:
-            self._channel.basic_ack(tag)
+            self._ack(delivery)
             return
-        # Stop consuming before the ack, so the prefetch slot it frees is not filled with a
-        # message that would wait behind this task instead of going to an idle consumer.
-        if self._consumer_tag is not None:
-            self._channel.basic_cancel(self._consumer_tag)
-            self._consumer_tag = None
-        self._channel.basic_ack(tag)
-        try:
-            self._run_task(claim)
-        finally:
-            self.tasks_run += 1
-        if not self._should_exit() and not self._connection_lost:
-            self._start_consuming()
-
-    # --- the task in hand: its worker thread, both heartbeats ------------------------------
-
-    def _run_task(self, claim: TaskClaim) -> None:
         task = ActiveTask(claim)
-        log.info(
-            "task %s: claimed (model %s, attempt %d)",
-            task.uid,
-            claim.model.human_readable_id,
-            claim.task.attempts,
+        capacity = self._capacity_now()
+        why_not = capacity.never_fits(task.needs) or (
+            None if capacity.fits_now(task.needs) else "does not fit beside the tasks running here"
         )
-        self._current = task
+        if why_not is not None:
+            # The model changed since the task was published: give it back to be published anew.
+            self._ack(delivery)
+            self._release(task, f"task {why_not} (consumer {self.settings.consumer_id})")
+            return
+        self._start(task)
+        # Subscriptions without room left are cancelled before the ack frees their prefetch
+        # slot, so no message comes here to wait behind this task instead of going elsewhere.
+        self._update_subscriptions()
+        self._ack(delivery)
+
+    def _claim_failed(self, delivery: _Delivery) -> None:
+        self._nack(delivery)
+        self._claims_paused_until = time.monotonic() + self._api_backoff.next()
+
+    def _release(self, task: ActiveTask, reason: str) -> None:
+        log.warning("task %s: %s; releasing it", task.uid, reason)
+        try:
+            self.api.release(task.uid, reason)
+        except Exception as exc:
+            # Its lease runs out and the reaper hands it on.
+            log.warning("task %s: could not release it (%s)", task.uid, exc)
+
+    def _ack(self, delivery: _Delivery) -> None:
+        if self._channel is not None:
+            self._channel.basic_ack(delivery.tag)
+
+    def _nack(self, delivery: _Delivery) -> None:
+        if self._channel is not None:
+            self._channel.basic_nack(delivery.tag, requeue=True)
+
+    # --- running tasks: worker threads, lease heartbeats ------------------------------------
+
+    def _start(self, task: ActiveTask) -> None:
+        log.info(
+            "task %s: claimed (model %s, attempt %d; %d task(s) running here now)",
+            task.uid,
+            task.claim.model.human_readable_id,
+            task.claim.task.attempts,
+            len(self._running) + 1,
+        )
         if self._stop_now:
             task.stop(StopReason.SHUTDOWN)
         worker = threading.Thread(target=self._work, args=(task,), name=f"task-{task.uid}", daemon=True)
+        next_heartbeat = time.monotonic() + self.settings.heartbeat_interval_s
+        self._running = {**self._running, task.uid: _Running(task, worker, next_heartbeat)}
+        self.tasks_started += 1
         worker.start()
-        interval = self.settings.heartbeat_interval_s
-        next_heartbeat = time.monotonic() + interval
-        try:
-            while worker.is_alive():
-                self._tick(max(0.05, min(1.0, next_heartbeat - time.monotonic())), worker)
-                if self._stop_now:
-                    task.stop(StopReason.SHUTDOWN)
-                if time.monotonic() >= next_heartbeat and worker.is_alive():
-                    self.executor.heartbeat(task)
-                    next_heartbeat = time.monotonic() + interval
-        finally:
-            self._current = None
 
-    def _tick(self, seconds: float, worker: threading.Thread) -> None:
-        if self._connection is not None and not self._connection_lost:
-            try:
-                self._connection.process_data_events(time_limit=seconds)
-                return
-            except pika.exceptions.AMQPError as exc:
-                # The task was acked already; it runs on and we reconnect once it is done.
-                log.warning("RabbitMQ connection lost while task runs (%r)", exc)
-                self._connection_lost = True
-        worker.join(seconds)
+    def _reap_finished(self) -> None:
+        finished = [uid for uid, running in self._running.items() if not running.worker.is_alive()]
+        if not finished:
+            return
+        self._running = {uid: running for uid, running in self._running.items() if uid not in finished}
+        self.tasks_run += len(finished)
+        # Room was made: a paused consumer may take a task again.
+        self._resume_at = 0.0
+
+    def _heartbeat_leases(self) -> None:
+        for running in self._running.values():
+            if time.monotonic() >= running.next_heartbeat and running.worker.is_alive():
+                self.executor.heartbeat(running.task)
+                running.next_heartbeat = time.monotonic() + self.settings.heartbeat_interval_s
 
     def _work(self, task: ActiveTask) -> None:
-        """The task's worker thread: the task itself, then a word to the connection thread."""
+        """A task's worker thread: the task itself, then a word to the connection thread."""
         try:
             self.executor.work(task)
         finally:
             self._wake_connection_thread()
 
     def _wake_connection_thread(self) -> None:
-        """End the connection thread's wait in process_data_events now that the task is done,
-        instead of up to a second later, so the next message is taken at once."""
+        """End the connection thread's wait now that a task is done, instead of up to a second
+        later, so its room is used at once."""
+        self._wake.set()
         connection = self._connection
-        if connection is None or self._connection_lost:
+        if connection is None:
             return
         try:
             connection.add_callback_threadsafe(lambda: None)
@@ -341,4 +584,4 @@ class Consumer:
     # --- housekeeping ----------------------------------------------------------------------------
 
     def _cleanup(self) -> None:
-        self.housekeeper.sweep(keep_task_uid=self.current_task_uid, keep_dir=self.current_workspace)
+        self.housekeeper.sweep(keep_task_uids=self.current_task_uids)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
+from collections.abc import Collection
 
 from job_consumer.config import ConsumerSettings
 from job_consumer.runner import ModelRunner
-from job_consumer.workspace import ModelCache, owned_task_dirs, remove_owned
+from job_consumer.workspace import ModelCache, owned_task_dirs, remove_owned, task_of_folder
 
 log = logging.getLogger(__name__)
 
 
 class Housekeeper:
-    """Sweeps at start-up and then every IS_CLEANUP_INTERVAL_S while the consumer is idle."""
+    """Sweeps at start-up and then every IS_CLEANUP_INTERVAL_S, between tasks or beside them."""
 
     def __init__(self, settings: ConsumerSettings, *, runner: ModelRunner, models: ModelCache) -> None:
         self.settings = settings
@@ -27,15 +27,16 @@ class Housekeeper:
     def due(self) -> bool:
         return time.monotonic() >= self._next_sweep
 
-    def sweep(self, *, keep_task_uid: str | None, keep_dir: Path | None) -> None:
+    def sweep(self, *, keep_task_uids: Collection[str]) -> None:
         """Remove what a crash of this consumer left: labelled containers, work dirs, temp dirs.
 
-        The current task's container and folder are kept. Never fatal, at start-up neither:
-        whatever cannot be removed now is logged and tried again at the next sweep, and the
-        consumer goes on serving tasks meanwhile."""
+        The containers and folders of the tasks in `keep_task_uids` (those it runs) are kept, and
+        half-unpacked models only go while no task runs, as a running task may be unpacking one.
+        Never fatal, at start-up neither: whatever cannot be removed now is logged and tried
+        again at the next sweep, and the consumer goes on serving tasks meanwhile."""
         self._next_sweep = time.monotonic() + self.settings.cleanup_interval_s
         try:
-            removed = self.runner.remove_leftovers(keep_task_uid=keep_task_uid)
+            removed = self.runner.remove_leftovers(keep_task_uids=keep_task_uids)
             if removed:
                 log.info("removed %d leftover container(s)", removed)
         except Exception as exc:
@@ -46,17 +47,18 @@ class Housekeeper:
             log.warning("could not list the work dir %s: %r", self.work_dir, exc)
             folders = []
         for folder in folders:
-            if folder == keep_dir:
+            if task_of_folder(folder) in keep_task_uids:
                 continue
             try:
                 remove_owned(folder)
                 log.info("removed stale work dir %s", folder)
             except Exception as exc:
                 log.warning("could not remove stale work dir %s yet: %r", folder, exc)
-        try:
-            self.models.remove_own_temp_dirs()
-        except Exception as exc:
-            log.warning("could not remove stale model temp dirs yet: %r", exc)
+        if not keep_task_uids:
+            try:
+                self.models.remove_own_temp_dirs()
+            except Exception as exc:
+                log.warning("could not remove stale model temp dirs yet: %r", exc)
         idle_days = self.settings.model_cache_max_idle_days
         if idle_days > 0:
             try:

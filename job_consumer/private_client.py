@@ -15,6 +15,10 @@ from inference_server.contract import (
     LOG_MEDIA_TYPE,
     SERVICE_TOKEN_HEADER,
     ZIP_MEDIA_TYPE,
+    ConsumerHeartbeat,
+    ConsumerHeartbeatReply,
+    ConsumerPublic,
+    ConsumerRegistration,
     HeartbeatReply,
     PrivateRoutes,
     RunTimes,
@@ -195,3 +199,24 @@ class PrivateApiClient:
             json=TaskRelease(reason=reason[:2000]).model_dump(mode="json"),
         )
         return TaskPublic.model_validate(response.json())
+
+    # --- this consumer in the registry -----------------------------------------------------------
+
+    def register(self, registration: ConsumerRegistration) -> ConsumerPublic:
+        """Declare this consumer and what it has (again after a restart: the same id updates)."""
+        response = self._request(
+            "PUT",
+            self._path(PrivateRoutes.CONSUMER, consumer_id=self.consumer_id),
+            json=registration.model_dump(mode="json"),
+        )
+        return ConsumerPublic.model_validate(response.json())
+
+    def consumer_heartbeat(self, running_tasks: list[str]) -> ConsumerHeartbeatReply:
+        """Say this consumer is alive and what it runs; 404 (an HTTP error) when the registry
+        does not know it, so it registers again."""
+        response = self._request(
+            "POST",
+            self._path(PrivateRoutes.CONSUMER_HEARTBEAT, consumer_id=self.consumer_id),
+            json=ConsumerHeartbeat(running_tasks=running_tasks).model_dump(mode="json"),
+        )
+        return ConsumerHeartbeatReply.model_validate(response.json())

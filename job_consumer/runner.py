@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,12 +41,27 @@ POLL_S = 1.0
 CONTAINER_LOG_CONFIG = LogConfig(type=LogConfig.types.JSON, config={"max-size": "10m", "max-file": "2"})
 
 
+NVIDIA_VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
+CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+
+
+def gpu_environment(gpu: str) -> dict[str, str]:
+    """What a GPU task's container is told about its GPU, simulated or not: the NVIDIA runtime
+    exposes the consumer's one GPU (host index or UUID), which CUDA inside then numbers 0."""
+    return {NVIDIA_VISIBLE_DEVICES: gpu, CUDA_VISIBLE_DEVICES: "0"}
+
+
 class ModelRunError(Exception):
     """The container could not be run at all (not a model failure); `retryable`: may another try work."""
 
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+# The limits every container runs under, the model's or the consumer's default; the others
+# (gpu_memory_mb) place tasks and bound nothing in the container.
+CONTAINER_LIMITS = ("timeout_s", "memory_mb", "cpus", "pids", "tmp_mb")
 
 
 class RunLimits(ModelLimits):
@@ -64,10 +79,9 @@ class RunLimits(ModelLimits):
     @classmethod
     def of(cls, model: ModelPublic, settings: ConsumerSettings, *, engine_cpus: float) -> RunLimits:
         """The model's own limits, else the consumer's IS_DEFAULT_<LIMIT> settings."""
-        values = {name: getattr(model, name) for name in MODEL_SWITCHES}
+        values = {name: getattr(model, name) for name in (*MODEL_SWITCHES, *MODEL_NUMERIC_LIMITS)}
         values |= {
-            name: getattr(model, name) or getattr(settings, f"default_{name}")
-            for name in MODEL_NUMERIC_LIMITS
+            name: getattr(settings, f"default_{name}") for name in CONTAINER_LIMITS if values[name] is None
         }
         limits = cls.model_validate(values)
         # Docker refuses a CPU quota above the engine's core count; a smaller host still runs it.
@@ -184,14 +198,22 @@ class ModelRunner:
             options["network_mode"] = "none"
         if not limits.run_as_root:
             options["user"] = UNPRIVILEGED_USER
-        if model.use_gpu and self.settings.gpu is not None:
-            options["device_requests"] = [
-                DeviceRequest(device_ids=[self.settings.gpu], capabilities=[["gpu"]])
-            ]
-        elif model.use_gpu:
-            log.warning(
-                "model %s wants a GPU but this consumer has none; running on CPU", model.human_readable_id
+        gpu = self.settings.gpu
+        if model.use_gpu and gpu is None:
+            # Never quietly on the CPU: the consumer only takes GPU tasks when it owns a GPU.
+            raise ModelRunError(
+                f"model {model.human_readable_id!r} needs a GPU; "
+                f"consumer {self.settings.consumer_id} has none",
+                retryable=True,
             )
+        if model.use_gpu and gpu is not None:
+            options["environment"] = gpu_environment(gpu)
+            if not self.settings.simulates_gpu:
+                options["device_requests"] = [DeviceRequest(device_ids=[gpu], capabilities=[["gpu"]])]
+        else:
+            # An image may ask the NVIDIA runtime for every GPU itself (CUDA images set
+            # NVIDIA_VISIBLE_DEVICES=all); a CPU task gets none of the consumer's.
+            options["environment"] = {NVIDIA_VISIBLE_DEVICES: "void"}
         return options
 
     def run(
@@ -333,8 +355,8 @@ class ModelRunner:
             # The periodic sweep of labelled containers will find it again.
             log.warning("could not remove container %s: %s", container.short_id, exc)
 
-    def remove_leftovers(self, keep_task_uid: str | None = None) -> int:
-        """Remove this consumer's labelled containers except the current task's (crash leftovers)."""
+    def remove_leftovers(self, keep_task_uids: Collection[str] = ()) -> int:
+        """Remove this consumer's labelled containers except the running tasks' (crash leftovers)."""
         filters: dict[str, str | list[str] | bool] = {
             "label": [f"{LABEL_MANAGED}=true", f"{LABEL_CONSUMER}={self.settings.consumer_id}"]
         }
@@ -342,7 +364,7 @@ class ModelRunner:
         # sparse: no inspect per container, so one vanishing meanwhile cannot fail the listing.
         for container in self.docker.containers.list(all=True, sparse=True, filters=filters):
             task_uid = (container.attrs.get("Labels") or {}).get(LABEL_TASK)
-            if keep_task_uid is not None and task_uid == keep_task_uid:
+            if task_uid in keep_task_uids:
                 continue
             log.info("removing leftover container %s of task %s", container.short_id, task_uid)
             self._remove(container)

@@ -47,7 +47,8 @@ class _TaskError(Exception):
 
 
 class TaskExecutor:
-    """Runs tasks one by one for a consumer: its settings, private API client, runner and models.
+    """Runs a consumer's tasks, each on its own worker thread: its settings, private API client,
+    runner and models are shared by all of them.
 
     `stopping_now` says whether the consumer was told to stop at once: reports then get only a
     few seconds to reach an unreachable API, so shutting down is not held up for minutes.

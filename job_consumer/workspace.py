@@ -102,6 +102,14 @@ def remove_owned(root: Path) -> None:
     remove_tree(root)
 
 
+def task_of_folder(folder: Path) -> str:
+    """The task uid a work folder belongs to, from its name (<uid>-a<attempt>-<random>), so a
+    folder is known as a running task's even before the task's worker has it in hand."""
+    # Split from the right: a uid may itself hold "-a".
+    with_attempt = folder.name.rsplit("-", 1)[0]
+    return with_attempt.rsplit("-a", 1)[0]
+
+
 def owned_task_dirs(work_dir: Path, consumer_id: str) -> list[Path]:
     """Task work dirs this consumer created (found by their owner file)."""
     if not work_dir.is_dir():

@@ -244,7 +244,7 @@ def test_remove_leftovers_removes_only_this_consumers_containers(
         for labels in (mine_old, mine_current, other)
     ]
     try:
-        removed = runner.remove_leftovers(keep_task_uid="leftovertask0000002")
+        removed = runner.remove_leftovers(keep_task_uids={"leftovertask0000002"})
         remaining = {
             c.id
             for c in docker_client.containers.list(all=True, sparse=True, filters={"label": LABEL_MANAGED})
