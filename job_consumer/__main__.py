@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info(
             "%s received: %s",
             signal.Signals(signum).name,
-            "stopping now" if now else "finishing the running tasks",
+            "stopping now" if now else "finishing the current tasks",
         )
         consumer.request_stop(now=now)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from inference_server.contract import TaskQueue
 from job_consumer.config import ConsumerSettings
 from job_consumer.consumer import Consumer
 from job_consumer.runner import LABEL_CONSUMER, ModelRunner
@@ -60,6 +61,17 @@ def runner(docker_client: docker.DockerClient, settings: ConsumerSettings) -> It
     for container in leftovers:
         container.remove(force=True)
     assert not leftovers, f"containers left behind: {[c.name for c in leftovers]}"
+
+
+@pytest.fixture
+def cpu_queue(queue_name: str) -> str:
+    """The queue of the test's CPU tasks (deleted with `queue_name`)."""
+    return TaskQueue.CPU.queue_name(queue_name)
+
+
+@pytest.fixture
+def gpu_queue(queue_name: str) -> str:
+    return TaskQueue.GPU.queue_name(queue_name)
 
 
 @pytest.fixture

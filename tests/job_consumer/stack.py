@@ -9,9 +9,11 @@ from typing import Any
 
 import httpx
 import pika
+import pika.exceptions
 
 from inference_server.contract import (
     SERVICE_TOKEN_HEADER,
+    TASK_QUEUE_ARGUMENTS,
     ZIP_MEDIA_TYPE,
     ModelPublic,
     PrivateRoutes,
@@ -34,6 +36,32 @@ def queue_depth(rabbitmq_url: str, queue_name: str) -> int:
     try:
         method = connection.channel().queue_declare(queue_name, passive=True)
         return method.method.message_count
+    finally:
+        connection.close()
+
+
+def consumers_on(rabbitmq_url: str, queue_name: str) -> int:
+    """Subscriptions on the queue; 0 while it is not declared yet."""
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        return connection.channel().queue_declare(queue_name, passive=True).method.consumer_count
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def publish_uid(
+    rabbitmq_url: str, queue_name: str, uid: str, headers: dict[str, Any] | None = None, priority: int = 0
+) -> None:
+    """Put a task id on a queue as the private API would (or would not: any headers go)."""
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        channel = connection.channel()
+        channel.queue_declare(queue_name, durable=True, arguments=TASK_QUEUE_ARGUMENTS)
+        properties = pika.BasicProperties(delivery_mode=2, headers=headers, priority=priority)
+        channel.basic_publish("", queue_name, uid.encode(), properties)
     finally:
         connection.close()
 

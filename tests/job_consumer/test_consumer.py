@@ -8,17 +8,16 @@ import secrets
 from datetime import timedelta
 from pathlib import Path
 
-import pika
 import pytest
 
-from inference_server.contract import TASK_QUEUE_ARGUMENTS, TaskPublic, TaskStatus
+from inference_server.contract import TaskPublic, TaskStatus
 from job_consumer.consumer import Consumer
 from job_consumer.runner import LABEL_CONSUMER, LABEL_MANAGED, LABEL_TASK
 from job_consumer.workspace import MODELS_DIR, OWNER_FILE, TEMP_PREFIX
 from tests import images
 from tests.helpers import wait_until
 from tests.job_consumer.helpers import ConsumerThread
-from tests.job_consumer.stack import make_zip, queue_depth
+from tests.job_consumer.stack import consumers_on, make_zip, publish_uid, queue_depth
 
 pytestmark = pytest.mark.docker
 
@@ -32,14 +31,6 @@ GATED_SCRIPT = (
 
 def hrid(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
-
-
-def consumers_on(rabbitmq_url: str, queue_name: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
-    try:
-        return connection.channel().queue_declare(queue_name, passive=True).method.consumer_count
-    finally:
-        connection.close()
 
 
 def running_container(docker_client, uid: str):
@@ -59,7 +50,7 @@ def task_folders(work_dir: Path, uid: str) -> list[Path]:
 
 
 def test_runs_a_task_uploads_output_and_logs_and_acks(
-    private_api, make_consumer, test_images, rabbitmq_url, queue_name, docker_client
+    private_api, make_consumer, test_images, rabbitmq_url, cpu_queue, docker_client
 ):
     model_id = hrid("copy")
     model = private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": COPY_SCRIPT}))
@@ -79,7 +70,7 @@ def test_runs_a_task_uploads_output_and_logs_and_acks(
     assert "copied 2 file(s)" in logs
     assert "[inference-server] exit code 0" in logs
     # The consumer closed its connection: an unacked message would be back on the queue now.
-    assert queue_depth(rabbitmq_url, queue_name) == 0
+    assert queue_depth(rabbitmq_url, cpu_queue) == 0
     work_dir = consumer.settings.resolved_work_dir
     assert task_folders(work_dir, task.uid) == []
     assert (work_dir / MODELS_DIR / model.model_zip_sha256 / "run.sh").read_bytes() == COPY_SCRIPT
@@ -209,7 +200,7 @@ def test_missing_image_fails_that_task_and_the_consumer_goes_on(private_api, mak
 
 
 def test_a_task_that_cannot_be_claimed_is_acked_and_skipped(
-    private_api, make_consumer, test_images, rabbitmq_url, queue_name
+    private_api, make_consumer, test_images, rabbitmq_url, cpu_queue
 ):
     model_id = hrid("copy")
     private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": COPY_SCRIPT}))
@@ -223,7 +214,7 @@ def test_a_task_that_cannot_be_claimed_is_acked_and_skipped(
     assert skipped.status == TaskStatus.CANCELLED
     assert skipped.attempts == 0
     assert private_api.task(runnable.uid).status == TaskStatus.FINISHED
-    assert queue_depth(rabbitmq_url, queue_name) == 0
+    assert queue_depth(rabbitmq_url, cpu_queue) == 0
 
 
 def test_cancel_through_the_api_stops_the_container(private_api, make_consumer, test_images, docker_client):
@@ -262,7 +253,7 @@ def test_first_stop_request_finishes_the_current_task(private_api, make_consumer
 
 
 def test_second_stop_request_stops_the_container_and_releases_the_task(
-    private_api, make_consumer, test_images, docker_client, rabbitmq_url, queue_name
+    private_api, make_consumer, test_images, docker_client, rabbitmq_url, cpu_queue
 ):
     model_id = hrid("sleep")
     private_api.register_model(model_id, images.SLEEP)
@@ -274,9 +265,9 @@ def test_second_stop_request_stops_the_container_and_releases_the_task(
 
     # While a task runs the consumer holds no message and does not consume: the second task
     # stays ready for any other consumer.
-    assert consumer.current_task_uid == task.uid
-    assert queue_depth(rabbitmq_url, queue_name) == 1
-    assert consumers_on(rabbitmq_url, queue_name) == 0
+    assert consumer.current_task_uids == {task.uid}
+    assert queue_depth(rabbitmq_url, cpu_queue) == 1
+    assert consumers_on(rabbitmq_url, cpu_queue) == 0
 
     consumer.request_stop(now=False)
     consumer.request_stop(now=True)
@@ -289,20 +280,14 @@ def test_second_stop_request_stops_the_container_and_releases_the_task(
     assert private_api.task(waiting.uid).status == TaskStatus.PENDING
     assert task_containers(docker_client, task.uid) == []
     # The released task was republished next to the one that waited.
-    wait_until(lambda: queue_depth(rabbitmq_url, queue_name) == 2, 10, "both tasks back on the queue")
+    wait_until(lambda: queue_depth(rabbitmq_url, cpu_queue) == 2, 10, "both tasks back on the queue")
 
 
 def test_unreachable_private_api_requeues_the_message(
-    make_settings, rabbitmq_url, queue_name, docker_client, caplog
+    make_settings, rabbitmq_url, queue_name, cpu_queue, docker_client, caplog
 ):
     uid = f"unreachable{secrets.token_hex(8)}"
-    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
-    try:
-        channel = connection.channel()
-        channel.queue_declare(queue_name, durable=True, arguments=TASK_QUEUE_ARGUMENTS)
-        channel.basic_publish("", queue_name, uid.encode(), pika.BasicProperties(delivery_mode=2))
-    finally:
-        connection.close()
+    publish_uid(rabbitmq_url, cpu_queue, uid)
     settings = make_settings(
         private_api_url="http://127.0.0.1:9",  # nothing listens on the discard port
         rabbitmq_url=rabbitmq_url,
@@ -320,7 +305,7 @@ def test_unreachable_private_api_requeues_the_message(
     )
     consumer.request_stop()
     assert worker.join(15) == 0
-    assert queue_depth(rabbitmq_url, queue_name) == 1
+    assert queue_depth(rabbitmq_url, cpu_queue) == 1
 
 
 def test_start_up_removes_this_consumers_leftovers_only(make_settings, docker_client, test_images, tmp_path):

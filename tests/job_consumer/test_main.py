@@ -8,27 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pika
 import pytest
 
 from inference_server.contract import TaskStatus
 from job_consumer.runner import LABEL_TASK
 from tests import images
 from tests.helpers import wait_until
-from tests.job_consumer.stack import CONSUMER_TOKEN
+from tests.job_consumer.stack import CONSUMER_TOKEN, consumers_on
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def consumers_on(rabbitmq_url: str, queue_name: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
-    try:
-        return connection.channel().queue_declare(queue_name, passive=True).method.consumer_count
-    except pika.exceptions.ChannelClosedByBroker:
-        return 0  # not declared yet
-    finally:
-        if connection.is_open:
-            connection.close()
 
 
 def start_consumer(env_overrides: dict[str, str], *args: str, log_path: Path) -> subprocess.Popen:
@@ -76,16 +64,16 @@ def test_help_and_missing_token(tmp_path):
     assert "Traceback" not in no_token.stderr
 
 
-def test_sigterm_while_idle_exits_cleanly(consumer_env, rabbitmq_url, queue_name, tmp_path, test_session_id):
+def test_sigterm_while_idle_exits_cleanly(consumer_env, rabbitmq_url, cpu_queue, tmp_path, test_session_id):
     log_path = tmp_path / "consumer.log"
     process = start_consumer(consumer_env, "--consumer-id", f"{test_session_id}-idle", log_path=log_path)
     try:
-        wait_until(lambda: consumers_on(rabbitmq_url, queue_name) == 1, 20, "the consumer to subscribe")
+        wait_until(lambda: consumers_on(rabbitmq_url, cpu_queue) == 1, 20, "the consumer to subscribe")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0, log_path.read_text()
     finally:
         process.kill()
-    assert consumers_on(rabbitmq_url, queue_name) == 0
+    assert consumers_on(rabbitmq_url, cpu_queue) == 0
     assert "stopped after 0 task(s)" in log_path.read_text()
 
 
@@ -105,7 +93,7 @@ def test_second_sigterm_stops_the_container_and_releases_the_task(
             "the model container to run",
         )
         process.send_signal(signal.SIGTERM)
-        wait_until(lambda: "finishing the current task" in log_path.read_text(), 10, "the first SIGTERM")
+        wait_until(lambda: "finishing the current tasks" in log_path.read_text(), 10, "the first SIGTERM")
         assert private_api.task(task.uid).status == TaskStatus.RUNNING
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0, log_path.read_text()
