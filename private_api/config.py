@@ -40,6 +40,16 @@ class PrivateSettings(BrokerSettings, ZipLimitSettings):
     # Pending plus running tasks per user key; 0 is unlimited.
     default_max_active_tasks: int = Field(default=0, ge=0)
 
+    # A consumer not heard from (registration, heartbeat) for this long is listed as lost and no
+    # longer counts as able to run anything; after consumer_forget_after_s its row is deleted.
+    consumer_lost_after_s: float = Field(default=30.0, gt=0)
+    consumer_forget_after_s: float = Field(default=24 * 3600.0, gt=0)
+    # Fair share: an owner has at most this many tasks waiting in the broker per queue (CPU, GPU)
+    # at or above a task's priority; the rest wait unpublished, so owners take turns. 0: no cap.
+    fair_share_queued_per_owner: int = Field(default=2, ge=0)
+    # Pending tasks no registered consumer could run are failed after this long; 0 never fails them.
+    unrunnable_timeout_s: float = Field(default=0.0, ge=0)
+
     reaper_interval_s: float = Field(default=2.0, gt=0)
     outbox_interval_s: float = Field(default=2.0, gt=0)
     # Pending tasks whose message is older than this are published again, in case the broker

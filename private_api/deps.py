@@ -33,10 +33,12 @@ from private_api.access import Actor
 from private_api.blobs import BlobStore
 from private_api.config import PrivateSettings
 from private_api.db import SessionDep
-from private_api.exceptions import Forbidden, Unauthorized, Unprocessable
+from private_api.exceptions import ActorForbidden, Forbidden, Unauthorized, Unprocessable
 from private_api.leases import require_holder
+from private_api.maintenance import MaintenanceLoop
 from private_api.metrics import Metrics
 from private_api.queue import TaskPublisher
+from private_api.scheduling import SchedulingPolicy
 from private_api.uploads import ZipUploads
 
 __all__ = [
@@ -44,13 +46,16 @@ __all__ = [
     "ActorDep",
     "BlobsDep",
     "ConsumerIdDep",
+    "MaintenanceDep",
     "MetricsDep",
     "PublisherDep",
+    "SchedulingDep",
     "ServiceRole",
     "ServiceRoleDep",
     "SessionDep",
     "SettingsDep",
     "ZipUploadsDep",
+    "require_operator_actor",
     "require_service_token",
     "require_task_holder",
 ]
@@ -103,6 +108,12 @@ ROUTE_GRANTS: Mapping[tuple[str, str], frozenset[ServiceRole]] = {
     ("PUT", PrivateRoutes.TASK_LOGS): _CONSUMER,
     ("POST", PrivateRoutes.TASK_FAIL): _CONSUMER,
     ("POST", PrivateRoutes.TASK_RELEASE): _CONSUMER,
+    ("PUT", PrivateRoutes.CONSUMER): _CONSUMER,
+    ("POST", PrivateRoutes.CONSUMER_HEARTBEAT): _CONSUMER,
+    # For operator keys only (require_operator_actor): the consumers' hosts are the operators'.
+    ("GET", PrivateRoutes.CONSUMERS): _PUBLIC_API,
+    ("POST", PrivateRoutes.CONSUMER_DRAIN): _PUBLIC_API,
+    ("DELETE", PrivateRoutes.CONSUMER_DRAIN): _PUBLIC_API,
 }
 
 
@@ -150,6 +161,8 @@ SettingsDep = Annotated[PrivateSettings, Depends(app_state("settings"))]
 BlobsDep = Annotated[BlobStore, Depends(app_state("blobs"))]
 PublisherDep = Annotated[TaskPublisher, Depends(app_state("publisher"))]
 MetricsDep = Annotated[Metrics, Depends(app_state("metrics"))]
+SchedulingDep = Annotated[SchedulingPolicy, Depends(app_state("scheduling"))]
+MaintenanceDep = Annotated[MaintenanceLoop, Depends(app_state("maintenance"))]
 
 
 async def _zip_uploads(request: Request, blobs: BlobsDep, settings: SettingsDep) -> ZipUploads:
@@ -207,3 +220,10 @@ async def require_task_holder(
     if not consumer_id:
         raise Unprocessable(f"the consumer token needs {CONSUMER_ID_HEADER} on this route")
     await run_in_threadpool(require_holder, session=session, uid=uid, consumer_id=consumer_id)
+
+
+async def require_operator_actor(actor: ActorDep) -> None:
+    """Only for an operator key when a request is relayed for one; the platform itself (no acting
+    headers) always passes."""
+    if actor is not None and not actor.is_operator:
+        raise ActorForbidden("only operator keys may see and drain consumers")

@@ -23,8 +23,9 @@ from inference_server.contract import (
 from private_api.blobs import BlobStore, StoredBlob
 from private_api.exceptions import Conflict, NotFound, Unprocessable
 from private_api.models import Task, utcnow
-from private_api.outbox import publish
+from private_api.outbox import dispatch
 from private_api.queue import TaskPublisher
+from private_api.scheduling import SchedulingPolicy
 from private_api.task_rows import BATCH_SIZE, describe_holder, load_task, sql_time, task_public, update_task
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,7 @@ def fail_task(
     consumer_id: str,
     failure: TaskFailure,
     max_attempts: int,
+    policy: SchedulingPolicy,
 ) -> TaskPublic:
     """A retryable failure with attempts left goes back to pending (republished); else failed.
     Its run times replace the last attempt's, none included (this attempt ran no container)."""
@@ -256,12 +258,19 @@ def fail_task(
         failure.error[:200],
     )
     if retried:
-        publish(session, publisher, task_id=task.id, uid=uid, priority=task.priority)
+        # A retry: it goes ahead of the fresh tasks of its priority (broker_priority).
+        dispatch(session, publisher, policy, task.id)
     return public
 
 
 def release_task(
-    *, session: Session, publisher: TaskPublisher, uid: str, consumer_id: str, release: TaskRelease
+    *,
+    session: Session,
+    publisher: TaskPublisher,
+    policy: SchedulingPolicy,
+    uid: str,
+    consumer_id: str,
+    release: TaskRelease,
 ) -> TaskPublic:
     """running -> pending unrun (consumer shutdown, infrastructure trouble); the attempt is not counted."""
     released = update_task(
@@ -274,7 +283,7 @@ def release_task(
         _raise_not_holder(session, uid, consumer_id)
     task, public = _commit_and_view(session, uid)
     log.info("task %s released by %s: %s", uid, consumer_id, release.reason[:200])
-    publish(session, publisher, task_id=task.id, uid=uid, priority=task.priority)
+    dispatch(session, publisher, policy, task.id)
     return public
 
 
@@ -302,7 +311,12 @@ def store_logs(
 
 
 def reap_expired_leases(
-    *, session: Session, publisher: TaskPublisher, max_attempts: int, limit: int = BATCH_SIZE
+    *,
+    session: Session,
+    publisher: TaskPublisher,
+    max_attempts: int,
+    policy: SchedulingPolicy | None = None,
+    limit: int = BATCH_SIZE,
 ) -> int:
     """Running tasks whose consumer stopped heartbeating: back to pending, or failed when out of attempts."""
     now = utcnow()
@@ -340,5 +354,5 @@ def reap_expired_leases(
             log.warning("lease of task %s expired on its last attempt; failed", row.uid)
         session.commit()
     for row in requeued:
-        publish(session, publisher, task_id=row.id, uid=row.uid, priority=row.priority)
+        dispatch(session, publisher, policy or SchedulingPolicy(), row.id)
     return len(requeued) + failed

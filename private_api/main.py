@@ -19,6 +19,7 @@ from private_api.maintenance import MaintenanceLoop
 from private_api.metrics import Metrics
 from private_api.queue import TaskPublisher
 from private_api.routes import api_router
+from private_api.scheduling import SchedulingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
     session_factory = make_session_factory(engine)
     blobs = BlobStore(settings.blob_dir)
     publisher = TaskPublisher(settings.rabbitmq_url, settings.queue_name)
+    scheduling = SchedulingPolicy.of(settings)
     maintenance = MaintenanceLoop(
         session_factory=session_factory,
         publisher=publisher,
@@ -41,6 +43,9 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
         retention=timedelta(days=settings.retention_days) if settings.retention_days else None,
         retention_interval_s=settings.retention_interval_s,
         lease_grace_s=settings.lease_seconds,
+        policy=scheduling,
+        unrunnable_timeout_s=settings.unrunnable_timeout_s,
+        consumer_forget_after_s=settings.consumer_forget_after_s,
     )
 
     @asynccontextmanager
@@ -70,8 +75,9 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
     app.state.quick_queries = QuickQueries(session_factory, settings.db_quick_threads)
     app.state.blobs = blobs
     app.state.publisher = publisher
+    app.state.scheduling = scheduling
     app.state.maintenance = maintenance
-    app.state.metrics = Metrics(session_factory)
+    app.state.metrics = Metrics(session_factory, lost_after_s=settings.consumer_lost_after_s)
     install_json_body_limit(app)
     install_error_handlers(app)
     app.include_router(api_router)

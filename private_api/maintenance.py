@@ -1,4 +1,5 @@
-"""The private API's background thread: the outbox, the lease reaper and retention.
+"""The private API's background thread: the outbox, the lease reaper, retention, and the
+scheduler's sweeps (unrunnable tasks past IS_UNRUNNABLE_TIMEOUT_S, consumers gone for a day).
 
 One daemon thread, stopped through an Event by the app's lifespan. It also keeps the
 publisher's idle RabbitMQ connection alive (pika's BlockingConnection only answers broker
@@ -22,10 +23,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from private_api import leases, outbox
+from private_api import consumer_registry, leases, outbox, scheduling
 from private_api.blobs import BlobStore
 from private_api.queue import TaskPublisher
 from private_api.retention import expire_old_tasks
+from private_api.scheduling import SchedulingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ class MaintenanceLoop:
         retention: timedelta | None = None,
         retention_interval_s: float = 600.0,
         lease_grace_s: float = 0.0,
+        policy: SchedulingPolicy | None = None,
+        unrunnable_timeout_s: float = 0.0,
+        consumer_forget_after_s: float = 24 * 3600.0,
     ) -> None:
         self._session_factory = session_factory
         self._publisher = publisher
@@ -57,9 +62,15 @@ class MaintenanceLoop:
         self._retention = retention
         self._retention_interval_s = retention_interval_s
         self._lease_grace_s = lease_grace_s
+        self._policy = policy if policy is not None else SchedulingPolicy()
+        self._unrunnable_timeout_s = unrunnable_timeout_s
+        self._consumer_forget_after_s = consumer_forget_after_s
         self._reap_after = 0.0  # start() begins the first grace period
         self._database_was_down = False
         self._stop = threading.Event()
+        # Set to wake the loop early: on stop, and when the outbox should run now.
+        self._wake = threading.Event()
+        self._publish_requested = False
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -72,6 +83,7 @@ class MaintenanceLoop:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
@@ -103,7 +115,10 @@ class MaintenanceLoop:
                 if not self.leases_enforced:
                     return 0
                 return leases.reap_expired_leases(
-                    session=session, publisher=self._publisher, max_attempts=self._max_attempts
+                    session=session,
+                    publisher=self._publisher,
+                    max_attempts=self._max_attempts,
+                    policy=self._policy,
                 )
         except SQLAlchemyError:
             self._database_was_down = True
@@ -112,8 +127,30 @@ class MaintenanceLoop:
     def publish_once(self) -> int:
         with self._session_factory() as session:
             return outbox.publish_unpublished(
-                session=session, publisher=self._publisher, republish_after_s=self._republish_after_s
+                session=session,
+                publisher=self._publisher,
+                policy=self._policy,
+                republish_after_s=self._republish_after_s,
             )
+
+    def publish_soon(self) -> None:
+        """Run the outbox now rather than at its next round: a consumer registered or resumed, so
+        tasks held for want of one may go out."""
+        self._publish_requested = True
+        self._wake.set()
+
+    def sweep_once(self) -> int:
+        """The scheduler's sweeps: unrunnable tasks past their timeout fail; long-lost consumers go."""
+        with self._session_factory() as session:
+            failed = 0
+            if self._unrunnable_timeout_s:
+                failed = scheduling.fail_unrunnable(
+                    session=session, policy=self._policy, timeout_s=self._unrunnable_timeout_s
+                )
+            forgotten = consumer_registry.forget_lost_consumers(
+                session=session, forget_after_s=self._consumer_forget_after_s
+            )
+            return failed + forgotten
 
     def expire_once(self) -> int:
         if self._blobs is None or not self._retention:
@@ -136,15 +173,18 @@ class MaintenanceLoop:
             if now >= next_reap:
                 self._guarded(self.reap_once)
                 next_reap = time.monotonic() + self._reaper_interval_s
-            if now >= next_outbox:
+            if now >= next_outbox or self._publish_requested:
+                self._publish_requested = False
                 self._guarded(self.publish_once)
+                self._guarded(self.sweep_once)
                 next_outbox = time.monotonic() + self._outbox_interval_s
             if now >= next_expiry:
                 self._guarded(self.expire_once)
                 next_expiry = time.monotonic() + self._retention_interval_s
             # Wake at least every few seconds: the broker connection needs its heartbeats answered.
             wake_at = min(next_reap, next_outbox, next_expiry, time.monotonic() + KEEP_ALIVE_S)
-            self._stop.wait(max(0.01, wake_at - time.monotonic()))
+            self._wake.wait(max(0.01, wake_at - time.monotonic()))
+            self._wake.clear()
 
     def _keep_alive(self) -> int:
         self._publisher.keep_alive()

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the private API: tasks by status (read at scrape time) and submissions."""
+"""Prometheus metrics of the private API: tasks by status and consumers by state (both read at
+scrape time), and submissions."""
 
 from __future__ import annotations
 
@@ -11,16 +12,19 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from private_api import health
+from inference_server.contract import ConsumerState
+from private_api import consumer_registry, health
 
 log = logging.getLogger(__name__)
 
 TASKS_METRIC = "inference_tasks"
 TASKS_HELP = "Tasks in the database, by status"
+CONSUMERS_METRIC = "inference_consumers"
+CONSUMERS_HELP = "Registered consumers, by state"
 
 
 class _TaskCounts(Collector):
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+    def __init__(self, session_factory: sessionmaker[Session], *, lost_after_s: float = 30.0) -> None:
         self._session_factory = session_factory
 
     def describe(self) -> Iterator[Metric]:
@@ -40,12 +44,33 @@ class _TaskCounts(Collector):
         yield family
 
 
+class _ConsumerCounts(Collector):
+    def __init__(self, session_factory: sessionmaker[Session], lost_after_s: float) -> None:
+        self._session_factory = session_factory
+        self._lost_after_s = lost_after_s
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(CONSUMERS_METRIC, CONSUMERS_HELP, labels=["state"])
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            with self._session_factory() as session:
+                counts = consumer_registry.count_by_state(session=session, lost_after_s=self._lost_after_s)
+        except SQLAlchemyError:
+            log.warning("cannot count consumers for /metrics", exc_info=True)
+            return
+        family = GaugeMetricFamily(CONSUMERS_METRIC, CONSUMERS_HELP, labels=["state"])
+        for state in ConsumerState:
+            family.add_metric([state.value], counts[state])
+        yield family
+
+
 class Metrics:
     """One registry per app, so several apps in one process (tests) do not collide."""
 
     content_type = "text/plain; version=0.0.4; charset=utf-8"
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+    def __init__(self, session_factory: sessionmaker[Session], *, lost_after_s: float = 30.0) -> None:
         self.registry = CollectorRegistry()
         self.submissions = Counter(
             "inference_task_submissions",
@@ -54,6 +79,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_TaskCounts(session_factory))
+        self.registry.register(_ConsumerCounts(session_factory, lost_after_s))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

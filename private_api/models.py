@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import (
+    JSON,
     DateTime,
     Dialect,
     Float,
@@ -99,6 +100,7 @@ class Model(Base):
     timeout_s: Mapped[int | None]
     memory_mb: Mapped[int | None]
     cpus: Mapped[float | None] = mapped_column(Float)
+    gpu_memory_mb: Mapped[int | None]
     pids: Mapped[int | None]
     tmp_mb: Mapped[int | None]
     allow_network: Mapped[bool]
@@ -114,6 +116,8 @@ class Task(Base):
         Index("ix_tasks_status_lease_expires_at", "status", "lease_expires_at"),
         Index("ix_tasks_model_id", "model_id"),
         Index("ix_tasks_owner", "owner"),
+        # Fair share counts an owner's queued tasks (scheduling.queued_of_owner).
+        Index("ix_tasks_status_owner_priority", "status", "owner", "priority"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -173,3 +177,28 @@ class ApiKey(Base):
     # IS_DEFAULT_* setting reaches every key that was never given its own.
     max_priority: Mapped[int | None]
     max_active_tasks: Mapped[int | None]
+
+
+class Consumer(Base):
+    """A job consumer as it registered itself, and when it was last heard from."""
+
+    __tablename__ = "consumers"
+
+    # The consumer's own id (X-Consumer-Id): stable across restarts of one consumer.
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    runtime: Mapped[str] = mapped_column(String(32))
+    version: Mapped[str] = mapped_column(String(64))
+    # GpuInfo dicts, as registered.
+    gpus: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    cpus: Mapped[float] = mapped_column(Float)
+    memory_mb: Mapped[int]
+    max_tasks: Mapped[int]
+    takes_gpu_tasks: Mapped[bool]
+    takes_cpu_tasks: Mapped[bool]
+    # Task uids, as its latest heartbeat listed them.
+    running_tasks: Mapped[list[str]] = mapped_column(JSON)
+    # Set by an operator; kept when the consumer registers again (a restart does not undrain).
+    draining: Mapped[bool]
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -3,6 +3,13 @@
 The database is the truth and the queue only carries ids, so a publish that fails is not an
 error for the caller: the task stays unpublished (published_at NULL) and the outbox loop in
 maintenance.py publishes it once the broker is back.
+
+Tasks go to one queue per class, `<queue_name>.cpu` and `<queue_name>.gpu` (TaskQueue), so a
+GPU task waiting for a GPU never delays a CPU task, nor the reverse; each message carries the
+task's needs as headers (TaskNeeds.to_headers), so a consumer sees whether it fits before it
+claims. Messages left on the single queue of earlier versions are not read any more: their
+tasks are still pending in the database, and the outbox's republish safety net
+(republish_after_s) puts them on the new queues.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from inference_server.backoff import Backoff
-from inference_server.contract import MAX_PRIORITY, TASK_QUEUE_ARGUMENTS
+from inference_server.capacity import TaskNeeds
+from inference_server.contract import MAX_PRIORITY, TASK_QUEUE_ARGUMENTS, TaskQueue, broker_priority
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,7 @@ class TaskPublisher:
         max_backoff_s: float = 15.0,
     ) -> None:
         self.queue_name = queue_name
+        self.queue_names = {queue: queue.queue_name(queue_name) for queue in TaskQueue}
         self._parameters = pika.URLParameters(url)
         self._parameters.connection_attempts = 1
         self._parameters.socket_timeout = connect_timeout_s
@@ -75,7 +84,8 @@ class TaskPublisher:
             connection = pika.BlockingConnection(self._parameters)
             try:
                 channel = connection.channel()
-                channel.queue_declare(self.queue_name, durable=True, arguments=TASK_QUEUE_ARGUMENTS)
+                for name in self.queue_names.values():
+                    channel.queue_declare(name, durable=True, arguments=TASK_QUEUE_ARGUMENTS)
                 channel.confirm_delivery()
             except BaseException:
                 connection.close()
@@ -111,13 +121,16 @@ class TaskPublisher:
         """True while a recent connection failure says not to try yet (no lock: a hint only)."""
         return self._channel is None and time.monotonic() < self._retry_at
 
-    def publish(self, uid: str, priority: int) -> bool:
-        """Put one task id on the queue; True once the broker confirmed it, False otherwise."""
+    def publish(self, uid: str, *, needs: TaskNeeds, priority: int, retry: bool) -> bool:
+        """Put one task id on its class's queue, ahead of the fresh tasks of its priority when it
+        is a `retry`; True once the broker confirmed it, False otherwise."""
         properties = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
-            priority=max(0, min(priority, MAX_PRIORITY)),
+            priority=broker_priority(max(0, min(priority, MAX_PRIORITY)), retry=retry),
             content_type="text/plain",
+            headers=needs.to_headers(),
         )
+        routing_key = self.queue_names[needs.queue]
         with self._lock:
             # A connection that died while idle is only noticed on use: one retry on a fresh one.
             for attempt in (1, 2):
@@ -127,7 +140,7 @@ class TaskPublisher:
                 try:
                     channel.basic_publish(
                         exchange="",
-                        routing_key=self.queue_name,
+                        routing_key=routing_key,
                         body=uid.encode("utf-8"),
                         properties=properties,
                         mandatory=True,

@@ -16,8 +16,9 @@ from private_api.exceptions import ActorForbidden, Conflict, DomainError, NotFou
 from private_api.keys import submission_limits
 from private_api.model_registry import required_model
 from private_api.models import ApiKey, Task, utcnow
-from private_api.outbox import Publish, publish
+from private_api.outbox import Publish, dispatch
 from private_api.queue import TaskPublisher
+from private_api.scheduling import SchedulingPolicy, pending_task_waiting_reason
 from private_api.task_rows import (
     ACTIVE_STATUSES,
     load_task,
@@ -121,17 +122,25 @@ def create_task(
     return public
 
 
-def publish_task(*, session: Session, publisher: TaskPublisher, uid: str) -> bool:
-    """Put a freshly committed task on the queue; never raises for broker or bookkeeping errors."""
-    row = session.execute(select(Task.id, Task.priority).where(Task.uid == uid)).first()
+def publish_task(*, session: Session, publisher: TaskPublisher, policy: SchedulingPolicy, uid: str) -> bool:
+    """Put a freshly committed task on the queue unless the scheduler holds it back; never raises
+    for broker or bookkeeping errors."""
+    task_id = session.scalar(select(Task.id).where(Task.uid == uid))
     session.rollback()  # end the read; publishing may wait on the broker
-    if row is None:
+    if task_id is None:
         return False
-    return publish(session, publisher, task_id=row.id, uid=uid, priority=row.priority) == Publish.DONE
+    return dispatch(session, publisher, policy, task_id) == Publish.DONE
 
 
-def get_task(*, session: Session, uid: str, actor: Actor | None = None) -> TaskPublic:
-    return task_public(visible_task(session, uid, actor))
+def get_task(
+    *, session: Session, uid: str, actor: Actor | None = None, policy: SchedulingPolicy | None = None
+) -> TaskPublic:
+    """The task; with `policy`, a pending one says why it waits (waiting_reason)."""
+    task = visible_task(session, uid, actor)
+    public = task_public(task)
+    if policy is not None and task.status == TaskStatus.PENDING:
+        public.waiting_reason = pending_task_waiting_reason(session, policy, task)
+    return public
 
 
 def list_tasks(

@@ -16,6 +16,8 @@ import pika
 import psycopg
 import pytest
 
+from inference_server.contract import TaskQueue
+
 pytest_plugins = ["tests.platform_fixtures"]
 
 RABBITMQ_URL = os.environ.get("IS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -36,9 +38,12 @@ def rabbitmq_url() -> str:
 
 
 def _delete_queue(rabbitmq_url: str, name: str) -> None:
+    """The queue `name` and the per-class queues the platform derives from it (TaskQueue)."""
     connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
     try:
-        connection.channel().queue_delete(name)
+        channel = connection.channel()
+        for queue in (name, *(task_queue.queue_name(name) for task_queue in TaskQueue)):
+            channel.queue_delete(queue)
     finally:
         connection.close()
 

@@ -16,11 +16,12 @@ from inference_server.contract import (
     TaskPublic,
     TaskRelease,
 )
-from private_api import leases
+from private_api import leases, outbox
 from private_api.deps import (
     BlobsDep,
     ConsumerIdDep,
     PublisherDep,
+    SchedulingDep,
     SessionDep,
     SettingsDep,
     ZipUploadsDep,
@@ -33,9 +34,15 @@ router = APIRouter(tags=["consumer"], dependencies=[Depends(require_service_toke
 
 @router.post(PrivateRoutes.TASK_CLAIM, response_model=TaskClaim)
 def claim_task(
-    request: Request, uid: str, consumer_id: ConsumerIdDep, session: SessionDep, settings: SettingsDep
+    request: Request,
+    uid: str,
+    consumer_id: ConsumerIdDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    publisher: PublisherDep,
+    policy: SchedulingDep,
 ) -> TaskClaim:
-    return leases.claim_task(
+    claim = leases.claim_task(
         session=session,
         uid=uid,
         consumer_id=consumer_id,
@@ -43,6 +50,9 @@ def claim_task(
         max_attempts=settings.max_attempts,
         leases_enforced=request.app.state.maintenance.leases_enforced,
     )
+    # After the claim's commit: the owner's next held task takes the turn it freed.
+    outbox.free_turn_after_claim(session=session, publisher=publisher, policy=policy, uid=uid)
+    return claim
 
 
 @router.post(PrivateRoutes.TASK_HEARTBEAT, response_model=HeartbeatReply)
@@ -88,6 +98,7 @@ def fail_task(
     session: SessionDep,
     settings: SettingsDep,
     publisher: PublisherDep,
+    policy: SchedulingDep,
 ) -> TaskPublic:
     return leases.fail_task(
         session=session,
@@ -96,15 +107,21 @@ def fail_task(
         consumer_id=consumer_id,
         failure=failure,
         max_attempts=settings.max_attempts,
+        policy=policy,
     )
 
 
 @router.post(PrivateRoutes.TASK_RELEASE, response_model=TaskPublic)
 def release_task(
-    uid: str, release: TaskRelease, consumer_id: ConsumerIdDep, session: SessionDep, publisher: PublisherDep
+    uid: str,
+    release: TaskRelease,
+    consumer_id: ConsumerIdDep,
+    session: SessionDep,
+    publisher: PublisherDep,
+    policy: SchedulingDep,
 ) -> TaskPublic:
     return leases.release_task(
-        session=session, publisher=publisher, uid=uid, consumer_id=consumer_id, release=release
+        session=session, publisher=publisher, policy=policy, uid=uid, consumer_id=consumer_id, release=release
     )
 
 

@@ -23,6 +23,7 @@ from private_api.deps import (
     BlobsDep,
     MetricsDep,
     PublisherDep,
+    SchedulingDep,
     SessionDep,
     SettingsDep,
     ZipUploadsDep,
@@ -54,6 +55,7 @@ async def submit_task(
     publisher: PublisherDep,
     metrics: MetricsDep,
     actor: ActorDep,
+    policy: SchedulingDep,
     priority: Annotated[int, Query(ge=0, le=MAX_PRIORITY)] = 0,
 ) -> TaskPublic:
     # Unknown model, priority above the key's, too many active tasks: refuse before a byte of the
@@ -78,7 +80,9 @@ async def submit_task(
         )
     metrics.submissions.labels(model=model_human_readable_id).inc()
     # After the commit: a broker outage leaves the task to the outbox, never fails the submit.
-    await run_in_threadpool(task_lifecycle.publish_task, session=session, publisher=publisher, uid=task.uid)
+    await run_in_threadpool(
+        task_lifecycle.publish_task, session=session, publisher=publisher, policy=policy, uid=task.uid
+    )
     return task
 
 
@@ -94,9 +98,10 @@ def list_tasks(
 
 
 @router.get(PrivateRoutes.TASK, response_model=TaskPublic)
-async def get_task(uid: str, queries: QuickQueriesDep, actor: ActorDep) -> Response:
-    # Every status poll lands here: one thread hop, one serialization.
-    return json_response(await queries.run(task_lifecycle.get_task, uid=uid, actor=actor))
+async def get_task(uid: str, queries: QuickQueriesDep, actor: ActorDep, policy: SchedulingDep) -> Response:
+    # Every status poll lands here: one thread hop, one serialization (a pending task's
+    # waiting_reason costs a few more queries; others none).
+    return json_response(await queries.run(task_lifecycle.get_task, uid=uid, actor=actor, policy=policy))
 
 
 @router.get(

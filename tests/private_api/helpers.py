@@ -18,6 +18,7 @@ from inference_server.contract import (
     TASK_QUEUE_ARGUMENTS,
     ApiKeyRole,
     Principal,
+    TaskQueue,
     encode_acting_headers,
 )
 from private_api.config import PrivateSettings
@@ -112,11 +113,13 @@ def task_row(client: TestClient, uid: str) -> Task:
 
 
 class QueueProbe:
-    """Reads what the private API published, straight from RabbitMQ."""
+    """Reads what the private API published to one class's queue (CPU by default), straight from
+    RabbitMQ; `base` is the IS_QUEUE_NAME the private API was given."""
 
-    def __init__(self, url: str, queue: str) -> None:
+    def __init__(self, url: str, base: str, task_queue: TaskQueue = TaskQueue.CPU) -> None:
         self._connection = pika.BlockingConnection(pika.URLParameters(url))
         self._channel = self._connection.channel()
+        queue = task_queue.queue_name(base)
         # Same arguments as the publisher, so whoever declares first, both agree.
         self._channel.queue_declare(queue, durable=True, arguments=TASK_QUEUE_ARGUMENTS)
         self.queue = queue

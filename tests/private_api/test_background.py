@@ -15,7 +15,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from inference_server.contract import TaskStatus
+from inference_server.contract import TaskStatus, broker_priority
 from private_api import task_lifecycle
 from private_api.maintenance import MaintenanceLoop
 from private_api.models import Task, utcnow
@@ -43,7 +43,7 @@ def test_expired_lease_goes_back_to_pending_and_is_republished(start_app, make_s
 
     body, properties = queue.get()
     assert body == uid
-    assert properties.priority == 5
+    assert properties.priority == broker_priority(5, retry=True)
     # Marked published just after the broker confirmed, so possibly a moment after we got it.
     row = wait_until(lambda: (row := task_row(client, uid)).published_at and row, what="published_at")
     assert row.consumer_id is None
@@ -202,7 +202,11 @@ def test_request_and_outbox_never_both_publish_a_task(client, queue):
         outbox = threading.Thread(target=outbox_round)
         outbox.start()
         barrier.wait()
-        results.append(task_lifecycle.publish_task(session=session, publisher=publisher, uid=uid))
+        results.append(
+            task_lifecycle.publish_task(
+                session=session, publisher=publisher, policy=client.app.state.scheduling, uid=uid
+            )
+        )
         outbox.join(30)
 
     # Exactly one of them sent it: True from the request, or a count of 1 from the outbox.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
-from inference_server.contract import SERVICE_TOKEN_HEADER, TaskStatus
+from inference_server.capacity import NEEDS_HEADER_GPU
+from inference_server.contract import SERVICE_TOKEN_HEADER, TaskStatus, broker_priority
 from tests.private_api.helpers import (
     as_consumer,
     claim,
@@ -37,7 +38,8 @@ def test_submit_stores_row_and_blob_then_publishes_persistent_uid(client, settin
     body, properties = queue.get()
     assert body == task["uid"]
     assert properties.delivery_mode == 2
-    assert properties.priority == 7
+    assert properties.priority == broker_priority(7, retry=False) == 14
+    assert properties.headers == {NEEDS_HEADER_GPU: 0}
     assert queue.count() == 0
 
 

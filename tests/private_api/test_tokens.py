@@ -60,6 +60,12 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("PUT", "/tasks/{uid}/logs"): frozenset({CONSUMER}),
     ("POST", "/tasks/{uid}/fail"): frozenset({CONSUMER}),
     ("POST", "/tasks/{uid}/release"): frozenset({CONSUMER}),
+    ("PUT", "/consumers/{consumer_id}"): frozenset({CONSUMER}),
+    ("POST", "/consumers/{consumer_id}/heartbeat"): frozenset({CONSUMER}),
+    # Relayed for operator keys only (tests/private_api/test_consumer_registry.py).
+    ("GET", "/consumers"): frozenset({PUBLIC}),
+    ("POST", "/consumers/{consumer_id}/drain"): frozenset({PUBLIC}),
+    ("DELETE", "/consumers/{consumer_id}/drain"): frozenset({PUBLIC}),
 }
 # Open to anyone: orchestrators probe liveness without a secret.
 OPEN = {("GET", "/health/live")}
