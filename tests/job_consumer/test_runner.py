@@ -274,9 +274,63 @@ def test_gpu_is_requested_only_for_gpu_models_on_gpu_consumers(docker_client, ma
     assert len(with_gpu["device_requests"]) == 1
     assert with_gpu["device_requests"][0]["DeviceIDs"] == ["1"]
     assert with_gpu["device_requests"][0]["Capabilities"] == [["gpu"]]
-    assert "device_requests" not in options("1", False)
-    assert "device_requests" not in options(None, True)
+    assert with_gpu["environment"] == {"NVIDIA_VISIBLE_DEVICES": "1", "CUDA_VISIBLE_DEVICES": "0"}
     assert "/model" not in {v["bind"] for v in with_gpu["volumes"].values()}
+    # A CPU task on a GPU consumer gets no GPU, even from an image that asks the runtime for all.
+    cpu_task = options("1", False)
+    assert "device_requests" not in cpu_task
+    assert cpu_task["environment"] == {"NVIDIA_VISIBLE_DEVICES": "void"}
+
+
+def test_a_gpu_task_never_runs_on_a_consumer_without_a_gpu(docker_client, make_settings, dirs):
+    runner = ModelRunner(docker_client, make_settings(gpu=None))
+    with pytest.raises(ModelRunError, match="needs a GPU") as caught:
+        runner.container_options(
+            task_uid=uid(),
+            model=make_model(images.SCRIPT, use_gpu=True),
+            input_dir=dirs.input,
+            output_dir=dirs.output,
+            model_dir=None,
+        )
+    assert caught.value.retryable
+
+
+@pytest.mark.docker
+def test_a_simulated_gpu_gives_the_gpu_environment_and_no_device(
+    docker_client, make_settings, dirs, test_images
+):
+    settings = make_settings(gpu="3", simulate_gpu_memory_mb=24576)
+    runner = ModelRunner(docker_client, settings)
+    task_uid = uid()
+    inspected: dict = {}
+
+    def should_stop() -> bool:
+        # Polled while the container waits for the go file: inspect it, then let it finish.
+        if not inspected:
+            found = task_containers(docker_client, task_uid)
+            if found:
+                found[0].reload()
+                inspected.update(found[0].attrs)
+                (dirs.output / "go").write_text("go")
+        return False
+
+    (dirs.model / "run.sh").write_text(
+        "while [ ! -f /output/go ]; do sleep 0.1; done\n"
+        'echo "$CUDA_VISIBLE_DEVICES/$NVIDIA_VISIBLE_DEVICES" > /output/gpu.txt\n'
+    )
+    result = runner.run(
+        task_uid=task_uid,
+        model=make_model(images.SCRIPT, model_available=True, use_gpu=True),
+        input_dir=dirs.input,
+        output_dir=dirs.output,
+        model_dir=dirs.model,
+        should_stop=should_stop,
+    )
+
+    assert result.exit_code == 0, result.logs
+    assert (dirs.output / "gpu.txt").read_text() == "0/3\n"
+    assert not inspected["HostConfig"].get("DeviceRequests")
+    assert {"CUDA_VISIBLE_DEVICES=0", "NVIDIA_VISIBLE_DEVICES=3"} <= set(inspected["Config"]["Env"])
 
 
 def test_container_options_mount_identical_absolute_host_paths(docker_client, settings, dirs):
