@@ -5,8 +5,9 @@ A task is published to the queue of its class (CPU or GPU) unless
 - no live consumer could ever run it (a GPU task with no GPU consumer, or needs larger than every
   consumer of its class has): it waits unpublished, so no consumer bounces it, until a consumer
   that fits registers or resumes; or
-- its owner already has `fair_share_queued_per_owner` tasks queued in that class at or above its
-  priority: owners take turns, and a user with a thousand tasks holds back nobody's single one.
+- it is a fresh task (not a retry) and its owner already has `fair_share_queued_per_owner` tasks
+  queued in that class at or above its priority: owners take turns, and a user with a thousand
+  tasks holds back nobody's single one.
 A CPU task while no consumer is registered at all is published: the broker keeps it until one
 comes (a platform whose consumers do not register yet keeps working).
 
@@ -213,7 +214,9 @@ def fair_share_reason(queued: int) -> str:
 
 def _fair_share_hold(session: Session, policy: SchedulingPolicy, candidate: Candidate) -> str | None:
     cap = policy.fair_share_queued_per_owner
-    if not cap:
+    # A retry had its turn already: held behind its owner's later tasks it would lose its place
+    # in the FIFO of its priority, which broker_priority(retry=True) keeps.
+    if not cap or candidate.retry:
         return None
     queued = queued_of_owner(session, candidate)
     return fair_share_reason(queued) if queued >= cap else None
@@ -235,7 +238,9 @@ def waiting_reason(session: Session, fleet: Fleet, policy: SchedulingPolicy, can
     if idle is not None:
         return idle
     ahead = queued_ahead(session, candidate)
-    return f"queued behind {ahead} tasks" if ahead else WAITING_FOR_ROOM
+    if not ahead:
+        return WAITING_FOR_ROOM
+    return f"queued behind {ahead} task{'s' if ahead > 1 else ''}"
 
 
 def pending_task_waiting_reason(session: Session, policy: SchedulingPolicy, task: Task) -> str | None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import stat
 import zipfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pika
 from fastapi.testclient import TestClient
 from httpx import Response
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from inference_server.contract import (
     CONSUMER_ID_HEADER,
@@ -22,7 +23,7 @@ from inference_server.contract import (
     encode_acting_headers,
 )
 from private_api.config import PrivateSettings
-from private_api.models import Model, Task
+from private_api.models import Consumer, Model, Task, utcnow
 from tests.helpers import make_zip as shared_make_zip
 from tests.helpers import register_model_private, wait_until
 
@@ -138,3 +139,44 @@ class QueueProbe:
 
     def close(self) -> None:
         self._connection.close()
+
+
+def gpu(memory_mb: int, index: int = 0) -> dict[str, Any]:
+    """One GPU as a consumer declares it (simulated: these tests have none)."""
+    return {"index": index, "uuid": f"GPU-test-{index}", "memory_total_mb": memory_mb, "simulated": True}
+
+
+def consumer_body(*, gpu_memory_mb: int | None = None, **fields: Any) -> dict[str, Any]:
+    """A ConsumerRegistration body: a CPU consumer, or one owning a GPU of `gpu_memory_mb` that
+    takes only GPU tasks."""
+    body: dict[str, Any] = {
+        "host": "host-1",
+        "version": "1.3.0",
+        "cpus": 8,
+        "memory_mb": 32768,
+        "max_tasks": 4,
+    }
+    if gpu_memory_mb is not None:
+        body |= {"gpus": [gpu(gpu_memory_mb)], "takes_gpu_tasks": True, "takes_cpu_tasks": False}
+    return body | fields
+
+
+def register_consumer(
+    client: TestClient, consumer_id: str, *, gpu_memory_mb: int | None = None, **fields: Any
+) -> dict[str, Any]:
+    response = client.put(
+        f"/consumers/{consumer_id}", json=consumer_body(gpu_memory_mb=gpu_memory_mb, **fields)
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def age_consumer(client: TestClient, consumer_id: str, seconds: float) -> None:
+    """Make the consumer last heard from `seconds` ago, as if it had stopped heartbeating."""
+    with client.app.state.session_factory() as session:
+        session.execute(
+            update(Consumer)
+            .where(Consumer.id == consumer_id)
+            .values(last_seen_at=utcnow() - timedelta(seconds=seconds))
+        )
+        session.commit()
