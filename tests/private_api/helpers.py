@@ -68,13 +68,28 @@ def register_model(
     )
 
 
-def submit(client: TestClient, model: str = "seg-model", data: bytes | None = None, **params) -> Response:
+def submit(
+    client: TestClient,
+    model: str = "seg-model",
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    **params,
+) -> Response:
+    """POST /tasks; `params` are query parameters, `headers` e.g. acting_as(...)."""
     files = {"zip_file": ("input.zip", make_zip() if data is None else data, "application/zip")}
-    return client.post("/tasks", params={"model_human_readable_id": model, **params}, files=files)
+    return client.post(
+        "/tasks", params={"model_human_readable_id": model, **params}, files=files, headers=headers
+    )
 
 
-def submit_ok(client: TestClient, model: str = "seg-model", data: bytes | None = None, **params) -> dict:
-    response = submit(client, model, data, **params)
+def submit_ok(
+    client: TestClient,
+    model: str = "seg-model",
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    **params,
+) -> dict:
+    response = submit(client, model, data, headers, **params)
     assert response.status_code == 201, response.text
     return response.json()
 
