@@ -5,7 +5,9 @@ The rules, in one place:
   sees is decided by the private API from the identity the relay passes on (own tasks; all for
   operators; anonymous ones for anonymous callers);
 - listing models: any valid key, or anyone when either anonymous switch is on;
-- registering, changing and removing models: operator keys, or anyone with IS_ANONYMOUS_MODELS.
+- registering, changing and removing models: operator keys, or anyone with IS_ANONYMOUS_MODELS;
+- listing and draining consumers: operator keys only, whatever the anonymous switches say (the
+  consumers' hosts are the operators' own).
 A key that is sent is always checked: a wrong or revoked one is a 401 even where anonymous
 callers are let in, so a typo never silently turns into anonymous access.
 
@@ -47,6 +49,7 @@ class Access(Enum):
     TASKS = "tasks"
     READ_MODELS = "read models"
     OPERATOR = "operator"
+    OPERATOR_KEY = "operator key"
     # Any valid key: what a request no route serves needs to get past Traefik's check.
     KEY = "key"
 
@@ -93,6 +96,8 @@ def authorize(
         return
     if access is Access.OPERATOR and not principal.is_operator:
         raise PublicAPIError(403, "only operators may register, change or remove models")
+    if access is Access.OPERATOR_KEY and not principal.is_operator:
+        raise PublicAPIError(403, "only operator keys may see and drain consumers")
 
 
 async def declared_key_headers(
@@ -133,10 +138,13 @@ def _caller_allowed(access: Access) -> Callable[..., Awaitable[Principal | None]
 task_caller = _caller_allowed(Access.TASKS)
 model_reader = _caller_allowed(Access.READ_MODELS)
 require_operator = _caller_allowed(Access.OPERATOR)
+require_operator_key = _caller_allowed(Access.OPERATOR_KEY)
 
 TaskCallerDep = Annotated[Principal | None, Depends(task_caller)]
 # An operator, or anyone when IS_ANONYMOUS_MODELS is on (None: anonymous).
 ModelManagerDep = Annotated[Principal | None, Depends(require_operator)]
+# Always an operator's key.
+OperatorKeyDep = Annotated[Principal, Depends(require_operator_key)]
 
 
 def _route_access(route: APIRoute) -> Access:

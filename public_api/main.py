@@ -14,7 +14,7 @@ from public_api.config import PublicSettings
 from public_api.errors import install_error_handlers
 from public_api.metrics import Metrics, MetricsMiddleware
 from public_api.ratelimit import FailureBudget
-from public_api.routes import access, health, models, tasks
+from public_api.routes import access, consumers, health, models, tasks
 from public_api.upstream import PrivateAPI
 
 DESCRIPTION = """\
@@ -32,6 +32,9 @@ sees every task. A missing, unknown or revoked key is a **401**, a valid key wit
 without a key in (IS_ANONYMOUS_TASKS, IS_ANONYMOUS_MODELS); both are off by default. An address
 whose requests keep failing the key check gets **429** for a while (`Retry-After`); valid keys
 are never held back. The key is checked before any request body is read.
+
+**Consumers.** Operator keys list the job consumers with their state (`/api/consumers`) and
+drain or resume one (`/api/consumers/{consumer_id}/drain`, POST and DELETE).
 """
 
 
@@ -60,7 +63,7 @@ def create_app(settings: PublicSettings | None = None) -> FastAPI:
     install_json_body_limit(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
-    routers = (tasks.router, models.router, access.router, health.router)
+    routers = (tasks.router, models.router, consumers.router, access.router, health.router)
     for router in routers:
         app.include_router(router)
     # Every route with the dependencies it runs (/docs and /openapi.json included), for the

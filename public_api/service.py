@@ -8,6 +8,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from inference_server.contract import (
+    ConsumerPublic,
     HealthReport,
     ModelCreate,
     ModelPublic,
@@ -27,6 +28,7 @@ from public_api.upstream import PrivateAPI, checked
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
 _MODEL_LIST = TypeAdapter(list[ModelPublic])
 _TASK_LIST = TypeAdapter(list[TaskPublic])
+_CONSUMER_LIST = TypeAdapter(list[ConsumerPublic])
 
 
 def _parse(schema: type[SchemaT], data: Any) -> SchemaT:
@@ -189,6 +191,26 @@ async def delete_model(api: PrivateAPI, human_readable_id: str, *, caller: Princ
         headers=encode_acting_headers(caller),
     )
     return _parse(ModelPublic, data)
+
+
+async def list_consumers(api: PrivateAPI, *, caller: Principal) -> list[ConsumerPublic]:
+    data = await api.call("GET", PrivateRoutes.CONSUMERS, headers=encode_acting_headers(caller))
+    try:
+        return _CONSUMER_LIST.validate_python(data)
+    except ValidationError as exc:
+        raise UpstreamHTTPError(502, f"private API answered with an unexpected body: {exc}") from exc
+
+
+async def set_consumer_draining(
+    api: PrivateAPI, consumer_id: str, *, draining: bool, caller: Principal
+) -> ConsumerPublic:
+    """Drain (take no new task) or resume one consumer."""
+    data = await api.call(
+        "POST" if draining else "DELETE",
+        PrivateRoutes.CONSUMER_DRAIN.format(consumer_id=consumer_id),
+        headers=encode_acting_headers(caller),
+    )
+    return _parse(ConsumerPublic, data)
 
 
 async def readiness(api: PrivateAPI) -> tuple[bool, HealthReport]:
