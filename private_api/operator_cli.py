@@ -1,4 +1,5 @@
-"""The operator's database commands, `inference-server db ...` and `inference-server keys ...`.
+"""The operator's database commands: `inference-server db ...`, `inference-server keys ...` and
+`inference-server consumers ...`.
 
 They work on the private API's database directly, so they run wherever IS_DATABASE_URL reaches
 it (the private API's container, or the machine of the embedded platform), with no API running.
@@ -11,27 +12,30 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session
 
-from inference_server.contract import MAX_PRIORITY, ApiKeyRole
+from inference_server.contract import MAX_PRIORITY, ApiKeyRole, ConsumerPublic
 from inference_server.settings import ENV_PREFIX
 from private_api.config import PrivateSettings
+from private_api.consumer_registry import list_consumers, set_draining
 from private_api.db import make_engine, make_session_factory, upgrade_database
 from private_api.keys import create_key, list_keys, revoke_key, set_limits
 
 
 class DatabaseSettings(BaseSettings):
-    """Only the database URL, read as the private API reads it: database work needs none of the
-    service's secrets, so an operator's shell need not hold its token."""
+    """The database URL (and when a consumer counts as lost), read as the private API reads them:
+    database work needs none of the service's secrets, so an operator's shell need not hold its
+    token."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    # The private API's own default, so both find the same database when IS_DATABASE_URL is unset.
+    # The private API's own defaults, so both agree when the variables are unset.
     database_url: str = PrivateSettings.model_fields["database_url"].default
+    consumer_lost_after_s: float = PrivateSettings.model_fields["consumer_lost_after_s"].default
 
 
 def _database_url(args: argparse.Namespace) -> str:
@@ -131,9 +135,7 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
          _when(key.last_used_at), _limit(key.max_priority), _limit(key.max_active_tasks))
         for key in keys
     ]  # fmt: skip
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    _print_table(rows)
     return 0
 
 
@@ -147,9 +149,62 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpus(consumer: ConsumerPublic) -> str:
+    if not consumer.gpus:
+        return "-"
+    return ",".join(
+        f"{gpu.index}:{gpu.memory_total_mb}MiB{' (sim)' if gpu.simulated else ''}" for gpu in consumer.gpus
+    )
+
+
+def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _cmd_consumers_list(args: argparse.Namespace) -> int:
+    with _key_session(args) as session:
+        consumers = list_consumers(session=session, lost_after_s=DatabaseSettings().consumer_lost_after_s)
+    if args.json:
+        print(json.dumps([consumer.model_dump(mode="json") for consumer in consumers], indent=2))
+        return 0
+    if not consumers:
+        print("no consumer is registered")
+        return 0
+    rows = [("ID", "STATE", "HOST", "GPUS", "RUNNING", "LAST SEEN")]
+    rows += [
+        (consumer.id, str(consumer.state), consumer.host, _gpus(consumer), str(len(consumer.running_tasks)),
+         _when(consumer.last_seen_at))
+        for consumer in consumers
+    ]  # fmt: skip
+    _print_table(rows)
+    return 0
+
+
+def _cmd_consumers_drain(args: argparse.Namespace) -> int:
+    draining = args.consumers_command == "drain"
+    with _key_session(args) as session:
+        consumer = set_draining(
+            session=session,
+            consumer_id=args.consumer_id,
+            draining=draining,
+            lost_after_s=DatabaseSettings().consumer_lost_after_s,
+        )
+    if draining:
+        running = len(consumer.running_tasks)
+        print(
+            f"consumer {consumer.id!r} is draining: it takes no new task and finishes the {running} it "
+            "runs (it learns it at its next heartbeat); `consumers resume` undoes it"
+        )
+    else:
+        print(f"consumer {consumer.id!r} takes tasks again ({consumer.state})")
+    return 0
+
+
 def add_operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Adds `db` and `keys` to a command line; each sets `handler(args) -> exit code`, and expects
-    the top-level parser to define `--verbose`."""
+    """Adds `db`, `keys` and `consumers` to a command line; each sets `handler(args) -> exit
+    code`, and expects the top-level parser to define `--verbose`."""
     database = commands.add_parser("db", help="database maintenance")
     db_commands = database.add_subparsers(dest="db_command", required=True)
     upgrade = db_commands.add_parser("upgrade", help="migrate the database to the latest revision")
@@ -191,4 +246,24 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
     revoke.add_argument("name_or_id", metavar="NAME_OR_ID")
     revoke.set_defaults(handler=_cmd_keys_revoke)
     for command in (create, limit_cmd, listing, revoke):
+        command.add_argument("--database-url", help="default: IS_DATABASE_URL")
+
+    consumers = commands.add_parser(
+        "consumers",
+        help="list the job consumers; drain one for host maintenance, resume it after",
+        description="The consumers registered in the platform's database: run this where "
+        "IS_DATABASE_URL reaches it, e.g. `docker compose exec private_api inference-server consumers list`.",
+    )
+    consumer_commands = consumers.add_subparsers(dest="consumers_command", required=True)
+    consumer_list = consumer_commands.add_parser(
+        "list", help="every consumer: state (idle, busy, draining, lost), host, GPUs, running tasks"
+    )
+    consumer_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    consumer_list.set_defaults(handler=_cmd_consumers_list)
+    drain = consumer_commands.add_parser("drain", help="let a consumer finish its tasks and take no more")
+    resume = consumer_commands.add_parser("resume", help="let a drained consumer take tasks again")
+    for command in (drain, resume):
+        command.add_argument("consumer_id", metavar="ID")
+        command.set_defaults(handler=_cmd_consumers_drain)
+    for command in (consumer_list, drain, resume):
         command.add_argument("--database-url", help="default: IS_DATABASE_URL")
