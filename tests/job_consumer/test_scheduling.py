@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 
+import pika
+import pika.exceptions
 import pytest
 
 from inference_server.capacity import TaskNeeds
 from inference_server.contract import PrivateRoutes, TaskPublic, TaskStatus
 from job_consumer.consumer import Consumer
+from job_consumer.workspace import OWNER_FILE
 from tests import images
 from tests.helpers import wait_until
 from tests.job_consumer.helpers import ConsumerThread
@@ -261,3 +265,65 @@ def test_stop_now_hands_back_every_running_task(
         assert not task_folders(consumer.settings.resolved_work_dir, uid)
     assert running_uids(docker_client, uids) == set()
     wait_until(lambda: queue_depth(rabbitmq_url, gpu_queue) == 3, 20, "all three back on the GPU queue")
+
+
+def test_the_sweep_beside_running_tasks_keeps_theirs_and_removes_leftovers(
+    private_api, make_consumer, test_images, docker_client
+):
+    model_id = register_gated(private_api, "swept", use_gpu=True, gpu_memory_mb=1000)
+    # Sweeps every half second, so several run while the tasks do.
+    consumer = make_consumer(simulate_gpu_memory_mb=24576, cleanup_interval_s=0.5)
+    work_dir = consumer.settings.resolved_work_dir
+    worker = ConsumerThread(consumer).start()
+    uids = [private_api.submit(model_id, {f"{n}.txt": b"n"}).uid for n in range(2)]
+    wait_until(lambda: running_uids(docker_client, uids) == set(uids), 60, "two running containers")
+    leftover = work_dir / "crashedtask000000001-a1-00000000"
+    (leftover / "output").mkdir(parents=True)
+    (leftover / OWNER_FILE).write_text(consumer.settings.consumer_id)
+
+    wait_until(lambda: not leftover.exists(), 20, "the sweep to remove the crash leftover")
+    assert running_uids(docker_client, uids) == set(uids)
+    assert all(task_folders(work_dir, uid) for uid in uids)
+    for uid in uids:
+        open_gate(consumer, uid)
+    for uid in uids:
+        wait_until(lambda uid=uid: finished(private_api, uid), 60, f"task {uid}")
+    consumer.request_stop()
+    assert worker.join(30) == 2
+
+
+def test_a_lost_broker_connection_leaves_the_running_tasks_running_and_comes_back(
+    private_api, make_consumer, test_images, docker_client, rabbitmq_url, gpu_queue, caplog
+):
+    model_id = register_gated(private_api, "reconnect", use_gpu=True, gpu_memory_mb=1000)
+    consumer = make_consumer(simulate_gpu_memory_mb=24576)
+    lose, lost = threading.Event(), threading.Event()
+    real_wait = consumer._wait
+
+    def wait_losing_the_connection_once(seconds: float) -> None:
+        if lose.is_set() and not lost.is_set():
+            lost.set()
+            raise pika.exceptions.StreamLostError("connection lost (test)")
+        real_wait(seconds)
+
+    consumer._wait = wait_losing_the_connection_once
+    caplog.set_level(logging.WARNING, logger="job_consumer")
+    worker = ConsumerThread(consumer).start()
+    uids = [private_api.submit(model_id, {f"{n}.txt": b"n"}).uid for n in range(2)]
+    wait_until(lambda: running_uids(docker_client, uids) == set(uids), 60, "two running containers")
+
+    lose.set()
+    wait_until(lost.is_set, 10, "the connection to be lost")
+    assert "RabbitMQ connection lost" in caplog.text
+    # Reconnected while both still run, and takes a third task beside them.
+    third = private_api.submit(model_id, {"c.txt": b"c"}).uid
+    wait_until(lambda: running_container(docker_client, third), 60, "a third task after reconnecting")
+    assert running_uids(docker_client, uids) == set(uids)
+    for uid in [*uids, third]:
+        open_gate(consumer, uid)
+    for uid in [*uids, third]:
+        done = wait_until(lambda uid=uid: finished(private_api, uid), 60, f"task {uid}")
+        assert done.attempts == 1  # their leases were kept up throughout
+    consumer.request_stop()
+    assert worker.join(30) == 3
+    assert consumers_on(rabbitmq_url, gpu_queue) == 0
