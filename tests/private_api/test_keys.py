@@ -174,7 +174,7 @@ def test_every_private_route_but_liveness_refuses_callers_without_the_service_to
     ]
     assert ("POST", "/auth/resolve") in operations and ("PATCH", "/models/{human_readable_id}") in operations
     for method, path in operations:
-        url = path.format(uid="0" * 32, human_readable_id="seg-model")
+        url = path.format(uid="0" * 32, human_readable_id="seg-model", consumer_id="consumer-a")
         for token in ("", "wrong-token-0123456789"):
             response = client.request(method, url, headers={SERVICE_TOKEN_HEADER: token, **OPERATOR})
             expected = 200 if path == "/health/live" else 401
