@@ -119,7 +119,7 @@ def private_only_requests(uid: str = "no-such-task") -> list[tuple[str, str]]:
     """Every private API route that has no public counterpart (health and metrics exist on both)."""
     shared = {PrivateRoutes.HEALTH_LIVE, PrivateRoutes.HEALTH_READY, PrivateRoutes.METRICS}
     paths = [
-        value.format(uid=uid, human_readable_id="passthrough")
+        value.format(uid=uid, human_readable_id="passthrough", consumer_id="passthrough")
         for name, value in vars(PrivateRoutes).items()
         if name.isupper() and value not in shared
     ]
@@ -131,6 +131,7 @@ def private_only_requests(uid: str = "no-such-task") -> list[tuple[str, str]]:
         "/cancel": "POST",
         "/logs": "PUT",
         "/output": "POST",
+        "/drain": "POST",
     }
     requests = []
     for path in paths:
@@ -138,6 +139,8 @@ def private_only_requests(uid: str = "no-such-task") -> list[tuple[str, str]]:
         requests.append((method, path))
         if path in (PrivateRoutes.TASKS, PrivateRoutes.MODELS):
             requests.append(("POST", path))
+        if path == PrivateRoutes.CONSUMER.format(consumer_id="passthrough"):
+            requests.append(("PUT", path))  # how a consumer registers
     return requests
 
 
