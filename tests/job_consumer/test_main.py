@@ -53,6 +53,7 @@ def test_help_and_missing_token(tmp_path):
     )
     assert help_run.returncode == 0
     assert "--max-tasks" in help_run.stdout and "--gpu" in help_run.stdout
+    assert "--simulate-gpu-memory-mb" in help_run.stdout
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("IS_")}
     no_token = subprocess.run(
