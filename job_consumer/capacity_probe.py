@@ -10,9 +10,11 @@ import os
 import socket
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from inference_server.contract import ConsumerRegistration, GpuInfo
 from job_consumer.config import ConsumerSettings
+from job_consumer.runner import NVIDIA_VISIBLE_DEVICES
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +72,11 @@ def nvml_gpu(gpu: str) -> GpuInfo:
             "or IS_SIMULATE_GPU_MEMORY_MB for a simulated GPU. GPU tasks never run on the CPU"
         ) from exc
     try:
-        handle = (
-            pynvml.nvmlDeviceGetHandleByIndex(int(gpu))
-            if gpu.isdigit()
-            else pynvml.nvmlDeviceGetHandleByUUID(gpu)
-        )
+        handle = _nvml_handle(pynvml, gpu)
         return GpuInfo(
-            index=int(pynvml.nvmlDeviceGetIndex(handle)),
+            # The host's index, which the consumer names in its device requests, also where
+            # NVML in the consumer's own container numbers the GPU differently.
+            index=int(gpu) if gpu.isdigit() else int(pynvml.nvmlDeviceGetIndex(handle)),
             uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
             name=_text(pynvml.nvmlDeviceGetName(handle))[:256],
             memory_total_mb=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total) // MIB,
@@ -88,6 +88,17 @@ def nvml_gpu(gpu: str) -> GpuInfo:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError as exc:
             log.debug("NVML shutdown: %s", exc)
+
+
+def _nvml_handle(pynvml: Any, gpu: str) -> Any:
+    if not gpu.isdigit():
+        return pynvml.nvmlDeviceGetHandleByUUID(gpu)
+    # A consumer in a container the NVIDIA runtime gave its one GPU (Compose's device
+    # reservation, Swarm's NVIDIA_VISIBLE_DEVICES) sees that GPU alone, numbered 0 whatever its
+    # index on the host; the runtime names the host's index in NVIDIA_VISIBLE_DEVICES.
+    if os.environ.get(NVIDIA_VISIBLE_DEVICES, "").strip() == gpu and int(pynvml.nvmlDeviceGetCount()) == 1:
+        return pynvml.nvmlDeviceGetHandleByIndex(0)
+    return pynvml.nvmlDeviceGetHandleByIndex(int(gpu))
 
 
 def _text(value: object) -> str:

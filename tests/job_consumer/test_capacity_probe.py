@@ -167,6 +167,39 @@ def test_nvml_answers_become_the_gpu_declared(monkeypatch):
     assert calls == ["init", "shutdown"] * 3  # shut down again, whatever happened
 
 
+def test_in_a_container_given_one_gpu_nvml_numbers_it_0_and_the_host_index_is_declared(monkeypatch):
+    """Compose's consumer_gpu1: the runtime gave the consumer's container host GPU 1 alone."""
+
+    class NVMLError(Exception):
+        pass
+
+    def by_index(index: int) -> str:
+        if index != 0:
+            raise NVMLError("Invalid Argument")
+        return "only-gpu"
+
+    stand_in = types.SimpleNamespace(
+        NVMLError=NVMLError,
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: 1,
+        nvmlDeviceGetHandleByIndex=by_index,
+        nvmlDeviceGetIndex=lambda handle: 0,
+        nvmlDeviceGetUUID=lambda handle: "GPU-host-one",
+        nvmlDeviceGetName=lambda handle: "NVIDIA H200",
+        nvmlDeviceGetMemoryInfo=lambda handle: types.SimpleNamespace(total=1024 * 1024 * 1024),
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", stand_in)
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "1")
+
+    gpu = capacity_probe.nvml_gpu("1")
+    assert (gpu.index, gpu.uuid, gpu.memory_total_mb) == (1, "GPU-host-one", 1024)
+    # Without the runtime's word, index 1 is looked up as such, and is not there.
+    monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES")
+    with pytest.raises(CapacityProbeError, match="GPU 1: NVML cannot read it"):
+        capacity_probe.nvml_gpu("1")
+
+
 def test_a_real_gpu_through_nvml():
     """Only where an NVIDIA driver is present: GPU 0 as the driver reports it."""
     pynvml = pytest.importorskip("pynvml")
