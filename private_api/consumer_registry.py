@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from inference_server.contract import (
@@ -88,9 +89,30 @@ def register_consumer(
     *, session: Session, consumer_id: str, registration: ConsumerRegistration, lost_after_s: float
 ) -> ConsumerPublic:
     """Insert or update the consumer's row; an operator's drain survives the consumer's restart."""
+    try:
+        public = _upsert(session, consumer_id, registration, lost_after_s)
+    except IntegrityError:
+        # Two first registrations of one id raced and the other inserted first: update its row.
+        session.rollback()
+        public = _upsert(session, consumer_id, registration, lost_after_s)
+    log.info(
+        "consumer %s registered from %s (%d GPUs, %g CPUs, %d MiB, up to %d tasks)",
+        consumer_id,
+        registration.host,
+        len(registration.gpus),
+        registration.cpus,
+        registration.memory_mb,
+        registration.max_tasks,
+    )
+    return public
+
+
+def _upsert(
+    session: Session, consumer_id: str, registration: ConsumerRegistration, lost_after_s: float
+) -> ConsumerPublic:
     now = utcnow()
     values = registration.model_dump(mode="json")
-    consumer = session.get(Consumer, consumer_id, with_for_update=True)
+    consumer = session.get(Consumer, consumer_id, with_for_update=True, populate_existing=True)
     if consumer is None:
         consumer = Consumer(
             id=consumer_id, **values, running_tasks=[], draining=False, registered_at=now, last_seen_at=now
@@ -103,15 +125,6 @@ def register_consumer(
     session.flush()
     public = _public(consumer, now=now, lost_after_s=lost_after_s)
     session.commit()
-    log.info(
-        "consumer %s registered from %s (%d GPUs, %g CPUs, %d MiB, up to %d tasks)",
-        consumer_id,
-        registration.host,
-        len(registration.gpus),
-        registration.cpus,
-        registration.memory_mb,
-        registration.max_tasks,
-    )
     return public
 
 

@@ -3,6 +3,8 @@ what, and the answers to bad requests."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -75,6 +77,7 @@ def test_heartbeats_make_a_consumer_busy_and_tell_it_to_drain(client: TestClient
 
 
 def test_a_consumer_not_heard_from_is_lost_and_forgotten_after_a_day(client: TestClient) -> None:
+    client.app.state.maintenance.stop()  # this test runs the sweep itself
     register_consumer(client, "gone")
     register_consumer(client, "long-gone")
     register_consumer(client, "alive")
@@ -187,3 +190,10 @@ def test_consumers_by_state_in_metrics(client: TestClient) -> None:
     assert 'inference_consumers{state="busy"} 1.0' in text
     assert 'inference_consumers{state="lost"} 1.0' in text
     assert 'inference_consumers{state="draining"} 0.0' in text
+
+
+def test_simultaneous_first_registrations_of_one_id_all_succeed(client: TestClient) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _n: client.put("/consumers/c1", json=consumer_body()), range(8)))
+    assert [answer.status_code for answer in answers] == [200] * 8, [a.text for a in answers]
+    assert list(_listed(client)) == ["c1"]

@@ -191,6 +191,7 @@ def test_fair_share_off(start_app, make_settings, queue) -> None:
 def test_the_outbox_reaches_every_owner_past_one_owners_backlog(client: TestClient, queue) -> None:
     register_model(client)
     app = client.app
+    app.state.maintenance.stop()  # this test runs the outbox itself
     blobs = app.state.blobs
     with app.state.session_factory() as session:
 
@@ -235,6 +236,7 @@ def test_a_retry_goes_ahead_of_its_level_and_past_the_owners_cap(client: TestCli
 
 def test_unrunnable_tasks_fail_after_the_timeout(start_app, make_settings, gpu_queue) -> None:
     client = start_app(make_settings(unrunnable_timeout_s=600))
+    client.app.state.maintenance.stop()  # this test runs the sweep itself
     register_model(client, "gpu-model", use_gpu=True)
     register_model(client)
     old_gpu = submit_ok(client, "gpu-model")["uid"]
