@@ -288,7 +288,8 @@ class Consumer:
 
     def _give_up(self, error: ConsumerConfigError) -> None:
         """Reconnecting cannot help: take nothing more, let running tasks finish, then raise."""
-        log.error("%s", error)
+        if self._running:
+            log.error("%s; finishing the %d running task(s) first", error, len(self._running))
         self._fatal = error
         self._stop_requested = True
 

@@ -8,10 +8,11 @@ import secrets
 from datetime import timedelta
 from pathlib import Path
 
+import pika
 import pytest
 
 from inference_server.contract import TaskPublic, TaskStatus
-from job_consumer.consumer import Consumer
+from job_consumer.consumer import Consumer, ConsumerConfigError
 from job_consumer.runner import LABEL_CONSUMER, LABEL_MANAGED, LABEL_TASK
 from job_consumer.workspace import MODELS_DIR, OWNER_FILE, TEMP_PREFIX
 from tests import images
@@ -335,3 +336,20 @@ def test_start_up_removes_this_consumers_leftovers_only(make_settings, docker_cl
     finally:
         for leftover in task_containers(docker_client, "leftoverworkdir00001"):
             leftover.remove(force=True)
+
+
+def test_a_queue_declared_with_other_arguments_stops_the_consumer_with_a_clear_error(
+    make_settings, rabbitmq_url, queue_name, cpu_queue, docker_client
+):
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        connection.channel().queue_declare(cpu_queue, durable=True, arguments={"x-max-priority": 3})
+    finally:
+        connection.close()
+    consumer = Consumer(
+        make_settings(rabbitmq_url=rabbitmq_url, queue_name=queue_name, private_api_url="http://127.0.0.1:9"),
+        docker_client=docker_client,
+    )
+
+    with pytest.raises(ConsumerConfigError, match=f"cannot declare queue '{cpu_queue}'"):
+        consumer.run()
