@@ -28,7 +28,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import docker
@@ -192,11 +191,6 @@ class Consumer:
     @property
     def current_task_uids(self) -> set[str]:
         return set(self._running)
-
-    @property
-    def current_workspaces(self) -> list[Path]:
-        workspaces = (running.task.workspace for running in self._running.values())
-        return [workspace.root for workspace in workspaces if workspace is not None]
 
     def request_stop(self, now: bool = False) -> None:
         """now=False: finish the running tasks, then exit. now=True: stop them and hand them back."""
