@@ -1,16 +1,23 @@
-"""`inference-server standalone`: which consumers its flags start, and the environment each gets
-(its GPU, real or simulated, its capacity), without starting the services."""
+"""`inference-server standalone`: which consumers its flags start and the environment each gets
+(its GPU, real or simulated, its capacity), without starting the services; then the command for
+real with one simulated GPU."""
 
 from __future__ import annotations
 
+import os
+import signal
 import stat
 import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
+from inference_server.contract import PublicRoutes
+from inference_server.data_folder import OPERATOR_KEY_FILE
 from local_platform.cli import _platform_of, build_parser, main
 from local_platform.gpus import GpuDetectionError, detect_gpus
 from local_platform.launcher import (
@@ -19,6 +26,8 @@ from local_platform.launcher import (
     LocalPlatform,
     SchedulingSettings,
 )
+from local_platform.ports import free_port
+from tests.helpers import wait_until
 
 BIN = Path(sys.executable).parent
 GPU_ENV = ("IS_GPU", "IS_SIMULATE_GPU_MEMORY_MB", "IS_TAKE_CPU_TASKS")
@@ -255,3 +264,72 @@ def test_gpus_all_on_this_host_without_a_gpu_exits_with_the_error_not_a_tracebac
     assert "Traceback" not in completed.stderr
     assert completed.stderr.startswith("inference-server: error: --gpus all")
     assert completed.stderr.strip().count("\n") == 0
+
+
+# --- the command, for real ------------------------------------------------------------------------
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_standalone_with_consumers_0_and_one_simulated_gpu_runs_that_one_consumer(
+    tmp_path: Path, queue_name: str, rabbitmq_url: str
+) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    env = {**os.environ, "IS_QUEUE_NAME": queue_name, "IS_RABBITMQ_URL": rabbitmq_url}
+    env.pop("IS_DATABASE_URL", None)  # the data folder's own SQLite database
+    output = tmp_path / "standalone.out"
+    with output.open("wb") as sink:
+        standalone = subprocess.Popen(
+            [
+                str(BIN / "inference-server"),
+                "standalone",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data),
+                "--consumers",
+                "0",
+                "--simulate-gpus",
+                "1",
+                "--gpu-memory-mb",
+                "24576",
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+
+        def registered_consumers() -> list[dict[str, Any]] | None:
+            if not (data / OPERATOR_KEY_FILE).exists():
+                return None
+            key = (data / OPERATOR_KEY_FILE).read_text().strip()
+            try:
+                response = httpx.get(
+                    f"http://127.0.0.1:{port}{PublicRoutes.CONSUMERS}",
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=10,
+                )
+            except httpx.HTTPError:
+                return None  # not listening yet
+            listed: list[dict[str, Any]] = response.json() if response.status_code == 200 else []
+            return listed or None
+
+        consumers = wait_until(registered_consumers, 120, "the standalone platform's consumer to register")
+    finally:
+        standalone.send_signal(signal.SIGTERM)
+        code = standalone.wait(90)
+    printed = output.read_text(errors="replace")
+    (consumer,) = consumers
+    print(
+        f"standalone --consumers 0 --simulate-gpus 1 --gpu-memory-mb 24576: consumers registered "
+        f"{[(c['id'], c['gpus'], c['takes_gpu_tasks'], c['takes_cpu_tasks']) for c in consumers]}; "
+        f"exit {code}"
+    )
+    assert [(gpu["index"], gpu["memory_total_mb"], gpu["simulated"]) for gpu in consumer["gpus"]] == [
+        (0, 24576, True)
+    ]
+    assert consumer["takes_gpu_tasks"] is True
+    assert "0 CPU consumer(s), 1 consumer(s) with a simulated GPU of 24576 MiB" in printed
+    assert code == 0 and "all services stopped" in printed, printed
