@@ -71,6 +71,8 @@ class Driver:
 
     platform: LocalPlatform
     operator: dict[str, str] = field(default_factory=dict)
+    # Every gate a task was submitted behind, so none is left closed when the platform stops.
+    gates: set[str] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -100,6 +102,7 @@ class Driver:
         files = {"payload.txt": payload.encode()}
         if gate is not None:
             files["gate.txt"] = gate.encode()
+            self.gates.add(gate)
         params: dict[str, str | int] = {"model_human_readable_id": model}
         if priority is not None:
             params["priority"] = priority
@@ -128,6 +131,12 @@ class Driver:
         """Lets the task waiting on `gate` finish; its model must have been unpacked (it ran)."""
         assert self.gate_folder.is_dir(), f"no consumer has unpacked the gated model in {self.gate_folder}"
         (self.gate_folder / f"open-{gate}").touch()
+
+    def open_every_gate(self) -> None:
+        """After a failed test: its held tasks end, so stopping the consumers leaves no container."""
+        if self.gate_folder.is_dir():
+            for gate in self.gates:
+                (self.gate_folder / f"open-{gate}").touch()
 
     def wait_for_status(self, uid: str, status: str, what: str) -> dict[str, Any]:
         return wait_until(
@@ -225,7 +234,7 @@ def start_platform(
 ) -> Iterator[Callable[..., Driver]]:
     """Starts platforms shared by this module's tests, each on queues of its own; all are stopped
     (and their queues deleted) after the module."""
-    started: list[tuple[LocalPlatform, str]] = []
+    started: list[tuple[Driver, str]] = []
 
     def start(label: str, **options: Any) -> Driver:
         queue = f"is-test-{test_session_id}-{label}-{secrets.token_hex(4)}"
@@ -238,14 +247,17 @@ def start_platform(
             extra_env={"IS_REAPER_INTERVAL_S": "0.5", "IS_HEARTBEAT_INTERVAL_S": "1"},
             **options,
         )
-        started.append((platform, queue))
+        driver = Driver(platform)
+        started.append((driver, queue))
         platform.start()
         key = platform.operator_key_file.read_text().strip()
-        return Driver(platform, operator={"Authorization": f"Bearer {key}"})
+        driver.operator = {"Authorization": f"Bearer {key}"}
+        return driver
 
     yield start
-    for platform, queue in started:
-        platform.stop()
+    for driver, queue in started:
+        driver.open_every_gate()
+        driver.platform.stop()
         _delete_queues(rabbitmq_url, queue)
 
 
