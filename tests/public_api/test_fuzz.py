@@ -46,6 +46,12 @@ def no_server_error(_ctx: object, response: schemathesis.Response, case: schemat
     raise AssertionError(f"{case.method} {case.formatted_path} answered {status}: {response.text[:500]}")
 
 
+def refused_by_the_http_parser(response: schemathesis.Response) -> bool:
+    """uvicorn's own answer to bytes that are no valid HTTP request (a generated header value with
+    control characters, say): plain text, before any route runs. Traefik refuses them alike."""
+    return response.status_code == 400 and response.text == "Invalid HTTP request received."
+
+
 @pytest.fixture(scope="module")
 def fuzz_target(private_api: PrivateStack) -> Iterator[tuple[str, str]]:
     """A public API with production access rules (no anonymous callers) and an operator key."""
@@ -73,10 +79,7 @@ def test_public_api_conforms_to_its_openapi_document(
     excluded = [not_a_server_error]
     if (case.method.upper(), case.path) in ZIP_UPLOAD_ROUTES:
         excluded.append(positive_data_acceptance)
-    case.call_and_validate(
-        base_url=base_url,
-        headers=headers,
-        excluded_checks=excluded,
-        additional_checks=[no_server_error],
-        timeout=30,
-    )
+    response = case.call(base_url=base_url, headers=headers, timeout=30)
+    if refused_by_the_http_parser(response):
+        return  # the app never saw it: no answer of the app's to hold to its document
+    case.validate_response(response, excluded_checks=excluded, additional_checks=[no_server_error])
