@@ -6,7 +6,7 @@ while it holds three tasks.
 Real RabbitMQ, real consumer processes, real containers; GPUs are simulated. Two platforms are
 shared by the module's tests (starting one costs seconds, the suite has a budget): one with a
 single CPU consumer, one with a single consumer owning a simulated 24576 MiB GPU. Each test
-starts from an idle platform and leaves its tasks ended.
+starts from an idle platform; what it leaves pending or running is cancelled after it.
 
 A test holds a task running through a gate: the model waits until a file named after the task's
 gate appears in its unpacked model folder, which the test writes on the host (the container sees
@@ -138,6 +138,17 @@ class Driver:
             for gate in self.gates:
                 (self.gate_folder / f"open-{gate}").touch()
 
+    def settle(self) -> None:
+        """After a test: whatever it left held or waiting ends, so the next test starts from rest
+        even when this one failed half-way."""
+        self.open_every_gate()
+        response = requests.get(f"{self.url}{PublicRoutes.TASKS}", headers=self.operator, timeout=30)
+        assert response.status_code == 200, response.text
+        for task in response.json():
+            if task["status"] in ("pending", "running"):
+                # Not checked: the task may have ended since the listing.
+                requests.post(f"{self.url}/api/tasks/{task['uid']}/cancel", headers=self.operator, timeout=30)
+
     def wait_for_status(self, uid: str, status: str, what: str) -> dict[str, Any]:
         return wait_until(
             lambda: (state := self.status(uid))["status"] == status and state, RUN_TIMEOUT_S, what
@@ -155,10 +166,6 @@ class Driver:
         response = requests.get(f"{self.url}/api/tasks/{uid}", headers=self.operator, timeout=60)
         assert response.status_code == 200, f"{uid}: {response.status_code} {response.text}"
         return zip_members(response.content)
-
-    def cancel(self, uid: str) -> None:
-        response = requests.post(f"{self.url}/api/tasks/{uid}/cancel", headers=self.operator, timeout=30)
-        assert response.status_code == 200, response.text
 
     def consumers(self) -> dict[str, dict[str, Any]]:
         response = requests.get(f"{self.url}{PublicRoutes.CONSUMERS}", headers=self.operator, timeout=30)
@@ -262,7 +269,7 @@ def start_platform(
 
 
 @pytest.fixture(scope="module")
-def cpu_platform(start_platform: Callable[..., Driver]) -> Driver:
+def shared_cpu_platform(start_platform: Callable[..., Driver]) -> Driver:
     """One CPU consumer; a short lease so a killed consumer's task comes back within seconds."""
     driver = start_platform("cpu", consumers=1, scheduling=SchedulingSettings(lease_seconds=LEASE_S))
     driver.register("cpu-gated")
@@ -271,7 +278,7 @@ def cpu_platform(start_platform: Callable[..., Driver]) -> Driver:
 
 
 @pytest.fixture(scope="module")
-def gpu_platform(start_platform: Callable[..., Driver]) -> Driver:
+def shared_gpu_platform(start_platform: Callable[..., Driver]) -> Driver:
     """One consumer owning a simulated 24576 MiB GPU, no CPU consumer. Its capacity is set so that
     GPU memory, not cores, memory or task slots, is what limits the packing."""
     driver = start_platform(
@@ -285,6 +292,18 @@ def gpu_platform(start_platform: Callable[..., Driver]) -> Driver:
     driver.register("gpu-8000", use_gpu=True, gpu_memory_mb=TASK_GPU_MIB, cpus=0.5, memory_mb=512, tmp_mb=64)
     driver.register("gpu-30000", use_gpu=True, gpu_memory_mb=30000, cpus=0.5, memory_mb=512, tmp_mb=64)
     return driver
+
+
+@pytest.fixture
+def cpu_platform(shared_cpu_platform: Driver) -> Iterator[Driver]:
+    yield shared_cpu_platform
+    shared_cpu_platform.settle()
+
+
+@pytest.fixture
+def gpu_platform(shared_gpu_platform: Driver) -> Iterator[Driver]:
+    yield shared_gpu_platform
+    shared_gpu_platform.settle()
 
 
 # --- a. GPU and CPU work kept apart -------------------------------------------------------------
@@ -311,7 +330,6 @@ def test_a_gpu_task_waits_for_a_gpu_while_a_later_cpu_task_finishes(cpu_platform
     assert waiting["consumer_id"] is None  # no CPU consumer ever claimed it
     assert "needs a GPU" in waiting["waiting_reason"]
     assert "no GPU consumer is registered" in waiting["waiting_reason"]
-    driver.cancel(gpu_task)
 
 
 # --- b, c. A simulated GPU -------------------------------------------------------------------
@@ -389,7 +407,6 @@ def test_c_a_task_needing_more_gpu_memory_than_any_gpu_has_says_so(gpu_platform:
     assert state["status"] == "pending"
     assert "30000 MiB" in reason
     assert str(GPU_MIB) in reason
-    driver.cancel(uid)
 
 
 # --- d. Priority, FIFO within a level, retries ----------------------------------------------------
