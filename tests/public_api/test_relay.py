@@ -49,7 +49,7 @@ def test_register_and_list_models(http: httpx.Client, public_url: str) -> None:
     with_zip = unique_id()
     response = http.post(
         public_url + PublicRoutes.MODELS,
-        params=_model_params(with_zip, model_available=True, use_gpu=True, memory_mb=512),
+        params=_model_params(with_zip, model_available=True, use_gpu=True, memory_mb=512, gpu_memory_mb=8000),
         files={"zip_file": ("weights.zip", make_zip({"weights.bin": b"\x01" * 1000}), "application/zip")},
     )
     assert response.status_code == 200, response.text
@@ -57,6 +57,7 @@ def test_register_and_list_models(http: httpx.Client, public_url: str) -> None:
     assert model.human_readable_id == with_zip
     assert model.model_available and model.use_gpu
     assert model.memory_mb == 512
+    assert model.gpu_memory_mb == 8000
     assert model.model_zip_sha256
     listed = http.get(public_url + PublicRoutes.MODELS)
     assert listed.status_code == 200
@@ -87,6 +88,11 @@ def test_model_errors_pass_through_with_their_detail(http: httpx.Client, public_
     out_of_range = http.post(public_url + PublicRoutes.MODELS, params=_model_params(unique_id(), memory_mb=1))
     assert out_of_range.status_code == 422
     assert "memory_mb" in out_of_range.json()["detail"]
+    no_gpu_memory = http.post(
+        public_url + PublicRoutes.MODELS, params=_model_params(unique_id(), gpu_memory_mb=0)
+    )
+    assert no_gpu_memory.status_code == 422
+    assert "gpu_memory_mb" in no_gpu_memory.json()["detail"]
     without_zip = http.post(
         public_url + PublicRoutes.MODELS, params=_model_params(unique_id(), model_available=True)
     )
