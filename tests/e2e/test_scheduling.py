@@ -522,13 +522,14 @@ def test_g_a_drained_consumer_finishes_its_task_takes_no_more_and_resumes(cpu_pl
 
     drained = driver.drain(consumer_id)
     assert drained.status_code == 200, drained.text
+    # Waiting when the running task ends: once the drain is answered, the consumer takes no more.
+    held_task = driver.submit("cpu-gated", payload="while drained")
+    submitted = moment(driver.status(held_task)["created_at"])
     listed = driver.consumers()[consumer_id]
     assert listed["draining"] is True and listed["state"] == "draining", listed
 
     driver.open_gate(gate)
     finished = driver.wait_for_status(running_task, "finished", "the running task to finish while draining")
-    held_task = driver.submit("cpu-gated", payload="while drained")
-    submitted = moment(driver.status(held_task)["created_at"])
     # Two heartbeats after the submission the consumer is alive and has had every chance to take it.
     wait_until(
         lambda: (moment(driver.consumers()[consumer_id]["last_seen_at"]) - submitted).total_seconds() > 2,
