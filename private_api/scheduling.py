@@ -105,6 +105,20 @@ def candidates() -> Select[*tuple[Any, ...]]:
     )
 
 
+def candidate_of_task(task: Task) -> Candidate:
+    """The candidate for a loaded task row (its model is loaded with it)."""
+    return Candidate(
+        id=task.id,
+        uid=task.uid,
+        priority=task.priority,
+        retry=task.started_at is not None,
+        owner=task.owner,
+        created_at=task.created_at,
+        published_at=task.published_at,
+        needs=TaskNeeds.of_model(task.model),
+    )
+
+
 def load_candidate(session: Session, task_id: int) -> Candidate | None:
     row = session.execute(candidates().where(Task.id == task_id)).first()
     return None if row is None else Candidate.of_row(row)
@@ -247,10 +261,17 @@ def pending_task_waiting_reason(session: Session, policy: SchedulingPolicy, task
     """waiting_reason for a task row; None unless it is pending."""
     if task.status != TaskStatus.PENDING:
         return None
-    candidate = load_candidate(session, task.id)
-    if candidate is None:  # no longer pending since the row was read
-        return None
-    return waiting_reason(session, Fleet.load(session, policy), policy, candidate)
+    return waiting_reason(session, Fleet.load(session, policy), policy, candidate_of_task(task))
+
+
+def waiting_reasons(session: Session, policy: SchedulingPolicy, tasks: list[Task]) -> dict[str, str]:
+    """waiting_reason of each pending task among `tasks` (a listing): the consumers are read
+    once, then at most one count per pending task."""
+    pending = [task for task in tasks if task.status == TaskStatus.PENDING]
+    if not pending:
+        return {}
+    fleet = Fleet.load(session, policy)
+    return {task.uid: waiting_reason(session, fleet, policy, candidate_of_task(task)) for task in pending}
 
 
 def fail_unrunnable(

@@ -18,7 +18,7 @@ from private_api.model_registry import required_model
 from private_api.models import ApiKey, Task, utcnow
 from private_api.outbox import Publish, dispatch
 from private_api.queue import TaskPublisher
-from private_api.scheduling import SchedulingPolicy, pending_task_waiting_reason
+from private_api.scheduling import SchedulingPolicy, pending_task_waiting_reason, waiting_reasons
 from private_api.task_rows import (
     ACTIVE_STATUSES,
     load_task,
@@ -150,8 +150,10 @@ def list_tasks(
     status: TaskStatus | None = None,
     limit: int = 100,
     offset: int = 0,
+    policy: SchedulingPolicy | None = None,
 ) -> list[TaskPublic]:
-    """The tasks `actor` may see, newest first; deleted ones are left out.
+    """The tasks `actor` may see, newest first; deleted ones are left out. With `policy`, pending
+    ones say why they wait (waiting_reason).
 
     Anonymous callers get an empty list: anonymous tasks are reachable only by their uid, and
     listing them would hand every anonymous caller the uids of all the others.
@@ -161,8 +163,9 @@ def list_tasks(
     statement = select(Task).where(Task.status != TaskStatus.DELETED, *owner_conditions(actor))
     if status is not None:
         statement = statement.where(Task.status == status)
-    tasks = session.scalars(statement.order_by(Task.id.desc()).offset(offset).limit(limit))
-    return [task_public(task) for task in tasks]
+    tasks = list(session.scalars(statement.order_by(Task.id.desc()).offset(offset).limit(limit)))
+    reasons = waiting_reasons(session, policy, tasks) if policy is not None else {}
+    return [task_public(task).model_copy(update={"waiting_reason": reasons.get(task.uid)}) for task in tasks]
 
 
 def input_blob_key(*, session: Session, uid: str, actor: Actor | None = None) -> str:

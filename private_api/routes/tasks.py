@@ -90,11 +90,14 @@ async def submit_task(
 def list_tasks(
     session: SessionDep,
     actor: ActorDep,
+    policy: SchedulingDep,
     status: TaskStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[TaskPublic]:
-    return task_lifecycle.list_tasks(session=session, actor=actor, status=status, limit=limit, offset=offset)
+    return task_lifecycle.list_tasks(
+        session=session, actor=actor, status=status, limit=limit, offset=offset, policy=policy
+    )
 
 
 @router.get(PrivateRoutes.TASK, response_model=TaskPublic)

@@ -170,6 +170,9 @@ def test_owners_take_turns(client: TestClient, queue) -> None:
     assert _drain_messages(queue) == [alice[0], alice[1], bob]
     assert [task_row(client, uid).published_at is None for uid in alice] == [False, False, True, True, True]
     assert _reason(client, alice[2]) == "waiting for its turn: its owner already has 2 tasks queued"
+    listed = {task["uid"]: task["waiting_reason"] for task in client.get("/tasks").json()}
+    assert listed[alice[2]] == "waiting for its turn: its owner already has 2 tasks queued"
+    assert listed[alice[1]] == "no consumer is registered"
 
     # A claim frees a turn: Alice's next task goes out at once, not at the outbox's next round.
     assert claim(client, alice[0]).status_code == 200
