@@ -1,7 +1,7 @@
 """Scheduling by what a task needs, end to end (issue 13): GPU and CPU tasks kept apart, tasks
 packed onto a simulated GPU by their declared memory, waiting reasons, priority and FIFO with
-retries, fair share between owners, the limit on active tasks, draining, and a consumer killed
-while it holds three tasks.
+retries, fair share between owners, the limit on active tasks, draining, a consumer killed
+while it holds three tasks, and the optional timeout that fails a task no consumer could run.
 
 Real RabbitMQ, real consumer processes, real containers; GPUs are simulated. Two platforms are
 shared by the module's tests (starting one costs seconds, the suite has a budget): one with a
@@ -617,3 +617,28 @@ def test_h_a_consumer_killed_holding_three_tasks_all_three_run_again_once_each(
         ]
 
     wait_until(lambda: not orphans(), 120, "the killed consumer's containers to be removed")
+
+
+# --- The optional end of waiting: IS_UNRUNNABLE_TIMEOUT_S ------------------------------------------
+
+
+def test_a_task_no_consumer_could_run_fails_after_the_unrunnable_timeout(
+    start_platform: Callable[..., Driver],
+) -> None:
+    # A platform of its own: the timeout would end the waiting tasks the other tests look at.
+    driver = start_platform("unrunnable", consumers=0, scheduling=SchedulingSettings(unrunnable_timeout_s=2))
+    driver.register("gpu-any", use_gpu=True)
+    uid = driver.submit("gpu-any", payload="never placed")
+    waiting = driver.status(uid)
+    failed = driver.wait_all_ended([uid])[uid]
+    waited_s = (moment(failed["finished_at"]) - moment(failed["created_at"])).total_seconds()
+    print(
+        f"(unrunnable timeout) in: a GPU task, no consumer, IS_UNRUNNABLE_TIMEOUT_S=2; out: "
+        f"{waiting['status']} ({waiting['waiting_reason']!r}), then {failed['status']} after {waited_s:.1f}s "
+        f"with error {failed['error']!r}, attempts {failed['attempts']}"
+    )
+    assert waiting["status"] == "pending"
+    assert failed["status"] == "failed"
+    assert "needs a GPU" in failed["error"]
+    assert waited_s >= 2
+    assert failed["attempts"] == 0  # it never ran
