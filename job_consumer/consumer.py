@@ -11,9 +11,11 @@ not the broker, guards the task, so a task may run far longer than RabbitMQ's co
 Packing: a message carries its task's needs in its headers (inference_server/capacity.py), so
 the consumer knows before the claim whether the task fits. Each queue it serves is consumed
 with a prefetch of one while any room is left. A task that fits beside the running ones is
-claimed at once. One that fits only when others have ended is held, unacked, with every
-subscription paused until they make room, so nothing overtakes it here and priority and FIFO
-order hold; held longer than IS_HOLD_LIMIT_S, it goes back to the queue for another consumer.
+claimed at once. One that fits only when others have ended is held, unacked, with its own
+queue's subscription paused until they make room, so nothing of its kind overtakes it here and
+priority and FIFO order hold. The other queue goes on being served, so a held GPU task never
+delays a CPU task on a GPU consumer that takes both, nor the reverse. Held longer than
+IS_HOLD_LIMIT_S, it goes back to the queue for another consumer.
 One this consumer could never run goes back at once, and its queue is left alone for
 IS_UNFIT_QUEUE_PAUSE_S (the private API publishes no task that no consumer can run, so this
 is a mixed fleet's rare case).
@@ -97,6 +99,9 @@ class _Subscription:
     consumer_tag: str | None = None
     # Until then the queue is left alone: it delivered a task this consumer can never run.
     paused_until: float = 0.0
+    # Until then (or until a running task ends) the queue is left alone: a task held from it
+    # went back after the hold limit, and taking it again at once would only hold it again.
+    resume_at: float = 0.0
 
 
 @dataclass
@@ -164,11 +169,10 @@ class Consumer:
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._deliveries: list[_Delivery] = []
-        self._held: _Delivery | None = None
-        # Claims wait until then after the private API failed one; subscriptions until then
-        # after a held task went back (or until a task ends).
+        # At most one task per queue waits here for room (see the module docstring).
+        self._held: dict[TaskQueue, _Delivery] = {}
+        # Claims wait until then after the private API failed one.
         self._claims_paused_until = 0.0
-        self._resume_at = 0.0
         self._reconnect_at = 0.0
         self._api_backoff = Backoff(settings.reconnect_backoff_max_s)
         self._wake = threading.Event()
@@ -315,8 +319,8 @@ class Consumer:
         self._channel = self._connection = None
         for subscription in self.subscriptions:
             subscription.consumer_tag = None
-        unacked = self._deliveries + ([self._held] if self._held is not None else [])
-        self._deliveries, self._held = [], None
+        unacked = self._deliveries + list(self._held.values())
+        self._deliveries, self._held = [], {}
         try:
             if channel is not None and channel.is_open:
                 for delivery in unacked:
@@ -393,8 +397,8 @@ class Consumer:
         now = time.monotonic()
         return (
             self._taking_work()
-            and self._held is None
-            and now >= self._resume_at
+            and subscription.queue not in self._held
+            and now >= subscription.resume_at
             and now >= subscription.paused_until
             and self._capacity_now().fits_now(SMALLEST_TASK[subscription.queue])
         )
@@ -407,30 +411,27 @@ class Consumer:
     # --- messages: hold, hand back, claim ----------------------------------------------------
 
     def _handle_held(self) -> None:
-        held = self._held
-        if held is None:
-            return
-        if not self._taking_work():
-            self._held = None
-            self._nack(held)
-        elif self._capacity_now().fits_now(held.needs):
-            self._held = None
-            self._claim(held)
-        elif time.monotonic() - held.received_at >= self.settings.hold_limit_s:
-            log.info(
-                "task %s: no room for it here after %gs; handed back to %s",
-                held.uid,
-                self.settings.hold_limit_s,
-                held.queue.queue_name(self.settings.queue_name),
-            )
-            self._held = None
-            self._nack(held)
-            # Taking it again at once would only hold it again: wait for a task to end.
-            self._resume_at = time.monotonic() + self.settings.hold_limit_s
+        for queue, held in list(self._held.items()):
+            if not self._taking_work():
+                del self._held[queue]
+                self._nack(held)
+            elif self._capacity_now().fits_now(held.needs):
+                del self._held[queue]
+                self._claim(held)
+            elif time.monotonic() - held.received_at >= self.settings.hold_limit_s:
+                log.info(
+                    "task %s: no room for it here after %gs; handed back to %s",
+                    held.uid,
+                    self.settings.hold_limit_s,
+                    queue.queue_name(self.settings.queue_name),
+                )
+                del self._held[queue]
+                self._nack(held)
+                self._subscription(queue).resume_at = time.monotonic() + self.settings.hold_limit_s
 
     def _handle_delivery(self, delivery: _Delivery) -> None:
-        if not self._taking_work() or self._held is not None:
-            # Stopping, draining, or another task waits for room first: leave it to the queue.
+        if not self._taking_work() or delivery.queue in self._held:
+            # Stopping, draining, or a task of its queue waits for room first: leave it there.
             self._nack(delivery)
             return
         if not TASK_UID_RE.match(delivery.uid):
@@ -455,7 +456,7 @@ class Consumer:
             self._claim(delivery)
         else:
             log.info("task %s: held until the running tasks leave room for it", delivery.uid)
-            self._held = delivery
+            self._held[delivery.queue] = delivery
             self._update_subscriptions()
 
     def _subscription(self, queue: TaskQueue) -> _Subscription:
@@ -548,8 +549,9 @@ class Consumer:
             return
         self._running = {uid: running for uid, running in self._running.items() if uid not in finished}
         self.tasks_run += len(finished)
-        # Room was made: a paused consumer may take a task again.
-        self._resume_at = 0.0
+        # Room was made: a queue paused after a hand-back may be served again.
+        for subscription in self.subscriptions:
+            subscription.resume_at = 0.0
 
     def _heartbeat_leases(self) -> None:
         for running in self._running.values():

@@ -189,6 +189,33 @@ def test_a_held_task_goes_back_to_the_queue_after_the_hold_limit(
     assert worker.join(30) == 2
 
 
+def test_a_gpu_task_held_for_room_does_not_delay_a_cpu_task_on_a_consumer_taking_both(
+    private_api, make_consumer, test_images, docker_client, rabbitmq_url, gpu_queue, cpu_queue
+):
+    gpu_model = register_gated(private_api, "gpuheld", use_gpu=True, gpu_memory_mb=8000)
+    cpu_model = register_gated(private_api, "cpuside", cpus=0.5)
+    consumer = make_consumer(simulate_gpu_memory_mb=10000, take_cpu_tasks=True, hold_limit_s=600)
+    worker = ConsumerThread(consumer).start()
+    first = private_api.submit(gpu_model, {"a.txt": b"a"}).uid
+    wait_until(lambda: running_container(docker_client, first), 60, "the first GPU task to run")
+    held = private_api.submit(gpu_model, {"b.txt": b"b"}).uid
+    # Only the GPU queue pauses for the held task; the CPU queue is still served.
+    wait_until(lambda: consumers_on(rabbitmq_url, gpu_queue) == 0, 20, "the GPU task held")
+    assert consumers_on(rabbitmq_url, cpu_queue) == 1
+    cpu_task = private_api.submit(cpu_model, {"c.txt": b"c"}).uid
+
+    wait_until(lambda: running_container(docker_client, cpu_task), 60, "the CPU task to run beside")
+    assert private_api.task(held).status == TaskStatus.PENDING
+    for uid in (cpu_task, first):
+        open_gate(consumer, uid)
+    wait_until(lambda: running_container(docker_client, held), 60, "the held GPU task to run")
+    open_gate(consumer, held)
+    for uid in (first, held, cpu_task):
+        wait_until(lambda uid=uid: finished(private_api, uid), 60, f"task {uid}")
+    consumer.request_stop()
+    assert worker.join(30) == 3
+
+
 def test_a_task_this_consumer_can_never_run_is_handed_back_and_its_queue_paused(
     make_consumer, rabbitmq_url, gpu_queue, caplog
 ):
