@@ -5,8 +5,9 @@ while it holds three tasks, and the optional timeout that fails a task no consum
 
 Real RabbitMQ, real consumer processes, real containers; GPUs are simulated. Two platforms are
 shared by the module's tests (starting one costs seconds, the suite has a budget): one with a
-single CPU consumer, one with a single consumer owning a simulated 24576 MiB GPU. Each test
-starts from an idle platform; what it leaves pending or running is cancelled after it.
+single CPU consumer, one with a single consumer owning a simulated 24576 MiB GPU (the timeout
+test has a third, without consumers, since its setting would end the others' waiting tasks). Each
+test starts from an idle platform; what it leaves pending or running is cancelled after it.
 
 A test holds a task running through a gate: the model waits until a file named after the task's
 gate appears in its unpacked model folder, which the test writes on the host (the container sees
