@@ -403,6 +403,12 @@ class ConsumerState(StrEnum):
     LOST = "lost"
 
 
+# The private API's answer to a claim by a consumer an operator is draining: it takes no new
+# task, so it hands the message back to the queue (unlike a 409, where the task is not there
+# to run and the message is dropped).
+CLAIM_REFUSED_DRAINING = 423
+
+
 class ConsumerHeartbeatReply(BaseModel):
     """draining: take no new task; finish (or hand back) the ones running."""
 

@@ -40,6 +40,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from inference_server.backoff import Backoff
 from inference_server.capacity import Capacity, TaskNeeds
 from inference_server.contract import (
+    CLAIM_REFUSED_DRAINING,
     TASK_QUEUE_ARGUMENTS,
     TASK_UID_RE,
     ConsumerRegistration,
@@ -471,7 +472,13 @@ class Consumer:
             self._claim_failed(delivery)
             return
         except PrivateApiHttpError as exc:
-            if exc.status_code in (401, 403) or exc.status_code >= 500:
+            if exc.status_code == CLAIM_REFUSED_DRAINING:
+                # Drained before our next registry heartbeat said so: stop taking work now.
+                log.info("task %s: handed back, this consumer is draining (%s)", uid, exc.detail)
+                self.presence.follow_drain()
+                self._nack(delivery)
+                self._update_subscriptions()
+            elif exc.status_code in (401, 403) or exc.status_code >= 500:
                 # Our token or the API is wrong right now; the task itself may be fine.
                 log.error("task %s: claim refused (%s); message requeued", uid, exc)
                 self._claim_failed(delivery)

@@ -99,6 +99,11 @@ class RegistryPresence:
             ),
         )
 
+    def follow_drain(self) -> None:
+        """The private API refused a claim because this consumer drains: take it as the reply
+        of a heartbeat, which the next real one confirms or undoes."""
+        self._follow(ConsumerHeartbeatReply(draining=True))
+
     def _follow(self, reply: ConsumerHeartbeatReply) -> None:
         if reply.draining and not self.draining:
             log.warning("consumer %s: draining - no new tasks; the running ones finish", self.api.consumer_id)

@@ -85,6 +85,12 @@ def _required(session: Session, consumer_id: str) -> Consumer:
     return consumer
 
 
+def is_draining(session: Session, consumer_id: str) -> bool:
+    """False for a consumer that never registered: it may still claim (older consumers, tools)."""
+    draining = session.scalar(select(Consumer.draining).where(Consumer.id == consumer_id))
+    return bool(draining)
+
+
 def register_consumer(
     *, session: Session, consumer_id: str, registration: ConsumerRegistration, lost_after_s: float
 ) -> ConsumerPublic:

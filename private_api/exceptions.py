@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from inference_server.contract import ACTOR_REFUSED_HEADER
+from inference_server.contract import ACTOR_REFUSED_HEADER, CLAIM_REFUSED_DRAINING
 
 
 class DomainError(Exception):
@@ -46,6 +46,12 @@ class Conflict(DomainError):
     """The resource is not in a state that allows the request (already claimed, finished, named)."""
 
     status_code = 409
+
+
+class ConsumerDraining(DomainError):
+    """A draining consumer asked for a new task (CLAIM_REFUSED_DRAINING)."""
+
+    status_code = CLAIM_REFUSED_DRAINING
 
 
 class TooLarge(DomainError):

@@ -20,8 +20,9 @@ from inference_server.contract import (
     TaskRelease,
     TaskStatus,
 )
+from private_api import consumer_registry
 from private_api.blobs import BlobStore, StoredBlob
-from private_api.exceptions import Conflict, NotFound, Unprocessable
+from private_api.exceptions import Conflict, ConsumerDraining, NotFound, Unprocessable
 from private_api.models import Task, utcnow
 from private_api.outbox import dispatch
 from private_api.queue import TaskPublisher
@@ -78,11 +79,15 @@ def claim_task(
     leases_enforced: bool = True,
 ) -> TaskClaim:
     """pending -> running for this consumer (or the same claim again, or an expired lease taken
-    over, unless leases are in their grace period after an outage: see maintenance)."""
+    over, unless leases are in their grace period after an outage: see maintenance). A draining
+    consumer gets only the same claim again: it learns of the drain from its next registry
+    heartbeat, and a task it claimed meanwhile would run after the operator was told it takes
+    no more."""
     now = utcnow()
+    draining = consumer_registry.is_draining(session, consumer_id)
     same_holder = and_(Task.status == TaskStatus.RUNNING, Task.consumer_id == consumer_id)
-    claimable = [Task.status == TaskStatus.PENDING, same_holder]
-    if leases_enforced:
+    claimable = [same_holder] if draining else [Task.status == TaskStatus.PENDING, same_holder]
+    if leases_enforced and not draining:
         claimable.append(
             and_(
                 Task.status == TaskStatus.RUNNING,
@@ -109,6 +114,8 @@ def claim_task(
         task = load_task(session, uid)
         if task is None:
             raise NotFound(f"task {uid} is unknown")
+        if draining and task.status in (TaskStatus.PENDING, TaskStatus.RUNNING):
+            raise ConsumerDraining(f"consumer {consumer_id} is draining: it takes no new task")
         lapsed = task.status == TaskStatus.RUNNING and task.lease_expires_at and task.lease_expires_at < now
         if lapsed and leases_enforced:
             raise Conflict(f"task {uid} used all {max_attempts} attempts; it will be marked failed")

@@ -10,12 +10,22 @@ from fastapi.testclient import TestClient
 
 from inference_server.contract import (
     ACTOR_REFUSED_HEADER,
+    CLAIM_REFUSED_DRAINING,
     CONSUMER_ID_HEADER,
     SERVICE_TOKEN_HEADER,
     ApiKeyRole,
 )
 from private_api.config import PrivateSettings
-from tests.private_api.helpers import acting_as, age_consumer, consumer_body, gpu, register_consumer
+from tests.private_api.helpers import (
+    acting_as,
+    age_consumer,
+    claim,
+    consumer_body,
+    gpu,
+    register_consumer,
+    register_model,
+    submit_ok,
+)
 
 PUBLIC_API_TOKEN = "public-api-token-0123456789"
 CONSUMER_TOKEN = "consumer-token-0123456789ab"
@@ -197,3 +207,24 @@ def test_simultaneous_first_registrations_of_one_id_all_succeed(client: TestClie
         answers = list(pool.map(lambda _n: client.put("/consumers/c1", json=consumer_body()), range(8)))
     assert [answer.status_code for answer in answers] == [200] * 8, [a.text for a in answers]
     assert list(_listed(client)) == ["c1"]
+
+
+def test_a_draining_consumer_is_refused_new_claims_but_keeps_its_own(client: TestClient) -> None:
+    register_model(client)
+    held, waiting = submit_ok(client)["uid"], submit_ok(client)["uid"]
+    register_consumer(client, "c1")
+    assert claim(client, held, consumer="c1").status_code == 200
+    assert client.post("/consumers/c1/drain").status_code == 200
+
+    # Before its next heartbeat tells it, the drained consumer may still ask for a new task.
+    refused = claim(client, waiting, consumer="c1")
+    assert refused.status_code == CLAIM_REFUSED_DRAINING
+    assert "draining" in refused.json()["detail"]
+    assert client.get(f"/tasks/{waiting}").json()["status"] == "pending"
+    # Its own task it may claim again (a retried request), and another consumer takes the new one.
+    assert claim(client, held, consumer="c1").status_code == 200
+    assert claim(client, waiting, consumer="c2").status_code == 200
+
+    third = submit_ok(client)["uid"]
+    assert client.delete("/consumers/c1/drain").status_code == 200
+    assert claim(client, third, consumer="c1").status_code == 200
