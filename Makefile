@@ -4,6 +4,11 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 DATA_DIR ?= ./data
 CONSUMERS ?= 1
+# GPUS=all (one consumer per GPU NVML finds) or GPUS=0,1; SIMULATE_GPUS=N for N simulated GPUs
+# of GPU_MEMORY_MB each on a machine without one.
+GPUS ?=
+SIMULATE_GPUS ?= 0
+GPU_MEMORY_MB ?= 24576
 
 .PHONY: setup run test test-fast lint bench clean
 
@@ -11,7 +16,9 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	@bash scripts/run.sh --port $(PORT) --data-dir $(DATA_DIR) --consumers $(CONSUMERS)
+	@bash scripts/run.sh --port $(PORT) --data-dir $(DATA_DIR) --consumers $(CONSUMERS) \
+		$(if $(GPUS),--gpus $(GPUS)) \
+		$(if $(filter-out 0,$(SIMULATE_GPUS)),--simulate-gpus $(SIMULATE_GPUS) --gpu-memory-mb $(GPU_MEMORY_MB))
 
 test: setup
 	$(BIN)/ruff check .
