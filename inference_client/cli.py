@@ -12,13 +12,21 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import NoReturn
 
 from pydantic import BaseModel
 
 from inference_client.client import InferenceClient, InferenceClientError
-from inference_server.contract import MAX_PRIORITY, TaskStatus
+from inference_server.contract import (
+    MAX_PRIORITY,
+    ConsumerPublic,
+    GpuInfo,
+    ModelPublic,
+    TaskPublic,
+    TaskStatus,
+)
 from inference_server.zipsafe import UnsafeZipError, ZipLimits, extract_zip
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -46,6 +54,17 @@ def _print_json(value: BaseModel | Sequence[BaseModel]) -> None:
         print(value.model_dump_json(indent=2))
     else:
         print(json.dumps([item.model_dump(mode="json") for item in value], indent=2))
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    """Left-aligned columns two spaces apart; trailing blanks cut, so an empty last cell leaves none."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
@@ -76,14 +95,19 @@ def _models_list(client: InferenceClient, args: argparse.Namespace) -> int:
         return 0
     rows = [("ID", "CONTAINER TAG", "GPU", "MODEL ZIP", "DESCRIPTION")]
     rows += [
-        (m.human_readable_id, m.container_tag, "yes" if m.use_gpu else "no",
-         "yes" if m.model_available else "no", m.description)
+        (m.human_readable_id, m.container_tag, _model_gpu(m), "yes" if m.model_available else "no",
+         m.description)
         for m in models
     ]  # fmt: skip
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4])
+    _print_table(rows)
     return 0
+
+
+def _model_gpu(model: ModelPublic) -> str:
+    """'no', 'yes', or 'yes (8000 MiB)' when the model declares the GPU memory one task needs."""
+    if not model.use_gpu:
+        return "no"
+    return "yes" if model.gpu_memory_mb is None else f"yes ({model.gpu_memory_mb} MiB)"
 
 
 def _models_add(client: InferenceClient, args: argparse.Namespace) -> int:
@@ -91,9 +115,13 @@ def _models_add(client: InferenceClient, args: argparse.Namespace) -> int:
         args.container_tag,
         args.human_readable_id,
         args.description,
-        use_gpu=args.gpu,
+        # Declaring GPU memory only means something for a GPU model, so it implies --gpu.
+        use_gpu=args.gpu or args.gpu_memory_mb is not None,
         model_zip=args.model_zip,
         progress=_progress(args),
+        gpu_memory_mb=args.gpu_memory_mb,
+        cpus=args.cpus,
+        memory_mb=args.memory_mb,
     )
     _print_json(model)
     return 0
@@ -104,7 +132,7 @@ def _submit(client: InferenceClient, args: argparse.Namespace) -> int:
     print(uid, flush=True)
     if not args.wait:
         return 0
-    task = client.wait(uid, poll_interval=args.poll_interval, timeout=args.timeout)
+    task = client.wait(uid, poll_interval=args.poll_interval, timeout=args.timeout, on_change=_report_change)
     if task.status != TaskStatus.FINISHED:
         reason = f": {task.error}" if task.error else ""
         raise InferenceClientError(None, f"task {uid} {task.status}{reason}")
@@ -112,24 +140,30 @@ def _submit(client: InferenceClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_change(task: TaskPublic) -> None:
+    """One stderr line per change while `submit --wait` waits, so a user sees why nothing happens."""
+    reason = f": {task.waiting_reason}" if task.waiting_reason else ""
+    print(f"infer: task {task.uid} {task.status}{reason}", file=sys.stderr, flush=True)
+
+
 def _list(client: InferenceClient, args: argparse.Namespace) -> int:
     tasks = client.list_tasks(status=args.status, limit=args.limit)
     if args.json:
         _print_json(tasks)
         return 0
-    rows = [("UID", "STATUS", "MODEL", "CREATED")]
+    rows = [("UID", "STATUS", "MODEL", "CREATED", "WAITING")]
     rows += [
         (
             task.uid,
             str(task.status),
             task.model_human_readable_id,
-            task.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            _time(task.created_at),
+            # Only a pending task has a reason; others leave the last column empty.
+            task.waiting_reason or "",
         )
         for task in tasks
     ]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    _print_table(rows)
     return 0
 
 
@@ -159,6 +193,46 @@ def _delete(client: InferenceClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _consumers_list(client: InferenceClient, args: argparse.Namespace) -> int:
+    consumers = client.list_consumers()
+    if args.json:
+        _print_json(consumers)
+        return 0
+    rows = [("ID", "STATE", "HOST", "GPU", "RUNNING", "LAST SEEN")]
+    rows += [
+        (
+            consumer.id,
+            str(consumer.state),
+            consumer.host,
+            _consumer_gpus(consumer),
+            str(len(consumer.running_tasks)),
+            _time(consumer.last_seen_at),
+        )
+        for consumer in consumers
+    ]
+    _print_table(rows)
+    return 0
+
+
+def _consumer_gpus(consumer: ConsumerPublic) -> str:
+    """'-' without a GPU, else each GPU's memory, e.g. '24576 MiB simulated, 81920 MiB'."""
+    return ", ".join(_gpu_label(gpu) for gpu in consumer.gpus) or "-"
+
+
+def _gpu_label(gpu: GpuInfo) -> str:
+    return f"{gpu.memory_total_mb} MiB simulated" if gpu.simulated else f"{gpu.memory_total_mb} MiB"
+
+
+def _consumers_drain(client: InferenceClient, args: argparse.Namespace) -> int:
+    _print_json(client.drain_consumer(args.consumer_id))
+    return 0
+
+
+def _consumers_resume(client: InferenceClient, args: argparse.Namespace) -> int:
+    _print_json(client.resume_consumer(args.consumer_id))
+    return 0
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -176,6 +250,16 @@ def _list_limit(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if not 1 <= value <= 1000:
         raise argparse.ArgumentTypeError(f"must be 1-1000: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
     return value
 
 
@@ -208,6 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     models_add.add_argument("--description", required=True)
     models_add.add_argument("--gpu", action="store_true", help="the model needs a GPU")
     models_add.add_argument("--model-zip", metavar="PATH", help="zip or folder mounted at /model")
+    models_add.add_argument(
+        "--gpu-memory-mb",
+        type=_positive_int,
+        metavar="N",
+        help="GPU memory one task needs, in MiB; GPUs take several tasks while they fit (implies --gpu)",
+    )
+    models_add.add_argument("--cpus", type=_positive_float, metavar="X", help="CPU cores one task may use")
+    models_add.add_argument(
+        "--memory-mb", type=_positive_int, metavar="N", help="memory one task may use, in MiB"
+    )
     models_add.set_defaults(handler=_models_add)
 
     submit = commands.add_parser("submit", help="submit a zip or a folder as a task; prints its uid")
@@ -248,6 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument("uid", metavar="UID")
+        command.set_defaults(handler=handler)
+
+    consumers = commands.add_parser("consumers", help="list, drain or resume job consumers (operators)")
+    consumer_commands = consumers.add_subparsers(dest="consumers_command", required=True, metavar="COMMAND")
+    consumers_list = consumer_commands.add_parser("list", help="the consumers and their state")
+    consumers_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    consumers_list.set_defaults(handler=_consumers_list)
+    for name, handler, text in (
+        ("drain", _consumers_drain, "let a consumer finish its tasks and take no new one"),
+        ("resume", _consumers_resume, "let a drained consumer take tasks again"),
+    ):
+        command = consumer_commands.add_parser(name, help=text)
+        command.add_argument("consumer_id", metavar="ID", help="the consumer's id (see 'consumers list')")
         command.set_defaults(handler=handler)
 
     get = commands.add_parser("get", help="download a finished task's output")

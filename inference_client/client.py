@@ -29,7 +29,15 @@ import httpx
 from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 
-from inference_server.contract import ModelPublic, PublicRoutes, TaskPublic, TaskStatus, V12Code, error_detail
+from inference_server.contract import (
+    ConsumerPublic,
+    ModelPublic,
+    PublicRoutes,
+    TaskPublic,
+    TaskStatus,
+    V12Code,
+    error_detail,
+)
 from inference_server.data_folder import OPERATOR_KEY_FILE
 from inference_server.zipsafe import UnsafeZipError, zip_directory
 
@@ -45,6 +53,8 @@ _MODEL = TypeAdapter(ModelPublic)
 _MODEL_LIST = TypeAdapter(list[ModelPublic])
 _TASK = TypeAdapter(TaskPublic)
 _TASK_LIST = TypeAdapter(list[TaskPublic])
+_CONSUMER = TypeAdapter(ConsumerPublic)
+_CONSUMER_LIST = TypeAdapter(list[ConsumerPublic])
 _T = TypeVar("_T")
 
 
@@ -292,8 +302,10 @@ class InferenceClient:
     ) -> ModelPublic:
         """Register a model; `model_zip` (a zip or a folder) is unpacked at /model for every task.
 
-        `limits` are passed on as query parameters: timeout_s, memory_mb, cpus, pids,
-        allow_network, run_as_root.
+        `limits` are passed on as query parameters; None leaves one at the platform default:
+        timeout_s, memory_mb, cpus, gpu_memory_mb (GPU memory one task needs, in MiB; with
+        use_gpu), pids, tmp_mb (size of the tmpfs at /tmp), allow_network, run_as_root,
+        writable_rootfs.
         """
         params: dict[str, Any] = {
             "container_tag": container_tag,
@@ -339,11 +351,25 @@ class InferenceClient:
             _TASK, self._json(self._request("GET", PublicRoutes.TASK_STATUS.format(uid=_quoted(uid))))
         )
 
-    def wait(self, uid: str, poll_interval: float = 2.0, timeout: float | None = None) -> TaskPublic:
-        """Poll until the task is finished, failed, cancelled or gone; returns its last status."""
+    def wait(
+        self,
+        uid: str,
+        poll_interval: float = 2.0,
+        timeout: float | None = None,
+        on_change: Callable[[TaskPublic], None] | None = None,
+    ) -> TaskPublic:
+        """Poll until the task is finished, failed, cancelled or gone; returns its last status.
+
+        `on_change` is called with the task on the first poll and again each time its status or
+        its waiting_reason differs from the last call's, the terminal status included.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        last_reported: tuple[TaskStatus, str | None] | None = None
         while True:
             task = self.status(uid)
+            if on_change is not None and (task.status, task.waiting_reason) != last_reported:
+                last_reported = (task.status, task.waiting_reason)
+                on_change(task)
             if task.status.is_terminal:
                 return task
             if deadline is not None and time.monotonic() >= deadline:
@@ -387,3 +413,21 @@ class InferenceClient:
         return self._parse(
             _TASK, self._json(self._request("DELETE", PublicRoutes.TASK.format(uid=_quoted(uid))))
         )
+
+    # -- consumers (operator keys) -------------------------------------------------------------
+
+    def list_consumers(self) -> list[ConsumerPublic]:
+        """Every registered consumer with its state (idle, busy, draining, lost); operator keys only."""
+        return self._parse(_CONSUMER_LIST, self._json(self._request("GET", PublicRoutes.CONSUMERS)))
+
+    def drain_consumer(self, consumer_id: str) -> ConsumerPublic:
+        """Let the consumer finish its tasks and take no new one (host maintenance); operators only."""
+        return self._set_draining("POST", consumer_id)
+
+    def resume_consumer(self, consumer_id: str) -> ConsumerPublic:
+        """Let a drained consumer take tasks again; operators only."""
+        return self._set_draining("DELETE", consumer_id)
+
+    def _set_draining(self, method: str, consumer_id: str) -> ConsumerPublic:
+        path = PublicRoutes.CONSUMER_DRAIN.format(consumer_id=_quoted(consumer_id))
+        return self._parse(_CONSUMER, self._json(self._request(method, path)))
