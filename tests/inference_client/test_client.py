@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from inference_client.client import (
     multipart_file_body,
     resolve_token,
 )
-from inference_server.contract import TaskStatus
+from inference_server.contract import TaskPublic, TaskStatus
+from tests.helpers import wait_until
+from tests.inference_client.conftest import RegisterConsumer
 from tests.public_api.stack import BASE_IMAGE_TAG, ConsumerDriver, make_zip, unique_id, zip_members
 
 
@@ -178,3 +181,57 @@ def test_list_tasks_newest_first_with_a_status_filter(
     assert first in {task.uid for task in cancelled}
     assert {task.status for task in cancelled} == {TaskStatus.CANCELLED}
     assert len(client.list_tasks(limit=1)) == 1
+
+
+def test_wait_calls_on_change_once_per_status_or_waiting_reason(
+    client: InferenceClient,
+    public_url: str,
+    input_folder: Path,
+    consumer: ConsumerDriver,
+    register_consumer: RegisterConsumer,
+) -> None:
+    # Only a CPU consumer at first: what the GPU task waits for is known exactly, and no test in
+    # this module registers a GPU consumer that could make it runnable.
+    register_consumer()
+    model = client.add_model(BASE_IMAGE_TAG, unique_id(), "big GPU model", use_gpu=True, gpu_memory_mb=30000)
+    uid = client.submit(model.human_readable_id, input_folder)
+    changes: list[tuple[TaskStatus, str | None]] = []
+
+    def record(task: TaskPublic) -> None:
+        assert task.uid == uid
+        changes.append((task.status, task.waiting_reason))
+
+    # The waiter polls with a client of its own, as another process would.
+    with InferenceClient(public_url, timeout=30) as waiting_client, ThreadPoolExecutor(1) as pool:
+        waited = pool.submit(waiting_client.wait, uid, poll_interval=0.02, timeout=60, on_change=record)
+        wait_until(lambda: changes, what="the first status")
+        assert changes == [(TaskStatus.PENDING, "needs a GPU; no GPU consumer is registered")]
+
+        # Still pending, for another reason: polls in between report nothing new.
+        register_consumer(gpu_memory_mb=24576)
+        wait_until(lambda: len(changes) == 2, what="the new waiting reason")
+        assert changes[1] == (
+            TaskStatus.PENDING,
+            "needs 30000 MiB of GPU memory; the largest GPU has 24576 MiB",
+        )
+
+        consumer.claim(uid)
+        wait_until(lambda: len(changes) == 3, what="the task running")
+        client.cancel(uid)
+        assert waited.result(timeout=60).status == TaskStatus.CANCELLED
+    assert changes == [
+        (TaskStatus.PENDING, "needs a GPU; no GPU consumer is registered"),
+        (TaskStatus.PENDING, "needs 30000 MiB of GPU memory; the largest GPU has 24576 MiB"),
+        (TaskStatus.RUNNING, None),
+        (TaskStatus.CANCELLED, None),
+    ]
+
+
+def test_add_model_passes_gpu_memory_and_cpu_limits(client: InferenceClient) -> None:
+    model_id = unique_id()
+    added = client.add_model(
+        BASE_IMAGE_TAG, model_id, "packed", use_gpu=True, gpu_memory_mb=8000, cpus=2.5, memory_mb=4096
+    )
+    listed = {model.human_readable_id: model for model in client.list_models()}[model_id]
+    for model in (added, listed):
+        assert (model.use_gpu, model.gpu_memory_mb, model.cpus, model.memory_mb) == (True, 8000, 2.5, 4096)
