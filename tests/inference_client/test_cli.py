@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 
 from inference_client.cli import main
+from inference_client.client import InferenceClient
 from inference_server.contract import TASK_UID_RE, TaskStatus
-from tests.public_api.stack import ConsumerDriver, make_zip, unique_id
+from tests.inference_client.tables import parse_table
+from tests.public_api.stack import BASE_IMAGE_TAG, ConsumerDriver, make_zip, unique_id
+
+# No test in this module registers a consumer, so a GPU task's reason to wait is known exactly.
+NO_GPU_CONSUMER = "needs a GPU; no GPU consumer is registered"
+LIST_COLUMNS = ["UID", "STATUS", "MODEL", "CREATED", "WAITING"]
+MODEL_COLUMNS = ["ID", "CONTAINER TAG", "GPU", "MODEL ZIP", "DESCRIPTION"]
 
 INFER = str(Path(sys.executable).with_name("infer"))
 
@@ -26,6 +33,12 @@ def folder(tmp_path: Path) -> Path:
     (path / "dicom").mkdir(parents=True)
     (path / "dicom" / "1.dcm").write_bytes(b"DICM")
     return path
+
+
+@pytest.fixture(scope="module")
+def gpu_model_id(public_url: str) -> str:
+    with InferenceClient(public_url) as client:
+        return client.add_model(BASE_IMAGE_TAG, unique_id(), "needs a GPU", use_gpu=True).human_readable_id
 
 
 def _one_error_line(err: str) -> str:
@@ -48,8 +61,10 @@ def test_models_add_and_list(public_url: str, capsys: pytest.CaptureFixture[str]
     assert added["human_readable_id"] == model_id
     assert added["model_available"] is True
     assert run(public_url, "models", "list") == 0
-    table = capsys.readouterr().out
-    assert model_id in table and "cli model" in table
+    rows = {row["ID"]: row for row in parse_table(capsys.readouterr().out, MODEL_COLUMNS)}
+    assert rows[model_id]["GPU"] == "no"
+    assert rows[model_id]["MODEL ZIP"] == "yes"
+    assert rows[model_id]["DESCRIPTION"] == "cli model"
     assert run(public_url, "models", "list", "--json") == 0
     assert model_id in {m["human_readable_id"] for m in json.loads(capsys.readouterr().out)}
 
@@ -100,9 +115,8 @@ def test_list(public_url: str, model_id: str, folder: Path, capsys: pytest.Captu
     assert run(public_url, "submit", model_id, str(folder)) == 0
     uid = capsys.readouterr().out.strip()
     assert run(public_url, "list") == 0
-    table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["UID", "STATUS", "MODEL", "CREATED"]
-    assert table[1].split()[:3] == [uid, "pending", model_id]  # newest first
+    newest = parse_table(capsys.readouterr().out, LIST_COLUMNS)[0]
+    assert (newest["UID"], newest["STATUS"], newest["MODEL"]) == (uid, "pending", model_id)
     assert run(public_url, "list", "--status", "pending", "--json", "--limit", "5") == 0
     listed = json.loads(capsys.readouterr().out)
     assert listed[0]["uid"] == uid and len(listed) <= 5
@@ -183,7 +197,10 @@ def test_installed_infer_submit_wait_on_failed_task_exits_nonzero(
     consumer.fail(uid, "segmentation crashed")
     _stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 1
-    line = _one_error_line(stderr)
+    # The lines before the error report each change of the task while it was waited for.
+    *changes, last = stderr.splitlines()
+    assert changes and all(line.startswith(f"infer: task {uid} ") for line in changes), stderr
+    line = _one_error_line(last)
     assert "failed" in line and "segmentation crashed" in line
 
 
@@ -194,3 +211,78 @@ def test_installed_infer_unreachable_server_is_one_line() -> None:
     assert result.returncode == 1
     assert "cannot connect" in _one_error_line(result.stderr)
     assert result.stdout == ""
+
+
+def test_models_add_with_gpu_memory_cpus_and_memory(
+    public_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    packed, whole_gpu = unique_id(), unique_id()
+    code = run(
+        public_url, "models", "add", "--container-tag", BASE_IMAGE_TAG, "--id", packed,
+        "--description", "packed", "--gpu-memory-mb", "8000", "--cpus", "1.5", "--memory-mb", "2048",
+    )  # fmt: skip
+    assert code == 0
+    added = json.loads(capsys.readouterr().out)
+    # --gpu-memory-mb alone makes a GPU model: the memory means nothing without a GPU.
+    assert (added["use_gpu"], added["gpu_memory_mb"], added["cpus"], added["memory_mb"]) == (
+        True,
+        8000,
+        1.5,
+        2048,
+    )
+    assert run(public_url, "models", "add", "--container-tag", BASE_IMAGE_TAG, "--id", whole_gpu,
+               "--description", "whole GPU", "--gpu") == 0  # fmt: skip
+    capsys.readouterr()
+    assert run(public_url, "models", "list") == 0
+    rows = {row["ID"]: row for row in parse_table(capsys.readouterr().out, MODEL_COLUMNS)}
+    assert rows[packed]["GPU"] == "yes (8000 MiB)"
+    assert rows[whole_gpu]["GPU"] == "yes"
+    assert rows[packed]["DESCRIPTION"] == "packed"
+    with pytest.raises(SystemExit):
+        run(public_url, "models", "add", "--container-tag", BASE_IMAGE_TAG, "--id", unique_id(),
+            "--description", "d", "--gpu-memory-mb", "0")  # fmt: skip
+    assert "more than 0" in _one_error_line(capsys.readouterr().err)
+
+
+def test_list_shows_why_pending_tasks_wait(
+    public_url: str, model_id: str, gpu_model_id: str, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(public_url, "submit", model_id, str(folder)) == 0
+    cancelled = capsys.readouterr().out.strip()
+    assert run(public_url, "cancel", cancelled) == 0
+    assert run(public_url, "submit", gpu_model_id, str(folder)) == 0
+    waiting = capsys.readouterr().out.strip().splitlines()[-1]
+    assert run(public_url, "list") == 0
+    rows = {row["UID"]: row for row in parse_table(capsys.readouterr().out, LIST_COLUMNS)}
+    assert (rows[waiting]["STATUS"], rows[waiting]["WAITING"]) == ("pending", NO_GPU_CONSUMER)
+    assert (rows[cancelled]["STATUS"], rows[cancelled]["WAITING"]) == ("cancelled", "")
+    assert run(public_url, "list", "--json") == 0
+    listed = {task["uid"]: task for task in json.loads(capsys.readouterr().out)}
+    assert listed[waiting]["waiting_reason"] == NO_GPU_CONSUMER
+    assert listed[cancelled]["waiting_reason"] is None
+
+
+def test_installed_infer_submit_wait_prints_each_change(
+    public_url: str, gpu_model_id: str, folder: Path, consumer: ConsumerDriver
+) -> None:
+    process = subprocess.Popen(
+        [INFER, "--url", public_url, "submit", gpu_model_id, str(folder), "--wait",
+         "--poll-interval", "0.05", "--timeout", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    uid = process.stdout.readline().strip()
+    assert TASK_UID_RE.match(uid), uid
+    # Each line is read before the task moves on, so every change is seen by a poll.
+    assert process.stderr.readline() == f"infer: task {uid} pending: {NO_GPU_CONSUMER}\n"
+    consumer.claim(uid)
+    assert process.stderr.readline() == f"infer: task {uid} running\n"
+    consumer.fail(uid, "out of GPU memory")
+    _stdout, rest = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert rest.splitlines() == [
+        f"infer: task {uid} failed",
+        f"infer: error: task {uid} failed: out of GPU memory",
+    ]
