@@ -218,8 +218,23 @@ class ModelLimits(BaseModel):
     )
 
 
+class ModelBehaviour(BaseModel):
+    """What the platform does with a model's tasks besides limiting them: set at registration
+    (query parameters) and in PATCH, like the limits."""
+
+    # Off by default: only an operator knows whether a model is deterministic enough that the
+    # same image, model zip, input and params may be answered with an earlier output.
+    cacheable: bool = Field(
+        default=False,
+        description="Answer a task whose image ID, model zip, input and params match a finished "
+        "task's with that task's output, without running a container.",
+    )
+
+
 # The switches an operator sets on purpose to loosen a model's isolation.
 MODEL_SWITCHES = ("allow_network", "run_as_root", "writable_rootfs")
+# Every true/false field of a model (JSON bodies must send real booleans for these).
+MODEL_FLAGS = (*MODEL_SWITCHES, "cacheable")
 MODEL_NUMERIC_LIMITS = ("timeout_s", "memory_mb", "cpus", "gpu_memory_mb", "pids", "tmp_mb")
 MODEL_DESCRIPTION_MAX_LENGTH = 10_000
 
@@ -238,17 +253,20 @@ class _ModelRegistration(BaseModel):
 
 # Pydantic orders fields from the last base to the first, so the limits follow the fields
 # of the other base here, as they do in the query string and the JSON v1.2 clients know.
-class ModelCreate(ModelLimits, _ModelRegistration):
-    """The query parameters of POST /models in both APIs (the v1.2 ones plus the optional limits)."""
+class ModelCreate(ModelBehaviour, ModelLimits, _ModelRegistration):
+    """The query parameters of POST /models in both APIs (the v1.2 ones, the optional limits, the
+    behaviour). The params_schema comes as a multipart form field (MODEL_PARAMS_SCHEMA_FIELD)."""
 
 
-class ModelUpdate(ModelLimits):
+class ModelUpdate(ModelBehaviour, ModelLimits):
     """PATCH body for a model: only the fields sent change; a limit sent as null returns to the
     platform default. The image and the id stay fixed (register a new model to change those)."""
 
     model_config = ConfigDict(extra="forbid")
 
     description: str = Field(default="", max_length=MODEL_DESCRIPTION_MAX_LENGTH)
+    # A JSON Schema the params of each task must satisfy; null removes it.
+    params_schema: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -258,7 +276,7 @@ class ModelUpdate(ModelLimits):
         if not isinstance(data, dict):
             return data
         for name, value in data.items():
-            if name in MODEL_SWITCHES and not isinstance(value, bool):
+            if name in MODEL_FLAGS and not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false")
             if name in MODEL_NUMERIC_LIMITS and isinstance(value, str | bool):
                 raise ValueError(f"{name} must be a number or null")
@@ -277,12 +295,63 @@ class _ModelIdentity(BaseModel):
     model_zip_sha256: str | None = None
 
 
-class ModelPublic(ModelLimits, _ModelIdentity):
+class ModelPublic(ModelBehaviour, ModelLimits, _ModelIdentity):
     """A registered model as every service and client sees it (limits after the identity)."""
 
     model_config = ConfigDict(from_attributes=True)
 
+    params_schema: dict[str, Any] | None = None
     created_at: datetime
+
+
+class WebhookEvent(StrEnum):
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class WebhookState(BaseModel):
+    """How a task's webhook deliveries stand, for its status."""
+
+    url: str
+    attempts: int = 0
+    delivered: int = 0
+    pending: int = 0
+    # The last answer of the receiver: "200 OK", "503 Service Unavailable", "connection refused".
+    last_answer: str | None = None
+    last_attempt_at: datetime | None = None
+
+
+class WebhookBody(BaseModel):
+    """What a webhook POSTs: the event and the task's status JSON at that moment."""
+
+    event: WebhookEvent
+    task: TaskPublic
+
+
+# Each webhook body is signed: HMAC-SHA256 under the submitting key's webhook secret over
+# "<timestamp>.<body>", sent as "sha256=<hex>"; the timestamp (Unix seconds) lets a receiver
+# refuse replays. inference_server/webhook_signing.py signs and verifies.
+WEBHOOK_SIGNATURE_HEADER = "X-InferenceServer-Signature"
+WEBHOOK_TIMESTAMP_HEADER = "X-InferenceServer-Timestamp"
+WEBHOOK_EVENT_HEADER = "X-InferenceServer-Event"
+
+
+class TaskSubmitFields:
+    """Multipart form fields of POST /api/tasks/ (the v1.2 route) and the private POST /tasks,
+    besides the zip; all optional. `cache` is a query parameter, like `priority`."""
+
+    ZIP_FILE = "zip_file"
+    PARAMS = "params"  # a JSON object, checked against the model's params_schema
+    WEBHOOK_URL = "webhook_url"
+    INPUT_FROM = "input_from"  # an upstream task's uid: its output is this task's input
+    MODEL_FROM = "model_from"  # an upstream task's uid: its output is mounted at /model
+    CACHE_QUERY = "cache"
+
+
+MODEL_PARAMS_SCHEMA_FIELD = "params_schema"
+PARAMS_MAX_BYTES = 64 * 1024
 
 
 class TaskPublic(BaseModel):
@@ -311,6 +380,13 @@ class TaskPublic(BaseModel):
     # Why a pending task is not running yet, in words (None once it runs or ended): no consumer
     # could ever run it, none has room for it now, or its owner's turn has not come.
     waiting_reason: str | None = None
+    # What the task was submitted with besides its zip (TaskSubmitFields), shown back.
+    params: dict[str, Any] | None = None
+    input_from: str | None = None
+    model_from: str | None = None
+    # Answered from this finished task's output (same image ID, model zip, input and params).
+    cached_from: str | None = None
+    webhook: WebhookState | None = None
 
 
 class RunTimes(BaseModel):

@@ -15,6 +15,7 @@ from sqlalchemy import CursorResult, or_, select, update
 from sqlalchemy.orm import Session
 
 from inference_server.contract import TaskStatus
+from private_api import blob_sharing
 from private_api.blobs import BlobStore
 from private_api.models import Task, utcnow
 
@@ -72,8 +73,8 @@ def expire_old_tasks(*, session: Session, blobs: BlobStore, max_age: timedelta) 
         if cast(CursorResult[Any], changed).rowcount != 1:
             continue
         expired += 1
-        for key in (row.input_blob_key, row.output_blob_key, row.log_blob_key):
-            blobs.delete(key)
+        # A cached result's output or an upstream's output may be another task's too.
+        blob_sharing.release(session, blobs, (row.input_blob_key, row.output_blob_key, row.log_blob_key))
     if expired:
         log.info("retention: removed the files of %d task(s) that ended before %s", expired, cutoff)
     return expired

@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from inference_server.contract import TaskPublic, TaskStatus
+from private_api import blob_sharing
 from private_api.access import Actor, owner_conditions, visible_task
 from private_api.blobs import BlobStore, StoredBlob
 from private_api.config import PrivateSettings
@@ -230,7 +231,6 @@ def delete_task(*, session: Session, blobs: BlobStore, uid: str, actor: Actor | 
     task.input_blob_key = task.output_blob_key = task.log_blob_key = None
     public = task_public(task)
     session.commit()
-    for key in keys:
-        blobs.delete(key)
+    blob_sharing.release(session, blobs, keys)
     log.info("task %s deleted", uid)
     return public
