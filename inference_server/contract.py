@@ -419,6 +419,21 @@ class TaskClaim(BaseModel):
     lease_seconds: int
 
 
+class CacheLookup(BaseModel):
+    """The image the consumer will run, by ID (a tag rebuilt under the same name must miss)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_id: str = Field(min_length=1, max_length=255)
+
+
+class CacheAnswer(BaseModel):
+    """hit: the task is finished already, from `cached_from`'s output; run nothing."""
+
+    hit: bool
+    cached_from: str | None = None
+
+
 class HeartbeatReply(BaseModel):
     """The consumer keeps running only while `keep_running` is true (false once cancelled)."""
 
@@ -525,6 +540,12 @@ class PrivateRoutes:
     TASK_HEARTBEAT = "/tasks/{uid}/heartbeat"
     TASK_FAIL = "/tasks/{uid}/fail"
     TASK_RELEASE = "/tasks/{uid}/release"
+    # Consumer, after the claim, for a cacheable model: the image ID it resolved; a hit finishes
+    # the task from a finished task's output and no container runs.
+    TASK_CACHE_LOOKUP = "/tasks/{uid}/cache-lookup"
+    # Consumer: the zip of the model_from upstream's output, mounted at /model instead of the
+    # model's own zip.
+    TASK_MODEL_FROM = "/tasks/{uid}/model-from"
     AUTH_RESOLVE = "/auth/resolve"
     CONSUMERS = "/consumers"
     CONSUMER = "/consumers/{consumer_id}"
