@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from python_multipart.exceptions import FormParserError
@@ -54,7 +54,10 @@ class _FormSink:
         self._header_value = bytearray()
         self._headers: dict[bytes, bytes] = {}
         self._in_file_part = False
+        self._text_part: bytearray | None = None
         self._other_bytes = 0
+        # The other (text) fields of the form, by name: params, webhook_url, input_from, ...
+        self.text_fields: dict[str, bytearray] = {}
         self.writer: BlobWriter | None = None
         self.buffer = bytearray()
         self.file_part_ended = False
@@ -76,6 +79,7 @@ class _FormSink:
     def _on_part_begin(self) -> None:
         self._headers.clear()
         self._in_file_part = False
+        self._text_part = None
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
@@ -91,7 +95,12 @@ class _FormSink:
     def _on_headers_finished(self) -> None:
         disposition = self._headers.get(b"content-disposition", b"").decode("latin-1")
         _, options = parse_options_header(disposition)
-        if options.get(b"name") != self._field:
+        name = options.get(b"name")
+        if name != self._field:
+            text_name = (name or b"").decode("latin-1")
+            if text_name in self.text_fields:
+                raise BadInput(f"the multipart body has more than one {text_name!r} field")
+            self._text_part = self.text_fields[text_name] = bytearray()
             return
         if self.writer is not None or self.stored is not None:
             raise BadInput(f"the multipart body has more than one {self._field.decode()!r} field")
@@ -107,10 +116,12 @@ class _FormSink:
                 )
             self.buffer += data[start:end]
             return
-        # Other fields are ignored, but not without bound.
+        # Other fields are kept for the route to read, but not without bound.
         self._other_bytes += end - start
         if self._other_bytes > FORM_OVERHEAD_BYTES:
             raise TooLarge(f"form fields besides {self._field.decode()!r} exceed {FORM_OVERHEAD_BYTES} bytes")
+        if self._text_part is not None:
+            self._text_part += data[start:end]
 
     def _on_part_end(self) -> None:
         if self._in_file_part:
@@ -150,9 +161,23 @@ def _declared_length(request: Request) -> int | None:
         raise BadInput("Content-Length is not a number") from None
 
 
+def _decoded_text_fields(sink: _FormSink) -> dict[str, str]:
+    # Not refused here: a file sent under a wrong field name is the route's "no zip_file" error,
+    # and text that was not UTF-8 fails the field's own check (JSON, URL, uid) with its name.
+    return {name: bytes(value).decode(errors="replace") for name, value in sink.text_fields.items()}
+
+
 async def _receive_multipart_file(
-    request: Request, *, blobs: BlobStore, kind: str, field: str, max_bytes: int, required: bool
+    request: Request,
+    *,
+    blobs: BlobStore,
+    kind: str,
+    field: str,
+    max_bytes: int,
+    required: bool,
+    text_fields: dict[str, str] | None = None,
 ) -> StoredBlob | None:
+    """Store the file field and return it; the form's other fields go into `text_fields`."""
     mime, options = parse_options_header(request.headers.get("content-type"))
     length = _declared_length(request)
     if mime != b"multipart/form-data":
@@ -177,6 +202,8 @@ async def _receive_multipart_file(
         await run_in_threadpool(sink.flush)
         if not sink.body_complete or sink.writer is not None:
             raise BadInput("the multipart body ended before its closing boundary (upload cut short?)")
+        if text_fields is not None:
+            text_fields.update(_decoded_text_fields(sink))
     except FormParserError as exc:
         sink.discard(blobs)
         raise BadInput(f"malformed multipart body: {exc}") from exc
@@ -212,11 +239,12 @@ class ZipUploads:
     """Receives the zip in a request's `zip_file` field: streamed into the store (under `kind`),
     cut off past `max_bytes`, checked against `limits`, and yielded to an `async with` block. If
     the block raises (the row could not be committed), the blob is deleted: nothing is ever left
-    half-stored."""
+    half-stored. The form's other fields are in `text_fields` once the block starts."""
 
     request: Request
     blobs: BlobStore
     max_bytes: int
+    text_fields: dict[str, str] = field(default_factory=dict)
 
     @contextlib.asynccontextmanager
     async def optional_zip(
@@ -229,6 +257,7 @@ class ZipUploads:
             field=ZIP_FIELD,
             max_bytes=self.max_bytes,
             required=required,
+            text_fields=self.text_fields,
         )
         if blob is None:
             yield None
