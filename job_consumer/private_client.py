@@ -15,6 +15,8 @@ from inference_server.contract import (
     LOG_MEDIA_TYPE,
     SERVICE_TOKEN_HEADER,
     ZIP_MEDIA_TYPE,
+    CacheAnswer,
+    CacheLookup,
     ConsumerHeartbeat,
     ConsumerHeartbeatReply,
     ConsumerPublic,
@@ -166,6 +168,21 @@ class PrivateApiClient:
 
     def download_model_zip(self, human_readable_id: str, dest: Path) -> str:
         return self._download(self._path(PrivateRoutes.MODEL_ZIP, human_readable_id=human_readable_id), dest)
+
+    def download_model_from(self, uid: str, dest: Path) -> str:
+        """The zip of the output of the task's model_from upstream, mounted at /model instead of
+        the model's own zip."""
+        return self._download(self._path(PrivateRoutes.TASK_MODEL_FROM, uid=uid), dest)
+
+    def cache_lookup(self, uid: str, image_id: str) -> CacheAnswer:
+        """Ask whether a finished task ran the same image (by ID), model zip, input and params;
+        on a hit the private API has already finished this task from that task's output."""
+        response = self._request(
+            "POST",
+            self._path(PrivateRoutes.TASK_CACHE_LOOKUP, uid=uid),
+            json=CacheLookup(image_id=image_id).model_dump(mode="json"),
+        )
+        return CacheAnswer.model_validate(response.json())
 
     def upload_logs(self, uid: str, text: str) -> None:
         self._request(

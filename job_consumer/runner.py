@@ -35,6 +35,8 @@ LABEL_MANAGED = "inference-server.managed"
 LABEL_CONSUMER = "inference-server.consumer"
 LABEL_TASK = "inference-server.task"
 UNPRIVILEGED_USER = "65534:65534"  # nobody:nogroup
+# Where a task's params are, in its container; absent when the task has none.
+PARAMS_PATH = "/params.json"
 POLL_S = 1.0
 # Docker's own copy of the logs is capped too, so a model printing without end cannot fill
 # the disk; the newest part is what survives rotation, and that is what users need.
@@ -162,10 +164,33 @@ class ModelRunner:
             LABEL_TASK: task_uid,
         }
 
+    def image_id(self, container_tag: str) -> str | None:
+        """The ID of the image the tag names now; None when the engine has no such image or
+        cannot say (the run by tag then reports what is wrong)."""
+        try:
+            image_id = self.docker.images.get(container_tag).id
+        except docker.errors.ImageNotFound:
+            return None
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            log.warning("could not inspect image %r: %s", container_tag, exc)
+            return None
+        return str(image_id) if image_id else None
+
     def container_options(
-        self, *, task_uid: str, model: ModelPublic, input_dir: Path, output_dir: Path, model_dir: Path | None
+        self,
+        *,
+        task_uid: str,
+        model: ModelPublic,
+        input_dir: Path,
+        output_dir: Path,
+        model_dir: Path | None,
+        params_file: Path | None = None,
+        image: str | None = None,
     ) -> dict[str, Any]:
-        """Everything passed to `containers.create`, kept apart so it can be inspected."""
+        """Everything passed to `containers.create`, kept apart so it can be inspected.
+
+        `image`: what to run, when not the model's tag (an image ID, so that what runs is what
+        the result cache was asked about, whatever the tag names meanwhile)."""
         limits = self.limits_for(model)
         # Same absolute path inside and outside: a consumer that itself runs in a container,
         # with the engine's socket and the work dir mounted at the same path, still works.
@@ -175,8 +200,10 @@ class ModelRunner:
         }
         if model_dir is not None:
             volumes[str(model_dir.resolve())] = {"bind": "/model", "mode": "ro"}
+        if params_file is not None:
+            volumes[str(params_file.resolve())] = {"bind": PARAMS_PATH, "mode": "ro"}
         options: dict[str, Any] = {
-            "image": model.container_tag,
+            "image": image or model.container_tag,
             "name": f"is-task-{task_uid}-{secrets.token_hex(3)}",
             "labels": self.labels_for(task_uid),
             "volumes": volumes,
@@ -224,10 +251,18 @@ class ModelRunner:
         input_dir: Path,
         output_dir: Path,
         model_dir: Path | None = None,
+        params_file: Path | None = None,
+        image: str | None = None,
         should_stop: Callable[[], bool] = _never,
     ) -> RunResult:
         options = self.container_options(
-            task_uid=task_uid, model=model, input_dir=input_dir, output_dir=output_dir, model_dir=model_dir
+            task_uid=task_uid,
+            model=model,
+            input_dir=input_dir,
+            output_dir=output_dir,
+            model_dir=model_dir,
+            params_file=params_file,
+            image=image,
         )
         limits = self.limits_for(model)
         started = time.monotonic()
@@ -244,6 +279,14 @@ class ModelRunner:
                 container = self.docker.containers.create(**options)
                 container.start()
             except docker.errors.ImageNotFound as exc:
+                if image is not None and image != model.container_tag:
+                    # The image the cache was asked about was removed since (its tag rebuilt
+                    # and the old one pruned): another attempt resolves the tag anew.
+                    raise ModelRunError(
+                        f"image {image} (tag {model.container_tag!r}) of model "
+                        f"{model.human_readable_id!r} was removed before it could run",
+                        retryable=True,
+                    ) from exc
                 # No image lookup beforehand: create says so itself, one Docker call fewer per task.
                 raise ModelRunError(
                     f"image {model.container_tag!r} of model {model.human_readable_id!r} is not present "
@@ -252,7 +295,13 @@ class ModelRunner:
                 ) from exc
             except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
                 raise ModelRunError(f"could not start the model container: {exc}", retryable=True) from exc
-            log.info("task %s: container %s started (%s)", task_uid, container.short_id, model.container_tag)
+            log.info(
+                "task %s: container %s started (%s, image %s)",
+                task_uid,
+                container.short_id,
+                model.container_tag,
+                options["image"],
+            )
             exit_code, timed_out, cancelled, output_too_large = self._wait(
                 container, limits, started, should_stop, output_dir
             )

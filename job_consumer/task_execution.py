@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,9 @@ class TaskExecutor:
         self.runner = runner
         self.models = models
         self._stopping_now = stopping_now
+        # Tasks the result cache answered, no container run; worker threads count them.
+        self.cache_hits = 0
+        self._counts_lock = threading.Lock()
 
     def work(self, task: ActiveTask) -> None:
         """Everything for one task, on its worker thread. No exception leaves this function."""
@@ -129,14 +133,28 @@ class TaskExecutor:
         if task.stop_reason is not None:
             self._finish_stopped(task, task.stop_reason)
             return
+        # For a cacheable model the image is resolved to its ID once, asked about, and then run
+        # by that ID: a tag rebuilt in between cannot make the run differ from what was asked.
+        image: str | None = None
+        if model.cacheable:
+            image = self.runner.image_id(model.container_tag)
+            if image is not None and self._answered_from_cache(task, image):
+                return
+        if task.stop_reason is not None:
+            self._finish_stopped(task, task.stop_reason)
+            return
         try:
+            # The input may be an upload or, for input_from, an upstream's output: TASK_INPUT
+            # serves either as the same zip.
             self._with_retry(task, lambda: self.api.download_input(task.uid, workspace.input_zip))
             workspace.unpack_input(self.settings.input_zip_limits)
         except UnsafeZipError as exc:
             raise _TaskError(f"input zip refused: {exc}", retryable=False) from exc
         except PrivateApiHttpError as exc:
             self._raise_for_download(task, "input", exc)
-        model_dir = self._model_dir(task, workspace) if model.model_available else None
+        model_dir = self._mounted_model_dir(task, workspace)
+        params = task.claim.task.params
+        params_file = workspace.write_params(params) if params is not None else None
 
         if task.stop_reason is not None:
             self._finish_stopped(task, task.stop_reason)
@@ -148,6 +166,8 @@ class TaskExecutor:
                 input_dir=workspace.input_dir,
                 output_dir=workspace.output_dir,
                 model_dir=model_dir,
+                params_file=params_file,
+                image=image,
                 should_stop=task.should_stop,
             )
         except ModelRunError as exc:
@@ -213,6 +233,57 @@ class TaskExecutor:
             raise _TaskError(f"output refused by the private API: {exc.detail}", retryable=False) from exc
         log.info("task %s: finished, %d output file(s) uploaded", task.uid, files)
 
+    def _answered_from_cache(self, task: ActiveTask, image_id: str) -> bool:
+        """Whether the private API finished the task from a cached output (nothing to run).
+
+        The cache only saves work: when it cannot answer, the task runs."""
+        try:
+            answer = self.api.cache_lookup(task.uid, image_id)
+        except PrivateApiUnavailable as exc:
+            log.warning("task %s: result cache not reachable (%s); running the task", task.uid, exc)
+            return False
+        except PrivateApiHttpError as exc:
+            if exc.is_conflict:
+                # The task is not ours any more: the stop check after the lookup ends it.
+                task.stop(StopReason.LEASE_LOST)
+            else:
+                log.warning("task %s: result cache lookup refused (%s); running the task", task.uid, exc)
+            return False
+        if not answer.hit:
+            log.info("task %s: not in the result cache (image %s); running it", task.uid, image_id)
+            return False
+        log.info(
+            "task %s: answered from the result cache (output of task %s); no container run",
+            task.uid,
+            answer.cached_from,
+        )
+        with self._counts_lock:
+            self.cache_hits += 1
+        return True
+
+    def _mounted_model_dir(self, task: ActiveTask, workspace: TaskWorkspace) -> Path | None:
+        """What the container gets at /model: a model_from upstream's output, else the model's
+        own zip, unpacked; None for a model without one."""
+        if task.claim.task.model_from is not None:
+            return self._model_from_dir(task, workspace)
+        return self._model_dir(task, workspace) if task.claim.model.model_available else None
+
+    def _model_from_dir(self, task: ActiveTask, workspace: TaskWorkspace) -> Path:
+        """The upstream's output, unpacked into this attempt's own folder.
+
+        Not the shared model cache: the claim announces no digest of that output, so a cache
+        keyed by it would save the unpacking but never the download, and it would keep one
+        task's weights on disk for days where one downstream task mostly reads them once."""
+        upstream = task.claim.task.model_from
+        try:
+            self._with_retry(task, lambda: self.api.download_model_from(task.uid, workspace.model_zip))
+            workspace.unpack_model(self.settings.output_zip_limits)
+        except UnsafeZipError as exc:
+            raise _TaskError(f"output of model_from task {upstream} refused: {exc}", retryable=False) from exc
+        except PrivateApiHttpError as exc:
+            self._raise_for_download(task, f"output of model_from task {upstream}", exc)
+        return workspace.model_dir
+
     def _model_dir(self, task: ActiveTask, workspace: TaskWorkspace) -> Path:
         model = task.claim.model
 
@@ -223,7 +294,7 @@ class TaskExecutor:
             if model.model_zip_sha256:
                 return self.models.get(model.model_zip_sha256, fetch)
             fetch(workspace.model_zip)
-            return self.models.unpack_uncached(workspace.model_zip, workspace.root / "model")
+            return self.models.unpack_uncached(workspace.model_zip, workspace.model_dir)
         except UnsafeZipError as exc:
             raise _TaskError(
                 f"model zip of {model.human_readable_id!r} refused: {exc}", retryable=False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from inference_server.file_trees import remove_tree
 from inference_server.zipsafe import ZipLimits, extract_zip
@@ -26,6 +28,7 @@ TEMP_PREFIX = ".tmp-"
 PRIVATE_MODE = 0o700
 # What the model (possibly the unprivileged 65534) reads: its input and its model files.
 READABLE_DIR_MODE = 0o755
+READABLE_FILE_MODE = 0o444
 
 
 def make_private_dir(path: Path) -> None:
@@ -61,6 +64,16 @@ class TaskWorkspace:
     def model_zip(self) -> Path:
         return self.root / "model.zip"
 
+    @property
+    def model_dir(self) -> Path:
+        """This attempt's own /model: a model zip without a known digest, or a model_from
+        upstream's output (both used by this task only, removed with the workspace)."""
+        return self.root / "model"
+
+    @property
+    def params_file(self) -> Path:
+        return self.root / "params.json"
+
     @classmethod
     def create(cls, work_dir: Path, uid: str, consumer_id: str, attempt: int = 0) -> TaskWorkspace:
         work_dir.mkdir(mode=PRIVATE_MODE, parents=True, exist_ok=True)
@@ -81,6 +94,19 @@ class TaskWorkspace:
         extract_zip(self.input_zip, self.input_dir, limits, dir_mode=READABLE_DIR_MODE)
         self.input_zip.unlink(missing_ok=True)
         os.chmod(self.input_dir, READABLE_DIR_MODE)
+
+    def unpack_model(self, limits: ZipLimits) -> None:
+        """model.zip into this attempt's own /model folder (a model_from upstream's output)."""
+        extract_zip(self.model_zip, self.model_dir, limits, dir_mode=READABLE_DIR_MODE)
+        self.model_zip.unlink(missing_ok=True)
+        os.chmod(self.model_dir, READABLE_DIR_MODE)
+
+    def write_params(self, params: dict[str, Any]) -> Path:
+        """The task's params as the model reads them at /params.json (mounted read-only)."""
+        self.params_file.write_text(json.dumps(params, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        # Explicit, whatever the umask: the model may run as any user.
+        os.chmod(self.params_file, READABLE_FILE_MODE)
+        return self.params_file
 
     def remove(self) -> None:
         remove_owned(self.root)
