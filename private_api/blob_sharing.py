@@ -22,9 +22,18 @@ log = logging.getLogger(__name__)
 
 
 def is_held(session: Session, key: str) -> bool:
-    """Whether any task row still points at the blob, as input or output."""
+    """Whether any task row still points at the blob, as input, output or model_from."""
     held = session.scalar(
-        select(Task.id).where(or_(Task.input_blob_key == key, Task.output_blob_key == key)).limit(1)
+        select(Task.id)
+        .where(
+            or_(
+                Task.input_blob_key == key,
+                Task.output_blob_key == key,
+                # A chained task's /model: an upstream's output (chains.py).
+                Task.model_from_blob_key == key,
+            )
+        )
+        .limit(1)
     )
     return held is not None
 

@@ -120,6 +120,10 @@ class Task(Base):
         Index("ix_tasks_owner", "owner"),
         # Fair share counts an owner's queued tasks (scheduling.queued_of_owner).
         Index("ix_tasks_status_owner_priority", "status", "owner", "priority"),
+        # What waits on a task (chains.py), and who else holds a blob (blob_sharing.is_held).
+        Index("ix_tasks_input_from", "input_from"),
+        Index("ix_tasks_model_from", "model_from"),
+        Index("ix_tasks_model_from_blob_key", "model_from_blob_key"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -147,6 +151,12 @@ class Task(Base):
     run_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The name of the API key that submitted the task; NULL for an anonymous submission.
     owner: Mapped[str | None] = mapped_column(String(255))
+    # Chained tasks (chains.py): the uid of the task whose output is this task's input, and of
+    # the one whose output is mounted at /model. input_blob_key / model_from_blob_key stay NULL
+    # while that upstream has not finished; then they point at its output, shared, not copied.
+    input_from: Mapped[str | None] = mapped_column(String(64))
+    model_from: Mapped[str | None] = mapped_column(String(64))
+    model_from_blob_key: Mapped[str | None] = mapped_column(String(255))
 
     # Every task answer names its model, so load it in the same query.
     model: Mapped[Model] = relationship(lazy="joined", innerjoin=True)
