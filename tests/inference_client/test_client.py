@@ -204,20 +204,23 @@ def test_wait_calls_on_change_once_per_status_or_waiting_reason(
     # The waiter polls with a client of its own, as another process would.
     with InferenceClient(public_url, timeout=30) as waiting_client, ThreadPoolExecutor(1) as pool:
         waited = pool.submit(waiting_client.wait, uid, poll_interval=0.02, timeout=60, on_change=record)
-        wait_until(lambda: changes, what="the first status")
-        assert changes == [(TaskStatus.PENDING, "needs a GPU; no GPU consumer is registered")]
+        try:
+            wait_until(lambda: changes, what="the first status")
+            assert changes == [(TaskStatus.PENDING, "needs a GPU; no GPU consumer is registered")]
 
-        # Still pending, for another reason: polls in between report nothing new.
-        register_consumer(gpu_memory_mb=24576)
-        wait_until(lambda: len(changes) == 2, what="the new waiting reason")
-        assert changes[1] == (
-            TaskStatus.PENDING,
-            "needs 30000 MiB of GPU memory; the largest GPU has 24576 MiB",
-        )
+            # Still pending, for another reason: polls in between report nothing new.
+            register_consumer(gpu_memory_mb=24576)
+            wait_until(lambda: len(changes) == 2, what="the new waiting reason")
+            assert changes[1] == (
+                TaskStatus.PENDING,
+                "needs 30000 MiB of GPU memory; the largest GPU has 24576 MiB",
+            )
 
-        consumer.claim(uid)
-        wait_until(lambda: len(changes) == 3, what="the task running")
-        client.cancel(uid)
+            consumer.claim(uid)
+            wait_until(lambda: len(changes) == 3, what="the task running")
+        finally:
+            # Ends the wait in the thread whether or not the steps above held.
+            client.cancel(uid)
         assert waited.result(timeout=60).status == TaskStatus.CANCELLED
     assert changes == [
         (TaskStatus.PENDING, "needs a GPU; no GPU consumer is registered"),
