@@ -120,6 +120,11 @@ class Task(Base):
         Index("ix_tasks_owner", "owner"),
         # Fair share counts an owner's queued tasks (scheduling.queued_of_owner).
         Index("ix_tasks_status_owner_priority", "status", "owner", "priority"),
+        # The result cache finds a finished task by its key (result_cache.lookup), and
+        # blob_sharing asks whether any task still holds a blob before deleting it.
+        Index("ix_tasks_cache_key", "cache_key"),
+        Index("ix_tasks_input_blob_key", "input_blob_key"),
+        Index("ix_tasks_output_blob_key", "output_blob_key"),
         # What waits on a task (chains.py), and who else holds a blob (blob_sharing.is_held).
         Index("ix_tasks_input_from", "input_from"),
         Index("ix_tasks_model_from", "model_from"),
@@ -151,6 +156,15 @@ class Task(Base):
     run_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The name of the API key that submitted the task; NULL for an anonymous submission.
     owner: Mapped[str | None] = mapped_column(String(255))
+    # The task's parameters (a JSON object checked against its model's params_schema), or NULL.
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # False when the submission sent cache=false: always run, never answered from the cache.
+    use_cache: Mapped[bool] = mapped_column(default=True)
+    # Set at the cache lookup of a cacheable model's task (result_cache.cache_key); a finished
+    # task's key answers later tasks with the same image ID, model zip, input and params.
+    cache_key: Mapped[str | None] = mapped_column(String(64))
+    # The finished task whose output answered this one.
+    cached_from: Mapped[str | None] = mapped_column(String(64))
     # Chained tasks (chains.py): the uid of the task whose output is this task's input, and of
     # the one whose output is mounted at /model. input_blob_key / model_from_blob_key stay NULL
     # while that upstream has not finished; then they point at its output, shared, not copied.
