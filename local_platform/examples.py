@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -9,7 +10,13 @@ from pathlib import Path
 import docker
 import httpx
 
-from inference_server.contract import SERVICE_TOKEN_HEADER, PrivateRoutes
+from inference_server.contract import (
+    MODEL_PARAMS_SCHEMA_FIELD,
+    SERVICE_TOKEN_HEADER,
+    ZIP_MEDIA_TYPE,
+    PrivateRoutes,
+    TaskSubmitFields,
+)
 from models_examples.catalog import EXAMPLES, ExampleModel, build_example_images
 
 DEFAULT_BASE_IMAGE = "inference-server/base:bookworm"
@@ -23,19 +30,22 @@ def register_model(private_url: str, service_token: str, example: ExampleModel) 
         "description": example.description,
         "model_available": str(example.model_available).lower(),
         "use_gpu": str(example.use_gpu).lower(),
+        "cacheable": str(example.cacheable).lower(),
     }
     headers = {SERVICE_TOKEN_HEADER: service_token}
+    schema = example.params_schema()
+    # A text part without a file name: the params_schema form field beside the optional zip.
+    schema_part = {} if schema is None else {MODEL_PARAMS_SCHEMA_FIELD: (None, json.dumps(schema).encode())}
     with tempfile.TemporaryDirectory() as scratch:
         model_zip = example.make_model_zip(Path(scratch) / "model.zip")
         with httpx.Client(base_url=private_url, headers=headers, timeout=120) as client:
             if model_zip is None:
-                response = client.post(PrivateRoutes.MODELS, params=params)
+                response = client.post(PrivateRoutes.MODELS, params=params, files=schema_part or None)
             else:
                 with open(model_zip, "rb") as handle:
+                    zip_part = {TaskSubmitFields.ZIP_FILE: ("model.zip", handle, ZIP_MEDIA_TYPE)}
                     response = client.post(
-                        PrivateRoutes.MODELS,
-                        params=params,
-                        files={"zip_file": ("model.zip", handle, "application/zip")},
+                        PrivateRoutes.MODELS, params=params, files={**schema_part, **zip_part}
                     )
     if response.status_code == 409:
         return False

@@ -6,9 +6,11 @@ each model under its `human_readable_id`.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
@@ -29,6 +31,12 @@ class ExampleModel:
     use_gpu: bool = False
     # Folder (relative to the example's folder) zipped as the model zip, unpacked at /model.
     model_zip_folder: str | None = None
+    # JSON Schema file (relative to the example's folder) the params of its tasks must satisfy.
+    params_schema_file: str | None = None
+    # Deterministic: the same image, model zip, input and params may be answered from the cache.
+    cacheable: bool = False
+    # Build arguments besides BASE_IMAGE, as pairs: one folder can make several models.
+    build_args: tuple[tuple[str, str], ...] = ()
 
     @property
     def path(self) -> Path:
@@ -37,6 +45,12 @@ class ExampleModel:
     @property
     def model_available(self) -> bool:
         return self.model_zip_folder is not None
+
+    def params_schema(self) -> dict[str, Any] | None:
+        if self.params_schema_file is None:
+            return None
+        schema: dict[str, Any] = json.loads((self.path / self.params_schema_file).read_text())
+        return schema
 
     def make_model_zip(self, dest: Path) -> Path | None:
         """Zip the model files into `dest` (a file path); None when the model has no zip."""
@@ -59,9 +73,12 @@ EXAMPLES: tuple[ExampleModel, ...] = (
         container_tag="inference-server/examples-brain-mask:latest",
         human_readable_id="brain-mask",
         description=(
-            "Foreground/brain mask for each NIfTI image (Otsu threshold, largest component, "
-            "holes filled): <name>_mask.nii.gz per image plus report.json with volumes."
+            "Foreground/brain mask for each NIfTI image (threshold by params method otsu, mean or "
+            "fixed; largest component, holes filled): <name>_mask.nii.gz per image plus "
+            "report.json with volumes."
         ),
+        params_schema_file="params_schema.json",
+        cacheable=True,
     ),
     ExampleModel(
         folder="weights_reader",
@@ -71,6 +88,30 @@ EXAMPLES: tuple[ExampleModel, ...] = (
             "Applies the scale/offset in its model zip (/model/weights.json) to the numbers in *.txt files."
         ),
         model_zip_folder="model",
+    ),
+    ExampleModel(
+        folder="linear_model",
+        container_tag="inference-server/examples-linear-train:latest",
+        human_readable_id="linear-train",
+        description=(
+            "Fits a linear model (least squares, params l2 and target) to the *.csv files in the "
+            "input: weights.json and report.json. Continues from an earlier task's weights given "
+            "by model_from, exactly as if trained on both data sets."
+        ),
+        params_schema_file="train_params_schema.json",
+        cacheable=True,
+        build_args=(("MODE", "train"),),
+    ),
+    ExampleModel(
+        folder="linear_model",
+        container_tag="inference-server/examples-linear-predict:latest",
+        human_readable_id="linear-predict",
+        description=(
+            "Applies a linear-train task's weights (model_from=<its uid>) to the *.csv files in "
+            "the input: each file again with a prediction column."
+        ),
+        cacheable=True,
+        build_args=(("MODE", "predict"),),
     ),
 )
 
@@ -109,7 +150,7 @@ def build_example_images(
             image, _ = docker_client.images.build(
                 path=str(example.path),
                 tag=example.container_tag,
-                buildargs={"BASE_IMAGE": base_image},
+                buildargs={"BASE_IMAGE": base_image, **dict(example.build_args)},
                 rm=True,
                 forcerm=True,
                 pull=False,

@@ -1,8 +1,12 @@
 """Foreground (brain) mask for every NIfTI image under /input.
 
-For each image: Otsu threshold on the intensities, keep the largest connected component,
-fill the holes inside it. Writes <name>_mask.nii.gz next to where the image sat (same
+For each image: threshold the intensities (Otsu's by default), keep the largest connected
+component, fill the holes inside it. Writes <name>_mask.nii.gz next to where the image sat (same
 sub-folder, under /output) and one /output/report.json with counts and volumes.
+
+Params (/params.json, absent when the task has none; params_schema.json declares them):
+{"method": "otsu" | "mean" | "fixed", "threshold": number}; "fixed" takes its threshold from
+"threshold", the others ignore it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from scipy import ndimage
 
 INPUT = Path(os.environ.get("MODEL_INPUT_DIR", "/input"))
 OUTPUT = Path(os.environ.get("MODEL_OUTPUT_DIR", "/output"))
+PARAMS = Path(os.environ.get("MODEL_PARAMS_FILE", "/params.json"))
+METHODS = ("otsu", "mean", "fixed")
 SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -51,12 +57,42 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
-def brain_mask(volume: np.ndarray) -> tuple[np.ndarray, float]:
+class Thresholding:
+    """How the foreground is told from the background, from the task's params."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.method = str(params.get("method", "otsu"))
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        self.fixed: float | None = None
+        if self.method == "fixed":
+            if not isinstance(params.get("threshold"), int | float):
+                raise ValueError('method "fixed" needs a numeric "threshold" param')
+            self.fixed = float(params["threshold"])
+
+    def threshold(self, values: np.ndarray) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        if self.method == "mean":
+            return float(values.mean())
+        return otsu_threshold(values)
+
+
+def read_params() -> dict[str, Any]:
+    if not PARAMS.is_file():
+        return {}
+    params = json.loads(PARAMS.read_text())
+    if not isinstance(params, dict):
+        raise ValueError(f"{PARAMS} is not a JSON object")
+    return params
+
+
+def brain_mask(volume: np.ndarray, thresholding: Thresholding) -> tuple[np.ndarray, float]:
     finite = np.isfinite(volume)
     values = volume[finite]
     if values.size == 0:
         raise ValueError("image holds no finite voxel values")
-    threshold = otsu_threshold(values)
+    threshold = thresholding.threshold(values)
     mask = finite & (volume > threshold)
     labels, count = ndimage.label(mask)
     if count > 1:
@@ -66,7 +102,7 @@ def brain_mask(volume: np.ndarray) -> tuple[np.ndarray, float]:
     return mask, threshold
 
 
-def process(path: Path) -> dict[str, Any]:
+def process(path: Path, thresholding: Thresholding) -> dict[str, Any]:
     image = nib.load(str(path))
     if not isinstance(image, nib.Nifti1Image):  # NIfTI-2 images are NIfTI-1 images too
         raise ValueError(f"not a NIfTI image: nibabel read it as {type(image).__name__}")
@@ -76,7 +112,7 @@ def process(path: Path) -> dict[str, Any]:
         data = data.mean(axis=3)
     if data.ndim != 3:
         raise ValueError(f"expected a 3D (or 4D) image, got {data.ndim} dimensions {data.shape}")
-    mask, threshold = brain_mask(data)
+    mask, threshold = brain_mask(data, thresholding)
 
     relative = path.relative_to(INPUT)
     out_path = OUTPUT / relative.parent / f"{stem_of(path)}_mask.nii.gz"
@@ -107,6 +143,11 @@ def main() -> int:
     if not INPUT.is_dir():
         print(f"brain_mask: {INPUT} does not exist; run this image under the job consumer", file=sys.stderr)
         return 2
+    try:
+        thresholding = Thresholding(read_params())
+    except ValueError as exc:
+        print(f"brain_mask: params: {exc}", file=sys.stderr)
+        return 2
     files = nifti_files(INPUT)
     if not files:
         print(f"brain_mask: no NIfTI files (*.nii, *.nii.gz) found under {INPUT}", file=sys.stderr)
@@ -115,7 +156,7 @@ def main() -> int:
     for path in files:
         relative = path.relative_to(INPUT).as_posix()
         try:
-            entry = process(path)
+            entry = process(path, thresholding)
         except Exception as exc:  # one unreadable file must not hide the others' results
             print(f"brain_mask: {relative}: {type(exc).__name__}: {exc}", file=sys.stderr)
             errors.append({"input": relative, "error": f"{type(exc).__name__}: {exc}"})
@@ -125,7 +166,8 @@ def main() -> int:
             f" {entry['mask_volume_ml']:.1f} ml -> {entry['mask']}"
         )
         results.append(entry)
-    report = {"model": "brain_mask", "method": "otsu+largest-component+fill-holes", "images": results}
+    method = f"{thresholding.method}+largest-component+fill-holes"
+    report: dict[str, Any] = {"model": "brain_mask", "method": method, "images": results}
     if errors:
         report["errors"] = errors
     (OUTPUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")

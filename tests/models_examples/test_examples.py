@@ -28,19 +28,29 @@ class TaskDirs:
 
 
 def run_example(
-    runner: ModelRunner, example: ExampleModel, dirs: TaskDirs, model_dir: Path | None = None
+    runner: ModelRunner,
+    example: ExampleModel,
+    dirs: TaskDirs,
+    model_dir: Path | None = None,
+    params: dict | None = None,
 ) -> RunResult:
     model = make_model(
         example.container_tag,
         human_readable_id=example.human_readable_id,
         model_available=model_dir is not None,
     )
+    params_file = None
+    if params is not None:
+        # Where the consumer would put it: beside the task's folders, mounted at /params.json.
+        params_file = dirs.input.parent / "params.json"
+        params_file.write_text(json.dumps(params))
     return runner.run(
         task_uid=f"example{secrets.token_hex(8)}",
         model=model,
         input_dir=dirs.input,
         output_dir=dirs.output,
         model_dir=model_dir,
+        params_file=params_file,
     )
 
 
@@ -48,7 +58,13 @@ def run_example(
 
 
 def test_catalog_entries_are_valid_and_unique():
-    assert {e.human_readable_id for e in EXAMPLES} == {"passthrough", "brain-mask", "weights-reader"}
+    assert {e.human_readable_id for e in EXAMPLES} == {
+        "passthrough",
+        "brain-mask",
+        "weights-reader",
+        "linear-train",
+        "linear-predict",
+    }
     assert len({e.container_tag for e in EXAMPLES}) == len(EXAMPLES)
     for example in EXAMPLES:
         assert HUMAN_READABLE_ID_RE.match(example.human_readable_id)
@@ -58,6 +74,9 @@ def test_catalog_entries_are_valid_and_unique():
         assert (example.path / "README.md").is_file()
         if example.model_zip_folder is not None:
             assert (example.path / example.model_zip_folder).is_dir()
+        schema = example.params_schema()
+        if schema is not None:
+            assert schema["type"] == "object" and schema["additionalProperties"] is False
     assert get_example("weights-reader").model_available
     with pytest.raises(KeyError):
         get_example("no-such-example")
@@ -198,3 +217,109 @@ def test_weights_reader_without_model_zip_fails_clearly(example_images, example_
 
     assert result.exit_code not in (0, None)
     assert "/model/weights.json not found" in result.logs
+
+
+@pytest.mark.docker
+def test_brain_mask_threshold_method_comes_from_the_params(example_images, example_runner, tmp_path):
+    volume, affine, _ = synthetic_head()
+    thresholds = {}
+    for method, params in (
+        ("default", None),
+        ("mean", {"method": "mean"}),
+        ("fixed", {"method": "fixed", "threshold": 60.5}),
+    ):
+        dirs = TaskDirs(tmp_path / method)
+        nib.save(nib.Nifti1Image(volume, affine), dirs.input / "head.nii.gz")
+        result = run_example(example_runner, get_example("brain-mask"), dirs, params=params)
+        assert result.exit_code == 0, result.logs
+        report = json.loads((dirs.output / "report.json").read_text())
+        thresholds[method] = report["images"][0]["threshold"]
+        expected_method = "otsu" if method == "default" else method
+        assert report["method"].startswith(f"{expected_method}+")
+
+    assert thresholds["fixed"] == 60.5
+    assert thresholds["mean"] == pytest.approx(float(volume.mean()), rel=1e-4)
+    assert thresholds["default"] not in (thresholds["mean"], thresholds["fixed"])
+
+
+@pytest.mark.docker
+def test_brain_mask_fixed_method_without_threshold_fails_clearly(example_images, example_runner, tmp_path):
+    dirs = TaskDirs(tmp_path / "task")
+    volume, affine, _ = synthetic_head()
+    nib.save(nib.Nifti1Image(volume, affine), dirs.input / "head.nii.gz")
+
+    result = run_example(example_runner, get_example("brain-mask"), dirs, params={"method": "fixed"})
+
+    assert result.exit_code == 2
+    assert 'method "fixed" needs a numeric "threshold" param' in result.logs
+    assert list(dirs.output.iterdir()) == []
+
+
+def linear_rows(count: int, seed: int) -> str:
+    """CSV rows of y = 3 + 2 x1 - 0.5 x2 plus small integer noise: integer data, exact sums."""
+    rng = np.random.default_rng(seed)
+    lines = ["x1,x2,y"]
+    for x1, x2, noise in zip(
+        rng.integers(-10, 11, count), rng.integers(-5, 6, count), rng.integers(-1, 2, count), strict=True
+    ):
+        lines.append(f"{x1},{x2},{3 + 2 * x1 - 0.5 * x2 + noise}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.docker
+def test_linear_model_fine_tuned_equals_trained_on_both(example_images, example_runner, tmp_path):
+    train, predict = get_example("linear-train"), get_example("linear-predict")
+    first, second = linear_rows(20, seed=1), linear_rows(15, seed=2)
+
+    trained = TaskDirs(tmp_path / "train")
+    (trained.input / "first.csv").write_text(first)
+    assert run_example(example_runner, train, trained).exit_code == 0
+    tuned = TaskDirs(tmp_path / "tune")
+    (tuned.input / "second.csv").write_text(second)
+    # model_from: the earlier task's output is the fine-tuning task's /model.
+    result = run_example(example_runner, train, tuned, model_dir=trained.output)
+    assert result.exit_code == 0, result.logs
+    both = TaskDirs(tmp_path / "both")
+    (both.input / "first.csv").write_text(first)
+    (both.input / "second.csv").write_text(second)
+    assert run_example(example_runner, train, both).exit_code == 0
+
+    tuned_weights = (tuned.output / "weights.json").read_bytes()
+    assert tuned_weights == (both.output / "weights.json").read_bytes()
+    weights = json.loads(tuned_weights)
+    assert weights["features"] == ["x1", "x2"] and weights["statistics"]["rows"] == 35
+    assert weights["coefficients"]["x1"] == pytest.approx(2, abs=0.1)
+    assert weights["intercept"] == pytest.approx(3, abs=0.5)
+    report = json.loads((tuned.output / "report.json").read_text())
+    assert (report["rows_earlier"], report["rows_new"], report["continued_from_model"]) == (20, 15, True)
+
+    queries = TaskDirs(tmp_path / "predict")
+    (queries.input / "queries.csv").write_text("x1,x2\n1,2\n0,0\n")
+    result = run_example(example_runner, predict, queries, model_dir=tuned.output)
+    assert result.exit_code == 0, result.logs
+    lines = (queries.output / "queries.csv").read_text().splitlines()
+    assert lines[0] == "x1,x2,prediction"
+    expected = weights["intercept"] + weights["coefficients"]["x1"] * 1 + weights["coefficients"]["x2"] * 2
+    assert float(lines[1].split(",")[2]) == pytest.approx(expected, rel=1e-12)
+    assert float(lines[2].split(",")[2]) == pytest.approx(weights["intercept"], rel=1e-12)
+
+
+@pytest.mark.docker
+def test_linear_model_params_and_missing_weights(example_images, example_runner, tmp_path):
+    train, predict = get_example("linear-train"), get_example("linear-predict")
+    rows = linear_rows(20, seed=3)
+    coefficients = {}
+    for name, params in (("plain", None), ("ridge", {"l2": 1000})):
+        dirs = TaskDirs(tmp_path / name)
+        (dirs.input / "data.csv").write_text(rows)
+        result = run_example(example_runner, train, dirs, params=params)
+        assert result.exit_code == 0, result.logs
+        coefficients[name] = json.loads((dirs.output / "weights.json").read_text())["coefficients"]["x1"]
+    # A heavy ridge penalty pulls the coefficient towards 0.
+    assert abs(coefficients["ridge"]) < abs(coefficients["plain"]) / 2
+
+    dirs = TaskDirs(tmp_path / "no-weights")
+    (dirs.input / "queries.csv").write_text("x1,x2\n1,2\n")
+    result = run_example(example_runner, predict, dirs)
+    assert result.exit_code == 1
+    assert "weights.json not found: submit with model_from" in result.logs
