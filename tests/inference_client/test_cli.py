@@ -12,8 +12,9 @@ import pytest
 from inference_client.cli import main
 from inference_client.client import InferenceClient
 from inference_server.contract import TASK_UID_RE, TaskStatus
+from tests.helpers import make_zip
 from tests.inference_client.tables import parse_table
-from tests.public_api.stack import BASE_IMAGE_TAG, ConsumerDriver, make_zip, unique_id
+from tests.public_api.stack import BASE_IMAGE_TAG, ConsumerDriver, unique_id
 
 # No test in this module registers a consumer, so a GPU task's reason to wait is known exactly.
 NO_GPU_CONSUMER = "needs a GPU; no GPU consumer is registered"

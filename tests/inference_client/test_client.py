@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,13 +17,13 @@ from inference_client.client import (
     resolve_token,
 )
 from inference_server.contract import TaskPublic, TaskStatus
-from tests.helpers import wait_until
+from tests.helpers import make_zip, wait_until, zip_members
 from tests.inference_client.conftest import RegisterConsumer
-from tests.public_api.stack import BASE_IMAGE_TAG, ConsumerDriver, make_zip, unique_id, zip_members
+from tests.public_api.stack import BASE_IMAGE_TAG, ConsumerDriver, unique_id
 
 
 @pytest.fixture
-def client(public_url: str) -> InferenceClient:
+def client(public_url: str) -> Iterator[InferenceClient]:
     with InferenceClient(public_url, timeout=30) as client:
         yield client
 
@@ -95,7 +96,7 @@ def test_submit_a_zip_file_with_progress_bar(
 
 
 def test_cancel_and_failed_task_errors(
-    client: InferenceClient, model_id: str, input_folder: Path, consumer, tmp_path
+    client: InferenceClient, model_id: str, input_folder: Path, consumer: ConsumerDriver, tmp_path: Path
 ) -> None:
     cancelled = client.cancel(client.submit(model_id, input_folder))
     assert cancelled.status == TaskStatus.CANCELLED

@@ -7,6 +7,7 @@ the other modules' platforms."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 
@@ -32,7 +33,7 @@ def _error_line(err: str) -> str:
 
 
 @pytest.fixture
-def client(public_url: str) -> InferenceClient:
+def client(public_url: str) -> Iterator[InferenceClient]:
     with InferenceClient(public_url, timeout=30) as client:
         yield client
 
