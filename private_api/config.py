@@ -8,6 +8,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from inference_server.contract import MAX_PRIORITY
 from inference_server.settings import BrokerSettings, ServiceToken, ZipLimitSettings
+from private_api.webhook_destinations import AllowedHosts
 
 
 class PrivateSettings(BrokerSettings, ZipLimitSettings):
@@ -59,6 +60,19 @@ class PrivateSettings(BrokerSettings, ZipLimitSettings):
     retention_days: float = Field(default=30.0, ge=0)
     retention_interval_s: float = Field(default=600.0, gt=0)
 
+    # Webhooks (webhook_destinations.py, webhook_delivery.py). The hosts a webhook_url may name,
+    # comma-separated, each "host" (any port) or "host:port"; empty refuses every webhook, so the
+    # platform is never made to reach an address the operator did not name.
+    webhook_allowed_hosts: str = ""
+    # A delivery is retried, waiting webhook_first_retry_s and then twice as long each time (at
+    # most webhook_max_retry_s), until this long after its event; then it is given up.
+    webhook_retry_for_s: float = Field(default=24 * 3600.0, gt=0)
+    webhook_first_retry_s: float = Field(default=10.0, gt=0)
+    webhook_max_retry_s: float = Field(default=3600.0, gt=0)
+    # How often the sender looks for due deliveries, and how long one POST may take.
+    webhook_interval_s: float = Field(default=1.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
+
     @field_validator("public_api_token", "consumer_token")
     @classmethod
     def _token_is_its_own(cls, value: ServiceToken | None, info: ValidationInfo) -> ServiceToken | None:
@@ -71,6 +85,16 @@ class PrivateSettings(BrokerSettings, ZipLimitSettings):
             if other != info.field_name and taken is not None and taken == value:
                 raise ValueError(f"must differ from IS_{other.upper()}")
         return value
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _hosts_parse(cls, value: str) -> str:
+        AllowedHosts.parse(value)  # a bad entry stops the start, naming it
+        return value
+
+    @property
+    def webhook_destinations(self) -> AllowedHosts:
+        return AllowedHosts.parse(self.webhook_allowed_hosts)
 
     @property
     def blob_dir(self) -> Path:

@@ -43,6 +43,8 @@ KEY_NAME_RE = re.compile(KEY_NAME_PATTERN)
 # turn each read into a write.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 _ID_ATTEMPTS = 5
+# Webhook bodies of a key's tasks are signed with its webhook secret (webhook_signing.py).
+WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
 class ApiKeyInfo(BaseModel):
@@ -67,6 +69,11 @@ class ApiKeyInfo(BaseModel):
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_webhook_secret() -> str:
+    """A key's webhook secret: 256 random bits, with a prefix that says what it is."""
+    return f"{WEBHOOK_SECRET_PREFIX}{secrets.token_urlsafe(SECRET_BYTES)}"
 
 
 def _new_key() -> tuple[str, str]:
@@ -113,6 +120,7 @@ def create_key(
             created_at=utcnow(),
             max_priority=max_priority,
             max_active_tasks=max_active_tasks,
+            webhook_secret=new_webhook_secret(),
         )
         session.add(row)
         try:
@@ -197,6 +205,18 @@ def submission_limits(
     if row is not None and row.max_active_tasks is not None:
         max_active = row.max_active_tasks
     return SubmissionLimits(max_priority=max_priority, max_active_tasks=max_active)
+
+
+def webhook_secret(*, session: Session, name_or_id: str, rotate: bool = False) -> tuple[str, ApiKeyInfo]:
+    """The key's webhook secret and its description; with `rotate`, a new secret first, which
+    signs every delivery from then on (those already queued included)."""
+    row = _by_name_or_id(session, name_or_id)
+    if rotate:
+        row.webhook_secret = new_webhook_secret()
+        log.info("rotated the webhook secret of key %r (id %s)", row.name, row.key_id)
+    secret, info = row.webhook_secret, ApiKeyInfo.model_validate(row)
+    session.commit()
+    return secret, info
 
 
 def revoke_key(*, session: Session, name_or_id: str) -> ApiKeyInfo:

@@ -20,6 +20,7 @@ from private_api.metrics import Metrics
 from private_api.queue import TaskPublisher
 from private_api.routes import api_router
 from private_api.scheduling import SchedulingPolicy
+from private_api.webhook_delivery import DeliveryPolicy, WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
         unrunnable_timeout_s=settings.unrunnable_timeout_s,
         consumer_forget_after_s=settings.consumer_forget_after_s,
     )
+    webhooks = WebhookSender(
+        session_factory=session_factory,
+        policy=DeliveryPolicy.of(settings),
+        interval_s=settings.webhook_interval_s,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -55,10 +61,12 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
             raise RuntimeError(problem)
         await run_in_threadpool(blobs.remove_stale_temp_files)
         maintenance.start()
+        webhooks.start()
         log.info("private API ready (queue %s, data in %s)", settings.queue_name, settings.data_dir)
         try:
             yield
         finally:
+            await run_in_threadpool(webhooks.stop)
             await run_in_threadpool(maintenance.stop)
             await run_in_threadpool(publisher.close)
             engine.dispose()
@@ -77,6 +85,7 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
     app.state.publisher = publisher
     app.state.scheduling = scheduling
     app.state.maintenance = maintenance
+    app.state.webhooks = webhooks
     app.state.metrics = Metrics(session_factory, lost_after_s=settings.consumer_lost_after_s)
     install_json_body_limit(app)
     install_error_handlers(app)

@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from inference_server.contract import ApiKeyRole, TaskStatus
+from inference_server.contract import ApiKeyRole, TaskStatus, WebhookEvent, WebhookState
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -165,6 +165,8 @@ class Task(Base):
     cache_key: Mapped[str | None] = mapped_column(String(64))
     # The finished task whose output answered this one.
     cached_from: Mapped[str | None] = mapped_column(String(64))
+    # Where its events are POSTed (webhooks.py); NULL: no webhook.
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
     # Chained tasks (chains.py): the uid of the task whose output is this task's input, and of
     # the one whose output is mounted at /model. input_blob_key / model_from_blob_key stay NULL
     # while that upstream has not finished; then they point at its output, shared, not copied.
@@ -182,6 +184,28 @@ class Task(Base):
     @property
     def output_present(self) -> bool:
         return self.output_blob_key is not None
+
+    # Read only for a task with a webhook (the `webhook` property), so others never query it.
+    webhook_deliveries: Mapped[list[WebhookDelivery]] = relationship(
+        lazy="select", viewonly=True, order_by="WebhookDelivery.id"
+    )
+
+    @property
+    def webhook(self) -> WebhookState | None:
+        """How its webhook deliveries stand (TaskPublic.webhook); None without a webhook."""
+        if self.webhook_url is None:
+            return None
+        deliveries = self.webhook_deliveries
+        tried = [delivery for delivery in deliveries if delivery.last_attempt_at is not None]
+        latest = max(tried, key=lambda delivery: delivery.last_attempt_at or self.created_at, default=None)
+        return WebhookState(
+            url=self.webhook_url,
+            attempts=sum(delivery.attempts for delivery in deliveries),
+            delivered=sum(delivery.delivered_at is not None for delivery in deliveries),
+            pending=sum(delivery.is_pending for delivery in deliveries),
+            last_answer=latest.last_answer if latest is not None else None,
+            last_attempt_at=latest.last_attempt_at if latest is not None else None,
+        )
 
 
 class ApiKey(Base):
@@ -203,6 +227,43 @@ class ApiKey(Base):
     # IS_DEFAULT_* setting reaches every key that was never given its own.
     max_priority: Mapped[int | None]
     max_active_tasks: Mapped[int | None]
+    # Signs the webhook bodies of its tasks (HMAC-SHA256; webhook_signing.py); shown to the
+    # operator by `keys create` and `keys webhook-secret`, to hand to the key's owner.
+    webhook_secret: Mapped[str] = mapped_column(String(128))
+
+
+class WebhookDelivery(Base):
+    """One event of a task to POST to its webhook: the durable outbox of webhook_delivery.py.
+
+    Written in the transaction of the state change it reports, so an event is never lost nor
+    sent for a change that did not commit. `next_attempt_at` is when it is due (NULL once it is
+    delivered or given up); a sender claims an attempt by moving it forward with a conditional
+    UPDATE, so two private API processes never send the same attempt.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_next_attempt_at", "next_attempt_at"),
+        Index("ix_webhook_deliveries_task_id", "task_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
+    event: Mapped[WebhookEvent] = mapped_column(StrEnumText(WebhookEvent))
+    # The WebhookBody as it was at the change: a late delivery still tells what happened then.
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    attempts: Mapped[int]
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    given_up_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # "200 OK", "503 Service Unavailable", "connection failed: ...", as the last attempt ended.
+    last_answer: Mapped[str | None] = mapped_column(String(255))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    @property
+    def is_pending(self) -> bool:
+        return self.delivered_at is None and self.given_up_at is None
 
 
 class Consumer(Base):

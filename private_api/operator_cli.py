@@ -23,7 +23,7 @@ from inference_server.settings import ENV_PREFIX
 from private_api.config import PrivateSettings
 from private_api.consumer_registry import list_consumers, set_draining
 from private_api.db import make_engine, make_session_factory, upgrade_database
-from private_api.keys import create_key, list_keys, revoke_key, set_limits
+from private_api.keys import create_key, list_keys, revoke_key, set_limits, webhook_secret
 
 
 class DatabaseSettings(BaseSettings):
@@ -81,13 +81,26 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
             max_priority=args.max_priority,
             max_active_tasks=args.max_active_tasks,
         )
+        secret, _info = webhook_secret(session=session, name_or_id=info.key_id)
     # The key alone on stdout, so `KEY=$(inference-server keys create alice)` works.
     print(key, flush=True)
     print(
         f"created {info.role} key {info.name!r} (id {info.key_id}). It is shown only this once: hand it "
-        "to its owner, who sends it as 'Authorization: Bearer <key>' (infer --token, or IS_API_TOKEN).",
+        "to its owner, who sends it as 'Authorization: Bearer <key>' (infer --token, or IS_API_TOKEN).\n"
+        f"Its webhook secret, which signs the webhooks of its tasks: {secret}\n"
+        "(`keys webhook-secret NAME` shows it again, `--rotate` replaces it).",
         file=sys.stderr,
     )
+    return 0
+
+
+def _cmd_keys_webhook_secret(args: argparse.Namespace) -> int:
+    with _key_session(args) as session:
+        secret, info = webhook_secret(session=session, name_or_id=args.name_or_id, rotate=args.rotate)
+    # The secret alone on stdout, so `SECRET=$(inference-server keys webhook-secret alice)` works.
+    print(secret, flush=True)
+    what = "new webhook secret (it signs every delivery from now on)" if args.rotate else "webhook secret"
+    print(f"the {what} of key {info.name!r} (id {info.key_id})", file=sys.stderr)
     return 0
 
 
@@ -245,7 +258,16 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
     revoke = key_commands.add_parser("revoke", help="revoke a key by its name or id")
     revoke.add_argument("name_or_id", metavar="NAME_OR_ID")
     revoke.set_defaults(handler=_cmd_keys_revoke)
-    for command in (create, limit_cmd, listing, revoke):
+    secret_cmd = key_commands.add_parser(
+        "webhook-secret",
+        help="print the secret that signs a key's webhooks (by name or id); --rotate replaces it",
+    )
+    secret_cmd.add_argument("name_or_id", metavar="NAME_OR_ID")
+    secret_cmd.add_argument(
+        "--rotate", action="store_true", help="draw a new secret; the old one stops signing at once"
+    )
+    secret_cmd.set_defaults(handler=_cmd_keys_webhook_secret)
+    for command in (create, limit_cmd, listing, revoke, secret_cmd):
         command.add_argument("--database-url", help="default: IS_DATABASE_URL")
 
     consumers = commands.add_parser(

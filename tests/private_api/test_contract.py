@@ -37,7 +37,7 @@ def test_the_models_table_has_a_column_for_every_contract_field_and_no_other() -
 def test_every_task_field_of_the_contract_is_a_column_or_derived_from_one() -> None:
     columns = set(inspect(Task).columns.keys())
     # Answered from the row's relations and keys rather than stored under their own name.
-    derived = {"model_human_readable_id", "output_present"}
+    derived = {"model_human_readable_id", "output_present", "webhook"}
     # Computed when the status is read (scheduling.waiting_reason), never stored.
     computed = {"waiting_reason"}
     assert set(TaskPublic.model_fields) - derived - computed <= columns
