@@ -102,12 +102,16 @@ ROUTE_GRANTS: Mapping[tuple[str, str], frozenset[ServiceRole]] = {
     ("GET", PrivateRoutes.TASK_OUTPUT): _PUBLIC_API,
     ("GET", PrivateRoutes.TASK_LOGS): _PUBLIC_API,
     ("GET", PrivateRoutes.TASK_INPUT): _CONSUMER,
+    # A chained task's /model: an upstream's output, so patients' data like an input.
+    ("GET", PrivateRoutes.TASK_MODEL_FROM): _CONSUMER,
     ("POST", PrivateRoutes.TASK_CLAIM): _CONSUMER,
     ("POST", PrivateRoutes.TASK_HEARTBEAT): _CONSUMER,
     ("POST", PrivateRoutes.TASK_OUTPUT): _CONSUMER,
     ("PUT", PrivateRoutes.TASK_LOGS): _CONSUMER,
     ("POST", PrivateRoutes.TASK_FAIL): _CONSUMER,
     ("POST", PrivateRoutes.TASK_RELEASE): _CONSUMER,
+    # Only the holder of the task (result_cache checks X-Consumer-Id): a hit finishes it.
+    ("POST", PrivateRoutes.TASK_CACHE_LOOKUP): _CONSUMER,
     ("PUT", PrivateRoutes.CONSUMER): _CONSUMER,
     ("POST", PrivateRoutes.CONSUMER_HEARTBEAT): _CONSUMER,
     # For operator keys only (require_operator_actor): the consumers' hosts are the operators'.

@@ -19,8 +19,9 @@ from inference_server.contract import (
     TaskPublic,
     TaskRelease,
     TaskStatus,
+    WebhookEvent,
 )
-from private_api import consumer_registry
+from private_api import chains, consumer_registry, webhooks
 from private_api.blobs import BlobStore, StoredBlob
 from private_api.exceptions import Conflict, ConsumerDraining, NotFound, Unprocessable
 from private_api.models import Task, utcnow
@@ -51,10 +52,15 @@ def _held_by(uid: str, consumer_id: str) -> tuple[Any, ...]:
     return (Task.uid == uid, Task.status == TaskStatus.RUNNING, Task.consumer_id == consumer_id)
 
 
-def _commit_and_view(session: Session, uid: str) -> tuple[Task, TaskPublic]:
-    """The task as just written and its public view, built before the commit expires the row."""
+def _commit_and_view(
+    session: Session, uid: str, event: WebhookEvent | None = None
+) -> tuple[Task, TaskPublic]:
+    """The task as just written and its public view, built before the commit expires the row;
+    `event` goes to its webhook in the same commit."""
     task = load_task(session, uid)
     assert task is not None
+    if event is not None:
+        webhooks.enqueue(session, task, event)
     public = task_public(task)
     session.commit()
     return task, public
@@ -122,6 +128,9 @@ def claim_task(
         raise Conflict(f"task {uid} cannot be claimed: it is {describe_holder(task)}")
     task = load_task(session, uid)
     assert task is not None
+    # Only a new attempt sets started_at to this claim's `now`; the holder claiming again is not news.
+    if task.started_at == now:
+        webhooks.enqueue(session, task, WebhookEvent.RUNNING)
     claim = TaskClaim(
         task=task_public(task), model=ModelPublic.model_validate(task.model), lease_seconds=lease_seconds
     )
@@ -194,9 +203,12 @@ def store_output(
     consumer_id: str,
     output_blob: StoredBlob,
     run_times: RunTimes | None = None,
+    publisher: TaskPublisher | None = None,
+    policy: SchedulingPolicy | None = None,
 ) -> TaskPublic:
     """running -> finished with its output and its run times, once; the caller deletes the blob if
-    this raises."""
+    this raises. Tasks waiting on its output get it (chains.settle), and with `publisher` go to
+    the queue at once."""
     run_times = run_times or RunTimes()
     check_run_times(session=session, uid=uid, run_times=run_times)
     finished = update_task(
@@ -215,8 +227,9 @@ def store_output(
     )
     if not finished:
         _raise_not_holder(session, uid, consumer_id)
-    _task, public = _commit_and_view(session, uid)
+    _task, public = _commit_and_view(session, uid, WebhookEvent.FINISHED)
     log.info("task %s finished on %s (%d output bytes)", uid, consumer_id, output_blob.size)
+    chains.settle(session=session, uid=uid, publisher=publisher, policy=policy)
     return public
 
 
@@ -255,7 +268,7 @@ def fail_task(
         lease_expires_at=None,
     ):
         _raise_not_holder(session, uid, consumer_id)
-    task, public = _commit_and_view(session, uid)
+    task, public = _commit_and_view(session, uid, None if retried else WebhookEvent.FAILED)
     log.info(
         "task %s %s after attempt %d on %s: %s",
         uid,
@@ -267,6 +280,8 @@ def fail_task(
     if retried:
         # A retry: it goes ahead of the fresh tasks of its priority (broker_priority).
         dispatch(session, publisher, policy, task.id)
+    else:
+        chains.settle(session=session, uid=uid)  # what waits on it fails too
     return public
 
 
@@ -335,7 +350,7 @@ def reap_expired_leases(
     ).all()
     session.rollback()
     requeued: list[Any] = []
-    failed = 0
+    gave_up: list[str] = []
     for row in rows:
         expired = (Task.id == row.id, Task.status == TaskStatus.RUNNING, Task.lease_expires_at < now)
         if update_task(
@@ -357,9 +372,12 @@ def reap_expired_leases(
             finished_at=now,
             lease_expires_at=None,
         ):
-            failed += 1
+            gave_up.append(row.uid)
             log.warning("lease of task %s expired on its last attempt; failed", row.uid)
+            webhooks.enqueue_for_uid(session, row.uid, WebhookEvent.FAILED)
         session.commit()
     for row in requeued:
         dispatch(session, publisher, policy or SchedulingPolicy(), row.id)
-    return len(requeued) + failed
+    for uid in gave_up:
+        chains.settle(session=session, uid=uid)  # what waits on it fails too
+    return len(requeued) + len(gave_up)

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from private_api import consumer_registry, leases, outbox, scheduling
+from private_api import chains, consumer_registry, leases, outbox, scheduling
 from private_api.blobs import BlobStore
 from private_api.queue import TaskPublisher
 from private_api.retention import expire_old_tasks
@@ -126,6 +126,9 @@ class MaintenanceLoop:
 
     def publish_once(self) -> int:
         with self._session_factory() as session:
+            # Tasks still waiting on an upstream that ended (a crash before its settle, or a
+            # change made where none is called) get its output, or end, and so may go out now.
+            chains.settle_stranded(session=session, publisher=self._publisher, policy=self._policy)
             return outbox.publish_unpublished(
                 session=session,
                 publisher=self._publisher,

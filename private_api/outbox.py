@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from inference_server.contract import TaskStatus
+from private_api import upstreams
 from private_api.models import Model, Task, utcnow
 from private_api.queue import TaskPublisher
 from private_api.scheduling import Candidate, Fleet, SchedulingPolicy, candidates, load_candidate, verdict
@@ -117,7 +118,9 @@ def _waiting_candidates(
     """Unpublished pending tasks, at most what one owner may have queued from each lane, in the
     order they go out: priority first, then oldest first."""
     per_lane = policy.fair_share_queued_per_owner or limit
-    unpublished = candidates().where(Task.published_at.is_(None))
+    # Tasks still waiting for an upstream's output are left out here, not only held by the
+    # verdict: a lane's head full of them would hide its owner's ready tasks behind them.
+    unpublished = candidates().where(Task.published_at.is_(None), upstreams.has_its_upstream_outputs())
     if lane is not None:
         lanes = [lane]
     else:

@@ -15,7 +15,7 @@ from sqlalchemy import CursorResult, or_, select, update
 from sqlalchemy.orm import Session
 
 from inference_server.contract import TaskStatus
-from private_api import blob_sharing
+from private_api import blob_sharing, chains
 from private_api.blobs import BlobStore
 from private_api.models import Task, utcnow
 
@@ -34,7 +34,15 @@ def expire_old_tasks(*, session: Session, blobs: BlobStore, max_age: timedelta) 
     """
     cutoff = utcnow() - max_age
     rows = session.execute(
-        select(Task.id, Task.status, Task.input_blob_key, Task.output_blob_key, Task.log_blob_key)
+        select(
+            Task.id,
+            Task.uid,
+            Task.status,
+            Task.input_blob_key,
+            Task.output_blob_key,
+            Task.log_blob_key,
+            Task.model_from_blob_key,
+        )
         .where(
             Task.status.in_(EXPIRABLE),
             Task.finished_at < cutoff,
@@ -42,6 +50,7 @@ def expire_old_tasks(*, session: Session, blobs: BlobStore, max_age: timedelta) 
                 Task.input_blob_key.is_not(None),
                 Task.output_blob_key.is_not(None),
                 Task.log_blob_key.is_not(None),
+                Task.model_from_blob_key.is_not(None),
             ),
         )
         .limit(BATCH)
@@ -59,11 +68,13 @@ def expire_old_tasks(*, session: Session, blobs: BlobStore, max_age: timedelta) 
                 Task.input_blob_key.is_not_distinct_from(row.input_blob_key),
                 Task.output_blob_key.is_not_distinct_from(row.output_blob_key),
                 Task.log_blob_key.is_not_distinct_from(row.log_blob_key),
+                Task.model_from_blob_key.is_not_distinct_from(row.model_from_blob_key),
             )
             .values(
                 input_blob_key=None,
                 output_blob_key=None,
                 log_blob_key=None,
+                model_from_blob_key=None,
                 status=TaskStatus.EXPIRED if row.status == TaskStatus.FINISHED else row.status,
             )
             .execution_options(synchronize_session=False)
@@ -74,7 +85,13 @@ def expire_old_tasks(*, session: Session, blobs: BlobStore, max_age: timedelta) 
             continue
         expired += 1
         # A cached result's output or an upstream's output may be another task's too.
-        blob_sharing.release(session, blobs, (row.input_blob_key, row.output_blob_key, row.log_blob_key))
+        blob_sharing.release(
+            session,
+            blobs,
+            (row.input_blob_key, row.output_blob_key, row.log_blob_key, row.model_from_blob_key),
+        )
+        # Whatever still waits on it can never have its output now.
+        chains.settle(session=session, uid=row.uid)
     if expired:
         log.info("retention: removed the files of %d task(s) that ended before %s", expired, cutoff)
     return expired

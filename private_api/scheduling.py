@@ -26,7 +26,8 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from inference_server.capacity import Capacity, TaskNeeds
-from inference_server.contract import ConsumerState, TaskStatus
+from inference_server.contract import ConsumerState, TaskStatus, WebhookEvent
+from private_api import upstreams, webhooks
 from private_api.config import PrivateSettings
 from private_api.consumer_registry import RegisteredConsumer, registered_consumers
 from private_api.models import Model, Task, utcnow
@@ -69,6 +70,8 @@ class Candidate:
     created_at: datetime
     published_at: datetime | None
     needs: TaskNeeds
+    # The upstream task whose output it still lacks (input_from, model_from): held until then.
+    waiting_for: str | None = None
 
     @classmethod
     def of_row(cls, row: Any) -> Candidate:
@@ -81,6 +84,7 @@ class Candidate:
             created_at=row.created_at,
             published_at=row.published_at,
             needs=TaskNeeds.of_model(row),
+            waiting_for=upstreams.waiting_for_row(row),
         )
 
 
@@ -95,6 +99,10 @@ def candidates() -> Select[*tuple[Any, ...]]:
             Task.owner,
             Task.created_at,
             Task.published_at,
+            Task.input_from,
+            Task.input_blob_key,
+            Task.model_from,
+            Task.model_from_blob_key,
             Model.use_gpu,
             Model.gpu_memory_mb,
             Model.cpus,
@@ -116,6 +124,7 @@ def candidate_of_task(task: Task) -> Candidate:
         created_at=task.created_at,
         published_at=task.published_at,
         needs=TaskNeeds.of_model(task.model),
+        waiting_for=upstreams.waiting_for_row(task),
     )
 
 
@@ -238,11 +247,26 @@ def _fair_share_hold(session: Session, policy: SchedulingPolicy, candidate: Cand
 
 def verdict(session: Session, fleet: Fleet, policy: SchedulingPolicy, candidate: Candidate) -> str | None:
     """None when the task goes to the broker now; otherwise why it waits unpublished."""
-    return fleet.unrunnable_reason(candidate.needs) or _fair_share_hold(session, policy, candidate)
+    return (
+        _upstream_hold(session, candidate)
+        or fleet.unrunnable_reason(candidate.needs)
+        or _fair_share_hold(session, policy, candidate)
+    )
+
+
+def _upstream_hold(session: Session, candidate: Candidate) -> str | None:
+    """A chained task waits for its upstream's output before anything else is weighed."""
+    if candidate.waiting_for is None:
+        return None
+    status = session.scalar(select(Task.status).where(Task.uid == candidate.waiting_for))
+    return upstreams.waiting_reason(candidate.waiting_for, status)
 
 
 def waiting_reason(session: Session, fleet: Fleet, policy: SchedulingPolicy, candidate: Candidate) -> str:
     """Why a pending task is not running yet, in words (a few indexed queries at most)."""
+    upstream = _upstream_hold(session, candidate)
+    if upstream is not None:
+        return upstream
     unrunnable = fleet.unrunnable_reason(candidate.needs)
     if unrunnable is not None:
         return unrunnable
@@ -305,5 +329,6 @@ def fail_unrunnable(
         ):
             failed += 1
             log.warning("task %s failed: waited %g s and %s", row.uid, timeout_s, reason)
+            webhooks.enqueue_for_uid(session, row.uid, WebhookEvent.FAILED)
         session.commit()
     return failed

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from inference_server.contract import TaskPublic, TaskStatus
-from private_api import blob_sharing
+from inference_server.contract import TaskPublic, TaskStatus, WebhookEvent
+from private_api import blob_sharing, chains, webhooks
 from private_api.access import Actor, owner_conditions, visible_task
 from private_api.blobs import BlobStore, StoredBlob
 from private_api.config import PrivateSettings
@@ -81,17 +82,27 @@ def create_task(
     session: Session,
     model_human_readable_id: str,
     priority: int,
-    input_blob: StoredBlob,
+    input_blob: StoredBlob | None,
     owner: str | None = None,
     actor: Actor | None = None,
     settings: PrivateSettings | None = None,
+    params: dict[str, Any] | None = None,
+    use_cache: bool = True,
+    input_from: str | None = None,
+    model_from: str | None = None,
+    webhook_url: str | None = None,
 ) -> TaskPublic:
     """Insert a pending task for an already stored input; the caller deletes the blob if this raises.
+
+    Instead of `input_blob`, `input_from` names the task whose output is the input; `model_from`
+    the task whose output is mounted at /model (chains.py: both must be `actor`'s own, and the
+    task waits unpublished until they finish).
 
     With `settings`, the acting key's limits are checked again in the insert's transaction
     (`check_submission`). Publishing is a separate step (`publish_task`) after the commit, so a
     broker outage never loses an accepted task nor fails the submit.
     """
+    chains.check_input_source(has_zip=input_blob is not None, input_from=input_from)
     if settings is not None:
         try:
             check_submission(session=session, actor=actor, priority=priority, settings=settings, lock=True)
@@ -99,16 +110,29 @@ def create_task(
             session.rollback()
             raise
     model = required_model(session, model_human_readable_id)
+    try:
+        chained = chains.resolve_upstreams(session, actor=actor, input_from=input_from, model_from=model_from)
+    except DomainError:
+        session.rollback()
+        raise
+    given_input = (
+        {} if input_blob is None else {"input_blob_key": input_blob.key, "input_sha256": input_blob.sha256}
+    )
     task = Task(
         uid=new_task_uid(),
         model=model,
         status=TaskStatus.PENDING,
         priority=priority,
         attempts=0,
-        input_blob_key=input_blob.key,
-        input_sha256=input_blob.sha256,
         created_at=utcnow(),
         owner=owner,
+        params=params,  # checked already: task_params.submitted_params
+        use_cache=use_cache,
+        input_from=chained.input_from,
+        model_from=chained.model_from,
+        **given_input,
+        **chained.columns,
+        webhook_url=webhook_url,  # checked already: webhooks.accepted_webhook_url
     )
     session.add(task)
     try:
@@ -120,6 +144,9 @@ def create_task(
         # The model was deleted between the lookup and the insert.
         raise NotFound(f"model {model_human_readable_id!r} is not registered") from exc
     log.info("task %s accepted for model %s (priority %d)", public.uid, model_human_readable_id, priority)
+    # An upstream that changed just before this commit settled without seeing this task.
+    for upstream in chained.uids:
+        chains.settle(session=session, uid=upstream)
     return public
 
 
@@ -176,6 +203,16 @@ def input_blob_key(*, session: Session, uid: str, actor: Actor | None = None) ->
     return task.input_blob_key
 
 
+def model_from_blob_key(*, session: Session, uid: str, actor: Actor | None = None) -> str:
+    """The upstream output a chained task mounts at /model (its own model's zip otherwise)."""
+    task = visible_task(session, uid, actor)
+    if task.model_from is None:
+        raise NotFound(f"task {uid} has no model_from: its model's own zip is mounted at /model")
+    if task.model_from_blob_key is None:
+        raise NotFound(f"task {uid} waits for upstream {task.model_from}: its output does not exist yet")
+    return task.model_from_blob_key
+
+
 def output_blob_key(*, session: Session, uid: str, actor: Actor | None = None) -> str:
     task = visible_task(session, uid, actor)
     if task.status != TaskStatus.FINISHED:
@@ -204,10 +241,13 @@ def cancel_task(*, session: Session, uid: str, actor: Actor | None = None) -> Ta
         lease_expires_at=None,
     )
     task = visible_task(session, uid, actor)
+    if changed:
+        webhooks.enqueue(session, task, WebhookEvent.CANCELLED)
     public = task_public(task)
     session.commit()
     if changed:
         log.info("task %s cancelled", uid)
+        chains.settle(session=session, uid=uid)  # what waits on it is cancelled too
     return public
 
 
@@ -227,10 +267,11 @@ def delete_task(*, session: Session, blobs: BlobStore, uid: str, actor: Actor | 
         raise NotFound(f"task {uid} is unknown or was deleted")
     task = load_task(session, uid)
     assert task is not None  # the UPDATE above just matched it, under our write lock
-    keys = (task.input_blob_key, task.output_blob_key, task.log_blob_key)
-    task.input_blob_key = task.output_blob_key = task.log_blob_key = None
+    keys = (task.input_blob_key, task.output_blob_key, task.log_blob_key, task.model_from_blob_key)
+    task.input_blob_key = task.output_blob_key = task.log_blob_key = task.model_from_blob_key = None
     public = task_public(task)
     session.commit()
     blob_sharing.release(session, blobs, keys)
     log.info("task %s deleted", uid)
+    chains.settle(session=session, uid=uid)  # what still waits on it fails
     return public

@@ -8,6 +8,8 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from inference_server.contract import (
+    CacheAnswer,
+    CacheLookup,
     HeartbeatReply,
     PrivateRoutes,
     RunTimes,
@@ -16,10 +18,11 @@ from inference_server.contract import (
     TaskPublic,
     TaskRelease,
 )
-from private_api import leases, outbox
+from private_api import leases, outbox, result_cache
 from private_api.deps import (
     BlobsDep,
     ConsumerIdDep,
+    MetricsDep,
     PublisherDep,
     SchedulingDep,
     SessionDep,
@@ -74,6 +77,8 @@ async def upload_output(
     settings: SettingsDep,
     uploads: ZipUploadsDep,
     run_times: Annotated[RunTimes, Query()],
+    publisher: PublisherDep,
+    policy: SchedulingDep,
 ) -> TaskPublic:
     await run_in_threadpool(leases.require_holder, session=session, uid=uid, consumer_id=consumer_id)
     # Before the body streams in, so impossible run times cost no upload.
@@ -87,6 +92,8 @@ async def upload_output(
             consumer_id=consumer_id,
             output_blob=output_blob,
             run_times=run_times,
+            publisher=publisher,
+            policy=policy,
         )
 
 
@@ -123,6 +130,22 @@ def release_task(
     return leases.release_task(
         session=session, publisher=publisher, policy=policy, uid=uid, consumer_id=consumer_id, release=release
     )
+
+
+@router.post(PrivateRoutes.TASK_CACHE_LOOKUP, response_model=CacheAnswer)
+def cache_lookup(
+    uid: str,
+    lookup: CacheLookup,
+    consumer_id: ConsumerIdDep,
+    session: SessionDep,
+    blobs: BlobsDep,
+    metrics: MetricsDep,
+) -> CacheAnswer:
+    answer = result_cache.lookup(
+        session=session, blobs=blobs, uid=uid, consumer_id=consumer_id, image_id=lookup.image_id
+    )
+    (metrics.cache_hits if answer.hit else metrics.cache_misses).inc()
+    return answer
 
 
 @router.put(

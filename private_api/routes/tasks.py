@@ -15,8 +15,9 @@ from inference_server.contract import (
     PrivateRoutes,
     TaskPublic,
     TaskStatus,
+    TaskSubmitFields,
 )
-from private_api import model_registry, task_lifecycle
+from private_api import chains, model_registry, task_lifecycle, task_params, webhooks
 from private_api.db import QuickQueriesDep
 from private_api.deps import (
     ActorDep,
@@ -43,9 +44,10 @@ router = APIRouter(tags=["tasks"], dependencies=[Depends(require_service_token)]
     response_model=TaskPublic,
     responses={
         403: {"description": "priority above the acting key's maximum"},
+        422: {"description": "bad params, upstreams, or a webhook_url that is not allowed"},
         429: {"description": "the acting key holds its limit of active tasks (Retry-After)"},
     },
-    openapi_extra=zip_request_body(required=True),
+    openapi_extra=zip_request_body(required=False),
 )
 async def submit_task(
     model_human_readable_id: Annotated[str, Query(pattern=HUMAN_READABLE_ID_PATTERN, max_length=128)],
@@ -57,17 +59,20 @@ async def submit_task(
     actor: ActorDep,
     policy: SchedulingDep,
     priority: Annotated[int, Query(ge=0, le=MAX_PRIORITY)] = 0,
+    # False forces a run even when a cacheable model has an equal finished task.
+    cache: Annotated[bool, Query(alias=TaskSubmitFields.CACHE_QUERY)] = True,
 ) -> TaskPublic:
     # Unknown model, priority above the key's, too many active tasks: refuse before a byte of the
     # upload is stored (the limits are checked again in the insert's transaction).
-    await run_in_threadpool(
+    model = await run_in_threadpool(
         model_registry.get_model, session=session, human_readable_id=model_human_readable_id
     )
     await run_in_threadpool(
         task_lifecycle.check_submission, session=session, actor=actor, priority=priority, settings=settings
     )
     await run_in_threadpool(session.close)  # no connection held while the body streams in
-    async with uploads.zip("inputs", settings.input_zip_limits) as input_blob:
+    # The zip is optional: a chained task's input may be an upstream's output (input_from).
+    async with uploads.optional_zip("inputs", settings.input_zip_limits) as input_blob:
         task = await run_in_threadpool(
             task_lifecycle.create_task,
             session=session,
@@ -77,6 +82,18 @@ async def submit_task(
             owner=actor.name if actor is not None else None,
             actor=actor,
             settings=settings,
+            # Checked once the body is in; a refusal deletes the stored zip (the `async with`).
+            params=task_params.submitted_params(
+                uploads.text_fields.get(TaskSubmitFields.PARAMS), model.params_schema
+            ),
+            use_cache=cache,
+            input_from=chains.named_upstream(uploads.text_fields.get(TaskSubmitFields.INPUT_FROM)),
+            model_from=chains.named_upstream(uploads.text_fields.get(TaskSubmitFields.MODEL_FROM)),
+            webhook_url=webhooks.accepted_webhook_url(
+                uploads.text_fields.get(TaskSubmitFields.WEBHOOK_URL),
+                actor=actor,
+                allowed=settings.webhook_destinations,
+            ),
         )
     metrics.submissions.labels(model=model_human_readable_id).inc()
     # After the commit: a broker outage leaves the task to the outbox, never fails the submit.
@@ -113,6 +130,19 @@ async def get_task(uid: str, queries: QuickQueriesDep, actor: ActorDep, policy: 
 def get_task_input(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep) -> StreamingResponse:
     key = task_lifecycle.input_blob_key(session=session, uid=uid, actor=actor)
     return zip_response(blobs, key, f"{uid}-input.zip", f"the input of task {uid} is missing from storage")
+
+
+@router.get(
+    PrivateRoutes.TASK_MODEL_FROM,
+    response_class=StreamingResponse,
+    dependencies=[Depends(require_task_holder)],
+    responses={404: {"description": "the task has no model_from, or its upstream has not finished"}},
+)
+def get_task_model_from(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep) -> StreamingResponse:
+    key = task_lifecycle.model_from_blob_key(session=session, uid=uid, actor=actor)
+    return zip_response(
+        blobs, key, f"{uid}-model-from.zip", f"the model_from output of task {uid} is missing from storage"
+    )
 
 
 @router.get(
