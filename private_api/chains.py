@@ -30,8 +30,8 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, aliased
 
-from inference_server.contract import TaskStatus, TaskSubmitFields
-from private_api import upstreams
+from inference_server.contract import TaskStatus, TaskSubmitFields, WebhookEvent
+from private_api import upstreams, webhooks
 from private_api.access import Actor, may_see
 from private_api.exceptions import Conflict, NotFound, Unprocessable
 from private_api.models import Task, utcnow
@@ -49,6 +49,8 @@ ENDED_HOW = {
     TaskStatus.DELETED: "was deleted",
     TaskStatus.EXPIRED: "expired",
 }
+
+WEBHOOK_EVENT = {TaskStatus.CANCELLED: WebhookEvent.CANCELLED, TaskStatus.FAILED: WebhookEvent.FAILED}
 
 
 def check_input_source(*, has_zip: bool, input_from: str | None) -> None:
@@ -222,6 +224,8 @@ def _end_dependents(session: Session, uid: str) -> int:
             ):
                 ended += 1
                 causes.append(dependent)
+                # Told in the same commit, like every other end of a task.
+                webhooks.enqueue_for_uid(session, dependent, WEBHOOK_EVENT[outcome])
                 log.info("task %s %s: upstream %s %s", dependent, outcome, cause, how)
         session.commit()
     return ended

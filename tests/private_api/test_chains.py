@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
-from sqlalchemy import update
+from sqlalchemy import select, update
 
-from inference_server.contract import SERVICE_TOKEN_HEADER, ApiKeyRole, TaskStatus
+from inference_server.contract import SERVICE_TOKEN_HEADER, ApiKeyRole, TaskStatus, WebhookEvent
 from private_api import chains
 from private_api.config import PrivateSettings
-from private_api.models import Task, utcnow
+from private_api.models import Task, WebhookDelivery, utcnow
 from tests.private_api.helpers import (
     QueueProbe,
     acting_as,
@@ -336,3 +336,21 @@ def test_the_maintenance_loop_settles_an_upstream_whose_settle_never_ran(
     assert task_row(client, uid).input_blob_key == task_row(client, upstream).output_blob_key
     client.app.state.maintenance.publish_once()
     assert published(queue) == [uid]
+
+
+def test_a_dependent_ended_by_its_upstream_tells_its_webhook(client: TestClient) -> None:
+    register_model(client)
+    first, second, third = _chain_of_three(client)
+    with client.app.state.session_factory() as session:
+        session.execute(
+            update(Task).where(Task.uid.in_((second, third))).values(webhook_url="http://127.0.0.1:9/hook")
+        )
+        session.commit()
+
+    assert client.post(f"/tasks/{first}/cancel").status_code == 200
+
+    with client.app.state.session_factory() as session:
+        events = session.execute(
+            select(Task.uid, WebhookDelivery.event).join(Task, WebhookDelivery.task_id == Task.id)
+        ).all()
+    assert sorted(events) == sorted([(second, WebhookEvent.CANCELLED), (third, WebhookEvent.CANCELLED)])
