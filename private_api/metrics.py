@@ -78,6 +78,17 @@ class Metrics:
             labelnames=["model"],
             registry=self.registry,
         )
+        # A cache hit is a result no container produced: counted apart from the runs.
+        self.cache_hits = Counter(
+            "inference_cache_hits",
+            "Tasks answered from the result cache (an earlier task's output, no container)",
+            registry=self.registry,
+        )
+        self.cache_misses = Counter(
+            "inference_cache_misses",
+            "Cache lookups of cacheable models' tasks that found nothing (or were sent cache=false)",
+            registry=self.registry,
+        )
         self.registry.register(_TaskCounts(session_factory))
         self.registry.register(_ConsumerCounts(session_factory, lost_after_s))
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from inference_server.contract import ModelCreate, ModelPublic, ModelUpdate
+from private_api import blob_sharing
 from private_api.access import Actor, refuse_loosened_isolation
 from private_api.blobs import BlobStore, StoredBlob
 from private_api.exceptions import ActorForbidden, Conflict, NotFound, Unprocessable
 from private_api.models import Model, Task, utcnow
+from private_api.task_params import checked_schema
 from private_api.task_rows import ACTIVE_STATUSES
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,12 @@ def ensure_model_name_free(*, session: Session, human_readable_id: str) -> None:
 
 
 def create_model(
-    *, session: Session, params: ModelCreate, model_zip: StoredBlob | None, actor: Actor | None = None
+    *,
+    session: Session,
+    params: ModelCreate,
+    model_zip: StoredBlob | None,
+    actor: Actor | None = None,
+    params_schema: dict[str, Any] | None = None,
 ) -> ModelPublic:
     """Register a model; the caller deletes `model_zip` if this raises."""
     refuse_loosened_isolation(actor, params.model_dump())
@@ -55,6 +63,7 @@ def create_model(
         raise Unprocessable("a model zip was sent but model_available is false; send model_available=true")
     model = Model(
         **params.model_dump(),
+        params_schema=checked_schema(params_schema),
         model_zip_key=model_zip.key if model_zip else None,
         model_zip_sha256=model_zip.sha256 if model_zip else None,
         created_at=utcnow(),
@@ -78,6 +87,8 @@ def update_model(
     to None returns to the platform default). Tasks claimed from now on run with the new values."""
     values = changes.model_dump(exclude_unset=True)
     refuse_loosened_isolation(actor, values)
+    if "params_schema" in values:
+        checked_schema(values["params_schema"])
     model = required_model(session, human_readable_id)
     for field, value in values.items():
         setattr(model, field, value)
@@ -136,9 +147,8 @@ def delete_model(
         # A task was submitted between the check and the delete: its foreign key stops us.
         session.rollback()
         raise Conflict(f"model {human_readable_id!r} received a task meanwhile; try again") from exc
-    for keys in old_tasks:
-        for key in keys:
-            blobs.delete(key)
+    # A cached result or a chained task of another model may share one of these blobs.
+    blob_sharing.release(session, blobs, (key for keys in old_tasks for key in keys))
     blobs.delete(model.model_zip_key)
     log.info("deleted model %s and %d finished tasks", human_readable_id, len(old_tasks))
     return public

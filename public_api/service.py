@@ -17,6 +17,7 @@ from inference_server.contract import (
     PrivateRoutes,
     TaskPublic,
     TaskStatus,
+    TaskSubmitFields,
     V12Code,
     encode_acting_headers,
     v12_code_for,
@@ -58,13 +59,24 @@ def unknown_task_v12(uid: str) -> V12Error:
 
 
 async def submit_task(
-    api: PrivateAPI, *, caller: Principal | None, model_id: str, priority: int, body: UploadBody
+    api: PrivateAPI,
+    *,
+    caller: Principal | None,
+    model_id: str,
+    priority: int,
+    body: UploadBody,
+    cache: bool = True,
 ) -> TaskPublic:
     if body.chunks is None:
         raise PublicAPIError(422, "the request needs a multipart body with the field 'zip_file'")
     data = await api.upload(
         PrivateRoutes.TASKS,
-        params={"model_human_readable_id": model_id, "priority": priority},
+        # The form's fields (params, ...) go through with the body; the private API reads them.
+        params={
+            "model_human_readable_id": model_id,
+            "priority": priority,
+            TaskSubmitFields.CACHE_QUERY: cache,
+        },
         body=body.chunks,
         headers={**body.headers, **encode_acting_headers(caller)},
     )

@@ -8,8 +8,14 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from inference_server.contract import ModelCreate, ModelPublic, ModelUpdate, PrivateRoutes
-from private_api import access, model_registry
+from inference_server.contract import (
+    MODEL_PARAMS_SCHEMA_FIELD,
+    ModelCreate,
+    ModelPublic,
+    ModelUpdate,
+    PrivateRoutes,
+)
+from private_api import access, model_registry, task_params
 from private_api.deps import (
     ActorDep,
     BlobsDep,
@@ -45,8 +51,15 @@ async def create_model(
     # Hand the connection back while the zip streams in; a large model zip takes a while.
     await run_in_threadpool(session.close)
     async with uploads.optional_zip("models", settings.input_zip_limits) as model_zip:
+        # A refused schema deletes the stored zip (the `async with`), like any refusal here.
+        params_schema = task_params.schema_from_form(uploads.text_fields.get(MODEL_PARAMS_SCHEMA_FIELD))
         return await run_in_threadpool(
-            model_registry.create_model, session=session, params=params, model_zip=model_zip, actor=actor
+            model_registry.create_model,
+            session=session,
+            params=params,
+            model_zip=model_zip,
+            actor=actor,
+            params_schema=params_schema,
         )
 
 

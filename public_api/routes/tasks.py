@@ -20,6 +20,7 @@ from inference_server.contract import (
     PublicRoutes,
     TaskPublic,
     TaskStatus,
+    TaskSubmitFields,
     V12Code,
 )
 from public_api import service
@@ -59,12 +60,20 @@ async def submit_task(
     priority: Annotated[
         int, Query(ge=0, le=MAX_PRIORITY, description="Higher runs sooner; at most the key's maximum.")
     ] = 0,
+    cache: Annotated[
+        bool,
+        Query(
+            alias=TaskSubmitFields.CACHE_QUERY,
+            description="False runs the task even when a cacheable model has its result already.",
+        ),
+    ] = True,
 ) -> str:
     task = await service.submit_task(
         api,
         caller=caller,
         model_id=model_human_readable_id,
         priority=priority,
+        cache=cache,
         body=upload_body(request, settings.max_upload_bytes),
     )
     # v1.2 clients json.loads() the body and expect the bare uid.
