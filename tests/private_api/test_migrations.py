@@ -6,7 +6,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from inference_server.contract import ApiKeyRole
 from private_api.db import downgrade_database, make_engine, make_session_factory, upgrade_database
@@ -73,5 +73,27 @@ def test_0005_adds_key_limits_that_existing_keys_leave_to_their_role(database_ur
         with make_session_factory(engine)() as session:
             info = list_keys(session=session)[0]
         assert (info.name, info.max_priority, info.max_active_tasks) == ("limited", None, None)
+    finally:
+        engine.dispose()
+
+
+def test_0008_gives_every_existing_key_a_webhook_secret_of_its_own(database_url):
+    upgrade_database(database_url, "0007")
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            for number in (1, 2):
+                connection.execute(
+                    text(
+                        "INSERT INTO api_keys (key_id, key_hash, name, role, created_at) "
+                        "VALUES (:key_id, :key_hash, :name, 'user', CURRENT_TIMESTAMP)"
+                    ),
+                    {"key_id": f"0000000{number}", "key_hash": "0" * 64, "name": f"old-{number}"},
+                )
+        upgrade_database(database_url)
+        with engine.connect() as connection:
+            secrets = connection.execute(text("SELECT webhook_secret FROM api_keys")).scalars().all()
+        assert len(secrets) == 2 and len(set(secrets)) == 2
+        assert all(secret.startswith("whsec_") and len(secret) > 40 for secret in secrets)
     finally:
         engine.dispose()
