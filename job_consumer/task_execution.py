@@ -17,7 +17,7 @@ from typing import NoReturn, TypeVar
 from inference_server.backoff import Backoff
 from inference_server.contract import RunTimes, TaskFailure
 from inference_server.file_trees import directory_size, make_inert
-from inference_server.zipsafe import UnsafeZipError, zip_directory
+from inference_server.zipsafe import UnsafeZipError, ZipLimits, zip_directory
 from job_consumer.active_task import ActiveTask, StopReason
 from job_consumer.config import ConsumerSettings
 from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable
@@ -144,10 +144,8 @@ class TaskExecutor:
             self._finish_stopped(task, task.stop_reason)
             return
         try:
-            # The input may be an upload or, for input_from, an upstream's output: TASK_INPUT
-            # serves either as the same zip.
             self._with_retry(task, lambda: self.api.download_input(task.uid, workspace.input_zip))
-            workspace.unpack_input(self.settings.input_zip_limits)
+            workspace.unpack_input(self._input_limits(task))
         except UnsafeZipError as exc:
             raise _TaskError(f"input zip refused: {exc}", retryable=False) from exc
         except PrivateApiHttpError as exc:
@@ -232,6 +230,14 @@ class TaskExecutor:
                 return
             raise _TaskError(f"output refused by the private API: {exc.detail}", retryable=False) from exc
         log.info("task %s: finished, %d output file(s) uploaded", task.uid, files)
+
+    def _input_limits(self, task: ActiveTask) -> ZipLimits:
+        """An upload passed the input limits at the door. An input_from upstream's output was
+        made under the output limits (weights and masks compress far beyond an input's ratio,
+        it may be empty): it is checked against those, or a chain would refuse its own outputs."""
+        if task.claim.task.input_from is not None:
+            return self.settings.output_zip_limits
+        return self.settings.input_zip_limits
 
     def _answered_from_cache(self, task: ActiveTask, image_id: str) -> bool:
         """Whether the private API finished the task from a cached output (nothing to run).

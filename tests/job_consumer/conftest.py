@@ -2,24 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
+import docker.errors
 import pytest
 
 from inference_server.contract import TaskQueue
 from job_consumer.config import ConsumerSettings
 from job_consumer.consumer import Consumer
 from job_consumer.runner import LABEL_CONSUMER, ModelRunner
-from tests.images import build_test_images
+from tests.images import build_test_images, dockerfile_for
 from tests.job_consumer.stack import CONSUMER_TOKEN, PrivateApiServer
 
 
 @pytest.fixture(scope="session")
 def test_images(docker_client: docker.DockerClient, base_image: str) -> dict[str, str]:
     return build_test_images(docker_client, base_image)
+
+
+@pytest.fixture
+def build_image(docker_client: docker.DockerClient, base_image: str) -> Iterator[Callable[[str, str], str]]:
+    """Builds a tiny image (tag, command as JSON) from the base image; returns its ID. Every
+    image built is removed afterwards, so give it a tag of the test's own (helpers.unique_tag)."""
+    built: list[str] = []
+
+    def build(tag: str, command_json: str) -> str:
+        image, _ = docker_client.images.build(
+            fileobj=io.BytesIO(dockerfile_for(command_json).encode()),
+            tag=tag,
+            buildargs={"BASE_IMAGE": base_image},
+            rm=True,
+            forcerm=True,
+            pull=False,
+        )
+        built.append(str(image.id))
+        return str(image.id)
+
+    yield build
+    for image_id in built:
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_client.images.remove(image_id, force=True)
 
 
 @pytest.fixture

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from datetime import UTC, datetime
 
+import docker
+
 from inference_server.contract import ModelPublic
+from job_consumer.runner import LABEL_CONSUMER
+
+# A model that copies what it is given at /model to /output (model_from's tests).
+COPY_MODEL_COMMAND = '["sh", "-c", "cp -R /model/. /output/"]'
+# Copies /params.json to /output when there is one, else says it is absent.
+PARAMS_SCRIPT = (
+    b"if [ -e /params.json ]; then cp /params.json /output/params.json;"
+    b" else echo absent > /output/no-params.txt; fi\n"
+)
 
 
 def make_model(container_tag: str, **overrides) -> ModelPublic:
@@ -48,3 +60,25 @@ class ConsumerThread:
         if self.error is not None:
             raise self.error
         return self.result
+
+
+def generation_command(generation: int) -> str:
+    """An image's command that says which build it is: two builds under one tag differ."""
+    return f'["sh", "-c", "echo generation {generation} > /output/generation.txt"]'
+
+
+def unique_tag(name: str) -> str:
+    """A tag of one test's own, so concurrent test sessions never rebuild each other's images."""
+    return f"inference-server/test-{name}-{secrets.token_hex(4)}:1"
+
+
+def containers_created(docker_client: docker.DockerClient, consumer_id: str, since: float) -> int:
+    """Containers this consumer created since then, by the engine's own event log."""
+    # The log is read up to a second from now, so every event of the work done so far is in it.
+    events = docker_client.events(
+        since=int(since),
+        until=int(time.time()) + 1,
+        filters={"type": "container", "event": "create", "label": f"{LABEL_CONSUMER}={consumer_id}"},
+        decode=True,
+    )
+    return sum(1 for _ in events)

@@ -4,6 +4,7 @@ thread, plus the calls the consumer tests make on it as an operator and as a use
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from inference_server.contract import (
     ModelPublic,
     PrivateRoutes,
     TaskPublic,
+    TaskSubmitFields,
 )
 from private_api.config import PrivateSettings
 from private_api.db import upgrade_database
@@ -121,12 +123,35 @@ class PrivateApiServer:
         )
         return ModelPublic.model_validate(registered)
 
-    def submit(self, human_readable_id: str, files: dict[str, bytes], priority: int = 0) -> TaskPublic:
-        response = self.http.post(
-            PrivateRoutes.TASKS,
-            params={"model_human_readable_id": human_readable_id, "priority": priority},
-            files={"zip_file": ("input.zip", make_zip(files), ZIP_MEDIA_TYPE)},
-        )
+    def submit(
+        self,
+        human_readable_id: str,
+        files: dict[str, bytes] | bytes | None,
+        priority: int = 0,
+        *,
+        params: dict[str, Any] | None = None,
+        input_from: str | None = None,
+        model_from: str | None = None,
+        cache: bool | None = None,
+    ) -> TaskPublic:
+        """Submit a task: an input zip of `files` (or the zip itself, when bytes: a zip made
+        again differs in its timestamps), or none with `input_from`; the extras as the form's
+        text fields (multipart, like the zip)."""
+        form: dict[str, Any] = {}
+        if files is not None:
+            zip_bytes = files if isinstance(files, bytes) else make_zip(files)
+            form[TaskSubmitFields.ZIP_FILE] = ("input.zip", zip_bytes, ZIP_MEDIA_TYPE)
+        for field, value in (
+            (TaskSubmitFields.PARAMS, None if params is None else json.dumps(params)),
+            (TaskSubmitFields.INPUT_FROM, input_from),
+            (TaskSubmitFields.MODEL_FROM, model_from),
+        ):
+            if value is not None:
+                form[field] = (None, value)  # no file name: a plain form field
+        query: dict[str, Any] = {"model_human_readable_id": human_readable_id, "priority": priority}
+        if cache is not None:
+            query[TaskSubmitFields.CACHE_QUERY] = str(cache).lower()
+        response = self.http.post(PrivateRoutes.TASKS, params=query, files=form)
         assert response.status_code == 201, response.text
         return TaskPublic.model_validate(response.json())
 

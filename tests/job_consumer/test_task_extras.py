@@ -7,37 +7,34 @@ check); test_task_extras_stack.py runs the same features against the real privat
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-import docker
-import docker.errors
 import pytest
 
 from inference_server.contract import CacheAnswer, TaskClaim, TaskFailure, TaskPublic, TaskStatus
 from job_consumer.active_task import ActiveTask
 from job_consumer.private_client import PrivateApiHttpError, PrivateApiUnavailable
-from job_consumer.runner import LABEL_CONSUMER, PARAMS_PATH, ModelRunner
+from job_consumer.runner import PARAMS_PATH, ModelRunner
 from job_consumer.task_execution import TaskExecutor
 from job_consumer.workspace import ModelCache
 from tests import images
 from tests.helpers import make_zip, zip_members
-from tests.job_consumer.helpers import make_model
+from tests.job_consumer.helpers import (
+    COPY_MODEL_COMMAND,
+    PARAMS_SCRIPT,
+    containers_created,
+    generation_command,
+    make_model,
+    unique_tag,
+)
 
 pytestmark = pytest.mark.docker
-
-PARAMS_SCRIPT = (
-    b"if [ -e /params.json ]; then cp /params.json /output/params.json;"
-    b" else echo absent > /output/no-params.txt; fi\n"
-)
-COPY_MODEL_COMMAND = '["sh", "-c", "cp -R /model/. /output/"]'
 
 
 class StandInPrivateApi:
@@ -117,49 +114,6 @@ def execute(settings, runner: ModelRunner, api: StandInPrivateApi, claim: TaskCl
     executor.work(ActiveTask(claim))
     assert not list(settings.resolved_work_dir.glob(f"{claim.task.uid}-a*")), "workspace left behind"
     return executor
-
-
-def containers_created(docker_client: docker.DockerClient, consumer_id: str, since: float) -> int:
-    """Containers this consumer created since then, by the engine's own event log."""
-    # The log is read up to a second from now, so every event of the work done so far is in it.
-    events = docker_client.events(
-        since=int(since),
-        until=int(time.time()) + 1,
-        filters={"type": "container", "event": "create", "label": f"{LABEL_CONSUMER}={consumer_id}"},
-        decode=True,
-    )
-    return sum(1 for _ in events)
-
-
-@pytest.fixture
-def build_image(docker_client: docker.DockerClient, base_image: str) -> Iterator[Callable[[str, str], str]]:
-    """Builds a tiny image under a tag of its own to this test; removed afterwards. Returns its ID."""
-    built: list[str] = []
-
-    def build(tag: str, command_json: str) -> str:
-        image, _ = docker_client.images.build(
-            fileobj=io.BytesIO(images.dockerfile_for(command_json).encode()),
-            tag=tag,
-            buildargs={"BASE_IMAGE": base_image},
-            rm=True,
-            forcerm=True,
-            pull=False,
-        )
-        built.append(image.id)
-        return str(image.id)
-
-    yield build
-    for image_id in built:
-        with contextlib.suppress(docker.errors.NotFound):
-            docker_client.images.remove(image_id, force=True)
-
-
-def generation_command(generation: int) -> str:
-    return f'["sh", "-c", "echo generation {generation} > /output/generation.txt"]'
-
-
-def unique_tag(name: str) -> str:
-    return f"inference-server/test-{name}-{secrets.token_hex(4)}:1"
 
 
 # --- params --------------------------------------------------------------------------------------
@@ -359,3 +313,26 @@ def test_model_from_output_that_is_gone_fails_the_task_without_retry(settings, r
     failure = api.failures[claim.task.uid]
     assert failure.retryable is False
     assert f"output of model_from task {upstream}" in failure.error
+
+
+# --- input_from ----------------------------------------------------------------------------------
+
+
+def test_an_input_from_upstream_output_is_held_to_the_output_limits(settings, runner, test_images):
+    # What a model wrote compresses far beyond an upload's ratio limit; it must still be an input.
+    upstream_output = {"mask.bin": bytes(2_000_000)}
+    model_zip = make_zip({"run.sh": b"cp -R /input/. /output/\n"})
+    model = make_model(
+        images.SCRIPT, model_available=True, model_zip_sha256=hashlib.sha256(model_zip).hexdigest()
+    )
+    chained = StandInPrivateApi(input_files=upstream_output, model_zip=model_zip)
+    uploaded = StandInPrivateApi(input_files=upstream_output, model_zip=model_zip)
+    chained_claim = claim_for(model, input_from=f"upstream{secrets.token_hex(6)}")
+    uploaded_claim = claim_for(model)
+
+    execute(settings, runner, chained, chained_claim)
+    execute(settings, runner, uploaded, uploaded_claim)
+
+    assert chained.outputs[chained_claim.task.uid] == upstream_output
+    # An upload is held to the input limits (the private API refuses it at the door already).
+    assert "over the limit" in uploaded.failures[uploaded_claim.task.uid].error
