@@ -18,11 +18,13 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from inference_server.contract import CacheAnswer, TaskStatus
-from private_api import blob_sharing
+from inference_server.contract import CacheAnswer, TaskStatus, WebhookEvent
+from private_api import blob_sharing, chains, webhooks
 from private_api.blobs import BlobStore
 from private_api.exceptions import Conflict, NotFound
 from private_api.models import Task, utcnow
+from private_api.queue import TaskPublisher
+from private_api.scheduling import SchedulingPolicy
 from private_api.task_params import canonical_params
 from private_api.task_rows import describe_holder, load_task, update_task
 
@@ -97,9 +99,20 @@ def _held_by_another(session: Session, blob_key: str, task_id: int) -> bool:
     return other is not None
 
 
-def lookup(*, session: Session, blobs: BlobStore, uid: str, consumer_id: str, image_id: str) -> CacheAnswer:
+def lookup(
+    *,
+    session: Session,
+    blobs: BlobStore,
+    uid: str,
+    consumer_id: str,
+    image_id: str,
+    publisher: TaskPublisher | None = None,
+    policy: SchedulingPolicy | None = None,
+) -> CacheAnswer:
     """Store the task's cache key; unless it was submitted with cache=false, finish it from a
-    finished task with the same key whose output is still stored. Only its holder may ask."""
+    finished task with the same key whose output is still stored. Only its holder may ask.
+    A hit is a finish like any other: its webhook hears of it, and what waits on it goes on
+    (chains.settle; with `publisher`, published at once)."""
     task = _held_task(session, uid, consumer_id)
     if not task.model.cacheable:
         session.rollback()
@@ -123,6 +136,7 @@ def lookup(*, session: Session, blobs: BlobStore, uid: str, consumer_id: str, im
             continue
         if _finish_from(session, blobs, uid, consumer_id, original_uid, output_key, output_sha256):
             log.info("task %s answered from the cache: the output of task %s", uid, original_uid)
+            chains.settle(session=session, uid=uid, publisher=publisher, policy=policy)
             return CacheAnswer(hit=True, cached_from=original_uid)
     session.rollback()
     return MISS
@@ -172,6 +186,10 @@ def _finish_from(
         blobs.delete(log_blob.key)
         _held_task(session, uid, consumer_id)  # raises: it was cancelled or taken meanwhile
         return False
+    # In the hit's own commit, so the event is never lost. Should the hit be undone below (a
+    # delete raced it), the run's own "finished" follows later: receivers take events at least
+    # once, repeats included.
+    webhooks.enqueue_for_uid(session, uid, WebhookEvent.FINISHED)
     session.commit()
     # A delete of the original that cleared its keys before our commit may already have found
     # the blob unheld (blob_sharing.release): only a holder besides us proves it is still kept.

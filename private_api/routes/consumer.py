@@ -140,9 +140,17 @@ def cache_lookup(
     session: SessionDep,
     blobs: BlobsDep,
     metrics: MetricsDep,
+    publisher: PublisherDep,
+    policy: SchedulingDep,
 ) -> CacheAnswer:
     answer = result_cache.lookup(
-        session=session, blobs=blobs, uid=uid, consumer_id=consumer_id, image_id=lookup.image_id
+        session=session,
+        blobs=blobs,
+        uid=uid,
+        consumer_id=consumer_id,
+        image_id=lookup.image_id,
+        publisher=publisher,
+        policy=policy,
     )
     (metrics.cache_hits if answer.hit else metrics.cache_misses).inc()
     return answer
