@@ -51,7 +51,9 @@ def database_url(request) -> str:
     engine = make_engine(url)
     try:
         with engine.begin() as connection:
-            connection.execute(text("TRUNCATE webhook_deliveries, tasks, models, api_keys, consumers RESTART IDENTITY"))
+            connection.execute(
+                text("TRUNCATE webhook_deliveries, tasks, models, api_keys, consumers RESTART IDENTITY")
+            )
     finally:
         engine.dispose()
     return url
