@@ -11,7 +11,27 @@ from typing import Any
 from inference_server.contract import ErrorBody, V12Code
 
 
-def zip_upload_body(*, required: bool, description: str) -> dict[str, Any]:
+def zip_upload_body(
+    *,
+    required: bool,
+    description: str,
+    text_fields: dict[str, str] | None = None,
+    zip_required: bool | None = None,
+) -> dict[str, Any]:
+    """A multipart body with the `zip_file` field and optional text fields (name: description);
+    the zip is required with the body unless `zip_required` says otherwise (a field may stand
+    in for it, as input_from does for a task's input)."""
+    properties: dict[str, Any] = {
+        "zip_file": {
+            "type": "string",
+            "format": "binary",
+            "contentMediaType": "application/zip",
+            "description": description,
+        }
+    }
+    for name, text in (text_fields or {}).items():
+        properties[name] = {"type": "string", "description": text}
+    zip_required = required if zip_required is None else zip_required
     return {
         "requestBody": {
             "required": required,
@@ -19,15 +39,8 @@ def zip_upload_body(*, required: bool, description: str) -> dict[str, Any]:
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
-                        "properties": {
-                            "zip_file": {
-                                "type": "string",
-                                "format": "binary",
-                                "contentMediaType": "application/zip",
-                                "description": description,
-                            }
-                        },
-                        "required": ["zip_file"] if required else [],
+                        "properties": properties,
+                        "required": ["zip_file"] if zip_required else [],
                     }
                 }
             },

@@ -43,11 +43,26 @@ TaskUid = Annotated[str, Path(pattern=TASK_UID_PATTERN, description="The uid ret
         200: {"description": "The new task's uid, as a JSON string."},
         400: error("The upload is not a valid, safe zip."),
         403: error("The priority is above the key's maximum (operators set it: `keys set`)."),
-        404: error("No model with this id."),
+        404: error("No model with this id, or an input_from/model_from task unknown or not yours."),
+        409: error("The input_from/model_from task failed, was cancelled or expired: no output."),
         413: error("The upload is larger than allowed."),
+        422: error("Both a zip and input_from, or neither; or a webhook_url that is not allowed."),
         429: error("The key holds its limit of pending plus running tasks; try again after Retry-After."),
     },
-    openapi_extra=zip_upload_body(required=True, description="The task's input files, zipped."),
+    openapi_extra=zip_upload_body(
+        required=True,
+        zip_required=False,
+        description="The task's input files, zipped (or input_from instead).",
+        text_fields={
+            TaskSubmitFields.INPUT_FROM: "The uid of one of your tasks whose output is this task's "
+            "input, instead of a zip. It may still be pending or running: this task waits for it.",
+            TaskSubmitFields.MODEL_FROM: "The uid of one of your tasks whose output is mounted at "
+            "/model instead of the model's own files (fine-tuning from an earlier run).",
+            TaskSubmitFields.WEBHOOK_URL: "POSTed to, signed with your key's webhook secret, when "
+            "the task runs, finishes, fails or is cancelled: an http(s) URL on a host the operator "
+            "allows (IS_WEBHOOK_ALLOWED_HOSTS; README, Webhooks). Needs a key.",
+        },
+    ),
 )
 async def submit_task(
     request: Request,
