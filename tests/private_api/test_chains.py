@@ -5,6 +5,7 @@ deletion passed on to what waits on it. The consumer's side is played through it
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from inference_server.contract import SERVICE_TOKEN_HEADER, ApiKeyRole, TaskStat
 from private_api import chains
 from private_api.config import PrivateSettings
 from private_api.models import Task, WebhookDelivery, utcnow
+from private_api.retention import expire_old_tasks
 from tests.private_api.helpers import (
     QueueProbe,
     acting_as,
@@ -354,3 +356,31 @@ def test_a_dependent_ended_by_its_upstream_tells_its_webhook(client: TestClient)
             select(Task.uid, WebhookDelivery.event).join(Task, WebhookDelivery.task_id == Task.id)
         ).all()
     assert sorted(events) == sorted([(second, WebhookEvent.CANCELLED), (third, WebhookEvent.CANCELLED)])
+
+
+def test_an_expired_upstream_is_refused_and_its_output_stays_while_a_dependent_holds_it(
+    client: TestClient, settings: PrivateSettings
+) -> None:
+    register_model(client)
+    kept, gone = submit_ok(client)["uid"], submit_ok(client)["uid"]
+    kept_output, gone_output = make_zip({"kept": b"k" * 40}), make_zip({"gone": b"g" * 40})
+    finish(client, kept, kept_output)
+    finish(client, gone, gone_output)
+    dependent = chained_ok(client, input_from=kept)["uid"]
+
+    with client.app.state.session_factory() as session:
+        # Both ended "long ago"; the dependent, still pending, is not retention's.
+        session.execute(
+            update(Task).where(Task.uid.in_((kept, gone))).values(finished_at=utcnow() - timedelta(days=60))
+        )
+        session.commit()
+        assert (
+            expire_old_tasks(session=session, blobs=client.app.state.blobs, max_age=timedelta(days=30)) == 2
+        )
+
+    refused = submit_chained(client, input_from=gone)
+    assert refused.status_code == 409 and "expired" in refused.json()["detail"]
+    files = [path.read_bytes() for path in stored_files(settings)]
+    assert gone_output not in files
+    assert kept_output in files  # the dependent's input
+    assert input_bytes(client, dependent) == kept_output
