@@ -375,7 +375,10 @@ def idle_driver(driver: Driver) -> Iterator[Driver]:
 
 def test_examples_are_registered_with_their_schema_and_cache_switch(idle_driver: Driver) -> None:
     with idle_driver.http() as client:
-        models = {m["human_readable_id"]: m for m in client.get(PublicRoutes.MODELS).json()}
+        models = {
+            m["human_readable_id"]: m
+            for m in client.get(PublicRoutes.MODELS, headers=idle_driver.operator).json()
+        }
     shown = {
         example.human_readable_id: (
             models[example.human_readable_id]["params_schema"] is not None,
@@ -439,7 +442,10 @@ def test_a_schema_that_is_not_json_schema_is_refused(idle_driver: Driver) -> Non
             files={MODEL_PARAMS_SCHEMA_FIELD: (None, b'{"type": "no-such-type"}')},
             headers=idle_driver.operator,
         )
-        models = [m["human_readable_id"] for m in client.get(PublicRoutes.MODELS).json()]
+        models = [
+            m["human_readable_id"]
+            for m in client.get(PublicRoutes.MODELS, headers=idle_driver.operator).json()
+        ]
     print(f"in: params_schema {{'type': 'no-such-type'}}; out: {response.status_code} {response.text[:120]}")
     assert HTTPStatus.BAD_REQUEST <= response.status_code < HTTPStatus.INTERNAL_SERVER_ERROR
     assert "bad-schema" not in models
@@ -480,7 +486,7 @@ def test_a_cache_hit_starts_no_container_and_an_image_rebuilt_under_the_tag_miss
 ) -> None:
     driver = idle_driver
     tag = rebuildable_image()
-    driver.register("cache-echo", tag, cacheable=True)
+    assert driver.register("cache-echo", tag, cacheable=True)["cacheable"] is True
     scan = {"scan.txt": secrets.token_bytes(64)}
     since = time.time() - 1
 
@@ -763,12 +769,9 @@ def test_webhook_deliveries_survive_a_private_api_restart(
 
     uid = driver.submit("passthrough", {"x.txt": b"x"}, webhook_url=receiver.url, headers=user)
     driver.wait_ended([uid], headers=user)
-    # Both events were tried and refused: they are in the outbox, not yet delivered.
-    wait_until(
-        lambda: {d.event for d in receiver.of_task(uid)} >= {"running", "finished"},
-        60,
-        "both events to be tried once",
-    )
+    # The task has ended, so both its events are in the outbox; deliveries were tried and refused
+    # (a task's events go out in order, so the later one may wait behind the first).
+    wait_until(lambda: receiver.of_task(uid), 60, "a first delivery to be tried")
     refused_before_restart = len(receiver.of_task(uid))
     driver.platform.restart("private-api")
     accepting.set()
@@ -782,7 +785,7 @@ def test_webhook_deliveries_survive_a_private_api_restart(
         f"in: a task whose deliveries were refused until the private API had restarted; out: "
         f"{refused_before_restart} refused before, then taken: {receiver.taken_events(uid)}"
     )
-    assert refused_before_restart >= 2
+    assert refused_before_restart >= 1
     assert {body.event.value for body in bodies} == {"running", "finished"}
 
 
