@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import logging
 import os
 import stat
@@ -273,3 +274,38 @@ def test_prune_that_cannot_remove_a_model_yet_leaves_it_to_a_later_sweep(tmp_pat
     monkeypatch.setattr(workspace_module, "remove_tree", real_remove_tree)
     assert cache.remove_own_temp_dirs() == 1
     assert list((tmp_path / MODELS_DIR).iterdir()) == []
+
+
+def test_params_file_is_the_params_as_json_readable_by_anyone(tmp_path, restrictive_umask):
+    workspace = TaskWorkspace.create(tmp_path, UID, "consumer-a")
+    params = {"method": "otsu", "threshold": 0.5, "label": "ü"}
+
+    written = workspace.write_params(params)
+
+    assert written == workspace.params_file and written.parent == workspace.root
+    assert json.loads(written.read_text(encoding="utf-8")) == params
+    assert mode(written) == 0o444
+
+
+def test_model_from_zip_is_unpacked_into_the_attempts_own_model_folder(tmp_path, restrictive_umask):
+    workspace = TaskWorkspace.create(tmp_path, UID, "consumer-a")
+    workspace.model_zip.write_bytes(zip_bytes({"weights.bin": b"w", "meta/config.json": b"{}"}))
+
+    workspace.unpack_model(ZipLimits())
+
+    assert (workspace.model_dir / "meta" / "config.json").read_bytes() == b"{}"
+    assert mode(workspace.model_dir) == 0o755
+    assert not workspace.model_zip.exists()
+    workspace.remove()
+    assert not workspace.root.exists()
+
+
+def test_model_from_zip_escaping_its_folder_is_refused(tmp_path):
+    workspace = TaskWorkspace.create(tmp_path, UID, "consumer-a")
+    workspace.model_zip.write_bytes(zip_bytes({"../escape.txt": b"x"}))
+
+    with pytest.raises(UnsafeZipError):
+        workspace.unpack_model(ZipLimits())
+
+    assert not (workspace.root / "escape.txt").exists()
+    assert not (tmp_path / "escape.txt").exists()
