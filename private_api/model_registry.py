@@ -133,7 +133,9 @@ def delete_model(
             f"model {human_readable_id!r} has {active} pending or running tasks; cancel them first"
         )
     old_tasks = session.execute(
-        select(Task.input_blob_key, Task.output_blob_key, Task.log_blob_key).where(Task.model_id == model.id)
+        select(Task.input_blob_key, Task.output_blob_key, Task.log_blob_key, Task.model_from_blob_key).where(
+            Task.model_id == model.id
+        )
     ).all()
     session.execute(
         delete(Task)
