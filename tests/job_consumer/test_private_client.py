@@ -77,3 +77,33 @@ def test_failed_download_leaves_no_partial_file(private_api, tmp_path):
         client.download_model_zip("no-such-model", dest)
     assert caught.value.status_code == 404
     assert not dest.exists()
+
+
+def test_cache_lookup_is_for_the_holder_only_and_misses_for_a_model_not_cacheable(private_api):
+    private_api.register_model("client-uncached", images.SCRIPT)
+    task = private_api.submit("client-uncached", {"in.txt": b"input"})
+
+    with (
+        client_for(private_api.url, consumer_id="holder") as holder,
+        client_for(private_api.url, consumer_id="other") as other,
+    ):
+        assert holder.claim(task.uid) is not None
+        answer = holder.cache_lookup(task.uid, "sha256:" + "0" * 64)
+        assert answer.hit is False and answer.cached_from is None
+        with pytest.raises(PrivateApiHttpError) as caught:
+            other.cache_lookup(task.uid, "sha256:" + "0" * 64)
+        assert caught.value.is_conflict
+
+
+def test_model_from_download_without_an_upstream_is_404_and_leaves_no_file(private_api, tmp_path):
+    private_api.register_model("client-no-upstream", images.SCRIPT)
+    task = private_api.submit("client-no-upstream", {"in.txt": b"input"})
+    dest = tmp_path / "model-from.zip"
+
+    with client_for(private_api.url, consumer_id="holder") as holder:
+        assert holder.claim(task.uid) is not None
+        with pytest.raises(PrivateApiHttpError) as caught:
+            holder.download_model_from(task.uid, dest)
+
+    assert caught.value.status_code == 404
+    assert not dest.exists()
