@@ -10,12 +10,13 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from inference_server.contract import (
     SERVICE_TOKEN_HEADER,
@@ -24,11 +25,11 @@ from inference_server.contract import (
     WebhookEvent,
 )
 from inference_server.webhook_signing import verify
-from private_api import keys
+from private_api import keys, leases
 from private_api.config import PrivateSettings
 from private_api.db import upgrade_database
 from private_api.main import create_app
-from private_api.models import WebhookDelivery, utcnow
+from private_api.models import Task, WebhookDelivery, utcnow
 from private_api.webhook_delivery import DeliveryPolicy, claim_attempt, due_deliveries
 from tests.helpers import wait_until
 from tests.private_api.conftest import SERVICE_TOKEN
@@ -351,3 +352,26 @@ def test_two_senders_never_claim_the_same_attempt(start_app, webhook_settings, r
     assert won is not None and won.attempt == 1 and lost is None
     with factory() as session:
         assert due_deliveries(session, utcnow()) == []  # claimed: not due until the claim lapses
+
+
+def test_the_reaper_failing_a_task_tells_its_webhook(start_app, webhook_settings, receiver: Receiver) -> None:
+    client = start_app(webhook_settings(max_attempts=1))
+    _secret(client)
+    register_model(client)
+    uid = _submit_ok(client, receiver.url)["uid"]
+    _claim_ok(client, uid)
+    with client.app.state.session_factory() as session:
+        # The consumer vanished on the task's only attempt: its lease lapsed ten seconds ago.
+        session.execute(
+            update(Task).where(Task.uid == uid).values(lease_expires_at=utcnow() - timedelta(seconds=10))
+        )
+        session.commit()
+        reaped = leases.reap_expired_leases(
+            session=session, publisher=client.app.state.publisher, max_attempts=1
+        )
+    assert reaped == 1
+    wait_until(lambda: len(receiver.accepted()) >= 2, what="running, then failed")
+    failed = receiver.accepted()[1]
+    assert failed.event == WebhookEvent.FAILED
+    assert failed.json["task"]["status"] == "failed"
+    assert "stopped renewing its lease" in failed.json["task"]["error"]
