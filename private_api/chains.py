@@ -30,7 +30,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, aliased
 
-from inference_server.contract import TaskStatus, TaskSubmitFields, WebhookEvent
+from inference_server.contract import TASK_UID_RE, TaskStatus, TaskSubmitFields, WebhookEvent
 from private_api import upstreams, webhooks
 from private_api.access import Actor, may_see
 from private_api.exceptions import Conflict, NotFound, Unprocessable
@@ -67,11 +67,15 @@ def check_input_source(*, has_zip: bool, input_from: str | None) -> None:
         )
 
 
-def named_upstream(value: str | None) -> str | None:
-    """A form field's uid; an empty field names nothing."""
+def named_upstream(field_name: str, value: str | None) -> str | None:
+    """The uid a form field names; an empty field names nothing, and what cannot be a uid is
+    refused here (422) rather than looked up and echoed back whole."""
     if value is None or not value.strip():
         return None
-    return value.strip()
+    uid = value.strip()
+    if not TASK_UID_RE.match(uid):
+        raise Unprocessable(f"{field_name}: {uid[:80]!r} is not a task uid")
+    return uid
 
 
 @dataclass(frozen=True)

@@ -87,8 +87,12 @@ async def submit_task(
                 uploads.text_fields.get(TaskSubmitFields.PARAMS), model.params_schema
             ),
             use_cache=cache,
-            input_from=chains.named_upstream(uploads.text_fields.get(TaskSubmitFields.INPUT_FROM)),
-            model_from=chains.named_upstream(uploads.text_fields.get(TaskSubmitFields.MODEL_FROM)),
+            input_from=chains.named_upstream(
+                TaskSubmitFields.INPUT_FROM, uploads.text_fields.get(TaskSubmitFields.INPUT_FROM)
+            ),
+            model_from=chains.named_upstream(
+                TaskSubmitFields.MODEL_FROM, uploads.text_fields.get(TaskSubmitFields.MODEL_FROM)
+            ),
             webhook_url=webhooks.accepted_webhook_url(
                 uploads.text_fields.get(TaskSubmitFields.WEBHOOK_URL),
                 actor=actor,

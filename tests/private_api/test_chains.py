@@ -131,8 +131,12 @@ def test_an_unknown_foreign_or_ended_upstream_is_refused_and_nothing_is_stored(
     assert client.post(f"/tasks/{cancelled}/cancel").status_code == 200
     before = (row_counts(client), stored_files(settings))
 
-    unknown = submit_chained(client, input_from="no-such-task", headers=BOB)
-    assert unknown.status_code == 404 and "input_from: task no-such-task" in unknown.json()["detail"]
+    unknown_uid = "no-such-task-0123456789"
+    unknown = submit_chained(client, input_from=unknown_uid, headers=BOB)
+    assert unknown.status_code == 404 and f"input_from: task {unknown_uid}" in unknown.json()["detail"]
+    malformed = submit_chained(client, input_from="x" * 5000, headers=BOB)
+    assert malformed.status_code == 422 and "is not a task uid" in malformed.json()["detail"]
+    assert len(malformed.json()["detail"]) < 200
     # Someone else's task answers exactly like an unknown one; anonymous callers reach only
     # anonymous tasks, and keys never reach anonymous ones.
     for upstream, caller in ((alices, BOB), (alices, ANONYMOUS), (anonymous, BOB)):
