@@ -93,9 +93,11 @@ class Upstreams:
 
 
 def _usable_upstream(session: Session, actor: Actor | None, uid: str, field_name: str) -> Task:
-    """The upstream row, locked against changes (FOR SHARE) until the new task commits: it can
-    neither end nor lose its output between this check and the insert (PostgreSQL; SQLite
-    serialises writers anyway)."""
+    """The upstream row, locked against changes (FOR SHARE) until the new task commits: on
+    PostgreSQL it can neither end nor lose its output between this check and the insert.
+    SQLite takes no lock for a read: a delete of a finished upstream in that instant can leave
+    the new task an input whose file is gone, and the task fails when its consumer fetches it
+    (SQLite serves one host and the tests; an ended upstream settling is covered either way)."""
     task = session.scalars(
         select(Task)
         .where(Task.uid == uid)
