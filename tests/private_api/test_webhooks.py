@@ -375,3 +375,24 @@ def test_the_reaper_failing_a_task_tells_its_webhook(start_app, webhook_settings
     assert failed.event == WebhookEvent.FAILED
     assert failed.json["task"]["status"] == "failed"
     assert "stopped renewing its lease" in failed.json["task"]["error"]
+
+
+def test_a_later_event_waits_while_an_earlier_one_of_its_task_is_retried(
+    start_app, webhook_settings, receiver: Receiver
+) -> None:
+    # The running event is refused once and retried only after half a second; the finished event,
+    # due meanwhile, must not overtake it.
+    client = start_app(webhook_settings(webhook_first_retry_s=0.5, webhook_max_retry_s=0.5))
+    _secret(client)
+    register_model(client)
+    receiver.script = [503]
+    uid = _submit_ok(client, receiver.url)["uid"]
+    _claim_ok(client, uid)
+    wait_until(receiver.all, what="the first, refused, attempt")
+    _upload_output(client, uid)
+    wait_until(lambda: len(receiver.accepted()) >= 2, what="both events")
+    assert [(request.event, request.status) for request in receiver.all()] == [
+        ("running", 503),
+        ("running", 200),
+        ("finished", 200),
+    ]
