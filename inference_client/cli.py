@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pydantic import BaseModel
 
@@ -110,7 +110,38 @@ def _model_gpu(model: ModelPublic) -> str:
     return "yes" if model.gpu_memory_mb is None else f"yes ({model.gpu_memory_mb} MiB)"
 
 
+def _read_json_object(path: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise InferenceClientError(None, f"{what} {path} is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InferenceClientError(None, f"{what} {path} must hold a JSON object")
+    return value
+
+
+def _param(text: str) -> tuple[str, Any]:
+    """--param key=value: the value as JSON when it parses (0.1, true, [1,2]), else the text."""
+    key, separator, raw = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value: {text!r}")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def _task_params(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--params-file first, then each --param over it; None when neither was given."""
+    if args.params_file is None and not args.param:
+        return None
+    params = {} if args.params_file is None else _read_json_object(args.params_file, "--params-file")
+    params.update(dict(args.param))
+    return params
+
+
 def _models_add(client: InferenceClient, args: argparse.Namespace) -> int:
+    schema = None if args.params_schema is None else _read_json_object(args.params_schema, "--params-schema")
     model = client.add_model(
         args.container_tag,
         args.human_readable_id,
@@ -119,6 +150,8 @@ def _models_add(client: InferenceClient, args: argparse.Namespace) -> int:
         use_gpu=args.gpu or args.gpu_memory_mb is not None,
         model_zip=args.model_zip,
         progress=_progress(args),
+        params_schema=schema,
+        cacheable=args.cacheable,
         gpu_memory_mb=args.gpu_memory_mb,
         cpus=args.cpus,
         memory_mb=args.memory_mb,
@@ -128,7 +161,17 @@ def _models_add(client: InferenceClient, args: argparse.Namespace) -> int:
 
 
 def _submit(client: InferenceClient, args: argparse.Namespace) -> int:
-    uid = client.submit(args.model, args.path, priority=args.priority, progress=_progress(args))
+    uid = client.submit(
+        args.model,
+        args.path,
+        priority=args.priority,
+        progress=_progress(args),
+        params=_task_params(args),
+        webhook_url=args.webhook,
+        input_from=args.input_from,
+        model_from=args.model_from,
+        cache=not args.no_cache,
+    )
     print(uid, flush=True)
     if not args.wait:
         return 0
@@ -302,11 +345,44 @@ def build_parser() -> argparse.ArgumentParser:
     models_add.add_argument(
         "--memory-mb", type=_positive_int, metavar="N", help="memory one task may use, in MiB"
     )
+    models_add.add_argument(
+        "--params-schema", metavar="FILE", help="JSON Schema file every task's params must satisfy"
+    )
+    models_add.add_argument(
+        "--cacheable",
+        action="store_true",
+        help="deterministic: a task with the same image, model zip, input and params reuses an output",
+    )
     models_add.set_defaults(handler=_models_add)
 
     submit = commands.add_parser("submit", help="submit a zip or a folder as a task; prints its uid")
     submit.add_argument("model", metavar="MODEL", help="the model's id")
-    submit.add_argument("path", metavar="PATH", help="a zip file, or a folder to zip")
+    submit.add_argument(
+        "path", metavar="PATH", nargs="?", help="a zip file, or a folder to zip (none with --after)"
+    )
+    submit.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a param the model reads at /params.json (repeatable; VALUE as JSON when it parses, else text)",
+    )
+    submit.add_argument("--params-file", metavar="FILE", help="a JSON object of params; --param adds to it")
+    submit.add_argument("--webhook", metavar="URL", help="POSTed to when the task runs and ends (signed)")
+    submit.add_argument(
+        "--after",
+        "--input-from",
+        dest="input_from",
+        metavar="UID",
+        help="the input is task UID's output (it may still be running: this task waits), instead of PATH",
+    )
+    submit.add_argument(
+        "--model-from", metavar="UID", help="task UID's output is mounted at /model (fine-tuning)"
+    )
+    submit.add_argument(
+        "--no-cache", action="store_true", help="run even when a cacheable model has this result already"
+    )
     submit.add_argument("--wait", action="store_true", help="wait for the task, then fetch its output")
     submit.add_argument(
         "-o",

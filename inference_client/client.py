@@ -12,6 +12,7 @@ Uploads and downloads stream from and to disk, so a zip of any size needs little
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -30,11 +31,13 @@ from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 
 from inference_server.contract import (
+    MODEL_PARAMS_SCHEMA_FIELD,
     ConsumerPublic,
     ModelPublic,
     PublicRoutes,
     TaskPublic,
     TaskStatus,
+    TaskSubmitFields,
     V12Code,
     error_detail,
 )
@@ -127,19 +130,31 @@ def _safe_filename(name: str) -> str:
 
 
 def multipart_file_body(
-    path: Path, *, field: str, on_chunk: Callable[[int], object]
+    path: Path,
+    *,
+    field: str,
+    on_chunk: Callable[[int], object],
+    text_fields: dict[str, str] | None = None,
 ) -> tuple[dict[str, str], Iterator[bytes]]:
-    """A multipart/form-data body with one file field, produced chunk by chunk from disk.
+    """A multipart/form-data body with one file field, produced chunk by chunk from disk, after
+    the `text_fields` (params, webhook_url, ...), which are small.
 
     The length is known up front (headers + file size), so the request is sent with a
     Content-Length rather than chunked, and the file is never held in memory.
     """
     boundary = f"inference-client-{secrets.token_hex(12)}"
+    texts = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in (text_fields or {}).items()
+    )
     head = (
-        f"--{boundary}\r\n"
-        f'Content-Disposition: form-data; name="{field}"; filename="{_safe_filename(path.name)}"\r\n'
-        "Content-Type: application/zip\r\n\r\n"
-    ).encode()
+        texts
+        + (
+            f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="{field}"; filename="{_safe_filename(path.name)}"\r\n'
+            "Content-Type: application/zip\r\n\r\n"
+        ).encode()
+    )
     tail = f"\r\n--{boundary}--\r\n".encode()
     size = path.stat().st_size
     headers = {
@@ -259,13 +274,25 @@ class InferenceClient:
             raise self._transport_error(exc) from exc
 
     def _upload(
-        self, path: str, *, params: dict[str, Any], zip_path: Path | None, progress: bool | None
+        self,
+        path: str,
+        *,
+        params: dict[str, Any],
+        zip_path: Path | None,
+        progress: bool | None,
+        text_fields: dict[str, str] | None = None,
     ) -> Any:
         if zip_path is None:
-            return self._json(self._request("POST", path, params=params, follow_redirects=False))
+            # Text fields alone still go as multipart/form-data, the form the routes read.
+            files = {name: (None, value.encode()) for name, value in (text_fields or {}).items()}
+            return self._json(
+                self._request("POST", path, params=params, files=files or None, follow_redirects=False)
+            )
         total = zip_path.stat().st_size
         with _progress_bar(total, f"upload {zip_path.name}", progress) as bar:
-            headers, body = multipart_file_body(zip_path, field="zip_file", on_chunk=bar.update)
+            headers, body = multipart_file_body(
+                zip_path, field=TaskSubmitFields.ZIP_FILE, on_chunk=bar.update, text_fields=text_fields
+            )
             response = self._request(
                 "POST",
                 path,
@@ -298,10 +325,15 @@ class InferenceClient:
         use_gpu: bool = False,
         model_zip: str | Path | None = None,
         progress: bool | None = False,
+        params_schema: dict[str, Any] | None = None,
+        cacheable: bool = False,
         **limits: Any,
     ) -> ModelPublic:
         """Register a model; `model_zip` (a zip or a folder) is unpacked at /model for every task.
 
+        `params_schema`: a JSON Schema every task's params must satisfy (checked at submission).
+        `cacheable`: the model is deterministic, so a task with the same image, model zip, input
+        and params is answered with an earlier task's output, without running.
         `limits` are passed on as query parameters; None leaves one at the platform default:
         timeout_s, memory_mb, cpus, gpu_memory_mb (GPU memory one task needs, in MiB; with
         use_gpu), pids, tmp_mb (size of the tmpfs at /tmp), allow_network, run_as_root,
@@ -315,25 +347,78 @@ class InferenceClient:
             "use_gpu": use_gpu,
             **{key: value for key, value in limits.items() if value is not None},
         }
+        if cacheable:
+            # Sent only when set, so a server that predates the cache is served as before.
+            params["cacheable"] = True
+        fields = None if params_schema is None else {MODEL_PARAMS_SCHEMA_FIELD: json.dumps(params_schema)}
         if model_zip is None:
-            data = self._upload(PublicRoutes.MODELS, params=params, zip_path=None, progress=progress)
+            data = self._upload(
+                PublicRoutes.MODELS, params=params, zip_path=None, progress=progress, text_fields=fields
+            )
         else:
             with _as_zip(Path(model_zip)) as archive:
-                data = self._upload(PublicRoutes.MODELS, params=params, zip_path=archive, progress=progress)
+                data = self._upload(
+                    PublicRoutes.MODELS,
+                    params=params,
+                    zip_path=archive,
+                    progress=progress,
+                    text_fields=fields,
+                )
         return self._parse(_MODEL, data)
 
     # -- tasks ---------------------------------------------------------------------------------
 
     def submit(
-        self, model_id: str, path: str | Path, priority: int = 0, progress: bool | None = False
+        self,
+        model_id: str,
+        path: str | Path | None = None,
+        priority: int = 0,
+        progress: bool | None = False,
+        *,
+        params: dict[str, Any] | None = None,
+        webhook_url: str | None = None,
+        input_from: str | None = None,
+        model_from: str | None = None,
+        cache: bool = True,
     ) -> str:
-        """Upload a zip, or a folder zipped on the fly, as a task for `model_id`; returns its uid."""
-        params: dict[str, Any] = {"model_human_readable_id": model_id}
+        """Upload a zip, or a folder zipped on the fly, as a task for `model_id`; returns its uid.
+
+        `params`: a JSON object the model reads at /params.json (checked against its schema).
+        `webhook_url`: told of running, finished, failed and cancelled, signed with the key's
+        webhook secret. `input_from`: another task's uid whose output is this task's input,
+        instead of `path`; `model_from`: one whose output is mounted at /model. Either upstream
+        may still be pending or running: this task waits for it. `cache=False` runs the task even
+        when a cacheable model has its result already.
+        """
+        if (path is None) == (input_from is None):
+            raise InferenceClientError(
+                None, "give either a path to upload or input_from, not both or neither"
+            )
+        query: dict[str, Any] = {"model_human_readable_id": model_id}
         if priority:
             # Left out at 0 so a plain v1.2 server, which knows no priorities, is served too.
-            params["priority"] = priority
-        with _as_zip(Path(path)) as archive:
-            data = self._upload(PublicRoutes.TASKS, params=params, zip_path=archive, progress=progress)
+            query["priority"] = priority
+        if not cache:
+            query[TaskSubmitFields.CACHE_QUERY] = "false"
+        fields = {
+            name: value
+            for name, value in (
+                (TaskSubmitFields.PARAMS, None if params is None else json.dumps(params)),
+                (TaskSubmitFields.WEBHOOK_URL, webhook_url),
+                (TaskSubmitFields.INPUT_FROM, input_from),
+                (TaskSubmitFields.MODEL_FROM, model_from),
+            )
+            if value is not None
+        }
+        if path is None:
+            data = self._upload(
+                PublicRoutes.TASKS, params=query, zip_path=None, progress=progress, text_fields=fields
+            )
+        else:
+            with _as_zip(Path(path)) as archive:
+                data = self._upload(
+                    PublicRoutes.TASKS, params=query, zip_path=archive, progress=progress, text_fields=fields
+                )
         uid = data.get("uid") if isinstance(data, dict) else data
         if not isinstance(uid, str):
             raise InferenceClientError(None, f"unexpected answer to a submission: {data!r}")
