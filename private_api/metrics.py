@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference_server.contract import ConsumerState
-from private_api import consumer_registry, health
+from private_api import consumer_registry, health, webhook_delivery
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,27 @@ class _ConsumerCounts(Collector):
         yield family
 
 
+WEBHOOKS_METRIC = "inference_webhook_deliveries_pending"
+WEBHOOKS_HELP = "Webhook events not yet delivered nor given up (a receiver down shows here)"
+
+
+class _PendingWebhooks(Collector):
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._session_factory = session_factory
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(WEBHOOKS_METRIC, WEBHOOKS_HELP)
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            with self._session_factory() as session:
+                pending = webhook_delivery.pending_count(session)
+        except SQLAlchemyError:
+            log.warning("cannot count webhook deliveries for /metrics", exc_info=True)
+            return
+        yield GaugeMetricFamily(WEBHOOKS_METRIC, WEBHOOKS_HELP, value=pending)
+
+
 class Metrics:
     """One registry per app, so several apps in one process (tests) do not collide."""
 
@@ -91,6 +112,7 @@ class Metrics:
         )
         self.registry.register(_TaskCounts(session_factory))
         self.registry.register(_ConsumerCounts(session_factory, lost_after_s))
+        self.registry.register(_PendingWebhooks(session_factory))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

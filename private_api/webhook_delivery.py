@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 import httpx
-from sqlalchemy import CursorResult, exists, select, update
+from sqlalchemy import CursorResult, exists, func, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from inference_server.contract import WEBHOOK_EVENT_HEADER
@@ -108,6 +108,14 @@ def due_deliveries(session: Session, now: datetime, limit: int = BATCH_SIZE) -> 
         .limit(limit)
     ).all()
     return [(row.id, row.attempts) for row in rows]
+
+
+def pending_count(session: Session) -> int:
+    """Deliveries neither delivered nor given up (those have no next attempt): for /metrics."""
+    count = session.scalar(
+        select(func.count()).select_from(WebhookDelivery).where(WebhookDelivery.next_attempt_at.is_not(None))
+    )
+    return int(count or 0)
 
 
 def claim_attempt(

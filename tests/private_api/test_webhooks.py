@@ -166,6 +166,13 @@ def _upload_output(client: TestClient, uid: str) -> None:
     assert response.status_code == 200, response.text
 
 
+def _pending_metric(client: TestClient) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("inference_webhook_deliveries_pending "):
+            return float(line.split()[1])
+    raise AssertionError("inference_webhook_deliveries_pending not in /metrics")
+
+
 def _claim_ok(client: TestClient, uid: str) -> None:
     response = claim(client, uid)
     assert response.status_code == 200, response.text
@@ -293,6 +300,7 @@ def test_deliveries_pending_at_a_restart_are_sent_by_the_next_process(
         _claim_ok(first, uid)
         _upload_output(first, uid)
         wait_until(lambda: len(receiver.all()) >= 2, what="refused attempts before the restart")
+        assert _pending_metric(first) == 2.0
     assert receiver.accepted() == []
 
     receiver.default = 200
@@ -306,6 +314,7 @@ def test_deliveries_pending_at_a_restart_are_sent_by_the_next_process(
             what="nothing pending",
         )
         assert webhook["delivered"] == 2
+        assert _pending_metric(second) == 0.0
 
 
 def test_a_delivery_is_given_up_after_the_retry_window(
