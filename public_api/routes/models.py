@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 
 from inference_server.contract import (
     HUMAN_READABLE_ID_PATTERN,
+    MODEL_PARAMS_SCHEMA_FIELD,
     ModelCreate,
     ModelPublic,
     ModelUpdate,
@@ -50,9 +51,15 @@ async def list_models(api: PrivateAPIDep) -> list[ModelPublic]:
         400: error("The model zip is not a valid, safe zip."),
         409: error("A model with this human_readable_id exists."),
         413: error("The upload is larger than allowed."),
+        422: error("The params_schema is not valid JSON Schema."),
     },
     openapi_extra=zip_upload_body(
-        required=False, description="Optional static files for the model, unpacked at /model."
+        required=False,
+        description="Optional static files for the model, unpacked at /model.",
+        text_fields={
+            MODEL_PARAMS_SCHEMA_FIELD: "A JSON Schema (its $schema's draft, else the latest) that "
+            "the params of each task must satisfy; a task without params is checked as {}.",
+        },
     ),
 )
 async def register_model(

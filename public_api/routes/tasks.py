@@ -15,6 +15,7 @@ from inference_server.contract import (
     HUMAN_READABLE_ID_PATTERN,
     LOG_MEDIA_TYPE,
     MAX_PRIORITY,
+    PARAMS_MAX_BYTES,
     TASK_UID_PATTERN,
     ZIP_MEDIA_TYPE,
     PublicRoutes,
@@ -46,7 +47,10 @@ TaskUid = Annotated[str, Path(pattern=TASK_UID_PATTERN, description="The uid ret
         404: error("No model with this id, or an input_from/model_from task unknown or not yours."),
         409: error("The input_from/model_from task failed, was cancelled or expired: no output."),
         413: error("The upload is larger than allowed."),
-        422: error("Both a zip and input_from, or neither; or a webhook_url that is not allowed."),
+        422: error(
+            "Both a zip and input_from, or neither; params that are not a JSON object or fail the "
+            "model's params_schema; or a webhook_url that is not allowed."
+        ),
         429: error("The key holds its limit of pending plus running tasks; try again after Retry-After."),
     },
     openapi_extra=zip_upload_body(
@@ -58,6 +62,9 @@ TaskUid = Annotated[str, Path(pattern=TASK_UID_PATTERN, description="The uid ret
             "input, instead of a zip. It may still be pending or running: this task waits for it.",
             TaskSubmitFields.MODEL_FROM: "The uid of one of your tasks whose output is mounted at "
             "/model instead of the model's own files (fine-tuning from an earlier run).",
+            TaskSubmitFields.PARAMS: "A JSON object of parameters the model reads at /params.json, "
+            "checked against the model's params_schema (422 naming the failing path). At most "
+            f"{PARAMS_MAX_BYTES} bytes.",
             TaskSubmitFields.WEBHOOK_URL: "POSTed to, signed with your key's webhook secret, when "
             "the task runs, finishes, fails or is cancelled: an http(s) URL on a host the operator "
             "allows (IS_WEBHOOK_ALLOWED_HOSTS; README, Webhooks). Needs a key.",
