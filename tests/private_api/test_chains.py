@@ -14,7 +14,7 @@ from httpx import Response
 from sqlalchemy import select, update
 
 from inference_server.contract import SERVICE_TOKEN_HEADER, ApiKeyRole, TaskStatus, WebhookEvent
-from private_api import chains
+from private_api import chains, leases
 from private_api.config import PrivateSettings
 from private_api.models import Task, WebhookDelivery, utcnow
 from private_api.retention import expire_old_tasks
@@ -388,3 +388,23 @@ def test_an_expired_upstream_is_refused_and_its_output_stays_while_a_dependent_h
     assert gone_output not in files
     assert kept_output in files  # the dependent's input
     assert input_bytes(client, dependent) == kept_output
+
+
+def test_the_reaper_giving_a_task_up_fails_what_waits_on_it(client: TestClient) -> None:
+    register_model(client)
+    first, second, third = _chain_of_three(client)
+    assert claim(client, first).status_code == 200
+    with client.app.state.session_factory() as session:
+        # Its consumer vanished on the last attempt: the lease lapsed ten seconds ago.
+        session.execute(
+            update(Task).where(Task.uid == first).values(lease_expires_at=utcnow() - timedelta(seconds=10))
+        )
+        session.commit()
+        assert (
+            leases.reap_expired_leases(session=session, publisher=client.app.state.publisher, max_attempts=1)
+            == 1
+        )
+
+    assert status(client, first)["status"] == TaskStatus.FAILED
+    assert status(client, second)["error"] == f"upstream {first} failed"
+    assert status(client, third)["error"] == f"upstream {second} failed"
