@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import update
 
 from inference_server.contract import PrivateRoutes, TaskStatus, TaskSubmitFields
+from private_api import result_cache
 from private_api.models import Task, utcnow
 from private_api.retention import expire_old_tasks
 from tests.private_api.helpers import (
@@ -261,3 +262,47 @@ def test_expiring_the_hit_keeps_the_original_output(client, cacheable):
     age(client, uid, 31)
     assert expire(client) == 1
     assert client.get(f"/tasks/{original}/output").content == OUTPUT
+
+
+def test_a_hit_whose_output_was_released_meanwhile_is_undone_and_runs(
+    client, settings, cacheable, monkeypatch
+):
+    """A delete of the original that cleared its keys just before the hit's commit may delete the
+    file: the hit sees no other holder after its commit, goes back to running and misses."""
+    original = run_to_the_end(client)
+    uid = submit(client)
+    assert claim(client, uid).status_code == 200
+    lease = task_row(client, uid).lease_expires_at
+    files_before = stored_files(settings)
+    monkeypatch.setattr(result_cache, "_held_by_another", lambda *_args: False)
+
+    answer = lookup(client, uid)
+
+    assert answer.json() == {"hit": False, "cached_from": None}
+    row = task_row(client, uid)
+    assert row.status == TaskStatus.RUNNING and row.consumer_id == "consumer-a"
+    assert row.lease_expires_at == lease
+    assert row.output_blob_key is None and row.cached_from is None and row.log_blob_key is None
+    assert stored_files(settings) == files_before  # the hit's log went again
+    assert client.get(f"/tasks/{original}/output").content == OUTPUT
+    # It runs and finishes like any miss.
+    response = client.post(f"/tasks/{uid}/output", files={"zip_file": ("o.zip", OUTPUT)}, headers=A)
+    assert response.status_code == 200, response.text
+
+
+def test_a_task_waiting_on_a_hit_gets_its_output(client, cacheable):
+    run_to_the_end(client)
+    uid = submit(client)
+    dependent = client.post(
+        PrivateRoutes.TASKS,
+        params={"model_human_readable_id": "seg-model"},
+        data={TaskSubmitFields.INPUT_FROM: uid},
+        files={"unused": ("", b"")},
+    )
+    assert dependent.status_code == 201, dependent.text
+    assert task_row(client, dependent.json()["uid"]).input_blob_key is None  # waits
+
+    assert claimed_lookup(client, uid)["hit"] is True
+
+    waiting = task_row(client, dependent.json()["uid"])
+    assert waiting.input_blob_key == task_row(client, uid).output_blob_key
