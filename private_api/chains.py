@@ -79,7 +79,7 @@ def named_upstream(field_name: str, value: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class Upstreams:
+class NamedUpstreams:
     """The upstreams a new task names, as its row records them: the uids, and the outputs of
     those that have finished already (the others' keys stay NULL until `settle`)."""
 
@@ -116,7 +116,7 @@ def _usable_upstream(session: Session, actor: Actor | None, uid: str, field_name
 
 def resolve_upstreams(
     session: Session, *, actor: Actor | None, input_from: str | None, model_from: str | None
-) -> Upstreams:
+) -> NamedUpstreams:
     """Check the named upstreams (404 unknown or not the caller's, 409 ended without output) and
     take the outputs of those finished already. Call inside the insert's transaction."""
     columns: dict[str, Any] = {}
@@ -129,7 +129,7 @@ def resolve_upstreams(
         upstream = _usable_upstream(session, actor, model_from, TaskSubmitFields.MODEL_FROM)
         if upstream.status == TaskStatus.FINISHED:
             columns["model_from_blob_key"] = upstream.output_blob_key
-    return Upstreams(input_from=input_from, model_from=model_from, columns=columns)
+    return NamedUpstreams(input_from=input_from, model_from=model_from, columns=columns)
 
 
 def settle(
