@@ -37,11 +37,18 @@ def cacheable(client) -> dict[str, Any]:
     return register_model(client, zip_bytes=make_zip({"weights.bin": b"w" * 64}), cacheable=True)
 
 
-def submit(client, *, data: bytes = INPUT, params: dict[str, Any] | None = None, **query: Any) -> str:
+def submit(
+    client,
+    *,
+    data: bytes = INPUT,
+    params: dict[str, Any] | None = None,
+    model: str = "seg-model",
+    **query: Any,
+) -> str:
     form = {TaskSubmitFields.PARAMS: json.dumps(params)} if params is not None else {}
     response = client.post(
         PrivateRoutes.TASKS,
-        params={"model_human_readable_id": "seg-model", **query},
+        params={"model_human_readable_id": model, **query},
         data=form,
         files={"zip_file": ("input.zip", data, "application/zip")},
     )
@@ -306,3 +313,17 @@ def test_a_task_waiting_on_a_hit_gets_its_output(client, cacheable):
 
     waiting = task_row(client, dependent.json()["uid"])
     assert waiting.input_blob_key == task_row(client, uid).output_blob_key
+
+
+def test_deleting_the_original_model_keeps_the_output_a_hit_of_another_model_shares(client, settings):
+    weights = make_zip({"weights.bin": b"w" * 64})
+    register_model(client, "seg-model", zip_bytes=weights, cacheable=True)
+    register_model(client, "seg-model-copy", zip_bytes=weights, cacheable=True)
+    original = run_to_the_end(client)
+    uid = submit(client, model="seg-model-copy")
+    assert claimed_lookup(client, uid) == {"hit": True, "cached_from": original}
+    shared = task_row(client, uid).output_blob_key
+
+    assert client.delete("/models/seg-model").status_code == 200
+    assert client.get(f"/tasks/{uid}/output").content == OUTPUT
+    assert settings.blob_dir / shared in stored_files(settings)
