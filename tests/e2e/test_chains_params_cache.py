@@ -33,13 +33,17 @@ from typing import Any
 import docker
 import docker.errors
 import httpx
+import nibabel as nib
+import numpy as np
 import pytest
 
 from inference_server import webhook_signing
 from inference_server.contract import (
     MODEL_PARAMS_SCHEMA_FIELD,
+    SERVICE_TOKEN_HEADER,
     WEBHOOK_EVENT_HEADER,
     ZIP_MEDIA_TYPE,
+    PrivateRoutes,
     PublicRoutes,
     TaskSubmitFields,
     WebhookBody,
@@ -204,7 +208,7 @@ class Driver:
     def submit_response(
         self,
         model: str,
-        files: dict[str, bytes] | None = None,
+        files: dict[str, bytes] | bytes | None = None,
         *,
         params: Any = None,
         raw_params: str | None = None,
@@ -214,10 +218,12 @@ class Driver:
         cache: bool | None = None,
         headers: dict[str, str] | None = None,
     ) -> httpx.Response:
-        """POST /api/tasks/ with the zip of `files` (none with input_from) and the text fields."""
+        """POST /api/tasks/ with the zip of `files`, or `files` as a zip already made (none with
+        input_from), and the text fields."""
         form: dict[str, Any] = {}
         if files is not None:
-            form[TaskSubmitFields.ZIP_FILE] = ("in.zip", make_zip(files), ZIP_MEDIA_TYPE)
+            archive = files if isinstance(files, bytes) else make_zip(files)
+            form[TaskSubmitFields.ZIP_FILE] = ("in.zip", archive, ZIP_MEDIA_TYPE)
         text = {
             TaskSubmitFields.PARAMS: raw_params if params is None else json.dumps(params),
             TaskSubmitFields.WEBHOOK_URL: webhook_url,
@@ -238,7 +244,7 @@ class Driver:
                 headers=self.operator if headers is None else headers,
             )
 
-    def submit(self, model: str, files: dict[str, bytes] | None = None, **options: Any) -> str:
+    def submit(self, model: str, files: dict[str, bytes] | bytes | None = None, **options: Any) -> str:
         response = self.submit_response(model, files, **options)
         assert response.status_code == HTTPStatus.OK, response.text
         return str(response.json())
@@ -291,6 +297,19 @@ class Driver:
         with self.http() as client:
             response = client.delete(PublicRoutes.TASK.format(uid=uid), headers=self.operator)
         assert response.status_code == HTTPStatus.OK, response.text
+
+    def private_metric(self, name: str) -> float:
+        """A counter of the private API's /metrics (0 before its first increment)."""
+        response = httpx.get(
+            f"{self.platform.private_url}{PrivateRoutes.METRICS}",
+            headers={SERVICE_TOKEN_HEADER: self.platform.service_token},
+            timeout=30,
+        )
+        assert response.status_code == HTTPStatus.OK, response.text
+        for line in response.text.splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+        return 0.0
 
     def containers_created(self, uid: str, since: float) -> int:
         """Containers any consumer created for task `uid` since `since` (Unix seconds), by the
@@ -434,6 +453,33 @@ def test_params_reach_the_model_and_bad_params_are_refused(idle_driver: Driver) 
     assert stored_after_refusals == before
 
 
+def small_head_nifti() -> bytes:
+    """A 16^3 image: a bright cube (intensity 100) in a dark background (10)."""
+    volume = np.full((16, 16, 16), 10.0, dtype=np.float32)
+    volume[4:12, 4:12, 4:12] = 100.0
+    image = nib.Nifti1Image(volume, np.eye(4))
+    return bytes(image.to_bytes())
+
+
+def test_brain_mask_takes_its_threshold_method_from_params(idle_driver: Driver) -> None:
+    driver = idle_driver
+    head = {"head.nii": small_head_nifti()}
+    fixed = driver.submit("brain-mask", head, params={"method": "fixed", "threshold": 55})
+    refused = driver.submit_response("brain-mask", head, params={"method": "median"})
+    states = driver.wait_ended([fixed])
+    report = json.loads(driver.output(fixed)["report.json"])
+    entry = report["images"][0]
+    print(
+        f"in: a 16^3 head with params method fixed, threshold 55, and one with method median; out: "
+        f"{states[fixed]['status']}, method {report['method']!r}, threshold {entry['threshold']}, "
+        f"{entry['voxels_in_mask']} voxels; median: {refused.status_code}"
+    )
+    assert states[fixed]["status"] == "finished"
+    assert report["method"].startswith("fixed+") and entry["threshold"] == 55
+    assert entry["voxels_in_mask"] == 8**3
+    assert refused.status_code == HTTPStatus.UNPROCESSABLE_ENTITY and "method" in refused.json()["detail"]
+
+
 def test_a_schema_that_is_not_json_schema_is_refused(idle_driver: Driver) -> None:
     with idle_driver.http() as client:
         response = client.post(
@@ -487,8 +533,13 @@ def test_a_cache_hit_starts_no_container_and_an_image_rebuilt_under_the_tag_miss
     driver = idle_driver
     tag = rebuildable_image()
     assert driver.register("cache-echo", tag, cacheable=True)["cacheable"] is True
-    scan = {"scan.txt": secrets.token_bytes(64)}
+    scan_bytes = secrets.token_bytes(64)
+    # One zip, sent each time: a zip made again a second later holds other timestamps, so
+    # another input sha256.
+    scan = make_zip({"scan.txt": scan_bytes})
     since = time.time() - 1
+    hits_before = driver.private_metric("inference_cache_hits_total")
+    misses_before = driver.private_metric("inference_cache_misses_total")
 
     first = driver.submit("cache-echo", scan)
     driver.wait_ended([first])
@@ -512,11 +563,15 @@ def test_a_cache_hit_starts_no_container_and_an_image_rebuilt_under_the_tag_miss
         "hit on rebuilt": hit_after_rebuild,
     }
     containers = {what: driver.containers_created(uid, since) for what, uid in uids.items()}
+    counted = (
+        driver.private_metric("inference_cache_hits_total") - hits_before,
+        driver.private_metric("inference_cache_misses_total") - misses_before,
+    )
     outputs = {what: driver.output(uid) for what, uid in uids.items()}
     cached_from = {what: driver.status(uid)["cached_from"] for what, uid in uids.items()}
     print(
         "in: one zip six times (again, cache=false, other params, image rebuilt under its tag, again); "
-        f"out: containers {containers}, cached_from {cached_from}"
+        f"out: containers {containers}, cached_from {cached_from}, metrics (hits, misses) {counted}"
     )
     assert {what: driver.status(uid)["status"] for what, uid in uids.items()} == dict.fromkeys(
         uids, "finished"
@@ -537,6 +592,7 @@ def test_a_cache_hit_starts_no_container_and_an_image_rebuilt_under_the_tag_miss
         "rebuilt image": None,
         "hit on rebuilt": after_rebuild,
     }
+    assert counted == (2, 4)
     # The hit is the very output of the task it came from; every run made a new one.
     assert outputs["hit"] == outputs["first"]
     assert outputs["hit on rebuilt"] == outputs["rebuilt image"]
@@ -544,7 +600,7 @@ def test_a_cache_hit_starts_no_container_and_an_image_rebuilt_under_the_tag_miss
         outputs[what]["run-id.txt"] for what in ("first", "cache=false", "other params", "rebuilt image")
     }
     assert len(run_ids) == 4
-    assert outputs["hit"]["scan.txt"] == scan["scan.txt"]
+    assert outputs["hit"]["scan.txt"] == scan_bytes
 
     # The output is shared, not copied: deleting the task it came from leaves the hit's output.
     driver.delete(first)
