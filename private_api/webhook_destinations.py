@@ -18,10 +18,6 @@ WEBHOOK_URL_MAX_LENGTH = 2048
 WEBHOOK_SCHEMES = {"http": 80, "https": 443}
 
 
-class WebhooksDisabled(Unprocessable):
-    """A webhook was asked for, but the operator allowed no destination."""
-
-
 @dataclass(frozen=True)
 class AllowedHost:
     """One entry of the list: a host name or address, and the one port allowed (None: any)."""

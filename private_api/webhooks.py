@@ -16,11 +16,7 @@ from private_api.access import Actor
 from private_api.exceptions import Unprocessable
 from private_api.models import Task, WebhookDelivery, utcnow
 from private_api.task_rows import load_task, task_public
-from private_api.webhook_destinations import AllowedHosts, WebhooksDisabled, checked_webhook_url
-
-
-class AnonymousWebhook(Unprocessable):
-    """An anonymous submission asked for a webhook: there is no key whose secret would sign it."""
+from private_api.webhook_destinations import AllowedHosts, checked_webhook_url
 
 
 def accepted_webhook_url(url: str | None, *, actor: Actor | None, allowed: AllowedHosts) -> str | None:
@@ -29,11 +25,11 @@ def accepted_webhook_url(url: str | None, *, actor: Actor | None, allowed: Allow
     if url is None or not url.strip():
         return None
     if not allowed.entries:
-        raise WebhooksDisabled(
+        raise Unprocessable(
             "webhooks are not enabled: the operator has allowed no destination (IS_WEBHOOK_ALLOWED_HOSTS)"
         )
     if actor is None or actor.name is None:
-        raise AnonymousWebhook(
+        raise Unprocessable(
             "webhooks need an API key: each body is signed with the submitting key's webhook secret, "
             "and an anonymous submission has none"
         )
