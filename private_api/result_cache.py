@@ -113,6 +113,16 @@ def lookup(
     finished task with the same key whose output is still stored. Only its holder may ask.
     A hit is a finish like any other: its webhook hears of it, and what waits on it goes on
     (chains.settle; with `publisher`, published at once)."""
+    answered = session.execute(
+        select(Task.cached_from).where(
+            Task.uid == uid, Task.status == TaskStatus.FINISHED, Task.consumer_id == consumer_id
+        )
+    ).first()
+    if answered is not None and answered.cached_from is not None:
+        # The same consumer asking again (its first answer was lost on the way): the same answer,
+        # rather than a refusal that would make it run the task after all.
+        session.rollback()
+        return CacheAnswer(hit=True, cached_from=answered.cached_from)
     task = _held_task(session, uid, consumer_id)
     if not task.model.cacheable:
         session.rollback()

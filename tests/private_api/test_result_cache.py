@@ -204,6 +204,16 @@ def test_only_the_consumer_holding_the_task_may_ask(client, cacheable):
     assert task_row(client, uid).cache_key is None
 
 
+def test_the_holder_asking_again_after_a_hit_gets_the_same_answer(client, cacheable):
+    original = run_to_the_end(client)
+    uid = submit(client)
+    assert claimed_lookup(client, uid)["hit"] is True
+    again = lookup(client, uid)
+    assert again.status_code == 200, again.text
+    assert again.json() == {"hit": True, "cached_from": original}
+    assert lookup(client, uid, headers=B).status_code == 409  # still only for its holder
+
+
 def test_an_original_whose_output_file_is_gone_is_a_miss(client, cacheable):
     original = run_to_the_end(client)
     client.app.state.blobs.delete(task_row(client, original).output_blob_key)
