@@ -48,6 +48,11 @@ class PrivateSettings(BrokerSettings, ZipLimitSettings):
     # Fair share: an owner has at most this many tasks waiting in the broker per queue (CPU, GPU)
     # at or above a task's priority; the rest wait unpublished, so owners take turns. 0: no cap.
     fair_share_queued_per_owner: int = Field(default=2, ge=0)
+    # A cache hit across owners would tell one user that another submitted the very same input
+    # (a patient's scan, say), so by default a task is answered only from its own owner's
+    # results, and anonymous tasks, who share no identity, never. A lab that wants one shared
+    # cache turns this on.
+    cache_across_owners: bool = False
     # Pending tasks no registered consumer could run are failed after this long; 0 never fails them.
     unrunnable_timeout_s: float = Field(default=0.0, ge=0)
 

@@ -70,8 +70,12 @@ def _held_by(uid: str, consumer_id: str) -> tuple[Any, ...]:
     return (Task.uid == uid, Task.status == TaskStatus.RUNNING, Task.consumer_id == consumer_id)
 
 
-def _finished_with_key(session: Session, key: str, uid: str) -> list[tuple[str, str | None, str | None]]:
-    """Finished tasks with this key and an output, newest first: (uid, output key, its sha256)."""
+def _finished_with_key(
+    session: Session, key: str, uid: str, owner: str | None, across_owners: bool
+) -> list[tuple[str, str | None, str | None]]:
+    """Finished tasks with this key and an output, newest first: (uid, output key, its sha256);
+    only the owner's own unless across_owners."""
+    same_owner = () if across_owners else (Task.owner == owner,)
     rows = session.execute(
         select(Task.uid, Task.output_blob_key, Task.output_sha256)
         .where(
@@ -79,6 +83,7 @@ def _finished_with_key(session: Session, key: str, uid: str) -> list[tuple[str, 
             Task.status == TaskStatus.FINISHED,
             Task.output_blob_key.is_not(None),
             Task.uid != uid,
+            *same_owner,
         )
         .order_by(Task.finished_at.desc())
         .limit(MAX_CANDIDATES)
@@ -106,6 +111,7 @@ def lookup(
     uid: str,
     consumer_id: str,
     image_id: str,
+    across_owners: bool = False,
     publisher: TaskPublisher | None = None,
     policy: SchedulingPolicy | None = None,
 ) -> CacheAnswer:
@@ -127,7 +133,9 @@ def lookup(
     if not task.model.cacheable:
         session.rollback()
         return MISS
-    use_cache = task.use_cache
+    # Anonymous callers share no identity to keep their results apart by.
+    use_cache = task.use_cache and (across_owners or task.owner is not None)
+    owner = task.owner
     key = cache_key(
         image_id=image_id,
         model_zip_sha256=_model_files_sha256(session, task),
@@ -141,7 +149,9 @@ def lookup(
     if not use_cache:
         log.info("task %s: cache=false, runs (key %s)", uid, key[:12])
         return MISS
-    for original_uid, output_key, output_sha256 in _finished_with_key(session, key, uid):
+    for original_uid, output_key, output_sha256 in _finished_with_key(
+        session, key, uid, owner, across_owners
+    ):
         if output_key is None or not blob_sharing.still_stored(blobs, output_key):
             continue
         if _finish_from(session, blobs, uid, consumer_id, original_uid, output_key, output_sha256):

@@ -142,6 +142,7 @@ def cache_lookup(
     metrics: MetricsDep,
     publisher: PublisherDep,
     policy: SchedulingDep,
+    settings: SettingsDep,
 ) -> CacheAnswer:
     answer = result_cache.lookup(
         session=session,
@@ -149,6 +150,7 @@ def cache_lookup(
         uid=uid,
         consumer_id=consumer_id,
         image_id=lookup.image_id,
+        across_owners=settings.cache_across_owners,
         publisher=publisher,
         policy=policy,
     )

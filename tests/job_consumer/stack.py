@@ -16,10 +16,13 @@ from inference_server.contract import (
     SERVICE_TOKEN_HEADER,
     TASK_QUEUE_ARGUMENTS,
     ZIP_MEDIA_TYPE,
+    ApiKeyRole,
     ModelPublic,
+    Principal,
     PrivateRoutes,
     TaskPublic,
     TaskSubmitFields,
+    encode_acting_headers,
 )
 from private_api.config import PrivateSettings
 from private_api.db import upgrade_database
@@ -133,10 +136,12 @@ class PrivateApiServer:
         input_from: str | None = None,
         model_from: str | None = None,
         cache: bool | None = None,
+        owner: str | None = None,
     ) -> TaskPublic:
         """Submit a task: an input zip of `files` (or the zip itself, when bytes: a zip made
         again differs in its timestamps), or none with `input_from`; the extras as the form's
-        text fields (multipart, like the zip)."""
+        text fields (multipart, like the zip). `owner`: submitted for that user key, as the
+        public API relays it (the result cache answers a key only from its own results)."""
         form: dict[str, Any] = {}
         if files is not None:
             zip_bytes = files if isinstance(files, bytes) else make_zip(files)
@@ -151,7 +156,8 @@ class PrivateApiServer:
         query: dict[str, Any] = {"model_human_readable_id": human_readable_id, "priority": priority}
         if cache is not None:
             query[TaskSubmitFields.CACHE_QUERY] = str(cache).lower()
-        response = self.http.post(PrivateRoutes.TASKS, params=query, files=form)
+        acting = encode_acting_headers(Principal(name=owner, role=ApiKeyRole.USER)) if owner else None
+        response = self.http.post(PrivateRoutes.TASKS, params=query, files=form, headers=acting)
         assert response.status_code == 201, response.text
         return TaskPublic.model_validate(response.json())
 

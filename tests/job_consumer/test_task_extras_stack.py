@@ -76,12 +76,12 @@ def test_cache_hit_runs_no_container_and_a_rebuilt_image_misses(
     files = make_zip({"same.txt": b"same input"})
     since = time.time()
 
-    original = private_api.submit(model_id, files)
+    original = private_api.submit(model_id, files, owner="alice")
     run_one(make_consumer)
     assert finished(private_api, original.uid).cached_from is None
     assert containers_created(docker_client, consumer_id, since) == 1
 
-    repeat = private_api.submit(model_id, files)
+    repeat = private_api.submit(model_id, files, owner="alice")
     consumer = run_one(make_consumer)
     answered = finished(private_api, repeat.uid)
     assert answered.cached_from == original.uid
@@ -89,13 +89,13 @@ def test_cache_hit_runs_no_container_and_a_rebuilt_image_misses(
     assert consumer.executor.cache_hits == 1
     assert containers_created(docker_client, consumer_id, since) == 1
 
-    forced = private_api.submit(model_id, files, cache=False)
+    forced = private_api.submit(model_id, files, cache=False, owner="alice")
     run_one(make_consumer)
     assert finished(private_api, forced.uid).cached_from is None
     assert containers_created(docker_client, consumer_id, since) == 2
 
     build_image(tag, generation_command(2))
-    rebuilt = private_api.submit(model_id, files)
+    rebuilt = private_api.submit(model_id, files, owner="alice")
     consumer = run_one(make_consumer)
     assert finished(private_api, rebuilt.uid).cached_from is None
     assert private_api.output(rebuilt.uid) == {"generation.txt": b"generation 2\n"}

@@ -16,6 +16,7 @@ from private_api import result_cache
 from private_api.models import Task, utcnow
 from private_api.retention import expire_old_tasks
 from tests.private_api.helpers import (
+    acting_as,
     as_consumer,
     claim,
     make_zip,
@@ -43,12 +44,15 @@ def submit(
     data: bytes = INPUT,
     params: dict[str, Any] | None = None,
     model: str = "seg-model",
+    owner: str | None = "alice",
     **query: Any,
 ) -> str:
+    """A task submitted for key `owner` (None: an anonymous caller)."""
     form = {TaskSubmitFields.PARAMS: json.dumps(params)} if params is not None else {}
     response = client.post(
         PrivateRoutes.TASKS,
         params={"model_human_readable_id": model, **query},
+        headers=acting_as(owner),
         data=form,
         files={"zip_file": ("input.zip", data, "application/zip")},
     )
@@ -337,3 +341,31 @@ def test_deleting_the_original_model_keeps_the_output_a_hit_of_another_model_sha
     assert client.delete("/models/seg-model").status_code == 200
     assert client.get(f"/tasks/{uid}/output").content == OUTPUT
     assert settings.blob_dir / shared in stored_files(settings)
+
+
+def test_only_the_owners_own_results_answer_by_default(client, cacheable) -> None:
+    original = run_to_the_end(client, owner="alice")
+    # Another key's identical task must not learn that alice submitted this very input.
+    bob = submit(client, owner="bob")
+    assert claimed_lookup(client, bob) == {"hit": False, "cached_from": None}
+    alice_again = submit(client, owner="alice")
+    assert claimed_lookup(client, alice_again) == {"hit": True, "cached_from": original}
+
+
+def test_anonymous_tasks_never_hit_by_default(client, cacheable) -> None:
+    run_to_the_end(client, owner=None)
+    anonymous = submit(client, owner=None)
+    assert claimed_lookup(client, anonymous) == {"hit": False, "cached_from": None}
+
+
+def test_one_cache_for_everyone_when_the_lab_turns_it_on(start_app, make_settings) -> None:
+    client = start_app(make_settings(cache_across_owners=True))
+    register_model(client, zip_bytes=make_zip({"weights.bin": b"w" * 64}), cacheable=True)
+    original = run_to_the_end(client, owner="alice")
+    answered = {original}
+    for owner in ("bob", None):
+        uid = submit(client, owner=owner)
+        answer = claimed_lookup(client, uid)
+        # Answered from alice's task, or from bob's hit on it: the same shared output.
+        assert answer["hit"] is True and answer["cached_from"] in answered
+        answered.add(uid)

@@ -17,7 +17,14 @@ from inference_server.contract import (
     TaskStatus,
     TaskSubmitFields,
 )
-from tests.public_api.stack import BASE_IMAGE_TAG, ConsumerDriver, make_zip, shared_http, unique_id
+from tests.public_api.stack import (
+    BASE_IMAGE_TAG,
+    ConsumerDriver,
+    PrivateStack,
+    make_zip,
+    shared_http,
+    unique_id,
+)
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -43,18 +50,25 @@ def register(public_url: str, schema: Any, **query: Any) -> httpx.Response:
     )
 
 
-def submit(public_url: str, model_id: str, params: Any, **query: Any) -> httpx.Response:
+def submit(
+    public_url: str, model_id: str, params: Any, key: str | None = None, **query: Any
+) -> httpx.Response:
     data = {TaskSubmitFields.PARAMS: params if isinstance(params, str) else json.dumps(params)}
     return shared_http().post(
         public_url + PublicRoutes.TASKS,
         params={"model_human_readable_id": model_id, **query},
+        headers=bearer(key),
         data=data,
         files={"zip_file": ("input.zip", make_zip({"scan.txt": b"voxels"}), "application/zip")},
     )
 
 
-def status(public_url: str, uid: str) -> TaskPublic:
-    response = shared_http().get(public_url + PublicRoutes.TASK_STATUS.format(uid=uid))
+def bearer(key: str | None) -> dict[str, str] | None:
+    return {"Authorization": f"Bearer {key}"} if key else None
+
+
+def status(public_url: str, uid: str, key: str | None = None) -> TaskPublic:
+    response = shared_http().get(public_url + PublicRoutes.TASK_STATUS.format(uid=uid), headers=bearer(key))
     assert response.status_code == 200, response.text
     return TaskPublic.model_validate(response.json())
 
@@ -108,22 +122,25 @@ def test_params_on_the_v12_route_round_trip_and_bad_ones_name_the_path(public_ur
 
 
 def test_a_cached_answer_shows_in_the_status_and_cache_false_runs(
-    public_url: str, consumer: ConsumerDriver
+    public_url: str, consumer: ConsumerDriver, private_api: PrivateStack
 ) -> None:
+    # Results answer only their own key's tasks (anonymous ones never), so this user has one.
+    key = private_api.create_key(unique_id("cache-user"))
     model_id = register(public_url, SCHEMA, cacheable=True).json()["human_readable_id"]
-    original = submit(public_url, model_id, {"threshold": 1}).json()
+    original = submit(public_url, model_id, {"threshold": 1}, key).json()
     assert lookup(consumer, original) == {"hit": False, "cached_from": None}
     consumer.finish(original, make_zip({"mask.txt": b"mask"}))
 
-    forced = submit(public_url, model_id, {"threshold": 1}, cache="false").json()
+    forced = submit(public_url, model_id, {"threshold": 1}, key, cache="false").json()
     assert lookup(consumer, forced)["hit"] is False
-    assert status(public_url, forced).status == TaskStatus.RUNNING
+    assert status(public_url, forced, key).status == TaskStatus.RUNNING
 
-    cached = submit(public_url, model_id, {"threshold": 1}).json()
+    cached = submit(public_url, model_id, {"threshold": 1}, key).json()
     assert lookup(consumer, cached) == {"hit": True, "cached_from": original}
-    task = status(public_url, cached)
+    task = status(public_url, cached, key)
     assert task.status == TaskStatus.FINISHED
     assert task.cached_from == original
-    output = shared_http().get(public_url + PublicRoutes.TASK.format(uid=cached))
+    output = shared_http().get(public_url + PublicRoutes.TASK.format(uid=cached), headers=bearer(key))
     assert output.status_code == 200
-    assert output.content == shared_http().get(public_url + PublicRoutes.TASK.format(uid=original)).content
+    first = shared_http().get(public_url + PublicRoutes.TASK.format(uid=original), headers=bearer(key))
+    assert output.content == first.content
