@@ -9,6 +9,8 @@ CONSUMERS ?= 1
 GPUS ?=
 SIMULATE_GPUS ?= 0
 GPU_MEMORY_MB ?= 24576
+# RUNTIME=podman: the consumers run model containers on Podman instead of the Docker engine.
+RUNTIME ?=
 
 .PHONY: setup run test test-fast lint bench clean
 
@@ -17,7 +19,7 @@ setup:
 
 run: setup
 	@bash scripts/run.sh --port $(PORT) --data-dir $(DATA_DIR) --consumers $(CONSUMERS) \
-		$(if $(GPUS),--gpus $(GPUS)) \
+		$(if $(GPUS),--gpus $(GPUS)) $(if $(RUNTIME),--runtime $(RUNTIME)) \
 		$(if $(filter-out 0,$(SIMULATE_GPUS)),--simulate-gpus $(SIMULATE_GPUS) --gpu-memory-mb $(GPU_MEMORY_MB))
 
 test: setup

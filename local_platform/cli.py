@@ -2,6 +2,7 @@
 
 inference-server standalone --port 8000 --data-dir ./data --consumers 1
     [--gpus all|ID,ID | --simulate-gpus N --gpu-memory-mb M] [--[no-]cpu-tasks-on-gpus]
+    [--runtime docker|podman]
 inference-server private-api|public-api [--host H --port P]
 inference-server consumer [--gpu ID]
 inference-server db upgrade
@@ -21,7 +22,7 @@ from types import FrameType
 
 from local_platform.examples import register_examples
 from local_platform.gpus import detect_gpus
-from local_platform.launcher import DEFAULT_SIMULATED_GPU_MEMORY_MB, LocalPlatform
+from local_platform.launcher import CONTAINER_RUNTIMES, DEFAULT_SIMULATED_GPU_MEMORY_MB, LocalPlatform
 from private_api.operator_cli import add_operator_commands, quiet_database_logs
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def _platform_of(args: argparse.Namespace) -> LocalPlatform:
         simulate_gpus=args.simulate_gpus,
         simulated_gpu_memory_mb=args.gpu_memory_mb or DEFAULT_SIMULATED_GPU_MEMORY_MB,
         gpu_consumers_take_cpu_tasks=args.cpu_tasks_on_gpus,
+        container_runtime=args.runtime,
         host=args.host,
         # One person on one machine: they get the operator key, kept where `infer` finds it.
         create_operator_key=True,
@@ -74,7 +76,10 @@ def _describe_consumers(platform: LocalPlatform) -> str:
             f"{platform.simulate_gpus} consumer(s) with a simulated GPU of "
             f"{platform.simulated_gpu_memory_mb} MiB"
         )
-    return ", ".join(parts)
+    described = ", ".join(parts)
+    if platform.container_runtime is not None:
+        described += f" running models on {platform.container_runtime}"
+    return described
 
 
 def _count(text: str) -> int:
@@ -177,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="whether GPU consumers also take CPU tasks (default: the consumer's IS_TAKE_CPU_TASKS)",
+    )
+    standalone.add_argument(
+        "--runtime",
+        choices=CONTAINER_RUNTIMES,
+        help="the engine every consumer runs model containers on (IS_CONTAINER_RUNTIME; "
+        "default: the consumer's, docker). podman needs no Docker daemon",
     )
     standalone.add_argument(
         "--register-examples",

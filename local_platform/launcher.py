@@ -41,6 +41,8 @@ _NOT_FOR_PUBLIC_API_ENV: tuple[str, ...] = (*_PRIVATE_API_ONLY_ENV, "IS_RABBITMQ
 # (a CPU consumer must not pick up a GPU index exported in the operator's shell).
 _CONSUMER_IDENTITY_ENV: tuple[str, ...] = ("IS_GPU", "IS_SIMULATE_GPU_MEMORY_MB", "IS_CONSUMER_ID")
 DEFAULT_SIMULATED_GPU_MEMORY_MB = 24576
+# The engines a consumer can run model containers on (job_consumer reads IS_CONTAINER_RUNTIME).
+CONTAINER_RUNTIMES: tuple[str, ...] = ("docker", "podman")
 
 
 def _env_value(value: bool | int | float | str) -> str:
@@ -118,6 +120,9 @@ class LocalPlatform:
     # Whether the GPU consumers also take CPU tasks, the operator's choice (None: the consumer's
     # default). CPU consumers always take them: they take nothing else.
     gpu_consumers_take_cpu_tasks: bool | None = None
+    # The engine every consumer runs model containers on, one of CONTAINER_RUNTIMES (None: the
+    # consumer's default, or IS_CONTAINER_RUNTIME from the launcher's environment).
+    container_runtime: str | None = None
     scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
     private_port: int | None = None
     host: str = "127.0.0.1"
@@ -125,6 +130,9 @@ class LocalPlatform:
     queue_name: str | None = None
     database_url: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Set in the consumers' environment only, last, over everything else (e.g. DOCKER_HOST
+    # pointing nowhere, to prove a Podman consumer needs no Docker engine).
+    consumer_extra_env: dict[str, str] = field(default_factory=dict)
     python: str = sys.executable
     # Standalone use: create an operator key in <data_dir>/operator.key on start if none is there.
     create_operator_key: bool = False
@@ -135,6 +143,10 @@ class LocalPlatform:
     operator_key_created: str | None = None
 
     def __post_init__(self) -> None:
+        if self.container_runtime is not None and self.container_runtime not in CONTAINER_RUNTIMES:
+            raise ValueError(
+                f"container runtime {self.container_runtime!r} is not one of {', '.join(CONTAINER_RUNTIMES)}"
+            )
         self.data_dir = self.data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.private_port is None:
@@ -276,7 +288,8 @@ class LocalPlatform:
         ]
 
     def consumer_env(self, spec: ConsumerSpec) -> dict[str, str]:
-        """A consumer's environment: the platform's, its capacity, and its own GPU if it has one."""
+        """A consumer's environment: the platform's, its capacity, its container runtime, its own
+        GPU if it has one, and consumer_extra_env over all of them."""
         env = self.service_env("job_consumer")
         for name in _CONSUMER_IDENTITY_ENV:
             env.pop(name, None)
@@ -287,6 +300,9 @@ class LocalPlatform:
                 env["IS_TAKE_CPU_TASKS"] = _env_value(self.gpu_consumers_take_cpu_tasks)
         if spec.simulated_gpu_memory_mb is not None:
             env["IS_SIMULATE_GPU_MEMORY_MB"] = str(spec.simulated_gpu_memory_mb)
+        if self.container_runtime is not None:
+            env["IS_CONTAINER_RUNTIME"] = self.container_runtime
+        env.update(self.consumer_extra_env)
         return env
 
     def start_consumer_spec(self, spec: ConsumerSpec) -> ServiceProcess:

@@ -167,14 +167,90 @@ def test_capacity_goes_to_every_consumer_and_scheduling_to_the_private_api_only(
     assert not scheduling.keys() & platform.service_env("public_api").keys()
 
 
-def test_a_started_consumer_gets_its_id_and_gpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime", ["docker", "podman"])
+def test_runtime_flag_goes_to_every_consumer_and_to_no_other_service(tmp_path: Path, runtime: str) -> None:
+    platform = platform_of(tmp_path, "--runtime", runtime, "--simulate-gpus", "1")
+    assert platform.container_runtime == runtime
+    specs = platform.consumer_specs()
+    assert len(specs) == 2  # the CPU consumer and the simulated GPU one
+    for spec in specs:
+        assert platform.consumer_env(spec)["IS_CONTAINER_RUNTIME"] == runtime
+    for module in ("private_api", "public_api"):
+        assert "IS_CONTAINER_RUNTIME" not in platform.service_env(module)
+
+
+def test_without_the_runtime_flag_consumers_keep_their_own_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("IS_CONTAINER_RUNTIME", raising=False)
+    platform = platform_of(tmp_path)
+    assert platform.container_runtime is None
+    (spec,) = platform.consumer_specs()
+    assert "IS_CONTAINER_RUNTIME" not in platform.consumer_env(spec)
+    # The operator's exported choice reaches the consumers; the flag wins over it.
+    monkeypatch.setenv("IS_CONTAINER_RUNTIME", "podman")
+    assert platform.consumer_env(spec)["IS_CONTAINER_RUNTIME"] == "podman"
+    flagged = platform_of(tmp_path, "--runtime", "docker")
+    assert flagged.consumer_env(flagged.consumer_specs()[0])["IS_CONTAINER_RUNTIME"] == "docker"
+
+
+def test_an_unknown_runtime_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args(["standalone", "--runtime", "apptainer"])
+    assert refused.value.code == 2
+    assert "--runtime" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="'singularity' is not one of docker, podman"):
+        LocalPlatform(data_dir=tmp_path / "data", public_port=1, container_runtime="singularity")
+
+
+def test_consumer_extra_env_reaches_the_consumers_only_and_over_everything(tmp_path: Path) -> None:
+    platform = LocalPlatform(
+        data_dir=tmp_path / "data",
+        public_port=1,
+        container_runtime="podman",
+        extra_env={"DOCKER_HOST": "unix:///var/run/docker.sock"},
+        consumer_extra_env={"DOCKER_HOST": "unix:///nonexistent.sock", "IS_CONTAINER_RUNTIME": "docker"},
+    )
+    (spec,) = platform.consumer_specs()
+    env = platform.consumer_env(spec)
+    assert env["DOCKER_HOST"] == "unix:///nonexistent.sock"
+    assert env["IS_CONTAINER_RUNTIME"] == "docker"  # applied last: a test may override anything
+    assert platform.service_env("private_api")["DOCKER_HOST"] == "unix:///var/run/docker.sock"
+
+
+def test_make_run_passes_runtime_only_when_asked(tmp_path: Path) -> None:
+    """`make run RUNTIME=podman` adds --runtime podman; plain `make run` is unchanged."""
+    root = Path(__file__).resolve().parents[2]
+
+    def run_command(*variables: str) -> str:
+        # -n prints the recipe without running it; setup is a prerequisite, so name run alone
+        # with -o setup (treat it as up to date).
+        completed = subprocess.run(
+            ["make", "-n", "-o", "setup", "run", *variables],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return completed.stdout
+
+    assert "--runtime" not in run_command()
+    assert "--runtime podman" in run_command("RUNTIME=podman")
+
+
+def test_a_started_consumer_gets_its_id_gpu_and_runtime(tmp_path: Path) -> None:
     """What the consumer process really receives: a stand-in interpreter records it."""
     record = tmp_path / "record"
     stand_in = tmp_path / "python"
     stand_in.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}.args\nenv > {record}.env\n')
     stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
     platform = LocalPlatform(
-        data_dir=tmp_path / "data", public_port=1, python=str(stand_in), simulated_gpu_memory_mb=8000
+        data_dir=tmp_path / "data",
+        public_port=1,
+        python=str(stand_in),
+        simulated_gpu_memory_mb=8000,
+        container_runtime="podman",
     )
     spec = platform.gpu_consumer_spec("1", simulated_gpu_memory_mb=8000)
     process = platform.start_consumer_spec(spec)
@@ -183,6 +259,7 @@ def test_a_started_consumer_gets_its_id_and_gpu(tmp_path: Path) -> None:
     assert argv == ["-m", "job_consumer", "--consumer-id", spec.consumer_id]
     env = dict(line.split("=", 1) for line in Path(f"{record}.env").read_text().splitlines() if "=" in line)
     assert env["IS_GPU"] == "1" and env["IS_SIMULATE_GPU_MEMORY_MB"] == "8000"
+    assert env["IS_CONTAINER_RUNTIME"] == "podman"
     assert env["IS_SERVICE_TOKEN"] == platform.consumer_token  # its own token, not the full-access one
     assert platform.consumer_process(spec.consumer_id) is process
     assert platform.processes[spec.name] is process
