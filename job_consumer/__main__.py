@@ -1,4 +1,5 @@
-"""`python -m job_consumer [--gpu ID] [--simulate-gpu-memory-mb M] [--consumer-id NAME] [--max-tasks N]`."""
+"""`python -m job_consumer [--runtime docker|podman] [--gpu ID] [--simulate-gpu-memory-mb M]
+[--consumer-id NAME] [--max-tasks N]`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from inference_server.settings import refuse_to_start
 from job_consumer.capacity_probe import CapacityProbeError
 from job_consumer.config import ConsumerSettings
 from job_consumer.consumer import Consumer, ConsumerConfigError
+from job_consumer.container_runtime import RUNTIME_NAMES, ContainerRuntimeError
 
 log = logging.getLogger("job_consumer")
 
@@ -24,7 +26,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m job_consumer",
         description=(
-            "Run inference tasks from RabbitMQ in Docker containers, several at once while their "
+            "Run inference tasks from RabbitMQ in Docker or Podman containers, several at once while their "
             "declared needs fit this consumer's GPU, CPUs and memory."
         ),
     )
@@ -34,6 +36,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         metavar="M",
         help="own a simulated GPU of M MiB instead of a real one (overrides IS_SIMULATE_GPU_MEMORY_MB)",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIME_NAMES,
+        help="container engine its tasks run on (overrides IS_CONTAINER_RUNTIME; default docker)",
     )
     parser.add_argument("--consumer-id", help="stable name of this consumer (overrides IS_CONSUMER_ID)")
     parser.add_argument(
@@ -58,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["gpu"] = args.gpu
     if args.simulate_gpu_memory_mb is not None:
         overrides["simulate_gpu_memory_mb"] = str(args.simulate_gpu_memory_mb)
+    if args.runtime is not None:
+        overrides["container_runtime"] = args.runtime
     if args.consumer_id is not None:
         overrides["consumer_id"] = args.consumer_id
     try:
@@ -70,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except CapacityProbeError as exc:
         log.error("refusing to start: %s", exc)
         return 2
-    except docker.errors.DockerException as exc:
-        log.error("cannot reach the Docker engine: %s", exc)
+    except (docker.errors.DockerException, ContainerRuntimeError) as exc:
+        log.error("cannot reach the %s engine: %s", settings.container_runtime, exc)
         return 2
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

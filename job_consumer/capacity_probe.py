@@ -33,7 +33,7 @@ def probe_capacity(settings: ConsumerSettings) -> ConsumerRegistration:
     takes_cpu_tasks = settings.take_cpu_tasks if settings.take_cpu_tasks is not None else not gpus
     return ConsumerRegistration(
         host=socket.gethostname()[:255] or "unknown",
-        runtime="docker",
+        runtime=settings.container_runtime,
         version=package_version(),
         gpus=gpus,
         cpus=settings.capacity_cpus or usable_cpus(),

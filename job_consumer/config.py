@@ -11,6 +11,7 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, fie
 
 from inference_server.contract import CONSUMER_ID_RE
 from inference_server.settings import BrokerSettings, ZipLimitSettings
+from job_consumer.container_runtime import RuntimeName
 
 
 def _default_consumer_id(gpu: str | None) -> str:
@@ -40,6 +41,11 @@ class ConsumerSettings(BrokerSettings, ZipLimitSettings):
     # How long a queue is left alone after it delivered a task this consumer can never run.
     unfit_queue_pause_s: PositiveFloat = 30.0
     consumer_id: str = ""
+    # The engine its tasks' containers run on (job_consumer/container_runtime.py).
+    container_runtime: RuntimeName = "docker"
+    # An operator-run Podman service (unix:///run/podman/podman.sock); unset: the consumer starts
+    # its own on a private socket in its work dir and stops it at exit.
+    podman_url: str | None = None
     data_dir: Path = Path("./data")
     work_dir: Path | None = None
 
@@ -76,6 +82,7 @@ class ConsumerSettings(BrokerSettings, ZipLimitSettings):
         "capacity_cpus",
         "capacity_memory_mb",
         "take_cpu_tasks",
+        "podman_url",
         mode="before",
     )
     @classmethod

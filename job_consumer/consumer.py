@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import docker
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
@@ -49,6 +48,7 @@ from inference_server.contract import (
 from job_consumer.active_task import ActiveTask, StopReason
 from job_consumer.capacity_probe import probe_capacity
 from job_consumer.config import ConsumerSettings
+from job_consumer.container_runtime import ContainerRuntime, runtime_named
 from job_consumer.housekeeping import Housekeeper
 from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable
 from job_consumer.registry_presence import RegistryPresence
@@ -120,7 +120,7 @@ class Consumer:
         settings: ConsumerSettings,
         *,
         max_tasks: int | None = None,
-        docker_client: docker.DockerClient | None = None,
+        runtime: ContainerRuntime | None = None,
         api: PrivateApiClient | None = None,
         registration: ConsumerRegistration | None = None,
     ) -> None:
@@ -133,9 +133,14 @@ class Consumer:
         self.capacity = Capacity.of_registration(self.registration)
         self._owns_api = api is None
         self.api = api or PrivateApiClient.from_settings(settings)
-        self._owns_docker = docker_client is None
-        self.docker = docker_client or docker.from_env()
-        self.runner = ModelRunner(self.docker, settings, remove_in_background=True)
+        # A runtime handed in is the caller's to stop; one made here (a Podman service it may
+        # start) is stopped when run() ends.
+        self._owns_runtime = runtime is None
+        self.runtime = runtime or runtime_named(
+            settings.container_runtime, podman_url=settings.podman_url, work_dir=self.work_dir
+        )
+        self.runtime.start()
+        self.runner = ModelRunner(self.runtime, settings, remove_in_background=True)
         self.models = ModelCache(self.work_dir, settings.consumer_id, settings.input_zip_limits)
         self.executor = TaskExecutor(
             settings,
@@ -254,8 +259,8 @@ class Consumer:
             self.runner.close()
             if self._owns_api:
                 self.api.close()
-            if self._owns_docker:
-                self.docker.close()
+            if self._owns_runtime:
+                self.runtime.stop()
         log.info("consumer %s stopped after %d task(s)", self.settings.consumer_id, self.tasks_run)
         if self._fatal is not None:
             raise self._fatal

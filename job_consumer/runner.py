@@ -16,7 +16,7 @@ import docker
 import docker.errors
 import requests
 from docker.models.containers import Container
-from docker.types import DeviceRequest, LogConfig
+from docker.types import LogConfig
 from pydantic import ConfigDict
 
 from inference_server.contract import (
@@ -28,6 +28,7 @@ from inference_server.contract import (
 )
 from inference_server.file_trees import directory_size
 from job_consumer.config import ConsumerSettings
+from job_consumer.container_runtime import ContainerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +126,13 @@ class ModelRunner:
 
     def __init__(
         self,
-        docker_client: docker.DockerClient,
+        runtime: ContainerRuntime,
         settings: ConsumerSettings,
         *,
         remove_in_background: bool = False,
     ) -> None:
-        self.docker = docker_client
+        self.runtime = runtime
+        self.docker = runtime.client
         self.settings = settings
         self._host_cpus: float | None = None
         # Removing a container takes tens of milliseconds the task's answer need not wait for;
@@ -167,14 +169,7 @@ class ModelRunner:
     def image_id(self, container_tag: str) -> str | None:
         """The ID of the image the tag names now; None when the engine has no such image or
         cannot say (the run by tag then reports what is wrong)."""
-        try:
-            image_id = self.docker.images.get(container_tag).id
-        except docker.errors.ImageNotFound:
-            return None
-        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            log.warning("could not inspect image %r: %s", container_tag, exc)
-            return None
-        return str(image_id) if image_id else None
+        return self.runtime.image_id(container_tag)
 
     def container_options(
         self,
@@ -220,6 +215,7 @@ class ModelRunner:
             # outside every limit, so it is for models an operator registered that way.
             "read_only": not limits.writable_rootfs,
             "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={limits.tmp_mb}m"},
+            **self.runtime.container_options(),
         }
         if not limits.allow_network:
             options["network_mode"] = "none"
@@ -236,7 +232,7 @@ class ModelRunner:
         if model.use_gpu and gpu is not None:
             options["environment"] = gpu_environment(gpu)
             if not self.settings.simulates_gpu:
-                options["device_requests"] = [DeviceRequest(device_ids=[gpu], capabilities=[["gpu"]])]
+                options |= self.runtime.gpu_options(gpu)
         else:
             # An image may ask the NVIDIA runtime for every GPU itself (CUDA images set
             # NVIDIA_VISIBLE_DEVICES=all); a CPU task gets none of the consumer's.
@@ -290,7 +286,7 @@ class ModelRunner:
                 # No image lookup beforehand: create says so itself, one Docker call fewer per task.
                 raise ModelRunError(
                     f"image {model.container_tag!r} of model {model.human_readable_id!r} is not present "
-                    f"on the Docker engine of consumer {self.settings.consumer_id}",
+                    f"on the {self.runtime.name} engine of consumer {self.settings.consumer_id}",
                     retryable=False,
                 ) from exc
             except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
