@@ -15,11 +15,13 @@ NVIDIA_VISIBLE_DEVICES. It is not packaged for Debian 12, so it is not built her
 from __future__ import annotations
 
 import logging
+import resource
 import shutil
 import subprocess
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,11 +36,13 @@ RuntimeName = Literal["docker", "podman"]
 RUNTIME_NAMES: tuple[RuntimeName, ...] = ("docker", "podman")
 
 # Podman's own default rlimits are refused where the host lacks CAP_SYS_RESOURCE ("error
-# setting rlimit type 7/6"), so every container gets explicit ones; these are Docker's usual.
-PODMAN_ULIMITS = (
-    Ulimit(name="nofile", soft=1048576, hard=1048576),
-    Ulimit(name="nproc", soft=65536, hard=65536),
-)
+# setting rlimit type 7/6"), so every container gets explicit ones, never above what this
+# process may have (raising a hard limit is what needs that capability). The process count is
+# kept well below Podman's own (its service lowers it to 32768 here): it counts per user
+# across the host, and every task runs as the same user; the pids limit bounds each container.
+PODMAN_RLIMITS = {"nofile": (resource.RLIMIT_NOFILE, 1048576), "nproc": (resource.RLIMIT_NPROC, 16384)}
+# What a container killed by SIGKILL exits with (128 + 9).
+SIGKILL_EXIT_CODE = 137
 # A unix socket path longer than this is refused by the kernel (sun_path is 108 bytes).
 MAX_SOCKET_PATH = 100
 PODMAN_START_TIMEOUT_S = 30.0
@@ -74,6 +78,15 @@ class ContainerRuntime(ABC):
     def container_options(self) -> dict[str, Any]:
         """Options every container of this engine needs besides the common ones."""
         return {}
+
+    def read_only_rootfs_tmpfs(self) -> dict[str, str]:
+        """Tmpfs mounts (path: options) a container with a read-only root filesystem needs on
+        this engine besides /tmp, so that /tmp stays the one writable place on both."""
+        return {}
+
+    def oom_killed(self, state: Mapping[str, Any], *, killed_by_consumer: bool) -> bool:
+        """Whether the container whose inspected `State` this is was killed for its memory."""
+        return bool(state.get("OOMKilled"))
 
     def image_id(self, tag: str) -> str | None:
         """The ID of the image `tag` names now; None when the engine has none or cannot say."""
@@ -147,11 +160,10 @@ class PodmanRuntime(ContainerRuntime):
     def start(self) -> None:
         if self._client is not None:
             return
-        url = self.url or self._start_service()
-        client = docker.DockerClient(base_url=url)
-        if self._service is not None:
-            self._wait_until_answering(client)
-        self._client = client
+        if self.url is not None:
+            self._client = docker.DockerClient(base_url=self.url)
+            return
+        self._client = self._connect_when_answering(self._start_service())
 
     def stop(self) -> None:
         if self._client is not None:
@@ -198,22 +210,24 @@ class PodmanRuntime(ContainerRuntime):
             )
         return url
 
-    def _wait_until_answering(self, client: docker.DockerClient) -> None:
-        assert self._service is not None
+    def _connect_when_answering(self, url: str) -> docker.DockerClient:
+        """A client of the service just started, once it answers (the client asks for the
+        engine's API version as it is made, so making one is the probe)."""
         deadline = time.monotonic() + PODMAN_START_TIMEOUT_S
         while True:
+            assert self._service is not None
             if self._service.poll() is not None:
                 said = self._service_log.read_text(errors="replace") if self._service_log else ""
                 self._service = None
+                self.stop()
                 raise ContainerRuntimeError(f"the Podman service exited at start: {said.strip()[-500:]}")
             try:
-                client.ping()
-                return
-            except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+                return docker.DockerClient(base_url=url)
+            except docker.errors.DockerException as exc:
                 if time.monotonic() >= deadline:
                     self.stop()
                     raise ContainerRuntimeError(f"the Podman service did not answer: {exc}") from exc
-            # Polling a socket that is not there yet: there is nothing to wait on instead.
+            # Waiting for a socket to appear: there is nothing to block on instead.
             time.sleep(0.05)
 
     def gpu_options(self, gpu: str) -> dict[str, Any]:
@@ -222,7 +236,30 @@ class PodmanRuntime(ContainerRuntime):
         return {"devices": [f"nvidia.com/gpu={gpu}"]}
 
     def container_options(self) -> dict[str, Any]:
-        return {"ulimits": list(PODMAN_ULIMITS)}
+        return {"ulimits": podman_ulimits()}
+
+    def read_only_rootfs_tmpfs(self) -> dict[str, str]:
+        # With a read-only root Podman mounts writable tmpfs on /run and /var/tmp by itself
+        # (--read-only-tmpfs, which its Docker API cannot turn off); mounting read-only, tiny
+        # ones there instead keeps them as read-only as under Docker.
+        return {path: "ro,nosuid,nodev,size=4k" for path in ("/run", "/var/tmp")}
+
+    def oom_killed(self, state: Mapping[str, Any], *, killed_by_consumer: bool) -> bool:
+        # Podman's conmon does not always see the kernel's OOM kill (it reports OOMKilled false
+        # under cgroup v1 without systemd, as on the project's machines). The OOM killer's
+        # SIGKILL (exit 137) that the consumer did not send is then the memory limit's.
+        if state.get("OOMKilled"):
+            return True
+        return not killed_by_consumer and state.get("ExitCode") == SIGKILL_EXIT_CODE
+
+
+def podman_ulimits() -> list[Ulimit]:
+    ulimits = []
+    for name, (which, usual) in PODMAN_RLIMITS.items():
+        _, hard = resource.getrlimit(which)
+        value = usual if hard == resource.RLIM_INFINITY else min(usual, hard)
+        ulimits.append(Ulimit(name=name, soft=value, hard=value))
+    return ulimits
 
 
 def runtime_named(

@@ -217,6 +217,8 @@ class ModelRunner:
             "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={limits.tmp_mb}m"},
             **self.runtime.container_options(),
         }
+        if options["read_only"]:
+            options["tmpfs"] |= self.runtime.read_only_rootfs_tmpfs()
         if not limits.allow_network:
             options["network_mode"] = "none"
         if not limits.run_as_root:
@@ -302,7 +304,10 @@ class ModelRunner:
                 container, limits, started, should_stop, output_dir
             )
             container.reload()
-            oom_killed = bool(container.attrs.get("State", {}).get("OOMKilled"))
+            oom_killed = self.runtime.oom_killed(
+                container.attrs.get("State", {}),
+                killed_by_consumer=timed_out or cancelled or output_too_large,
+            )
             logs = container.logs(stdout=True, stderr=True).decode("utf-8", errors="replace")
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
             raise ModelRunError(f"lost the model container: {exc}", retryable=True) from exc

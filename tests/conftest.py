@@ -18,7 +18,7 @@ import pytest
 
 from inference_server.contract import TaskQueue
 
-pytest_plugins = ["tests.platform_fixtures"]
+pytest_plugins = ["tests.platform_fixtures", "tests.container_runtimes"]
 
 RABBITMQ_URL = os.environ.get("IS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 POSTGRES_ADMIN_DSN = os.environ.get(

@@ -15,8 +15,9 @@ import pytest
 from inference_server.contract import TaskQueue
 from job_consumer.config import ConsumerSettings
 from job_consumer.consumer import Consumer
+from job_consumer.container_runtime import ContainerRuntime, DockerRuntime, PodmanRuntime
 from job_consumer.runner import LABEL_CONSUMER, ModelRunner
-from tests.images import build_test_images, dockerfile_for
+from tests.images import build_test_images, copy_images_to_podman, dockerfile_for
 from tests.job_consumer.stack import CONSUMER_TOKEN, PrivateApiServer
 
 
@@ -26,10 +27,18 @@ def test_images(docker_client: docker.DockerClient, base_image: str) -> dict[str
 
 
 @pytest.fixture
-def build_image(docker_client: docker.DockerClient, base_image: str) -> Iterator[Callable[[str, str], str]]:
+def build_image(
+    request: pytest.FixtureRequest, docker_client: docker.DockerClient, base_image: str
+) -> Iterator[Callable[[str, str], str]]:
     """Builds a tiny image (tag, command as JSON) from the base image; returns its ID. Every
-    image built is removed afterwards, so give it a tag of the test's own (helpers.unique_tag)."""
+    image built is removed afterwards, so give it a tag of the test's own (helpers.unique_tag).
+    A test on Podman (`container_runtime`) finds it in Podman's store too."""
     built: list[str] = []
+    # Only a test that runs over the runtimes asks for one; the others run on Docker alone.
+    runtime: ContainerRuntime | None = (
+        request.getfixturevalue("container_runtime") if "container_runtime" in request.fixturenames else None
+    )
+    podman = runtime.client if isinstance(runtime, PodmanRuntime) else None
 
     def build(tag: str, command_json: str) -> str:
         image, _ = docker_client.images.build(
@@ -41,12 +50,16 @@ def build_image(docker_client: docker.DockerClient, base_image: str) -> Iterator
             pull=False,
         )
         built.append(str(image.id))
+        if podman is not None:
+            copy_images_to_podman(docker_client, podman, [tag])
         return str(image.id)
 
     yield build
     for image_id in built:
-        with contextlib.suppress(docker.errors.NotFound):
-            docker_client.images.remove(image_id, force=True)
+        for client in (docker_client, podman):
+            if client is not None:
+                with contextlib.suppress(docker.errors.NotFound):
+                    client.images.remove(image_id, force=True)
 
 
 @pytest.fixture
@@ -79,10 +92,10 @@ def settings(make_settings) -> ConsumerSettings:
 
 
 @pytest.fixture
-def runner(docker_client: docker.DockerClient, settings: ConsumerSettings) -> Iterator[ModelRunner]:
-    yield ModelRunner(docker_client, settings)
+def runner(container_runtime: ContainerRuntime, settings: ConsumerSettings) -> Iterator[ModelRunner]:
+    yield ModelRunner(container_runtime, settings)
     # Whatever a test did, it leaves no container of this consumer behind.
-    leftovers = docker_client.containers.list(
+    leftovers = container_runtime.client.containers.list(
         all=True, sparse=True, filters={"label": f"{LABEL_CONSUMER}={settings.consumer_id}"}
     )
     for container in leftovers:
@@ -117,8 +130,20 @@ def private_api(
 
 
 @pytest.fixture
+def consumer_runtime(docker_client: docker.DockerClient) -> ContainerRuntime:
+    """The runtime `make_consumer`'s consumers use: Docker, unless a test module runs over both
+    (test_consumer.py overrides this with `container_runtime`); the scheduling tests are not
+    doubled, as what they check happens above the runtime."""
+    return DockerRuntime(docker_client)
+
+
+@pytest.fixture
 def make_consumer(
-    make_settings, private_api: PrivateApiServer, rabbitmq_url: str, queue_name: str, docker_client
+    make_settings,
+    private_api: PrivateApiServer,
+    rabbitmq_url: str,
+    queue_name: str,
+    consumer_runtime: ContainerRuntime,
 ) -> Iterator[Callable[..., Consumer]]:
     """Consumers wired to the test's private API and queue; their leftovers are checked afterwards."""
     made: list[Consumer] = []
@@ -134,14 +159,15 @@ def make_consumer(
             "report_retry_s": 5,
         }
         values.update(overrides)
-        consumer = Consumer(make_settings(**values), max_tasks=max_tasks, docker_client=docker_client)
+        values.setdefault("container_runtime", consumer_runtime.name)
+        consumer = Consumer(make_settings(**values), max_tasks=max_tasks, runtime=consumer_runtime)
         made.append(consumer)
         return consumer
 
     yield make
     for consumer in made:
         consumer.request_stop(now=True)
-        leftovers = docker_client.containers.list(
+        leftovers = consumer_runtime.client.containers.list(
             all=True, sparse=True, filters={"label": f"{LABEL_CONSUMER}={consumer.settings.consumer_id}"}
         )
         for container in leftovers:

@@ -1,4 +1,5 @@
-"""ModelRunner against the real Docker engine: mounts, sandbox, limits, stop, clean-up."""
+"""ModelRunner against the real engines, Docker and Podman (`container_runtime`): mounts,
+sandbox, limits, stop, clean-up."""
 
 from __future__ import annotations
 
@@ -51,12 +52,12 @@ def run_script(runner: ModelRunner, dirs: Dirs, script: str, task_uid: str | Non
     )
 
 
-def task_containers(docker_client: docker.DockerClient, task_uid: str) -> list:
-    return docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_TASK}={task_uid}"})
+def task_containers(engine: docker.DockerClient, task_uid: str) -> list:
+    return engine.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_TASK}={task_uid}"})
 
 
 @pytest.mark.docker
-def test_nested_input_is_copied_to_output_byte_for_byte(runner, dirs, test_images, docker_client):
+def test_nested_input_is_copied_to_output_byte_for_byte(runner, dirs, test_images, engine):
     files = {
         "top.bin": os.urandom(70_000),
         "a/b/c/deep.dat": os.urandom(1234),
@@ -74,7 +75,7 @@ def test_nested_input_is_copied_to_output_byte_for_byte(runner, dirs, test_image
     for name, data in files.items():
         assert (dirs.output / name).read_bytes() == data
     assert "copied" in result.logs
-    assert task_containers(docker_client, task_uid) == []
+    assert task_containers(engine, task_uid) == []
 
 
 @pytest.mark.docker
@@ -134,18 +135,20 @@ def test_nonzero_exit_reports_code_and_both_streams(runner, dirs, test_images):
 
 
 @pytest.mark.docker
-def test_timeout_kills_the_container_and_says_so(runner, dirs, test_images, docker_client):
+def test_timeout_kills_the_container_and_says_so(runner, dirs, test_images, engine):
     task_uid = uid()
     started = time.monotonic()
     result = run_script(runner, dirs, "echo begun; sleep 120\n", task_uid=task_uid, timeout_s=2)
     elapsed = time.monotonic() - started
 
     assert result.timed_out
+    # Killed by the consumer, not for its memory (Podman's OOM report is inferred from the kill).
+    assert not result.oom_killed
     assert not result.succeeded
     # At least the timeout, and far less than the model's own 120 s; the margin is for a loaded machine.
     assert 2 <= elapsed < 60
     assert "begun" in result.logs
-    assert task_containers(docker_client, task_uid) == []
+    assert task_containers(engine, task_uid) == []
 
 
 @pytest.mark.docker
@@ -158,7 +161,7 @@ def test_out_of_memory_is_reported(runner, dirs, test_images):
 
 
 @pytest.mark.docker
-def test_should_stop_stops_the_container_within_seconds(runner, dirs, test_images, docker_client):
+def test_should_stop_stops_the_container_within_seconds(runner, dirs, test_images, engine):
     task_uid = uid()
     (dirs.model / "run.sh").write_text("echo started; touch /output/started; exec sleep 120\n")
     model = make_model(images.SCRIPT, model_available=True)
@@ -187,11 +190,11 @@ def test_should_stop_stops_the_container_within_seconds(runner, dirs, test_image
     # 120 s, and the margin is for a loaded machine.
     assert stopped_after < 60
     assert "started" in result.logs
-    assert task_containers(docker_client, task_uid) == []
+    assert task_containers(engine, task_uid) == []
 
 
 @pytest.mark.docker
-def test_missing_image_is_a_clear_non_retryable_error(runner, dirs, docker_client):
+def test_missing_image_is_a_clear_non_retryable_error(runner, dirs, engine):
     task_uid = uid()
     model = make_model("inference-server/no-such-image:never")
     with pytest.raises(ModelRunError) as caught:
@@ -199,18 +202,18 @@ def test_missing_image_is_a_clear_non_retryable_error(runner, dirs, docker_clien
     assert "inference-server/no-such-image:never" in str(caught.value)
     assert "not present" in str(caught.value)
     assert caught.value.retryable is False
-    assert task_containers(docker_client, task_uid) == []
+    assert task_containers(engine, task_uid) == []
 
 
 @pytest.mark.docker
-def test_containers_carry_the_labels_a_reaper_needs(runner, dirs, test_images, docker_client, settings):
+def test_containers_carry_the_labels_a_reaper_needs(runner, dirs, test_images, engine, settings):
     task_uid = uid()
     seen: dict = {}
 
     def should_stop() -> bool:
         # Polled while the container waits for the go file: look at it, then let it finish.
         if not seen:
-            found = task_containers(docker_client, task_uid)
+            found = task_containers(engine, task_uid)
             if found:
                 seen.update(found[0].attrs["Labels"])
                 (dirs.output / "go").write_text("go")
@@ -229,25 +232,22 @@ def test_containers_carry_the_labels_a_reaper_needs(runner, dirs, test_images, d
     assert seen[LABEL_MANAGED] == "true"
     assert seen[LABEL_CONSUMER] == settings.consumer_id
     assert seen[LABEL_TASK] == task_uid
-    assert task_containers(docker_client, task_uid) == []
+    assert task_containers(engine, task_uid) == []
 
 
 @pytest.mark.docker
-def test_remove_leftovers_removes_only_this_consumers_containers(
-    runner, docker_client, test_images, settings
-):
+def test_remove_leftovers_removes_only_this_consumers_containers(runner, engine, test_images, settings):
     mine_old = runner.labels_for("leftovertask0000001")
     mine_current = runner.labels_for("leftovertask0000002")
     other = {**runner.labels_for("leftovertask0000003"), LABEL_CONSUMER: f"{settings.consumer_id}-other"}
     created = [
-        docker_client.containers.create(images.SLEEP, labels=labels, network_mode="none")
+        engine.containers.create(images.SLEEP, labels=labels, network_mode="none")
         for labels in (mine_old, mine_current, other)
     ]
     try:
         removed = runner.remove_leftovers(keep_task_uids={"leftovertask0000002"})
         remaining = {
-            c.id
-            for c in docker_client.containers.list(all=True, sparse=True, filters={"label": LABEL_MANAGED})
+            c.id for c in engine.containers.list(all=True, sparse=True, filters={"label": LABEL_MANAGED})
         }
         assert removed == 1
         assert created[0].id not in remaining
@@ -259,9 +259,9 @@ def test_remove_leftovers_removes_only_this_consumers_containers(
                 container.remove(force=True)
 
 
-def test_gpu_is_requested_only_for_gpu_models_on_gpu_consumers(docker_client, make_settings, dirs):
+def test_gpu_is_requested_only_for_gpu_models_on_gpu_consumers(container_runtime, make_settings, dirs):
     def options(gpu: str | None, use_gpu: bool) -> dict:
-        runner = ModelRunner(docker_client, make_settings(gpu=gpu))
+        runner = ModelRunner(container_runtime, make_settings(gpu=gpu))
         return runner.container_options(
             task_uid=uid(),
             model=make_model(images.SCRIPT, use_gpu=use_gpu),
@@ -271,19 +271,19 @@ def test_gpu_is_requested_only_for_gpu_models_on_gpu_consumers(docker_client, ma
         )
 
     with_gpu = options("1", True)
-    assert len(with_gpu["device_requests"]) == 1
-    assert with_gpu["device_requests"][0]["DeviceIDs"] == ["1"]
-    assert with_gpu["device_requests"][0]["Capabilities"] == [["gpu"]]
+    # How each runtime names the GPU (a DeviceRequest, a CDI device) is test_container_runtime.py's.
+    gpu_options = container_runtime.gpu_options("1")
+    assert gpu_options and {name: with_gpu[name] for name in gpu_options} == gpu_options
     assert with_gpu["environment"] == {"NVIDIA_VISIBLE_DEVICES": "1", "CUDA_VISIBLE_DEVICES": "0"}
     assert "/model" not in {v["bind"] for v in with_gpu["volumes"].values()}
     # A CPU task on a GPU consumer gets no GPU, even from an image that asks the runtime for all.
     cpu_task = options("1", False)
-    assert "device_requests" not in cpu_task
+    assert "device_requests" not in cpu_task and "devices" not in cpu_task
     assert cpu_task["environment"] == {"NVIDIA_VISIBLE_DEVICES": "void"}
 
 
-def test_a_gpu_task_never_runs_on_a_consumer_without_a_gpu(docker_client, make_settings, dirs):
-    runner = ModelRunner(docker_client, make_settings(gpu=None))
+def test_a_gpu_task_never_runs_on_a_consumer_without_a_gpu(container_runtime, make_settings, dirs):
+    runner = ModelRunner(container_runtime, make_settings(gpu=None))
     with pytest.raises(ModelRunError, match="needs a GPU") as caught:
         runner.container_options(
             task_uid=uid(),
@@ -297,17 +297,17 @@ def test_a_gpu_task_never_runs_on_a_consumer_without_a_gpu(docker_client, make_s
 
 @pytest.mark.docker
 def test_a_simulated_gpu_gives_the_gpu_environment_and_no_device(
-    docker_client, make_settings, dirs, test_images
+    container_runtime, engine, make_settings, dirs, test_images
 ):
     settings = make_settings(gpu="3", simulate_gpu_memory_mb=24576)
-    runner = ModelRunner(docker_client, settings)
+    runner = ModelRunner(container_runtime, settings)
     task_uid = uid()
     inspected: dict = {}
 
     def should_stop() -> bool:
         # Polled while the container waits for the go file: inspect it, then let it finish.
         if not inspected:
-            found = task_containers(docker_client, task_uid)
+            found = task_containers(engine, task_uid)
             if found:
                 found[0].reload()
                 inspected.update(found[0].attrs)
@@ -330,11 +330,12 @@ def test_a_simulated_gpu_gives_the_gpu_environment_and_no_device(
     assert result.exit_code == 0, result.logs
     assert (dirs.output / "gpu.txt").read_text() == "0/3\n"
     assert not inspected["HostConfig"].get("DeviceRequests")
+    assert not inspected["HostConfig"].get("Devices")
     assert {"CUDA_VISIBLE_DEVICES=0", "NVIDIA_VISIBLE_DEVICES=3"} <= set(inspected["Config"]["Env"])
 
 
-def test_container_options_mount_identical_absolute_host_paths(docker_client, settings, dirs):
-    runner = ModelRunner(docker_client, settings)
+def test_container_options_mount_identical_absolute_host_paths(container_runtime, engine, settings, dirs):
+    runner = ModelRunner(container_runtime, settings)
     opts = runner.container_options(
         task_uid=uid(),
         model=make_model(images.SCRIPT, cpus=64, memory_mb=100, pids=50),
@@ -354,10 +355,12 @@ def test_container_options_mount_identical_absolute_host_paths(docker_client, se
     assert opts["mem_limit"] == "100m" and opts["memswap_limit"] == "100m"
     assert opts["pids_limit"] == 50
     # 64 CPUs asked for, but never more than the engine has.
-    assert opts["nano_cpus"] == int(min(64, docker_client.info()["NCPU"]) * 1e9)
+    assert opts["nano_cpus"] == int(min(64, engine.info()["NCPU"]) * 1e9)
     # Read-only root filesystem, a /tmp of the consumer's default size.
     assert opts["read_only"] is True
-    assert opts["tmpfs"] == {"/tmp": f"rw,nosuid,nodev,size={settings.default_tmp_mb}m"}
+    assert opts["tmpfs"]["/tmp"] == f"rw,nosuid,nodev,size={settings.default_tmp_mb}m"
+    # Whatever else a read-only root needs on the engine is read-only (checked by running it below).
+    assert all(mount.startswith("ro,") for path, mount in opts["tmpfs"].items() if path != "/tmp")
     loosened = runner.container_options(
         task_uid=uid(),
         model=make_model(images.SCRIPT, writable_rootfs=True, tmp_mb=7),
@@ -407,9 +410,9 @@ def test_writable_rootfs_is_an_operators_choice_per_model(runner, dirs, test_ima
 
 @pytest.mark.docker
 def test_background_removal_answers_first_and_close_waits_for_the_removal(
-    docker_client, settings, dirs, test_images
+    container_runtime, engine, settings, dirs, test_images
 ):
-    runner = ModelRunner(docker_client, settings, remove_in_background=True)
+    runner = ModelRunner(container_runtime, settings, remove_in_background=True)
     task_uid = uid()
     try:
         result = run_script(runner, dirs, "echo done > /output/out.txt\n", task_uid=task_uid)
@@ -418,16 +421,18 @@ def test_background_removal_answers_first_and_close_waits_for_the_removal(
     finally:
         runner.close()
     # close() returns only once every container handed over for removal is gone.
-    assert task_containers(docker_client, task_uid) == []
+    assert task_containers(engine, task_uid) == []
     # After close, removal happens in the caller's thread: still nothing is left behind.
     after_uid = uid()
     assert run_script(runner, dirs, "true\n", task_uid=after_uid).succeeded
-    assert task_containers(docker_client, after_uid) == []
+    assert task_containers(engine, after_uid) == []
 
 
 @pytest.mark.docker
-def test_a_model_filling_output_past_the_limit_is_killed(docker_client, make_settings, dirs, test_images):
-    runner = ModelRunner(docker_client, make_settings(max_output_bytes=3 * 1024 * 1024))
+def test_a_model_filling_output_past_the_limit_is_killed(
+    container_runtime, engine, make_settings, dirs, test_images
+):
+    runner = ModelRunner(container_runtime, make_settings(max_output_bytes=3 * 1024 * 1024))
     task_uid = uid()
     # About 10 MB/s, without end: only the output limit stops it (the timeout is 60 s).
     script = "while true; do head -c 1048576 /dev/zero >> /output/big.bin; sleep 0.1; done\n"
@@ -439,7 +444,7 @@ def test_a_model_filling_output_past_the_limit_is_killed(docker_client, make_set
     assert result.exit_code == 137
     # Stopped at the first check past the limit: far below what an unchecked minute would write.
     assert (dirs.output / "big.bin").stat().st_size < 40 * 1024 * 1024
-    assert task_containers(docker_client, task_uid) == []
+    assert task_containers(engine, task_uid) == []
 
 
 def test_directory_size_counts_files_not_links_and_stops_early(tmp_path):

@@ -10,6 +10,7 @@ import docker
 import pytest
 
 from job_consumer.config import ConsumerSettings
+from job_consumer.container_runtime import DockerRuntime
 from job_consumer.runner import LABEL_CONSUMER, ModelRunner
 from models_examples.catalog import BuiltImage, build_example_images
 
@@ -32,7 +33,7 @@ def example_runner(
         default_memory_mb=1024,
         default_cpus=1,
     )
-    yield ModelRunner(docker_client, settings)
+    yield ModelRunner(DockerRuntime(docker_client), settings)
     leftovers = docker_client.containers.list(
         all=True, sparse=True, filters={"label": f"{LABEL_CONSUMER}={settings.consumer_id}"}
     )
