@@ -134,6 +134,9 @@ class LocalPlatform:
     # pointing nowhere, to prove a Podman consumer needs no Docker engine).
     consumer_extra_env: dict[str, str] = field(default_factory=dict)
     python: str = sys.executable
+    # The command consumers are started with, before `-m job_consumer` (None: [python]); e.g. a
+    # `setpriv` prefix and an interpreter that user may run, for a consumer as another user.
+    consumer_interpreter: list[str] | None = None
     # Standalone use: create an operator key in <data_dir>/operator.key on start if none is there.
     create_operator_key: bool = False
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
@@ -308,7 +311,13 @@ class LocalPlatform:
     def start_consumer_spec(self, spec: ConsumerSpec) -> ServiceProcess:
         process = ServiceProcess(
             name=spec.name,
-            argv=[self.python, "-m", "job_consumer", "--consumer-id", spec.consumer_id],
+            argv=[
+                *(self.consumer_interpreter or [self.python]),
+                "-m",
+                "job_consumer",
+                "--consumer-id",
+                spec.consumer_id,
+            ],
             env=self.consumer_env(spec),
             log_path=self.data_dir / "logs" / f"{spec.name}.log",
         )
