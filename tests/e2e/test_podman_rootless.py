@@ -8,10 +8,12 @@ root as usual.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -67,7 +69,7 @@ def has_subordinate_ids(user: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def rootless_user() -> pwd.struct_passwd:
+def rootless_user() -> Iterator[pwd.struct_passwd]:
     if shutil.which("podman") is None:
         pytest.fail("podman is not installed: scripts/setup.sh installs it")
     if os.geteuid() != 0:
@@ -88,7 +90,13 @@ def rootless_user() -> pwd.struct_passwd:
     runtime_dir.mkdir(parents=True, exist_ok=True)
     os.chown(runtime_dir, entry.pw_uid, entry.pw_gid)
     runtime_dir.chmod(0o700)
-    return entry
+    yield entry
+    # Rootless Podman leaves a pause process holding the user's namespace for its next call;
+    # nothing of the tests should outlive them.
+    pause_pid_file = runtime_dir / "libpod" / "tmp" / "pause.pid"
+    if pause_pid_file.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pause_pid_file.read_text().strip()), signal.SIGTERM)
 
 
 @pytest.fixture(scope="session")
