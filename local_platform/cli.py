@@ -111,7 +111,12 @@ def _cmd_standalone(args: argparse.Namespace) -> int:
     platform.start()
     try:
         if args.register_examples:
-            registered = register_examples(platform.private_url, platform.service_token)
+            registered = register_examples(
+                platform.private_url,
+                platform.service_token,
+                # Without --runtime the consumers take IS_CONTAINER_RUNTIME from this environment.
+                platform.container_runtime or os.environ.get("IS_CONTAINER_RUNTIME"),
+            )
             print(f"example models ready: {', '.join(registered)}")
         print(
             f"InferenceServer is up at {platform.public_url} (API docs: {platform.public_url}/docs); "

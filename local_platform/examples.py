@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -56,12 +57,59 @@ def register_model(private_url: str, service_token: str, example: ExampleModel) 
     return True
 
 
-def register_examples(private_url: str, service_token: str) -> list[str]:
-    """Build every example image from the local base image and register the models."""
+class PodmanCopyError(RuntimeError):
+    """Images could not be copied from Docker's store into Podman's."""
+
+
+def podman_image_id(tag: str, podman: str = "podman") -> str | None:
+    """The ID of the image `tag` names in the Podman store of this user; None when it has none."""
+    completed = subprocess.run(
+        [podman, "image", "inspect", "--format", "{{.Id}}", tag],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if completed.returncode != 0:
+        return None
+    return completed.stdout.strip() or None
+
+
+def copy_images_to_podman(
+    docker_client: docker.DockerClient, tags: list[str], podman: str = "podman"
+) -> list[str]:
+    """Make Podman's store hold what Docker's holds under `tags` (`docker save | podman load`),
+    copying only the tags whose image differs there; returns those copied. Both engines give an
+    image the same ID (its configuration's digest), which is what is compared."""
+    stale = []
+    for tag in tags:
+        docker_id = docker_client.images.get(tag).id or ""
+        if podman_image_id(tag, podman) != docker_id.removeprefix("sha256:"):
+            stale.append(tag)
+    if not stale:
+        return []
+    # One archive for all of them: the layers they share (the base image's) travel once.
+    save = subprocess.Popen(["docker", "save", *stale], stdout=subprocess.PIPE)
+    assert save.stdout is not None
+    load = subprocess.run([podman, "load"], stdin=save.stdout, capture_output=True, check=False)
+    save.stdout.close()
+    if save.wait() != 0 or load.returncode != 0:
+        said = load.stderr.decode(errors="replace").strip()[-500:]
+        raise PodmanCopyError(f"could not copy {', '.join(stale)} into Podman's store: {said}")
+    return stale
+
+
+def register_examples(
+    private_url: str, service_token: str, container_runtime: str | None = None
+) -> list[str]:
+    """Build every example image from the local base image and register the models. For
+    consumers on Podman the images are copied into its store too (they are built by Docker)."""
     base_image = os.environ.get("IS_BASE_IMAGE", DEFAULT_BASE_IMAGE)
     client = docker.from_env()
     try:
         build_example_images(client, base_image)
+        if container_runtime == "podman":
+            copy_images_to_podman(client, [example.container_tag for example in EXAMPLES])
     finally:
         client.close()
     for example in EXAMPLES:
