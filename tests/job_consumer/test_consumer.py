@@ -1,4 +1,5 @@
-"""The consumer loop against a real private API (in-process), real RabbitMQ and real Docker."""
+"""The consumer loop against a real private API (in-process), real RabbitMQ and each real
+container engine (Docker and Podman, `container_runtime`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from inference_server.contract import TaskPublic, TaskStatus
 from job_consumer.consumer import Consumer, ConsumerConfigError
+from job_consumer.container_runtime import ContainerRuntime
 from job_consumer.runner import LABEL_CONSUMER, LABEL_MANAGED, LABEL_TASK
 from job_consumer.workspace import MODELS_DIR, OWNER_FILE, TEMP_PREFIX
 from tests import images
@@ -21,6 +23,13 @@ from tests.job_consumer.helpers import ConsumerThread
 from tests.job_consumer.stack import consumers_on, make_zip, publish_uid, queue_depth
 
 pytestmark = pytest.mark.docker
+
+
+@pytest.fixture
+def consumer_runtime(container_runtime: ContainerRuntime) -> ContainerRuntime:
+    """Every consumer of this module runs over both runtimes."""
+    return container_runtime
+
 
 COPY_SCRIPT = b'cp -R /input/. /output/ && echo "copied $(find /output -type f | wc -l) file(s)"\n'
 # Waits until the test drops /output/go (the test sees the host side of /output), then finishes.
@@ -34,15 +43,13 @@ def hrid(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
-def running_container(docker_client, uid: str):
-    found = docker_client.containers.list(
-        sparse=True, filters={"label": f"{LABEL_TASK}={uid}", "status": "running"}
-    )
+def running_container(engine, uid: str):
+    found = engine.containers.list(sparse=True, filters={"label": f"{LABEL_TASK}={uid}", "status": "running"})
     return found[0] if found else None
 
 
-def task_containers(docker_client, uid: str) -> list:
-    return docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_TASK}={uid}"})
+def task_containers(engine, uid: str) -> list:
+    return engine.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_TASK}={uid}"})
 
 
 def task_folders(work_dir: Path, uid: str) -> list[Path]:
@@ -51,7 +58,7 @@ def task_folders(work_dir: Path, uid: str) -> list[Path]:
 
 
 def test_runs_a_task_uploads_output_and_logs_and_acks(
-    private_api, make_consumer, test_images, rabbitmq_url, cpu_queue, docker_client
+    private_api, make_consumer, test_images, rabbitmq_url, cpu_queue, engine
 ):
     model_id = hrid("copy")
     model = private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": COPY_SCRIPT}))
@@ -75,7 +82,7 @@ def test_runs_a_task_uploads_output_and_logs_and_acks(
     work_dir = consumer.settings.resolved_work_dir
     assert task_folders(work_dir, task.uid) == []
     assert (work_dir / MODELS_DIR / model.model_zip_sha256 / "run.sh").read_bytes() == COPY_SCRIPT
-    assert task_containers(docker_client, task.uid) == []
+    assert task_containers(engine, task.uid) == []
 
 
 def assert_run_times_within_the_attempt(task: TaskPublic) -> None:
@@ -218,30 +225,30 @@ def test_a_task_that_cannot_be_claimed_is_acked_and_skipped(
     assert queue_depth(rabbitmq_url, cpu_queue) == 0
 
 
-def test_cancel_through_the_api_stops_the_container(private_api, make_consumer, test_images, docker_client):
+def test_cancel_through_the_api_stops_the_container(private_api, make_consumer, test_images, engine):
     model_id = hrid("sleep")
     private_api.register_model(model_id, images.SLEEP)
     task = private_api.submit(model_id, {"x.txt": b"x"})
     worker = ConsumerThread(make_consumer(max_tasks=1)).start()
-    wait_until(lambda: running_container(docker_client, task.uid), 30, "the model container to run")
+    wait_until(lambda: running_container(engine, task.uid), 30, "the model container to run")
 
     private_api.cancel(task.uid)
     # The model sleeps forever: only the cancel ends it. Heartbeat (0.5 s) + poll (1 s) + stop grace
     # (1 s) is the usual time; the wait allows for a loaded machine.
-    wait_until(lambda: not task_containers(docker_client, task.uid), 60, "the container to be removed")
+    wait_until(lambda: not task_containers(engine, task.uid), 60, "the container to be removed")
 
     assert worker.join(30) == 1
     assert private_api.task(task.uid).status == TaskStatus.CANCELLED
     assert "stopped (cancelled)" in private_api.logs(task.uid)
 
 
-def test_first_stop_request_finishes_the_current_task(private_api, make_consumer, test_images, docker_client):
+def test_first_stop_request_finishes_the_current_task(private_api, make_consumer, test_images, engine):
     model_id = hrid("gated")
     private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": GATED_SCRIPT}))
     task = private_api.submit(model_id, {"x.txt": b"x"})
     consumer = make_consumer()
     worker = ConsumerThread(consumer).start()
-    wait_until(lambda: running_container(docker_client, task.uid), 30, "the model container to run")
+    wait_until(lambda: running_container(engine, task.uid), 30, "the model container to run")
 
     consumer.request_stop(now=False)
     [folder] = task_folders(consumer.settings.resolved_work_dir, task.uid)
@@ -254,7 +261,7 @@ def test_first_stop_request_finishes_the_current_task(private_api, make_consumer
 
 
 def test_second_stop_request_stops_the_container_and_releases_the_task(
-    private_api, make_consumer, test_images, docker_client, rabbitmq_url, cpu_queue
+    private_api, make_consumer, test_images, engine, rabbitmq_url, cpu_queue
 ):
     model_id = hrid("sleep")
     private_api.register_model(model_id, images.SLEEP)
@@ -262,7 +269,7 @@ def test_second_stop_request_stops_the_container_and_releases_the_task(
     waiting = private_api.submit(model_id, {"y.txt": b"y"})
     consumer = make_consumer()
     worker = ConsumerThread(consumer).start()
-    wait_until(lambda: running_container(docker_client, task.uid), 30, "the model container to run")
+    wait_until(lambda: running_container(engine, task.uid), 30, "the model container to run")
 
     # While a task runs the consumer holds no message and does not consume: the second task
     # stays ready for any other consumer.
@@ -279,13 +286,13 @@ def test_second_stop_request_stops_the_container_and_releases_the_task(
     assert released.status == TaskStatus.PENDING
     assert released.attempts == 0  # a release does not use up an attempt
     assert private_api.task(waiting.uid).status == TaskStatus.PENDING
-    assert task_containers(docker_client, task.uid) == []
+    assert task_containers(engine, task.uid) == []
     # The released task was republished next to the one that waited.
     wait_until(lambda: queue_depth(rabbitmq_url, cpu_queue) == 2, 10, "both tasks back on the queue")
 
 
 def test_unreachable_private_api_requeues_the_message(
-    make_settings, rabbitmq_url, queue_name, cpu_queue, docker_client, caplog
+    make_settings, rabbitmq_url, queue_name, cpu_queue, container_runtime, caplog
 ):
     uid = f"unreachable{secrets.token_hex(8)}"
     publish_uid(rabbitmq_url, cpu_queue, uid)
@@ -295,7 +302,7 @@ def test_unreachable_private_api_requeues_the_message(
         queue_name=queue_name,
         reconnect_backoff_max_s=1,
     )
-    consumer = Consumer(settings, docker_client=docker_client)
+    consumer = Consumer(settings, runtime=container_runtime)
     caplog.set_level(logging.WARNING, logger="job_consumer")
     worker = ConsumerThread(consumer).start()
 
@@ -309,7 +316,9 @@ def test_unreachable_private_api_requeues_the_message(
     assert queue_depth(rabbitmq_url, cpu_queue) == 1
 
 
-def test_start_up_removes_this_consumers_leftovers_only(make_settings, docker_client, test_images, tmp_path):
+def test_start_up_removes_this_consumers_leftovers_only(
+    make_settings, container_runtime, engine, test_images, tmp_path
+):
     settings = make_settings()
     work_dir = settings.resolved_work_dir
     mine = work_dir / "leftoverworkdir00001"
@@ -323,23 +332,23 @@ def test_start_up_removes_this_consumers_leftovers_only(make_settings, docker_cl
         (folder / "output").mkdir(parents=True)
         (folder / OWNER_FILE).write_text(owner)
     labels = {LABEL_MANAGED: "true", LABEL_CONSUMER: settings.consumer_id, LABEL_TASK: "leftoverworkdir00001"}
-    docker_client.containers.create(images.SLEEP, labels=labels, network_mode="none")
+    engine.containers.create(images.SLEEP, labels=labels, network_mode="none")
     try:
-        consumer = Consumer(settings, docker_client=docker_client)
+        consumer = Consumer(settings, runtime=container_runtime)
         consumer.request_stop()  # run() cleans up first, then sees the stop and returns
         assert consumer.run() == 0
 
-        assert not task_containers(docker_client, "leftoverworkdir00001")
+        assert not task_containers(engine, "leftoverworkdir00001")
         assert not mine.exists()
         assert not temp.exists()
         assert theirs.exists()
     finally:
-        for leftover in task_containers(docker_client, "leftoverworkdir00001"):
+        for leftover in task_containers(engine, "leftoverworkdir00001"):
             leftover.remove(force=True)
 
 
 def test_a_queue_declared_with_other_arguments_stops_the_consumer_with_a_clear_error(
-    make_settings, rabbitmq_url, queue_name, cpu_queue, docker_client
+    make_settings, rabbitmq_url, queue_name, cpu_queue, container_runtime
 ):
     connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
     try:
@@ -348,7 +357,7 @@ def test_a_queue_declared_with_other_arguments_stops_the_consumer_with_a_clear_e
         connection.close()
     consumer = Consumer(
         make_settings(rabbitmq_url=rabbitmq_url, queue_name=queue_name, private_api_url="http://127.0.0.1:9"),
-        docker_client=docker_client,
+        runtime=container_runtime,
     )
 
     with pytest.raises(ConsumerConfigError, match=f"cannot declare queue '{cpu_queue}'"):

@@ -222,7 +222,9 @@ def test_a_miss_runs_the_image_it_asked_about_even_if_retagged_meanwhile(
 
     def retag_then_miss(image_id: str) -> CacheAnswer:
         # The tag moves to another image between the lookup and the run.
-        engine.images.get(other_tag).tag(tag)
+        # Repository and tag apart: Podman's Docker API refuses a repository with a tag in it.
+        repository, version = tag.rsplit(":", 1)
+        engine.images.get(other_tag).tag(repository, version)
         return CacheAnswer(hit=False)
 
     api = StandInPrivateApi(input_files={"a.txt": b"a"}, lookup=retag_then_miss)
