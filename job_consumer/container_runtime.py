@@ -145,6 +145,8 @@ class PodmanRuntime(ContainerRuntime):
         self._service: subprocess.Popen[bytes] | None = None
         self._own_socket_dir: Path | None = None
         self._service_log: Path | None = None
+        # The socket of the service this runtime started, while it runs.
+        self.service_url: str | None = None
 
     @property
     def client(self) -> docker.DockerClient:
@@ -163,7 +165,8 @@ class PodmanRuntime(ContainerRuntime):
         if self.url is not None:
             self._client = docker.DockerClient(base_url=self.url)
             return
-        self._client = self._connect_when_answering(self._start_service())
+        self.service_url = self._start_service()
+        self._client = self._connect_when_answering(self.service_url)
 
     def stop(self) -> None:
         if self._client is not None:
@@ -177,6 +180,7 @@ class PodmanRuntime(ContainerRuntime):
                 self._service.kill()
                 self._service.wait()
             self._service = None
+            self.service_url = None
         if self._own_socket_dir is not None:
             shutil.rmtree(self._own_socket_dir, ignore_errors=True)
             self._own_socket_dir = None

@@ -49,6 +49,9 @@ def test_a_simulated_gpu_is_declared_without_nvml(no_nvml):
     assert declared.takes_gpu_tasks is True
     assert declared.takes_cpu_tasks is False  # a GPU consumer leaves CPU tasks to CPU consumers
     assert declared.runtime == "docker"
+    assert (
+        probe_capacity(settings(simulate_gpu_memory_mb=24576, container_runtime="podman")).runtime == "podman"
+    )
     assert declared.version  # the installed package's
     assert declared.max_tasks == 8
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from inference_server.contract import TaskPublic, TaskStatus
+from inference_server.contract import PrivateRoutes, TaskPublic, TaskStatus
 from job_consumer.consumer import Consumer, ConsumerConfigError
 from job_consumer.container_runtime import ContainerRuntime
 from job_consumer.runner import LABEL_CONSUMER, LABEL_MANAGED, LABEL_TASK
@@ -58,7 +58,7 @@ def task_folders(work_dir: Path, uid: str) -> list[Path]:
 
 
 def test_runs_a_task_uploads_output_and_logs_and_acks(
-    private_api, make_consumer, test_images, rabbitmq_url, cpu_queue, engine
+    private_api, make_consumer, test_images, rabbitmq_url, cpu_queue, container_runtime, engine
 ):
     model_id = hrid("copy")
     model = private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": COPY_SCRIPT}))
@@ -74,6 +74,11 @@ def test_runs_a_task_uploads_output_and_logs_and_acks(
     assert done.attempts == 1
     assert done.consumer_id == consumer.settings.consumer_id
     assert private_api.output(task.uid) == files
+    # The platform knows which engine ran it.
+    listed = private_api.http.get(PrivateRoutes.CONSUMERS).json()
+    assert [entry["runtime"] for entry in listed if entry["id"] == done.consumer_id] == [
+        container_runtime.name
+    ]
     logs = private_api.logs(task.uid)
     assert "copied 2 file(s)" in logs
     assert "[inference-server] exit code 0" in logs
