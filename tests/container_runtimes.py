@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import docker
 import pytest
@@ -43,3 +44,16 @@ def container_runtime(request: pytest.FixtureRequest, docker_client: docker.Dock
 def engine(container_runtime: ContainerRuntime) -> docker.DockerClient:
     """The client of the engine the test's containers run on."""
     return container_runtime.client
+
+
+def podman_service_pids(url: str) -> list[int]:
+    """The `podman system service` processes serving this socket URL."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # ended meanwhile
+        if b"service" in args and url.encode() in args:
+            pids.append(int(cmdline.parent.name))
+    return pids

@@ -24,6 +24,7 @@ from job_consumer.container_runtime import (
     runtime_named,
 )
 from tests import images
+from tests.container_runtimes import podman_service_pids
 
 
 @pytest.fixture
@@ -31,19 +32,6 @@ def short_dir() -> Iterator[Path]:
     """A folder with a path short enough for a unix socket (pytest's tmp_path often is not)."""
     with tempfile.TemporaryDirectory(prefix="isrt", dir="/tmp") as folder:
         yield Path(folder)
-
-
-def service_pids(url: str) -> list[int]:
-    """The processes serving Podman's API on this socket."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue  # ended meanwhile
-        if b"service" in args and url.encode() in args:
-            pids.append(int(cmdline.parent.name))
-    return pids
 
 
 def test_docker_asks_for_a_gpu_by_device_request_and_podman_by_cdi_name():
@@ -121,7 +109,7 @@ def test_a_podman_runtime_starts_its_own_service_on_a_private_socket_and_stops_i
         assert stat.S_IMODE((short_dir / "podman").stat().st_mode) == 0o700
         assert runtime.client.ping()
         assert "podman" in runtime.client.version()["Components"][0]["Name"].lower()
-        [pid] = service_pids(runtime.service_url)
+        [pid] = podman_service_pids(runtime.service_url)
     finally:
         runtime.stop()
     assert not Path(f"/proc/{pid}").exists()

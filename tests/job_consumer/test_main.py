@@ -6,13 +6,15 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from inference_server.contract import TaskStatus
+from inference_server.contract import PrivateRoutes, TaskStatus
 from job_consumer.runner import LABEL_TASK
 from tests import images
+from tests.container_runtimes import podman_service_pids
 from tests.helpers import wait_until
 from tests.job_consumer.stack import CONSUMER_TOKEN, consumers_on
 
@@ -54,6 +56,7 @@ def test_help_and_missing_token(tmp_path):
     assert help_run.returncode == 0
     assert "--max-tasks" in help_run.stdout and "--gpu" in help_run.stdout
     assert "--simulate-gpu-memory-mb" in help_run.stdout
+    assert "--runtime {docker,podman}" in help_run.stdout
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("IS_")}
     no_token = subprocess.run(
@@ -110,3 +113,31 @@ def test_second_sigterm_stops_the_container_and_releases_the_task(
     )
     assert not (tmp_path / "work" / task.uid).exists()
     assert "released back to the queue" in log_path.read_text()
+
+
+@pytest.mark.docker
+def test_runtime_podman_registers_as_podman_and_stops_its_own_podman_service_at_exit(
+    consumer_env, private_api, rabbitmq_url, cpu_queue, test_session_id
+):
+    # A work dir short enough for the service's socket to live in it.
+    with tempfile.TemporaryDirectory(prefix="isw", dir="/tmp") as work_dir:
+        consumer_id = f"{test_session_id}-podman"
+        env = consumer_env | {
+            "IS_WORK_DIR": work_dir,
+            # No Docker engine is needed: one this consumer would reach is not there.
+            "DOCKER_HOST": "unix:///nonexistent/docker.sock",
+        }
+        log_path = Path(work_dir) / "consumer.log"
+        process = start_consumer(env, "--runtime", "podman", "--consumer-id", consumer_id, log_path=log_path)
+        socket_url = f"unix://{work_dir}/podman/podman.sock"
+        try:
+            wait_until(lambda: consumers_on(rabbitmq_url, cpu_queue) == 1, 30, "the consumer to subscribe")
+            listed = private_api.http.get(PrivateRoutes.CONSUMERS).json()
+            assert [entry["runtime"] for entry in listed if entry["id"] == consumer_id] == ["podman"]
+            [service] = podman_service_pids(socket_url)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=20) == 0, log_path.read_text()
+        finally:
+            process.kill()
+        assert not Path(f"/proc/{service}").exists()
+        assert podman_service_pids(socket_url) == []
