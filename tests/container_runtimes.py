@@ -2,7 +2,8 @@
 service of the session's own on a temporary socket, its store holding the test images.
 
 `container_runtime` is parametrised over both; a test taking it (or `runner`, `engine`) runs on
-each. The images come from Docker (built by tests/images.py) and are copied into Podman's store.
+each. The images come from Docker (built by tests/images.py) and are copied into Podman's store
+(local_platform/examples.py's copy_images_to_podman, the one place that copies).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import docker
 import pytest
 
 from job_consumer.container_runtime import RUNTIME_NAMES, ContainerRuntime, DockerRuntime, PodmanRuntime
-from tests.images import build_test_images, copy_images_to_podman
+from local_platform.examples import copy_images_to_podman
+from tests.images import build_test_images
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +29,7 @@ def podman_runtime(
     runtime = PodmanRuntime(socket_dir=tmp_path_factory.mktemp("podman"))
     runtime.start()
     test_images = build_test_images(docker_client, base_image)
-    copy_images_to_podman(docker_client, runtime.client, list(test_images))
+    copy_images_to_podman(docker_client, list(test_images))
     yield runtime
     runtime.stop()
 

@@ -9,10 +9,8 @@ stable, so concurrent test sessions share them and nothing needs removing.
 from __future__ import annotations
 
 import io
-import subprocess
 
 import docker
-import docker.errors
 
 SCRIPT = "inference-server/test-script:1"
 FAIL = "inference-server/test-fail:1"
@@ -57,27 +55,3 @@ def build_test_images(docker_client: docker.DockerClient, base_image: str) -> di
         ids[tag] = image.id
     return ids
 
-
-def copy_images_to_podman(
-    docker_client: docker.DockerClient, podman_client: docker.DockerClient, tags: list[str]
-) -> None:
-    """Make Podman's store hold what Docker's holds under these tags (`docker save | podman load`),
-    copying only the tags whose image ID differs there, so a second session copies nothing.
-    Both engines give an image the same ID (its config's digest), which is what is compared."""
-    stale = [tag for tag in tags if _image_id(podman_client, tag) != _image_id(docker_client, tag)]
-    if not stale:
-        return
-    # One archive for all of them: layers they share (the base image's) travel once.
-    save = subprocess.Popen(["docker", "save", *stale], stdout=subprocess.PIPE)
-    load = subprocess.run(["podman", "load"], stdin=save.stdout, capture_output=True, check=False)
-    assert save.stdout is not None
-    save.stdout.close()
-    if save.wait() != 0 or load.returncode != 0:
-        raise RuntimeError(f"could not copy {stale} into Podman: {load.stderr.decode(errors='replace')}")
-
-
-def _image_id(client: docker.DockerClient, tag: str) -> str | None:
-    try:
-        return str(client.images.get(tag).id)
-    except docker.errors.ImageNotFound:
-        return None

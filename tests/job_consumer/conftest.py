@@ -17,7 +17,8 @@ from job_consumer.config import ConsumerSettings
 from job_consumer.consumer import Consumer
 from job_consumer.container_runtime import ContainerRuntime, DockerRuntime, PodmanRuntime
 from job_consumer.runner import LABEL_CONSUMER, ModelRunner
-from tests.images import build_test_images, copy_images_to_podman, dockerfile_for
+from local_platform.examples import copy_images_to_podman
+from tests.images import build_test_images, dockerfile_for
 from tests.job_consumer.stack import CONSUMER_TOKEN, PrivateApiServer
 
 
@@ -51,7 +52,7 @@ def build_image(
         )
         built.append(str(image.id))
         if podman is not None:
-            copy_images_to_podman(docker_client, podman, [tag])
+            copy_images_to_podman(docker_client, [tag])
         return str(image.id)
 
     yield build
