@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Brings up, only where absent, everything the platform and its tests run against:
-# the virtualenv, the Docker engine, RabbitMQ, PostgreSQL and the local base image.
+# the virtualenv, the Docker engine, Podman, RabbitMQ, PostgreSQL and the local base image, and
+# the example and test model images in Podman's store as well as Docker's.
 # Idempotent and quiet when nothing is missing; every step says what it does when it acts.
 set -euo pipefail
 
@@ -48,6 +49,8 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 # --- system packages -----------------------------------------------------------------
 missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
+# The consumer's second container runtime (IS_CONTAINER_RUNTIME=podman); daemonless: nothing to start.
+command -v podman >/dev/null || missing+=(podman)
 command -v iptables >/dev/null || missing+=(iptables)
 command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
 command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
@@ -137,3 +140,24 @@ fi
 if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     "$ROOT/scripts/build_base_image.sh" "$BASE_IMAGE" "$CACHE_DIR"
 fi
+
+# --- Podman's image store --------------------------------------------------------------
+# Consumers on Podman run the same example and test images; Docker builds them (from its cache
+# after the first time) and only those whose ID differs in Podman's store are copied over.
+BASE_IMAGE="$BASE_IMAGE" "$VENV/bin/python" - <<'PY'
+import os
+
+import docker
+
+from local_platform.examples import copy_images_to_podman
+from models_examples.catalog import build_example_images
+from tests.images import build_test_images
+
+base_image = os.environ["BASE_IMAGE"]
+client = docker.from_env()
+tags = [built.example.container_tag for built in build_example_images(client, base_image)]
+tags += list(build_test_images(client, base_image))
+copied = copy_images_to_podman(client, [base_image, *tags])
+if copied:
+    print(f"[setup] copied into Podman's store: {', '.join(copied)}", flush=True)
+PY
