@@ -207,7 +207,7 @@ class PodmanRuntime(ContainerRuntime):
         self._service_log = socket_path.with_suffix(".log")
         with self._service_log.open("wb") as service_log:
             self._service = subprocess.Popen(
-                [self.podman, "system", "service", "--time=0", url],
+                [*_ending_with_this_thread(), self.podman, "system", "service", "--time=0", url],
                 stdin=subprocess.DEVNULL,
                 stdout=service_log,
                 stderr=subprocess.STDOUT,
@@ -255,6 +255,12 @@ class PodmanRuntime(ContainerRuntime):
         if state.get("OOMKilled"):
             return True
         return not killed_by_consumer and state.get("ExitCode") == SIGKILL_EXIT_CODE
+
+
+def _ending_with_this_thread() -> list[str]:
+    """A prefix that makes the command get SIGTERM when the thread starting it ends, so a consumer
+    killed outright (SIGKILL, no stop()) does not leave its Podman service serving for ever."""
+    return ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
 
 
 def podman_ulimits() -> list[Ulimit]:
