@@ -24,7 +24,7 @@ import requests
 
 from inference_server.contract import PublicRoutes
 from job_consumer.runner import LABEL_TASK
-from local_platform.examples import register_model
+from local_platform.examples import copy_images_to_podman, register_model
 from local_platform.launcher import LocalPlatform
 from local_platform.ports import free_port
 from models_examples.catalog import get_example
@@ -35,30 +35,10 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 NO_DOCKER_ENGINE = "unix:///nonexistent/docker.sock"
 
 
-def podman(*args: str, input_bytes: bytes | None = None) -> str:
-    completed = subprocess.run(
-        ["podman", *args], input=input_bytes, capture_output=True, timeout=300, check=False
-    )
+def podman(*args: str) -> str:
+    completed = subprocess.run(["podman", *args], capture_output=True, timeout=300, check=False)
     assert completed.returncode == 0, f"podman {' '.join(args)}: {completed.stderr.decode(errors='replace')}"
     return completed.stdout.decode()
-
-
-def podman_image_id(tag: str) -> str | None:
-    completed = subprocess.run(
-        ["podman", "image", "inspect", "--format", "{{.Id}}", tag], capture_output=True, text=True, timeout=60
-    )
-    return completed.stdout.strip() if completed.returncode == 0 else None
-
-
-def ensure_in_podman_store(docker_client: docker.DockerClient, tag: str) -> None:
-    """Copy the image `tag` names in Docker into Podman's store, unless the same image is there."""
-    docker_id = docker_client.images.get(tag).id
-    assert docker_id is not None
-    if podman_image_id(tag) == docker_id.removeprefix("sha256:"):
-        return
-    saved = subprocess.run(["docker", "save", tag], capture_output=True, timeout=300, check=True).stdout
-    podman("load", input_bytes=saved)
-    assert podman_image_id(tag) == docker_id.removeprefix("sha256:")
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +46,7 @@ def passthrough_in_podman(example_images: list[str], docker_client: docker.Docke
     if shutil.which("podman") is None:
         pytest.fail("podman is not installed: scripts/setup.sh installs it")
     tag = get_example("passthrough").container_tag
-    ensure_in_podman_store(docker_client, tag)
+    copy_images_to_podman(docker_client, [tag])
     return tag
 
 

@@ -26,11 +26,11 @@ import pytest
 import requests
 
 from job_consumer.runner import LABEL_TASK
-from local_platform.examples import register_model
+from local_platform.examples import copy_images_to_podman, register_model
 from local_platform.launcher import LocalPlatform
 from local_platform.ports import free_port
 from models_examples.catalog import get_example
-from tests.e2e.test_podman import NO_DOCKER_ENGINE, ensure_in_podman_store, registered_consumers
+from tests.e2e.test_podman import NO_DOCKER_ENGINE, registered_consumers
 from tests.helpers import make_zip, register_script_model, wait_until, zip_members
 from tests.images import SCRIPT
 
@@ -103,7 +103,7 @@ def rootless_user() -> Iterator[pwd.struct_passwd]:
 
 def load_into_rootless_store(user: pwd.struct_passwd, docker_client: docker.DockerClient, tag: str) -> None:
     """The image `tag` names in Docker, in the user's own Podman store (through root's)."""
-    ensure_in_podman_store(docker_client, tag)
+    copy_images_to_podman(docker_client, [tag])
     saved = subprocess.run(["podman", "save", tag], capture_output=True, timeout=300, check=True).stdout
     as_user(user.pw_name, "podman", "load", input_bytes=saved)
 
