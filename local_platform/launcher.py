@@ -21,6 +21,7 @@ import httpx
 
 from inference_server.contract import SERVICE_TOKEN_HEADER
 from inference_server.data_folder import OPERATOR_KEY_FILE
+from job_consumer.container_runtime import RUNTIME_NAMES
 from local_platform.operator_key import ensure_operator_key
 from local_platform.ports import free_port
 from local_platform.service_process import ServiceProcess
@@ -42,7 +43,7 @@ _NOT_FOR_PUBLIC_API_ENV: tuple[str, ...] = (*_PRIVATE_API_ONLY_ENV, "IS_RABBITMQ
 _CONSUMER_IDENTITY_ENV: tuple[str, ...] = ("IS_GPU", "IS_SIMULATE_GPU_MEMORY_MB", "IS_CONSUMER_ID")
 DEFAULT_SIMULATED_GPU_MEMORY_MB = 24576
 # The engines a consumer can run model containers on (job_consumer reads IS_CONTAINER_RUNTIME).
-CONTAINER_RUNTIMES: tuple[str, ...] = ("docker", "podman")
+CONTAINER_RUNTIMES: tuple[str, ...] = RUNTIME_NAMES
 
 
 def _env_value(value: bool | int | float | str) -> str:
