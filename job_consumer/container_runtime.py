@@ -43,6 +43,8 @@ RUNTIME_NAMES: tuple[RuntimeName, ...] = ("docker", "podman")
 PODMAN_RLIMITS = {"nofile": (resource.RLIMIT_NOFILE, 1048576), "nproc": (resource.RLIMIT_NPROC, 16384)}
 # What a container killed by SIGKILL exits with (128 + 9).
 SIGKILL_EXIT_CODE = 137
+SOCKET_FOLDER_PREFIX = "podman-"
+SOCKET_NAME = "api.sock"
 # A unix socket path longer than this is refused by the kernel (sun_path is 108 bytes).
 MAX_SOCKET_PATH = 100
 PODMAN_START_TIMEOUT_S = 30.0
@@ -186,20 +188,22 @@ class PodmanRuntime(ContainerRuntime):
             self._own_socket_dir = None
 
     def _socket_path(self) -> Path:
+        """A socket in a new private folder: under `socket_dir` (the work dir) when the path is
+        short enough, else in the temp dir. Its own folder, as consumers may share a work dir."""
+        parent = Path(tempfile.gettempdir())
         if self.socket_dir is not None:
-            candidate = self.socket_dir.resolve() / "podman.sock"
-            if len(str(candidate)) <= MAX_SOCKET_PATH:
-                self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                return candidate
-        # A work dir too deep for a socket path: a private folder of its own instead.
-        self._own_socket_dir = Path(tempfile.mkdtemp(prefix="is-podman-"))
-        return self._own_socket_dir / "podman.sock"
+            wanted = self.socket_dir.resolve()
+            if len(str(wanted / f"{SOCKET_FOLDER_PREFIX}12345678" / SOCKET_NAME)) <= MAX_SOCKET_PATH:
+                wanted.mkdir(parents=True, exist_ok=True)
+                parent = wanted
+        # mkdtemp: mode 0700, so only this user reaches the socket; removed at stop.
+        self._own_socket_dir = Path(tempfile.mkdtemp(prefix=SOCKET_FOLDER_PREFIX, dir=parent))
+        return self._own_socket_dir / SOCKET_NAME
 
     def _start_service(self) -> str:
         if shutil.which(self.podman) is None:
             raise ContainerRuntimeError(f"{self.podman!r} is not installed (IS_CONTAINER_RUNTIME=podman)")
         socket_path = self._socket_path()
-        socket_path.unlink(missing_ok=True)  # a crashed consumer's socket
         url = f"unix://{socket_path}"
         log.info("starting the Podman service on %s", url)
         # --time=0: it serves until stopped, however long the consumer waits between tasks.
@@ -277,5 +281,5 @@ def runtime_named(
 ) -> ContainerRuntime:
     """The runtime IS_CONTAINER_RUNTIME names, not started yet."""
     if name == "podman":
-        return PodmanRuntime(url=podman_url, socket_dir=work_dir / "podman" if work_dir is not None else None)
+        return PodmanRuntime(url=podman_url, socket_dir=work_dir)
     return DockerRuntime()

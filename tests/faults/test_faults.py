@@ -1,7 +1,8 @@
 """Fault injection: whatever dies, every accepted task ends in exactly one terminal state.
 
 Each test counts what went in and what came out right, and fails if anything is lost,
-duplicated, or left running. Real RabbitMQ, real Docker containers, real processes killed.
+duplicated, or left running. Real RabbitMQ, real Docker (and, where the containers are what is
+at stake, Podman) containers, real processes killed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ from tests.helpers import make_zip, register_model_directly, register_script_mod
 from tests.images import FAIL, SLEEP
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+@pytest.fixture
+def runtime_env(container_runtime) -> dict[str, str]:
+    """Makes a platform's consumers run on the test's runtime: the faults that concern the
+    containers (killed, stopped, swept) run over Docker and Podman both."""
+    return {"IS_CONTAINER_RUNTIME": container_runtime.name}
+
 
 SLOW_COPY = "sleep {seconds}\ncp -r /input/. /output/\necho done\n"
 
@@ -59,8 +68,8 @@ def task_containers(docker_client: docker.DockerClient, uid: str) -> list:
     )
 
 
-def test_sigkilled_consumer_task_runs_again_elsewhere(platform_factory, test_images, docker_client):
-    platform = platform_factory(consumers=2, IS_LEASE_SECONDS="3", IS_HEARTBEAT_INTERVAL_S="1")
+def test_sigkilled_consumer_task_runs_again_elsewhere(platform_factory, test_images, engine, runtime_env):
+    platform = platform_factory(consumers=2, **runtime_env, IS_LEASE_SECONDS="3", IS_HEARTBEAT_INTERVAL_S="1")
     register_script_model(platform, "slow-copy", SLOW_COPY.format(seconds=3))
     expected = {}
     for index in range(4):
@@ -81,14 +90,16 @@ def test_sigkilled_consumer_task_runs_again_elsewhere(platform_factory, test_ima
     assert platform.processes[victim].wait(10) == -signal.SIGKILL
 
     states = wait_until(lambda: all_terminal(platform, list(expected)), 120, "every task to end")
-    assert {s["status"] for s in states.values()} == {"finished"}, states
+    assert {s["status"] for s in states.values()} == {"finished"}, {
+        u: s.get("error") for u, s in states.items()
+    }
     assert states[victim_uid]["attempts"] == 2
     assert states[victim_uid]["consumer_id"] != running["consumer_id"]
     assert_each_finished_once_with_its_output(platform, expected)
 
     # The killed consumer's orphaned container is removed when that consumer comes back.
     platform.processes[victim].start()
-    wait_until(lambda: not task_containers(docker_client, victim_uid), 60, "the orphan container to go")
+    wait_until(lambda: not task_containers(engine, victim_uid), 60, "the orphan container to go")
     print(f"SIGKILL consumer: {len(expected)} tasks in, {len(states)} finished once each")
 
 
@@ -193,8 +204,8 @@ def test_private_api_down_for_twice_the_lease_kills_no_running_task(
         wait_until(lambda uid=uid: not task_containers(docker_client, uid), 30, "the containers to go")
 
 
-def test_hanging_model_hits_its_timeout(platform_factory, test_images, docker_client):
-    platform = platform_factory(consumers=1)
+def test_hanging_model_hits_its_timeout(platform_factory, test_images, engine, runtime_env):
+    platform = platform_factory(consumers=1, **runtime_env)
     register_model_directly(platform, "hang", SLEEP, timeout_s=2)
     uid = submit(platform, "hang", {"a.txt": b"1"})
     # The model sleeps forever: the task ending at all, with an error that names the timeout, is
@@ -204,13 +215,13 @@ def test_hanging_model_hits_its_timeout(platform_factory, test_images, docker_cl
     assert "timeout" in final["error"].lower()
     assert requests.get(f"{platform.public_url}/api/tasks/{uid}", timeout=30).status_code == 552
     # The consumer removes containers off the task's critical path, right after it answers.
-    wait_until(lambda: not task_containers(docker_client, uid), 30, "the killed container to be removed")
+    wait_until(lambda: not task_containers(engine, uid), 30, "the killed container to be removed")
 
 
 def test_cancel_pending_never_runs_and_cancel_running_stops_the_container(
-    platform_factory, test_images, docker_client
+    platform_factory, test_images, engine, runtime_env
 ):
-    platform = platform_factory(consumers=0)
+    platform = platform_factory(consumers=0, **runtime_env)
     register_script_model(platform, "marker", "echo ran > /output/ran\n")
     register_model_directly(platform, "hang", SLEEP)
 
@@ -228,11 +239,11 @@ def test_cancel_pending_never_runs_and_cancel_running_stops_the_container(
     assert never_ran["started_at"] is None and never_ran["attempts"] == 0
 
     running = submit(platform, "hang", {"a.txt": b"1"})
-    wait_until(lambda: task_containers(docker_client, running), 60, "the hanging container to start")
+    wait_until(lambda: task_containers(engine, running), 60, "the hanging container to start")
     assert requests.post(f"{platform.public_url}/api/tasks/{running}/cancel", timeout=30).status_code == 200
     # The container sleeps forever, so only the cancel can stop it; the wait is generous because a
     # loaded 2-core machine stretches the consumer's heartbeat and Docker's stop alike.
-    wait_until(lambda: not task_containers(docker_client, running), 60, "the container to be stopped")
+    wait_until(lambda: not task_containers(engine, running), 60, "the container to be stopped")
     assert status(platform, running)["status"] == "cancelled"
     assert requests.get(f"{platform.public_url}/api/tasks/{running}", timeout=30).status_code == 552
 
@@ -259,25 +270,25 @@ def test_consumer_sigterm_finishes_the_current_task_then_exits(platform_factory,
     assert_each_finished_once_with_its_output(platform, {uid: b"graceful"})
 
 
-def test_consumer_second_sigterm_gives_the_task_back(platform_factory, test_images, docker_client):
-    platform = platform_factory(consumers=1)
+def test_consumer_second_sigterm_gives_the_task_back(platform_factory, test_images, engine, runtime_env):
+    platform = platform_factory(consumers=1, **runtime_env)
     register_script_model(platform, "slow-copy", SLOW_COPY.format(seconds=30))
     uid = submit(platform, "slow-copy", {"payload.txt": b"again"})
-    wait_until(lambda: task_containers(docker_client, uid), 60, "the container to start")
+    wait_until(lambda: task_containers(engine, uid), 60, "the container to start")
     consumer = platform.processes["consumer-0"]
     consumer.send(signal.SIGTERM)
     # Signals do not queue: the second is only a second once the first has been handled.
     wait_until(lambda: "finishing the current task" in consumer.log_tail(), 10, "the first SIGTERM")
     consumer.send(signal.SIGTERM)
     assert consumer.wait(30) is not None
-    assert not task_containers(docker_client, uid)
+    assert not task_containers(engine, uid)
     given_back = status(platform, uid)
     assert given_back["status"] == "pending"
     assert given_back["attempts"] == 0
 
 
-def test_nothing_of_the_platform_is_left_behind(platform_factory, test_images, docker_client):
-    platform = platform_factory(consumers=1)
+def test_nothing_of_the_platform_is_left_behind(platform_factory, test_images, engine, runtime_env):
+    platform = platform_factory(consumers=1, **runtime_env)
     register_script_model(platform, "copy", SLOW_COPY.format(seconds=0))
     register_model_directly(platform, "failer", FAIL)
     uids = [submit(platform, "copy", {"payload.txt": b"x"}), submit(platform, "failer", {"a": b"1"})]
@@ -285,7 +296,7 @@ def test_nothing_of_the_platform_is_left_behind(platform_factory, test_images, d
     platform.stop()
     consumer_ids = {status_row[0] for status_row in _consumer_ids(platform)}
     for consumer_id in consumer_ids:
-        leftovers = docker_client.containers.list(
+        leftovers = engine.containers.list(
             all=True, sparse=True, filters={"label": [f"inference-server.consumer={consumer_id}"]}
         )
         assert leftovers == []

@@ -99,14 +99,19 @@ def test_the_leftover_sweep_finds_containers_by_label_on_both(container_runtime,
 
 @pytest.mark.docker
 def test_a_podman_runtime_starts_its_own_service_on_a_private_socket_and_stops_it(short_dir):
-    runtime = PodmanRuntime(socket_dir=short_dir / "podman")
+    runtime = PodmanRuntime(socket_dir=short_dir)
+    other = PodmanRuntime(socket_dir=short_dir)  # a second consumer on the same work dir
     runtime.start()
+    other.start()
     try:
-        socket_path = short_dir / "podman" / "podman.sock"
-        assert runtime.starts_service and runtime.service_url == f"unix://{socket_path}"
-        assert stat.S_ISSOCK(socket_path.stat().st_mode)
+        [folder, other_folder] = sorted(
+            short_dir.glob("podman-*"), key=lambda f: f != runtime_folder(runtime)
+        )
+        assert folder != other_folder
+        assert runtime.starts_service and runtime.service_url == f"unix://{folder / 'api.sock'}"
+        assert stat.S_ISSOCK((folder / "api.sock").stat().st_mode)
         # Only its owner may reach the folder the socket is in.
-        assert stat.S_IMODE((short_dir / "podman").stat().st_mode) == 0o700
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
         assert runtime.client.ping()
         assert "podman" in runtime.client.version()["Components"][0]["Name"].lower()
         [pid] = podman_service_pids(runtime.service_url)
@@ -114,7 +119,16 @@ def test_a_podman_runtime_starts_its_own_service_on_a_private_socket_and_stops_i
         runtime.stop()
     assert not Path(f"/proc/{pid}").exists()
     assert runtime.service_url is None
+    assert not folder.exists()  # nothing of it is left in the work dir
+    assert other.client.ping()  # the other consumer's service serves on
+    other.stop()
     runtime.stop()  # twice is harmless
+    assert list(short_dir.iterdir()) == []
+
+
+def runtime_folder(runtime: PodmanRuntime) -> Path:
+    assert runtime.service_url is not None
+    return Path(runtime.service_url.removeprefix("unix://")).parent
 
 
 @pytest.mark.docker
@@ -123,13 +137,13 @@ def test_a_work_dir_too_deep_for_a_socket_gets_a_private_temporary_folder(short_
     runtime = PodmanRuntime(socket_dir=deep)
     runtime.start()
     try:
-        assert runtime.service_url is not None
-        socket_path = Path(runtime.service_url.removeprefix("unix://"))
-        assert len(str(socket_path)) < 100 and socket_path.parent.name.startswith("is-podman-")
+        socket_folder = runtime_folder(runtime)
+        assert len(str(socket_folder / "api.sock")) < 100
+        assert socket_folder.parent == Path(tempfile.gettempdir())
         assert runtime.client.ping()
     finally:
         runtime.stop()
-    assert not socket_path.parent.exists()
+    assert not socket_folder.exists()
     assert not deep.exists()
 
 

@@ -129,9 +129,11 @@ def test_runtime_podman_registers_as_podman_and_stops_its_own_podman_service_at_
         }
         log_path = Path(work_dir) / "consumer.log"
         process = start_consumer(env, "--runtime", "podman", "--consumer-id", consumer_id, log_path=log_path)
-        socket_url = f"unix://{work_dir}/podman/podman.sock"
         try:
             wait_until(lambda: consumers_on(rabbitmq_url, cpu_queue) == 1, 30, "the consumer to subscribe")
+            # Its own socket, in its work dir.
+            [socket_path] = Path(work_dir).glob("podman-*/api.sock")
+            socket_url = f"unix://{socket_path}"
             listed = private_api.http.get(PrivateRoutes.CONSUMERS).json()
             assert [entry["runtime"] for entry in listed if entry["id"] == consumer_id] == ["podman"]
             [service] = podman_service_pids(socket_url)
@@ -141,3 +143,4 @@ def test_runtime_podman_registers_as_podman_and_stops_its_own_podman_service_at_
             process.kill()
         assert not Path(f"/proc/{service}").exists()
         assert podman_service_pids(socket_url) == []
+        assert not socket_path.parent.exists()
