@@ -104,10 +104,8 @@ def test_a_podman_runtime_starts_its_own_service_on_a_private_socket_and_stops_i
     runtime.start()
     other.start()
     try:
-        [folder, other_folder] = sorted(
-            short_dir.glob("podman-*"), key=lambda f: f != runtime_folder(runtime)
-        )
-        assert folder != other_folder
+        folder, other_folder = runtime_folder(runtime), runtime_folder(other)
+        assert folder.parent == other_folder.parent == short_dir and folder != other_folder
         assert runtime.starts_service and runtime.service_url == f"unix://{folder / 'api.sock'}"
         assert stat.S_ISSOCK((folder / "api.sock").stat().st_mode)
         # Only its owner may reach the folder the socket is in.
