@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
@@ -11,6 +12,7 @@ import docker
 
 from inference_server.contract import ModelPublic
 from job_consumer.runner import LABEL_CONSUMER
+from tests.helpers import wait_until
 
 # A model that copies what it is given at /model to /output (model_from's tests).
 COPY_MODEL_COMMAND = '["sh", "-c", "cp -R /model/. /output/"]'
@@ -72,13 +74,23 @@ def unique_tag(name: str) -> str:
     return f"inference-server/test-{name}-{secrets.token_hex(4)}:1"
 
 
-def containers_created(docker_client: docker.DockerClient, consumer_id: str, since: float) -> int:
-    """Containers this consumer created since then, by the engine's own event log."""
-    # The log is read up to a second from now, so every event of the work done so far is in it.
-    events = docker_client.events(
-        since=int(since),
-        until=int(time.time()) + 1,
-        filters={"type": "container", "event": "create", "label": f"{LABEL_CONSUMER}={consumer_id}"},
-        decode=True,
-    )
-    return sum(1 for _ in events)
+def containers_created(
+    docker_client: docker.DockerClient, consumer_id: str, since: float, expected: int
+) -> int:
+    """Containers this consumer created since then, by the engine's own event log. Podman writes
+    its log a moment after answering, so the count is read until it reaches `expected` (or 10 s
+    pass); more than expected is still returned as such, for the caller to fail on."""
+
+    def count() -> int:
+        # The log is read up to a second from now, so every event of the work done so far is in it.
+        events = docker_client.events(
+            since=int(since),
+            until=int(time.time()) + 1,
+            filters={"type": "container", "event": "create", "label": f"{LABEL_CONSUMER}={consumer_id}"},
+            decode=True,
+        )
+        return sum(1 for _ in events)
+
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: count() >= expected, 10, f"{expected} container(s) created by {consumer_id}")
+    return count()

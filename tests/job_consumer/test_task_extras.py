@@ -194,7 +194,7 @@ def test_cache_hit_runs_no_container_and_a_rebuilt_image_misses(settings, runner
     miss, miss_claim, miss_executor = run_one()
     assert miss.lookups == [first_id]
     assert miss.outputs[miss_claim.task.uid] == {"generation.txt": b"generation 1\n"}
-    assert containers_created(engine, settings.consumer_id, since) == 1
+    assert containers_created(engine, settings.consumer_id, since, 1) == 1
     assert miss_executor.cache_hits == 0
 
     hit, _, hit_executor = run_one()
@@ -202,14 +202,14 @@ def test_cache_hit_runs_no_container_and_a_rebuilt_image_misses(settings, runner
     # Answered by the private API: nothing downloaded, nothing run, nothing uploaded.
     assert hit.downloads == [] and hit.outputs == {}
     assert hit_executor.cache_hits == 1
-    assert containers_created(engine, settings.consumer_id, since) == 1
+    assert containers_created(engine, settings.consumer_id, since, 1) == 1
 
     second_id = build_image(tag, generation_command(2))
     assert second_id != first_id
     rebuilt, rebuilt_claim, _ = run_one()
     assert rebuilt.lookups == [second_id]
     assert rebuilt.outputs[rebuilt_claim.task.uid] == {"generation.txt": b"generation 2\n"}
-    assert containers_created(engine, settings.consumer_id, since) == 2
+    assert containers_created(engine, settings.consumer_id, since, 2) == 2
 
 
 def test_a_miss_runs_the_image_it_asked_about_even_if_retagged_meanwhile(
@@ -260,7 +260,7 @@ def test_a_failed_cache_lookup_runs_the_task(settings, runner, engine, build_ima
     assert api.lookups == [image_id]
     assert api.failures == {}
     assert api.outputs[claim.task.uid] == {"generation.txt": b"generation 1\n"}
-    assert containers_created(engine, settings.consumer_id, since) == 1
+    assert containers_created(engine, settings.consumer_id, since, 1) == 1
 
 
 def test_a_model_that_is_not_cacheable_is_never_looked_up(settings, runner, build_image):

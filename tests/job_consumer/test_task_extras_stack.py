@@ -79,7 +79,7 @@ def test_cache_hit_runs_no_container_and_a_rebuilt_image_misses(
     original = private_api.submit(model_id, files, owner="alice")
     run_one(make_consumer)
     assert finished(private_api, original.uid).cached_from is None
-    assert containers_created(docker_client, consumer_id, since) == 1
+    assert containers_created(docker_client, consumer_id, since, 1) == 1
 
     repeat = private_api.submit(model_id, files, owner="alice")
     consumer = run_one(make_consumer)
@@ -87,12 +87,12 @@ def test_cache_hit_runs_no_container_and_a_rebuilt_image_misses(
     assert answered.cached_from == original.uid
     assert private_api.output(repeat.uid) == {"generation.txt": b"generation 1\n"}
     assert consumer.executor.cache_hits == 1
-    assert containers_created(docker_client, consumer_id, since) == 1
+    assert containers_created(docker_client, consumer_id, since, 1) == 1
 
     forced = private_api.submit(model_id, files, cache=False, owner="alice")
     run_one(make_consumer)
     assert finished(private_api, forced.uid).cached_from is None
-    assert containers_created(docker_client, consumer_id, since) == 2
+    assert containers_created(docker_client, consumer_id, since, 2) == 2
 
     build_image(tag, generation_command(2))
     rebuilt = private_api.submit(model_id, files, owner="alice")
@@ -100,7 +100,7 @@ def test_cache_hit_runs_no_container_and_a_rebuilt_image_misses(
     assert finished(private_api, rebuilt.uid).cached_from is None
     assert private_api.output(rebuilt.uid) == {"generation.txt": b"generation 2\n"}
     assert consumer.executor.cache_hits == 0
-    assert containers_created(docker_client, consumer_id, since) == 3
+    assert containers_created(docker_client, consumer_id, since, 3) == 3
 
 
 def test_model_from_mounts_the_upstream_output_and_input_from_feeds_it_as_input(
