@@ -54,4 +54,3 @@ def build_test_images(docker_client: docker.DockerClient, base_image: str) -> di
         )
         ids[tag] = image.id
     return ids
-
