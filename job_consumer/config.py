@@ -46,6 +46,10 @@ class ConsumerSettings(BrokerSettings, ZipLimitSettings):
     # An operator-run Podman service (unix:///run/podman/podman.sock); unset: the consumer starts
     # its own on a private socket in its work dir and stops it at exit.
     podman_url: str | None = None
+    # Rootless Podman on a cgroup v1 host ignores memory, CPU and PID limits (Podman says so and
+    # runs the container anyway), so such a consumer refuses to start unless the operator
+    # accepts models running unlimited there.
+    allow_unenforced_limits: bool = False
     data_dir: Path = Path("./data")
     work_dir: Path | None = None
 

@@ -137,7 +137,10 @@ class Consumer:
         # start) is stopped when run() ends.
         self._owns_runtime = runtime is None
         self.runtime = runtime or runtime_named(
-            settings.container_runtime, podman_url=settings.podman_url, work_dir=self.work_dir
+            settings.container_runtime,
+            podman_url=settings.podman_url,
+            work_dir=self.work_dir,
+            allow_unenforced_limits=settings.allow_unenforced_limits,
         )
         self.runtime.start()
         self.runner = ModelRunner(self.runtime, settings, remove_in_background=True)

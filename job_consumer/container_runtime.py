@@ -15,6 +15,7 @@ NVIDIA_VISIBLE_DEVICES. It is not packaged for Debian 12, so it is not built her
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import shutil
 import subprocess
@@ -138,9 +139,15 @@ class PodmanRuntime(ContainerRuntime):
     name: RuntimeName = "podman"
 
     def __init__(
-        self, *, url: str | None = None, socket_dir: Path | None = None, podman: str = "podman"
+        self,
+        *,
+        url: str | None = None,
+        socket_dir: Path | None = None,
+        podman: str = "podman",
+        allow_unenforced_limits: bool = False,
     ) -> None:
         self.url = url
+        self.allow_unenforced_limits = allow_unenforced_limits
         self.socket_dir = socket_dir
         self.podman = podman
         self._client: docker.DockerClient | None = None
@@ -166,9 +173,32 @@ class PodmanRuntime(ContainerRuntime):
             return
         if self.url is not None:
             self._client = docker.DockerClient(base_url=self.url)
+        else:
+            self.service_url = self._start_service()
+            self._client = self._connect_when_answering(self.service_url)
+        try:
+            self._refuse_unenforced_limits(self._client.info())
+        except BaseException:
+            self.stop()
+            raise
+
+    def _refuse_unenforced_limits(self, info: dict[str, Any]) -> None:
+        """Rootless Podman on cgroup v1 runs containers with no memory, CPU or PID limit at all
+        ("Resource limits are not supported and ignored on cgroups V1 rootless systems"): a model
+        could take the host down, so such a consumer does not start unless the operator says so."""
+        rootless = "name=rootless" in (info.get("SecurityOptions") or []) or (
+            self.url is None and os.geteuid() != 0
+        )
+        if not rootless or str(info.get("CgroupVersion")) != "1":
             return
-        self.service_url = self._start_service()
-        self._client = self._connect_when_answering(self.service_url)
+        if self.allow_unenforced_limits:
+            log.warning("rootless Podman on cgroup v1: models run WITHOUT memory, CPU or PID limits")
+            return
+        raise ContainerRuntimeError(
+            "rootless Podman on a cgroup v1 host ignores memory, CPU and PID limits; use cgroup v2 "
+            "with delegation, rootful Podman or Docker, or set IS_ALLOW_UNENFORCED_LIMITS=true to "
+            "run models unlimited"
+        )
 
     def stop(self) -> None:
         if self._client is not None:
@@ -277,9 +307,15 @@ def podman_ulimits() -> list[Ulimit]:
 
 
 def runtime_named(
-    name: RuntimeName, *, podman_url: str | None = None, work_dir: Path | None = None
+    name: RuntimeName,
+    *,
+    podman_url: str | None = None,
+    work_dir: Path | None = None,
+    allow_unenforced_limits: bool = False,
 ) -> ContainerRuntime:
     """The runtime IS_CONTAINER_RUNTIME names, not started yet."""
     if name == "podman":
-        return PodmanRuntime(url=podman_url, socket_dir=work_dir)
+        return PodmanRuntime(
+            url=podman_url, socket_dir=work_dir, allow_unenforced_limits=allow_unenforced_limits
+        )
     return DockerRuntime()

@@ -182,6 +182,9 @@ def rootless_platform(
             "XDG_RUNTIME_DIR": f"/run/user/{user.pw_uid}",
             "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), sysconfig.get_paths()["purelib"]]),
             "IS_WORK_DIR": str(rootless_work_dir),
+            # On cgroup v1 a rootless consumer refuses to start without this (its models would
+            # run unlimited; tests/job_consumer/test_container_runtime.py checks the refusal).
+            "IS_ALLOW_UNENFORCED_LIMITS": "true",
         },
     )
     try:

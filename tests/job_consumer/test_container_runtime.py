@@ -185,3 +185,25 @@ def test_the_runtime_is_a_setting_docker_by_default(monkeypatch, tmp_path):
     monkeypatch.setenv("IS_CONTAINER_RUNTIME", "singularity")
     with pytest.raises(ValidationError, match="container_runtime"):
         ConsumerSettings()
+
+
+ROOTLESS_V1 = {"SecurityOptions": ["name=seccomp,profile=default", "name=rootless"], "CgroupVersion": "1"}
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        {"SecurityOptions": ["name=seccomp,profile=default"], "CgroupVersion": "1"},  # rootful, v1
+        {"SecurityOptions": ["name=rootless"], "CgroupVersion": "2"},  # rootless, v2
+    ],
+)
+def test_podman_whose_limits_hold_is_accepted(info) -> None:
+    PodmanRuntime(url="unix:///operator/podman.sock")._refuse_unenforced_limits(info)
+
+
+def test_rootless_podman_on_cgroup_v1_is_refused_unless_the_operator_allows_it(caplog) -> None:
+    with pytest.raises(ContainerRuntimeError, match="ignores memory, CPU and PID limits"):
+        PodmanRuntime(url="unix:///operator/podman.sock")._refuse_unenforced_limits(ROOTLESS_V1)
+    allowed = PodmanRuntime(url="unix:///operator/podman.sock", allow_unenforced_limits=True)
+    allowed._refuse_unenforced_limits(ROOTLESS_V1)
+    assert "WITHOUT memory, CPU or PID limits" in caplog.text
