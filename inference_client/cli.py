@@ -241,12 +241,13 @@ def _consumers_list(client: InferenceClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(consumers)
         return 0
-    rows = [("ID", "STATE", "HOST", "GPU", "RUNNING", "LAST SEEN")]
+    rows = [("ID", "STATE", "HOST", "RUNTIME", "GPU", "RUNNING", "LAST SEEN")]
     rows += [
         (
             consumer.id,
             str(consumer.state),
             consumer.host,
+            consumer.runtime,
             _consumer_gpus(consumer),
             str(len(consumer.running_tasks)),
             _time(consumer.last_seen_at),

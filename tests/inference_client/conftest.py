@@ -53,7 +53,11 @@ def register_consumer(private_api: PrivateStack) -> RegisterConsumer:
     """
 
     def register(
-        *, gpu_memory_mb: int | None = None, running_tasks: tuple[str, ...] = (), host: str = "test-host"
+        *,
+        gpu_memory_mb: int | None = None,
+        running_tasks: tuple[str, ...] = (),
+        host: str = "test-host",
+        runtime: str = "docker",
     ) -> str:
         consumer_id = f"{host}-{secrets.token_hex(3)}"
         gpus = (
@@ -63,6 +67,7 @@ def register_consumer(private_api: PrivateStack) -> RegisterConsumer:
         )
         registration = ConsumerRegistration(
             host=host,
+            runtime=runtime,
             cpus=4,
             memory_mb=8192,
             gpus=gpus,

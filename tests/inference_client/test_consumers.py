@@ -17,7 +17,7 @@ from inference_server.contract import ConsumerState
 from tests.inference_client.conftest import RegisterConsumer
 from tests.inference_client.tables import parse_table
 
-CONSUMER_COLUMNS = ["ID", "STATE", "HOST", "GPU", "RUNNING", "LAST SEEN"]
+CONSUMER_COLUMNS = ["ID", "STATE", "HOST", "RUNTIME", "GPU", "RUNNING", "LAST SEEN"]
 # Consumers report running tasks by uid; the registry takes them as the consumer says.
 RUNNING_UIDS = ("0" * 32, "1" * 32)
 
@@ -71,7 +71,9 @@ def test_client_consumer_errors(public_url: str, user_key: str, client: Inferenc
 def test_infer_consumers_list_drain_resume(
     public_url: str, register_consumer: RegisterConsumer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    gpu_consumer = register_consumer(gpu_memory_mb=24576, running_tasks=RUNNING_UIDS, host="gpu-box")
+    gpu_consumer = register_consumer(
+        gpu_memory_mb=24576, running_tasks=RUNNING_UIDS, host="gpu-box", runtime="podman"
+    )
     cpu_consumer = register_consumer(host="cpu-box")
     assert run(public_url, "consumers", "list") == 0
     rows = {row["ID"]: row for row in parse_table(capsys.readouterr().out, CONSUMER_COLUMNS)}
@@ -85,6 +87,7 @@ def test_infer_consumers_list_drain_resume(
         "-",
         "0",
     )
+    assert (gpu_row["RUNTIME"], cpu_row["RUNTIME"]) == ("podman", "docker")
     assert len(cpu_row["LAST SEEN"]) == len("2026-01-01 00:00:00")
 
     assert run(public_url, "consumers", "drain", gpu_consumer) == 0
