@@ -18,6 +18,7 @@ import logging
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -46,6 +47,8 @@ PODMAN_RLIMITS = {"nofile": (resource.RLIMIT_NOFILE, 1048576), "nproc": (resourc
 SIGKILL_EXIT_CODE = 137
 SOCKET_FOLDER_PREFIX = "podman-"
 SOCKET_NAME = "api.sock"
+# A socket folder younger than this may belong to a consumer still starting its service.
+DEAD_SERVICE_MIN_AGE_S = 60.0
 # A unix socket path longer than this is refused by the kernel (sun_path is 108 bytes).
 MAX_SOCKET_PATH = 100
 PODMAN_START_TIMEOUT_S = 30.0
@@ -73,6 +76,10 @@ class ContainerRuntime(ABC):
     @abstractmethod
     def stop(self) -> None:
         """Release what start() made (idempotent)."""
+
+    def remove_dead_services(self, work_dir: Path) -> int:
+        """Remove what services of crashed consumers left in the work dir; how many went."""
+        return 0
 
     @abstractmethod
     def gpu_options(self, gpu: str) -> dict[str, Any]:
@@ -217,6 +224,25 @@ class PodmanRuntime(ContainerRuntime):
             shutil.rmtree(self._own_socket_dir, ignore_errors=True)
             self._own_socket_dir = None
 
+    def remove_dead_services(self, work_dir: Path) -> int:
+        """The socket folders of services whose consumer was SIGKILLed (their service went with
+        it, by pdeathsig, but the folder stayed). A folder is dead when nothing answers on its
+        socket; young ones are left alone, as a sibling consumer may be starting its service."""
+        removed = 0
+        for folder in work_dir.glob(f"{SOCKET_FOLDER_PREFIX}*"):
+            if folder == self._own_socket_dir or not folder.is_dir() or folder.is_symlink():
+                continue
+            try:
+                if time.time() - folder.stat().st_mtime < DEAD_SERVICE_MIN_AGE_S:
+                    continue
+                if _answers(folder / SOCKET_NAME):
+                    continue
+                shutil.rmtree(folder)
+                removed += 1
+            except OSError as exc:
+                log.warning("could not remove the dead Podman socket folder %s yet: %r", folder, exc)
+        return removed
+
     def _socket_path(self) -> Path:
         """A socket in a new private folder: under `socket_dir` (the work dir) when the path is
         short enough, else in the temp dir. Its own folder, as consumers may share a work dir."""
@@ -304,6 +330,19 @@ def podman_ulimits() -> list[Ulimit]:
         value = usual if hard == resource.RLIM_INFINITY else min(usual, hard)
         ulimits.append(Ulimit(name=name, soft=value, hard=value))
     return ulimits
+
+
+def _answers(socket_path: Path) -> bool:
+    """Whether something listens on the unix socket (a live service of another consumer)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(socket_path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def runtime_named(

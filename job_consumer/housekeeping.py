@@ -54,6 +54,12 @@ class Housekeeper:
                 log.info("removed stale work dir %s", folder)
             except Exception as exc:
                 log.warning("could not remove stale work dir %s yet: %r", folder, exc)
+        try:
+            dead = self.runner.runtime.remove_dead_services(self.work_dir)
+            if dead:
+                log.info("removed %d socket folder(s) of dead Podman services", dead)
+        except Exception as exc:
+            log.warning("could not sweep dead Podman socket folders: %r", exc)
         if not keep_task_uids:
             try:
                 self.models.remove_own_temp_dirs()

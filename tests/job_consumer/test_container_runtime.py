@@ -3,9 +3,12 @@ service a consumer starts for itself, or finds an operator's."""
 
 from __future__ import annotations
 
+import os
 import resource
+import socket
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from pydantic import ValidationError
 from job_consumer.config import ConsumerSettings
 from job_consumer.container_runtime import (
     SIGKILL_EXIT_CODE,
+    SOCKET_FOLDER_PREFIX,
+    SOCKET_NAME,
     ContainerRuntime,
     ContainerRuntimeError,
     DockerRuntime,
@@ -207,3 +212,33 @@ def test_rootless_podman_on_cgroup_v1_is_refused_unless_the_operator_allows_it(c
     allowed = PodmanRuntime(url="unix:///operator/podman.sock", allow_unenforced_limits=True)
     allowed._refuse_unenforced_limits(ROOTLESS_V1)
     assert "WITHOUT memory, CPU or PID limits" in caplog.text
+
+
+def test_the_sweep_removes_dead_podman_socket_folders_only(tmp_path) -> None:
+    def socket_folder(name: str, *, listening: bool, age_s: float) -> tuple[Path, socket.socket | None]:
+        folder = tmp_path / name
+        folder.mkdir()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(folder / SOCKET_NAME))
+        if listening:
+            server.listen(1)
+        else:
+            server.close()  # the socket file stays, nothing answers: a SIGKILLed consumer's
+        then = time.time() - age_s
+        os.utime(folder, (then, then))
+        return folder, server if listening else None
+
+    dead, _ = socket_folder(f"{SOCKET_FOLDER_PREFIX}dead", listening=False, age_s=3600)
+    alive, server = socket_folder(f"{SOCKET_FOLDER_PREFIX}alive", listening=True, age_s=3600)
+    young, _ = socket_folder(f"{SOCKET_FOLDER_PREFIX}young", listening=False, age_s=0)
+    other = tmp_path / "not-a-socket-folder"
+    other.mkdir()
+    try:
+        removed = PodmanRuntime(url="unix:///operator/podman.sock").remove_dead_services(tmp_path)
+    finally:
+        assert server is not None
+        server.close()
+    assert removed == 1
+    assert not dead.exists()
+    assert alive.exists() and young.exists() and other.exists()
+    assert DockerRuntime().remove_dead_services(tmp_path) == 0
