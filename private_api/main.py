@@ -10,6 +10,7 @@ from datetime import timedelta
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from inference_server.api_docs import install_offline_docs
 from inference_server.serving import install_json_body_limit
 from private_api.blobs import BlobStore
 from private_api.config import PrivateSettings
@@ -76,7 +77,11 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
         summary="Database, blob store and queue behind the public API and the job consumers.",
         version="1.0",
         lifespan=lifespan,
+        # /docs and /redoc are served from assets shipped with the platform (offline networks).
+        docs_url=None,
+        redoc_url=None,
     )
+    install_offline_docs(app)
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = session_factory

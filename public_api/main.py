@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.routing import Route
 
+from inference_server.api_docs import install_offline_docs
 from inference_server.serving import install_json_body_limit
 from public_api.auth import KeyResolver
 from public_api.config import PublicSettings
@@ -56,7 +57,11 @@ def create_app(settings: PublicSettings | None = None) -> FastAPI:
         version="1.3.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # /docs and /redoc are served from assets shipped with the platform (offline networks).
+        docs_url=None,
+        redoc_url=None,
     )
+    install_offline_docs(app)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.failure_budget = FailureBudget(settings.unauthenticated_rate_per_minute)
