@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Brings up, only where absent, everything the platform and its tests run against:
-# the virtualenv, the Docker engine, Podman, RabbitMQ, PostgreSQL and the local base image, and
+# the virtualenv, the Docker engine, Podman, RabbitMQ, PostgreSQL, Chromium and the local base image, and
 # the example and test model images in Podman's store as well as Docker's.
 # Idempotent and quiet when nothing is missing; every step says what it does when it acts.
 set -euo pipefail
@@ -59,6 +59,9 @@ command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v zip >/dev/null || missing+=(zip)
 command -v openssl >/dev/null || missing+=(openssl)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+# The browser tests (pytest marker `browser`) drive Debian's Chromium through Playwright, which
+# cannot download a browser of its own here.
+command -v chromium >/dev/null || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ]; then
     # shellcheck disable=SC2207
     missing=($(printf '%s\n' "${missing[@]}" | sort -u))
