@@ -387,6 +387,10 @@ class TaskPublic(BaseModel):
     # Answered from this finished task's output (same image ID, model zip, input and params).
     cached_from: str | None = None
     webhook: WebhookState | None = None
+    # What the model last reported of its progress while running (a PROGRESS_LINE_PREFIX line in
+    # its log): a fraction 0..1 and the rest of that line. None until it reports any.
+    progress: float | None = None
+    progress_message: str | None = None
 
 
 class RunTimes(BaseModel):
@@ -578,6 +582,15 @@ class PublicRoutes:
 
 ZIP_MEDIA_TYPE = "application/zip"
 LOG_MEDIA_TYPE = "text/plain; charset=utf-8"
+# A model reports its progress by printing a line `INFERENCE_PROGRESS <fraction 0..1> [message]`;
+# the consumer ships the latest such line of the live log as these query parameters of its log
+# upload (PUT PrivateRoutes.TASK_LOGS), and the task shows them as progress / progress_message.
+PROGRESS_LINE_PREFIX = "INFERENCE_PROGRESS"
+PROGRESS_PARAM = "progress"
+PROGRESS_MESSAGE_PARAM = "progress_message"
+PROGRESS_MESSAGE_MAX_CHARS = 500
+# GET PublicRoutes.TASK_LOGS?follow=true streams the log until the task ends.
+FOLLOW_PARAM = "follow"
 
 MAX_PRIORITY = 9
 # Declared identically by the private API (publisher) and every consumer: RabbitMQ refuses a

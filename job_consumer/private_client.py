@@ -13,6 +13,8 @@ import httpx
 from inference_server.contract import (
     CONSUMER_ID_HEADER,
     LOG_MEDIA_TYPE,
+    PROGRESS_MESSAGE_PARAM,
+    PROGRESS_PARAM,
     SERVICE_TOKEN_HEADER,
     ZIP_MEDIA_TYPE,
     CacheAnswer,
@@ -31,6 +33,7 @@ from inference_server.contract import (
     error_detail,
 )
 from job_consumer.config import ConsumerSettings
+from job_consumer.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +187,19 @@ class PrivateApiClient:
         )
         return CacheAnswer.model_validate(response.json())
 
-    def upload_logs(self, uid: str, text: str) -> None:
+    def upload_logs(self, uid: str, text: str, progress: Progress | None = None) -> None:
+        """Replace the task's log with `text` (all of it so far), with the progress it reports."""
+        params: dict[str, str | float] = {}
+        if progress is not None:
+            params[PROGRESS_PARAM] = progress.fraction
+            if progress.message is not None:
+                params[PROGRESS_MESSAGE_PARAM] = progress.message
         self._request(
             "PUT",
             self._path(PrivateRoutes.TASK_LOGS, uid=uid),
             content=text.encode("utf-8", errors="replace"),
             headers={"Content-Type": LOG_MEDIA_TYPE},
+            params=params,
         )
 
     def upload_output(self, uid: str, zip_path: Path, run_times: RunTimes | None = None) -> TaskPublic:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,8 @@ UNPRIVILEGED_USER = "65534:65534"  # nobody:nogroup
 # Where a task's params are, in its container; absent when the task has none.
 PARAMS_PATH = "/params.json"
 POLL_S = 1.0
+# How long the run waits, after the exit, for the live output stream to deliver its last bytes.
+OUTPUT_READER_JOIN_S = 5.0
 # Docker's own copy of the logs is capped too, so a model printing without end cannot fill
 # the disk; the newest part is what survives rotation, and that is what users need.
 CONTAINER_LOG_CONFIG = LogConfig(type=LogConfig.types.JSON, config={"max-size": "10m", "max-file": "2"})
@@ -252,7 +255,10 @@ class ModelRunner:
         params_file: Path | None = None,
         image: str | None = None,
         should_stop: Callable[[], bool] = _never,
+        on_output: Callable[[bytes], None] | None = None,
     ) -> RunResult:
+        """Run the model to its end. `on_output` gets the container's output as it comes, from a
+        thread of its own, for the live log."""
         options = self.container_options(
             task_uid=task_uid,
             model=model,
@@ -270,6 +276,7 @@ class ModelRunner:
         if should_stop():
             return RunResult(None, False, False, True, "", 0.0, limits)
         container: Container | None = None
+        output_reader: threading.Thread | None = None
         try:
             # create + start rather than run(): run() pulls on a missing image and, if start
             # fails, leaves a created container behind without returning a handle to it.
@@ -300,6 +307,8 @@ class ModelRunner:
                 model.container_tag,
                 options["image"],
             )
+            if on_output is not None:
+                output_reader = self._read_output(container, on_output)
             exit_code, timed_out, cancelled, output_too_large = self._wait(
                 container, limits, started, should_stop, output_dir
             )
@@ -312,6 +321,9 @@ class ModelRunner:
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
             raise ModelRunError(f"lost the model container: {exc}", retryable=True) from exc
         finally:
+            if output_reader is not None:
+                # The stream ends with the container; bounded in case the engine never closes it.
+                output_reader.join(timeout=OUTPUT_READER_JOIN_S)
             if container is not None:
                 self._dispose(container)
         duration_s = time.monotonic() - started
@@ -327,6 +339,21 @@ class ModelRunner:
             started_at=started_at,
             finished_at=started_at + timedelta(seconds=duration_s),
         )
+
+    def _read_output(self, container: Container, on_output: Callable[[bytes], None]) -> threading.Thread:
+        """Follow the container's output (stdout and stderr, as `logs` reads them) until it exits."""
+
+        def follow() -> None:
+            try:
+                for chunk in container.logs(stdout=True, stderr=True, stream=True, follow=True):
+                    on_output(chunk)
+            except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+                # The live log only; the full log is read after the exit all the same.
+                log.info("container %s: output stream ended: %r", container.short_id, exc)
+
+        reader = threading.Thread(target=follow, name=f"output-{container.short_id}", daemon=True)
+        reader.start()
+        return reader
 
     def _wait(
         self,

@@ -20,7 +20,9 @@ from inference_server.file_trees import directory_size, make_inert
 from inference_server.zipsafe import UnsafeZipError, ZipLimits, zip_directory
 from job_consumer.active_task import ActiveTask, StopReason
 from job_consumer.config import ConsumerSettings
+from job_consumer.live_logs import LiveLog, LogRefused
 from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable
+from job_consumer.progress import Progress
 from job_consumer.runner import ModelRunError, ModelRunner, RunResult
 from job_consumer.verdict import Failed, Stopped, output_too_large, verdict_for
 from job_consumer.workspace import ModelCache, ModelZipMismatch, TaskWorkspace
@@ -157,6 +159,7 @@ class TaskExecutor:
         if task.stop_reason is not None:
             self._finish_stopped(task, task.stop_reason)
             return
+        live_log = self._live_log(task)
         try:
             result = self.runner.run(
                 task_uid=task.uid,
@@ -167,10 +170,15 @@ class TaskExecutor:
                 params_file=params_file,
                 image=image,
                 should_stop=task.should_stop,
+                on_output=live_log.feed,
             )
         except ModelRunError as exc:
+            live_log.stop()
             self._upload_logs(task, f"{LOG_PREFIX} {exc}\n")
             raise _TaskError(str(exc), retryable=exc.retryable) from exc
+        finally:
+            # Nothing live may land after the final log, which replaces it.
+            live_log.stop()
         try:
             self._conclude(task, workspace, result)
         except _TaskError as exc:
@@ -359,6 +367,26 @@ class TaskExecutor:
             log.error(
                 "task %s: could not report the failure (%s); the lease reaper will retry it", task.uid, exc
             )
+
+    def _live_log(self, task: ActiveTask) -> LiveLog:
+        """The run's output shipped while it runs (the issue's live logs), already shipping."""
+
+        def ship(text: str, progress: Progress | None) -> None:
+            try:
+                self.api.upload_logs(task.uid, self._scrub(text), progress)
+            except PrivateApiHttpError as exc:
+                if exc.is_conflict or exc.status_code == 404:
+                    raise LogRefused(exc.detail) from exc
+                raise
+
+        live_log = LiveLog(
+            max_bytes=self.settings.max_log_bytes,
+            ship=ship,
+            cap_marker=f"{LOG_PREFIX} live log stopped at {self.settings.max_log_bytes} bytes; "
+            "the end of the log follows when the task ends",
+        )
+        live_log.start(name=f"live-log-{task.uid}")
+        return live_log
 
     def _upload_logs(self, task: ActiveTask, text: str) -> None:
         text = self._scrub(text)

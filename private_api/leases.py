@@ -112,6 +112,9 @@ def claim_task(
         # A new attempt has not run its container yet: the last attempt's run times go.
         run_started_at=case((same_holder, Task.run_started_at), else_=None),
         run_finished_at=case((same_holder, Task.run_finished_at), else_=None),
+        # Nor reported progress: the last attempt's would read as this one's.
+        progress=case((same_holder, Task.progress), else_=None),
+        progress_message=case((same_holder, Task.progress_message), else_=None),
         consumer_id=consumer_id,
         lease_expires_at=now + timedelta(seconds=lease_seconds),
     )
@@ -310,9 +313,18 @@ def release_task(
 
 
 def store_logs(
-    *, session: Session, blobs: BlobStore, uid: str, consumer_id: str, log_blob: StoredBlob
+    *,
+    session: Session,
+    blobs: BlobStore,
+    uid: str,
+    consumer_id: str,
+    log_blob: StoredBlob,
+    progress: float | None = None,
+    progress_message: str | None = None,
 ) -> None:
-    """Replace the task's log; the caller deletes `log_blob` if this raises."""
+    """Replace the task's log (the whole text so far: a retried upload changes nothing), and its
+    progress when the upload carries one; the caller deletes `log_blob` if this raises."""
+    reported = {} if progress is None else {"progress": progress, "progress_message": progress_message}
     task = load_task(session, uid)
     if task is None:
         raise NotFound(f"task {uid} is unknown")
@@ -325,6 +337,7 @@ def store_logs(
         # Only over the log we saw, so a concurrent replacement is not silently orphaned.
         Task.log_blob_key.is_(None) if old_key is None else Task.log_blob_key == old_key,
         log_blob_key=log_blob.key,
+        **reported,
     )
     if not replaced:
         _raise_not_holder(session, uid, consumer_id)

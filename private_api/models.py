@@ -154,6 +154,9 @@ class Task(Base):
     # The container's start and end on the latest attempt that reported them (consumer's clock).
     run_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     run_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The latest progress the model printed (PROGRESS_LINE_PREFIX), shipped with its live log.
+    progress: Mapped[float | None] = mapped_column(Float)
+    progress_message: Mapped[str | None] = mapped_column(Text)
     # The name of the API key that submitted the task; NULL for an anonymous submission.
     owner: Mapped[str | None] = mapped_column(String(255))
     # The task's parameters (a JSON object checked against its model's params_schema), or NULL.

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from inference_server.contract import (
+    PROGRESS_MESSAGE_MAX_CHARS,
     CacheAnswer,
     CacheLookup,
     HeartbeatReply,
@@ -171,6 +172,9 @@ async def put_task_logs(
     session: SessionDep,
     settings: SettingsDep,
     blobs: BlobsDep,
+    # The latest progress line of the log sent (PROGRESS_LINE_PREFIX): a live upload carries it.
+    progress: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
+    progress_message: Annotated[str | None, Query(max_length=PROGRESS_MESSAGE_MAX_CHARS)] = None,
 ) -> Response:
     await run_in_threadpool(
         leases.require_holder,
@@ -188,5 +192,7 @@ async def put_task_logs(
             uid=uid,
             consumer_id=consumer_id,
             log_blob=log_blob,
+            progress=progress,
+            progress_message=progress_message,
         )
     return Response(status_code=204)

@@ -1,4 +1,7 @@
-"""Live logs: what a running task's log needs recorded while it runs (kept empty when nothing is).
+"""Live logs: the progress a running model last printed, shipped with its live log.
+
+A column rather than derived from the stored log at each read: status reads and task lists are
+frequent and must not open a blob of up to IS_MAX_LOG_BYTES per task.
 
 Revision ID: 0012
 Revises: 0011
@@ -7,8 +10,8 @@ Create Date: 2026-12-02
 
 from __future__ import annotations
 
-import sqlalchemy as sa  # noqa: F401
-from alembic import op  # noqa: F401
+import sqlalchemy as sa
+from alembic import op
 
 revision: str = "0012"
 down_revision: str | None = "0011"
@@ -17,8 +20,10 @@ depends_on: str | None = None
 
 
 def upgrade() -> None:
-    pass
+    op.add_column("tasks", sa.Column("progress", sa.Float(), nullable=True))
+    op.add_column("tasks", sa.Column("progress_message", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
-    pass
+    op.drop_column("tasks", "progress_message")
+    op.drop_column("tasks", "progress")
