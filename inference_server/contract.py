@@ -354,6 +354,24 @@ MODEL_PARAMS_SCHEMA_FIELD = "params_schema"
 PARAMS_MAX_BYTES = 64 * 1024
 
 
+class FailureCategory(StrEnum):
+    """Why a failed (or cancelled) task ended, so a user can act without reading its logs.
+
+    UPSTREAM_FAILED is beyond the issue's list: a chained task whose upstream failed, expired or
+    was deleted did not fail on its own, and calling that `infrastructure` would send users to
+    the operator for what is the upstream's failure (whose own category says more)."""
+
+    TIMEOUT = "timeout"
+    OUT_OF_MEMORY = "out_of_memory"
+    OUTPUT_TOO_LARGE = "output_too_large"
+    MODEL_EXIT_CODE = "model_exit_code"
+    IMAGE_MISSING = "image_missing"
+    UNSCHEDULABLE = "unschedulable"
+    CANCELLED = "cancelled"
+    INFRASTRUCTURE = "infrastructure"
+    UPSTREAM_FAILED = "upstream_failed"
+
+
 class TaskPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -364,6 +382,8 @@ class TaskPublic(BaseModel):
     attempts: int = 0
     exit_code: int | None = None
     error: str | None = None
+    # The category of `error` for a failed or cancelled task; None while it has not ended so.
+    failure: FailureCategory | None = None
     input_sha256: str | None = None
     output_sha256: str | None = None
     output_present: bool = False
@@ -449,6 +469,9 @@ class TaskFailure(RunTimes):
     error: str = Field(max_length=20_000)
     exit_code: int | None = None
     retryable: bool = False
+    # Optional so a consumer of an older version still reports; the private API stores
+    # `infrastructure` for a failure that names no category.
+    failure: FailureCategory | None = None
 
 
 class TaskRelease(BaseModel):
@@ -465,6 +488,14 @@ class GpuInfo(BaseModel):
     name: str = Field(default="", max_length=256)
     memory_total_mb: int = Field(ge=1, le=16 * 1024 * 1024)
     simulated: bool = False
+
+
+class GpuReading(BaseModel):
+    """One real GPU's use at a heartbeat, as NVML reads it (for the platform's metrics)."""
+
+    index: int = Field(ge=0, le=1023)
+    memory_used_bytes: int = Field(ge=0)
+    utilization_ratio: float = Field(ge=0, le=1)
 
 
 class ConsumerRegistration(BaseModel):
@@ -489,6 +520,8 @@ class ConsumerHeartbeat(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     running_tasks: list[str] = Field(default_factory=list, max_length=1024)
+    # NVML's readings of its real GPUs at this heartbeat; empty for simulated GPUs or none.
+    gpu_readings: list[GpuReading] = Field(default_factory=list, max_length=64)
 
 
 class ConsumerState(StrEnum):

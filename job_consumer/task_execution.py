@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from inference_server.backoff import Backoff
-from inference_server.contract import RunTimes, TaskFailure
+from inference_server.contract import FailureCategory, RunTimes, TaskFailure
 from inference_server.file_trees import directory_size, make_inert
 from inference_server.zipsafe import UnsafeZipError, ZipLimits, zip_directory
 from job_consumer.active_task import ActiveTask, StopReason
@@ -24,7 +24,7 @@ from job_consumer.live_logs import LiveLog, LogRefused
 from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable
 from job_consumer.progress import Progress
 from job_consumer.runner import ModelRunError, ModelRunner, RunResult
-from job_consumer.verdict import Failed, Stopped, output_too_large, verdict_for
+from job_consumer.verdict import Failed, Stopped, output_too_large, run_error, verdict_for
 from job_consumer.workspace import ModelCache, ModelZipMismatch, TaskWorkspace
 
 log = logging.getLogger(__name__)
@@ -38,15 +38,28 @@ T = TypeVar("T")
 class _TaskError(Exception):
     """The task failed; `run_times` are the model container's, when it ran before the failure."""
 
-    def __init__(self, message: str, *, retryable: bool, exit_code: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        exit_code: int | None = None,
+        category: FailureCategory = FailureCategory.INFRASTRUCTURE,
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.exit_code = exit_code
+        self.category = category
         self.run_times = RunTimes()
 
     @classmethod
     def of(cls, failure: Failed) -> _TaskError:
-        return cls(failure.reason, retryable=failure.retryable, exit_code=failure.exit_code)
+        return cls(
+            failure.reason,
+            retryable=failure.retryable,
+            exit_code=failure.exit_code,
+            category=failure.category,
+        )
 
 
 class TaskExecutor:
@@ -87,7 +100,12 @@ class TaskExecutor:
             self._execute(task, workspace)
         except _TaskError as exc:
             self._report_failure(
-                task, str(exc), retryable=exc.retryable, exit_code=exc.exit_code, run_times=exc.run_times
+                task,
+                str(exc),
+                retryable=exc.retryable,
+                exit_code=exc.exit_code,
+                run_times=exc.run_times,
+                category=exc.category,
             )
         except PrivateApiUnavailable as exc:
             log.error(
@@ -175,7 +193,7 @@ class TaskExecutor:
         except ModelRunError as exc:
             live_log.stop()
             self._upload_logs(task, f"{LOG_PREFIX} {exc}\n")
-            raise _TaskError(str(exc), retryable=exc.retryable) from exc
+            raise _TaskError.of(run_error(exc)) from exc
         finally:
             # Nothing live may land after the final log, which replaces it.
             live_log.stop()
@@ -348,13 +366,16 @@ class TaskExecutor:
         retryable: bool,
         exit_code: int | None = None,
         run_times: RunTimes | None = None,
+        category: FailureCategory = FailureCategory.INFRASTRUCTURE,
     ) -> None:
         if task.stop_reason == StopReason.LEASE_LOST:
             log.warning("task %s: failed (%s) but the lease is lost; not reporting", task.uid, error)
             return
         error = self._scrub(error)
         log.warning("task %s: failed: %s", task.uid, error.splitlines()[0] if error else "")
-        failure = TaskFailure(error=error[:20_000], exit_code=exit_code, retryable=retryable)
+        failure = TaskFailure(
+            error=error[:20_000], exit_code=exit_code, retryable=retryable, failure=category
+        )
         try:
             self._with_run_times(
                 task,

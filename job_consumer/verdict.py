@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import docker.errors
+
+from inference_server.contract import FailureCategory
 from job_consumer.active_task import StopReason
-from job_consumer.runner import RunResult
+from job_consumer.runner import ModelRunError, RunResult
 
 ERROR_TAIL_LINES = 20
 ERROR_TAIL_CHARS = 4000
@@ -27,6 +30,7 @@ class Failed:
     reason: str
     retryable: bool
     exit_code: int | None = None
+    category: FailureCategory = FailureCategory.INFRASTRUCTURE
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ def verdict_for(result: RunResult, stop_reason: StopReason | None, *, max_output
             f"timeout: the model ran longer than its {limits.timeout_s} s limit and was killed",
             retryable=False,
             exit_code=result.exit_code,
+            category=FailureCategory.TIMEOUT,
         )
     if result.oom_killed:
         return Failed(
@@ -64,12 +69,14 @@ def verdict_for(result: RunResult, stop_reason: StopReason | None, *, max_output
             f" (exit code {result.exit_code})",
             retryable=False,
             exit_code=result.exit_code,
+            category=FailureCategory.OUT_OF_MEMORY,
         )
     if result.exit_code != 0:
         return Failed(
             f"model exited with code {result.exit_code}; last log lines:\n{_tail(result.logs)}",
             retryable=False,
             exit_code=result.exit_code,
+            category=FailureCategory.MODEL_EXIT_CODE,
         )
     return Finished()
 
@@ -81,6 +88,18 @@ def output_too_large(max_output_bytes: int, exit_code: int | None = None) -> Fai
         "/output (the consumer's IS_MAX_OUTPUT_BYTES) and was stopped",
         retryable=False,
         exit_code=exit_code,
+        category=FailureCategory.OUTPUT_TOO_LARGE,
+    )
+
+
+def run_error(exc: ModelRunError) -> Failed:
+    """A container that could not be run at all: its image missing (the engine's ImageNotFound,
+    kept as the cause), or the engine failing us, which is the platform's side."""
+    missing = isinstance(exc.__cause__, docker.errors.ImageNotFound)
+    return Failed(
+        str(exc),
+        retryable=exc.retryable,
+        category=FailureCategory.IMAGE_MISSING if missing else FailureCategory.INFRASTRUCTURE,
     )
 
 

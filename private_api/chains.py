@@ -30,7 +30,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, aliased
 
-from inference_server.contract import TASK_UID_RE, TaskStatus, TaskSubmitFields, WebhookEvent
+from inference_server.contract import TASK_UID_RE, FailureCategory, TaskStatus, TaskSubmitFields, WebhookEvent
 from private_api import upstreams, webhooks
 from private_api.access import Actor, may_see
 from private_api.exceptions import Conflict, NotFound, Unprocessable
@@ -225,6 +225,11 @@ def _end_dependents(session: Session, uid: str) -> int:
                 upstreams.waits_on(cause),
                 status=outcome,
                 error=f"upstream {cause} {how}",
+                failure=(
+                    FailureCategory.CANCELLED
+                    if outcome == TaskStatus.CANCELLED
+                    else FailureCategory.UPSTREAM_FAILED
+                ),
                 finished_at=utcnow(),
                 lease_expires_at=None,
             ):

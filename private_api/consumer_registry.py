@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from inference_server.contract import (
+    AuditAction,
     ConsumerHeartbeat,
     ConsumerHeartbeatReply,
     ConsumerPublic,
@@ -23,6 +24,7 @@ from inference_server.contract import (
     ConsumerState,
     GpuInfo,
 )
+from private_api import audit
 from private_api.exceptions import NotFound
 from private_api.models import Consumer, utcnow
 
@@ -121,7 +123,13 @@ def _upsert(
     consumer = session.get(Consumer, consumer_id, with_for_update=True, populate_existing=True)
     if consumer is None:
         consumer = Consumer(
-            id=consumer_id, **values, running_tasks=[], draining=False, registered_at=now, last_seen_at=now
+            id=consumer_id,
+            **values,
+            running_tasks=[],
+            gpu_readings=[],
+            draining=False,
+            registered_at=now,
+            last_seen_at=now,
         )
         session.add(consumer)
     else:
@@ -138,6 +146,7 @@ def heartbeat(*, session: Session, consumer_id: str, beat: ConsumerHeartbeat) ->
     """Record that the consumer lives and what it runs; tells it whether it is draining."""
     consumer = _required(session, consumer_id)
     consumer.running_tasks = list(beat.running_tasks)
+    consumer.gpu_readings = [reading.model_dump(mode="json") for reading in beat.gpu_readings]
     consumer.last_seen_at = utcnow()
     reply = ConsumerHeartbeatReply(draining=consumer.draining)
     session.commit()
@@ -163,10 +172,19 @@ def registered_consumers(*, session: Session, lost_after_s: float) -> list[Regis
 
 
 def set_draining(
-    *, session: Session, consumer_id: str, draining: bool, lost_after_s: float
+    *,
+    session: Session,
+    consumer_id: str,
+    draining: bool,
+    lost_after_s: float,
+    actor: audit.AuditActor = audit.PLATFORM,
 ) -> ConsumerPublic:
-    """Drain (take no new task, finish the running ones) or resume a consumer."""
+    """Drain (take no new task, finish the running ones) or resume a consumer; audited when it
+    changes the consumer."""
     consumer = _required(session, consumer_id)
+    if consumer.draining != draining:
+        action = AuditAction.CONSUMER_DRAINED if draining else AuditAction.CONSUMER_RESUMED
+        audit.record(session, actor, action, consumer_id)
     consumer.draining = draining
     session.flush()
     public = _public(consumer, now=utcnow(), lost_after_s=lost_after_s)

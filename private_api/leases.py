@@ -11,6 +11,7 @@ from sqlalchemy import and_, case, or_, select
 from sqlalchemy.orm import Session
 
 from inference_server.contract import (
+    FailureCategory,
     HeartbeatReply,
     ModelPublic,
     RunTimes,
@@ -223,6 +224,7 @@ def store_output(
         output_sha256=output_blob.sha256,
         exit_code=0,
         error=None,
+        failure=None,
         finished_at=utcnow(),
         run_started_at=run_times.run_started_at,
         run_finished_at=run_times.run_finished_at,
@@ -265,6 +267,7 @@ def fail_task(
         *held,
         status=TaskStatus.FAILED,
         error=failure.error,
+        failure=failure.failure or FailureCategory.INFRASTRUCTURE,
         exit_code=failure.exit_code,
         **run_times,
         finished_at=utcnow(),
@@ -378,6 +381,7 @@ def reap_expired_leases(
             session,
             *expired,
             status=TaskStatus.FAILED,
+            failure=FailureCategory.INFRASTRUCTURE,
             error=(
                 f"consumer {row.consumer_id!r} stopped renewing its lease; "
                 f"gave up after {row.attempts} attempts"

@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from inference_server.contract import ApiKeyRole, TaskStatus, WebhookEvent, WebhookState
+from inference_server.contract import ApiKeyRole, FailureCategory, TaskStatus, WebhookEvent, WebhookState
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -139,6 +139,8 @@ class Task(Base):
     attempts: Mapped[int]
     exit_code: Mapped[int | None]
     error: Mapped[str | None] = mapped_column(Text)
+    # The category of `error` (FailureCategory); NULL unless the task failed or was cancelled.
+    failure: Mapped[FailureCategory | None] = mapped_column(StrEnumText(FailureCategory))
     input_blob_key: Mapped[str | None] = mapped_column(String(255))
     input_sha256: Mapped[str | None] = mapped_column(String(64))
     output_blob_key: Mapped[str | None] = mapped_column(String(255))
@@ -288,6 +290,8 @@ class Consumer(Base):
     takes_cpu_tasks: Mapped[bool]
     # Task uids, as its latest heartbeat listed them.
     running_tasks: Mapped[list[str]] = mapped_column(JSON)
+    # GpuReading dicts, as its latest heartbeat sent them (empty for simulated GPUs).
+    gpu_readings: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     # Set by an operator; kept when the consumer registers again (a restart does not undrain).
     draining: Mapped[bool]
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -26,7 +26,7 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from inference_server.capacity import Capacity, TaskNeeds
-from inference_server.contract import ConsumerState, TaskStatus, WebhookEvent
+from inference_server.contract import ConsumerState, FailureCategory, TaskStatus, WebhookEvent
 from private_api import upstreams, webhooks
 from private_api.config import PrivateSettings
 from private_api.consumer_registry import RegisteredConsumer, registered_consumers
@@ -325,6 +325,7 @@ def fail_unrunnable(
             Task.published_at.is_(None),
             status=TaskStatus.FAILED,
             error=reason,
+            failure=FailureCategory.UNSCHEDULABLE,
             finished_at=utcnow(),
         ):
             failed += 1

@@ -9,8 +9,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from inference_server.contract import TaskPublic, TaskStatus, WebhookEvent
-from private_api import blob_sharing, chains, webhooks
+from inference_server.contract import AuditAction, FailureCategory, TaskPublic, TaskStatus, WebhookEvent
+from private_api import audit, blob_sharing, chains, webhooks
 from private_api.access import Actor, owner_conditions, visible_task
 from private_api.blobs import BlobStore, StoredBlob
 from private_api.config import PrivateSettings
@@ -237,12 +237,14 @@ def cancel_task(*, session: Session, uid: str, actor: Actor | None = None) -> Ta
         Task.status.in_(ACTIVE_STATUSES),
         *owner_conditions(actor),
         status=TaskStatus.CANCELLED,
+        failure=FailureCategory.CANCELLED,
         finished_at=utcnow(),
         lease_expires_at=None,
     )
     task = visible_task(session, uid, actor)
     if changed:
         webhooks.enqueue(session, task, WebhookEvent.CANCELLED)
+        audit.record(session, audit.AuditActor.of(actor), AuditAction.TASK_CANCELLED, uid)
     public = task_public(task)
     session.commit()
     if changed:
@@ -270,6 +272,7 @@ def delete_task(*, session: Session, blobs: BlobStore, uid: str, actor: Actor | 
     keys = (task.input_blob_key, task.output_blob_key, task.log_blob_key, task.model_from_blob_key)
     task.input_blob_key = task.output_blob_key = task.log_blob_key = task.model_from_blob_key = None
     public = task_public(task)
+    audit.record(session, audit.AuditActor.of(actor), AuditAction.TASK_DELETED, uid)
     session.commit()
     blob_sharing.release(session, blobs, keys)
     log.info("task %s deleted", uid)

@@ -15,7 +15,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from inference_server.contract import TaskStatus, broker_priority
+from inference_server.contract import FailureCategory, TaskStatus, broker_priority
 from private_api import task_lifecycle
 from private_api.maintenance import MaintenanceLoop
 from private_api.models import Task, utcnow
@@ -55,6 +55,7 @@ def test_expired_lease_goes_back_to_pending_and_is_republished(start_app, make_s
         lambda: (row := task_row(client, uid)).status == TaskStatus.FAILED and row, what="the reaper to fail"
     )
     assert "stopped renewing its lease" in failed.error
+    assert failed.failure == FailureCategory.INFRASTRUCTURE
     assert "consumer-b" in failed.error
     assert queue.count() == 0
 

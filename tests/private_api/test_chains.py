@@ -13,7 +13,13 @@ from fastapi.testclient import TestClient
 from httpx import Response
 from sqlalchemy import select, update
 
-from inference_server.contract import SERVICE_TOKEN_HEADER, ApiKeyRole, TaskStatus, WebhookEvent
+from inference_server.contract import (
+    SERVICE_TOKEN_HEADER,
+    ApiKeyRole,
+    FailureCategory,
+    TaskStatus,
+    WebhookEvent,
+)
 from private_api import chains, leases
 from private_api.config import PrivateSettings
 from private_api.models import Task, WebhookDelivery, utcnow
@@ -251,6 +257,12 @@ def test_a_failure_is_passed_on_through_the_whole_chain(client: TestClient) -> N
     assert status(client, second)["error"] == f"upstream {first} failed"
     assert status(client, third)["status"] == TaskStatus.FAILED
     assert status(client, third)["error"] == f"upstream {second} failed"
+    assert status(client, first)["failure"] == FailureCategory.INFRASTRUCTURE
+    assert (
+        status(client, second)["failure"]
+        == status(client, third)["failure"]
+        == FailureCategory.UPSTREAM_FAILED
+    )
     assert status(client, unrelated)["status"] == TaskStatus.PENDING
 
 
@@ -279,6 +291,7 @@ def test_cancelling_cancels_what_waits_on_it_transitively(client: TestClient) ->
         TaskStatus.CANCELLED,
         f"upstream {second} was cancelled",
     )
+    assert status(client, third)["failure"] == FailureCategory.CANCELLED
 
 
 def test_deleting_a_waited_on_task_fails_what_waits_on_it(client: TestClient) -> None:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from inference_server.contract import TaskStatus, broker_priority, error_detail
+from inference_server.contract import FailureCategory, TaskStatus, broker_priority, error_detail
 from private_api import leases
 from private_api.blobs import StoredBlob
 from private_api.exceptions import Conflict
@@ -188,6 +188,7 @@ def test_retryable_failure_retries_until_max_attempts(start_app, make_settings, 
     assert retried.status_code == 200
     assert retried.json()["status"] == TaskStatus.PENDING
     assert retried.json()["attempts"] == 1
+    assert retried.json()["failure"] is None  # it has not failed, it waits for another try
     assert queue.get()[0] == uid  # republished
 
     assert claim(client, uid, consumer="consumer-b").json()["task"]["attempts"] == 2
@@ -198,6 +199,8 @@ def test_retryable_failure_retries_until_max_attempts(start_app, make_settings, 
     assert body["status"] == TaskStatus.FAILED
     assert body["error"] == "CUDA error: out of memory"
     assert body["exit_code"] == 137
+    # A failure naming no category (a consumer of an older version) is the platform's side.
+    assert body["failure"] == FailureCategory.INFRASTRUCTURE
     assert body["finished_at"] is not None
     assert queue.count() == 0
     assert client.post(f"/tasks/{uid}/fail", json=failure, headers=B).status_code == 409
@@ -208,9 +211,13 @@ def test_non_retryable_failure_fails_at_once(client):
     uid = submit_ok(client)["uid"]
     claim(client, uid)
     response = client.post(
-        f"/tasks/{uid}/fail", json={"error": "exit code 3: bad input", "exit_code": 3}, headers=A
+        f"/tasks/{uid}/fail",
+        json={"error": "exit code 3: bad input", "exit_code": 3, "failure": FailureCategory.MODEL_EXIT_CODE},
+        headers=A,
     )
     assert response.json()["status"] == TaskStatus.FAILED
+    assert response.json()["failure"] == FailureCategory.MODEL_EXIT_CODE
+    assert client.get(f"/tasks/{uid}").json()["failure"] == FailureCategory.MODEL_EXIT_CODE
     assert response.json()["attempts"] == 1
     assert client.get(f"/tasks/{uid}/output").status_code == 409
     assert client.post(f"/tasks/{uid}/fail", json={"bad": "body"}, headers=A).status_code == 422

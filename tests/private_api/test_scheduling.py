@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from inference_server.capacity import TaskNeeds
-from inference_server.contract import TaskQueue, TaskStatus, broker_priority
+from inference_server.contract import FailureCategory, TaskQueue, TaskStatus, broker_priority
 from private_api import outbox, task_lifecycle
 from private_api.models import Task, utcnow
 from tests.private_api.helpers import (
@@ -257,6 +257,7 @@ def test_unrunnable_tasks_fail_after_the_timeout(start_app, make_settings, gpu_q
     failed = _status(client, old_gpu)
     assert failed["status"] == TaskStatus.FAILED
     assert failed["error"] == "needs a GPU; no GPU consumer is registered"
+    assert failed["failure"] == FailureCategory.UNSCHEDULABLE
     assert failed["waiting_reason"] is None and failed["attempts"] == 0
     assert _status(client, new_gpu)["status"] == TaskStatus.PENDING  # not waited long enough
     assert _status(client, old_cpu)["status"] == TaskStatus.PENDING  # runnable: only slow

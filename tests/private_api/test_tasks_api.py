@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from inference_server.capacity import NEEDS_HEADER_GPU
-from inference_server.contract import SERVICE_TOKEN_HEADER, TaskStatus, broker_priority
+from inference_server.contract import SERVICE_TOKEN_HEADER, FailureCategory, TaskStatus, broker_priority
 from tests.private_api.helpers import (
     as_consumer,
     claim,
@@ -93,6 +93,7 @@ def test_cancel_pending_task_then_it_cannot_be_claimed(client):
     assert cancelled.status_code == 200
     assert cancelled.json()["status"] == TaskStatus.CANCELLED
     assert cancelled.json()["finished_at"] is not None
+    assert cancelled.json()["failure"] == FailureCategory.CANCELLED
 
     again = client.post(f"/tasks/{uid}/cancel")
     assert again.status_code == 200
