@@ -3,6 +3,7 @@ headers, big uploads spooled through, and nothing of the private API reachable t
 
 from __future__ import annotations
 
+import re
 import secrets
 import ssl
 import subprocess
@@ -45,6 +46,23 @@ def test_https_with_the_project_certificate_reaches_the_public_api(front_door: F
     host, port = urlsplit(front_door.https_url).hostname, urlsplit(front_door.https_url).port
     served = ssl.get_server_certificate((host, port))
     assert ssl.PEM_cert_to_DER_cert(served) == ssl.PEM_cert_to_DER_cert(front_door.ca_file.read_text())
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_api_documentation_and_its_assets_load_through_traefik(front_door: FrontDoor, page: str) -> None:
+    """The pages name their scripts, stylesheet and schema by path on the platform itself: every
+    one of them must be reachable through the door users have, without a key."""
+    with front_door.client(anonymous=True) as client:
+        html = client.get(page)
+        assert html.status_code == 200
+        assert html.headers["content-type"].startswith("text/html")
+        referenced = re.findall(r"""(?:src|href|spec-url)="([^"]+)"|url: '([^']+)'""", html.text)
+        paths = {first or second for first, second in referenced}
+        assert any(path.endswith(".js") for path in paths), paths
+        assert "/openapi.json" in paths
+        for path in sorted(paths):
+            assert path.startswith("/"), f"{page} references {path}, not a path on the platform"
+            assert client.get(path).status_code == 200, path
 
 
 def test_the_api_key_passes_through_and_no_key_is_a_401(front_door: FrontDoor) -> None:
