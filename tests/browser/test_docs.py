@@ -107,9 +107,12 @@ def test_redoc_renders_with_the_network_blocked(platform: LocalPlatform, offline
 
 
 def served_html_pages(base_url: str, paths: list[str], headers: dict[str, str]) -> dict[str, str]:
-    """GET each path; the body of every answer that is an HTML page (streams are never read)."""
+    """GET each path; the body of every answer that is an HTML page (streams are never read).
+
+    Redirects are followed: a page behind a login is scanned as the login page it leads to.
+    """
     pages: dict[str, str] = {}
-    with httpx.Client(base_url=base_url, headers=headers, timeout=10) as client:
+    with httpx.Client(base_url=base_url, headers=headers, timeout=10, follow_redirects=True) as client:
         for path in paths:
             with client.stream("GET", path) as response:
                 if response.headers.get("content-type", "").startswith("text/html"):
