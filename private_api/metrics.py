@@ -14,11 +14,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inference_server.contract import ConsumerState
 from private_api import consumer_registry, health, webhook_delivery
+from private_api.platform_metrics import PlatformMetrics
 
 log = logging.getLogger(__name__)
 
-TASKS_METRIC = "inference_tasks"
-TASKS_HELP = "Tasks in the database, by status"
+# Not `inference_tasks`: that name is the platform's counter (inference_tasks_total).
+TASKS_METRIC = "inference_tasks_in_status"
+TASKS_HELP = "Tasks in the database, by their status now"
 CONSUMERS_METRIC = "inference_consumers"
 CONSUMERS_HELP = "Registered consumers, by state"
 
@@ -113,6 +115,7 @@ class Metrics:
         self.registry.register(_TaskCounts(session_factory))
         self.registry.register(_ConsumerCounts(session_factory, lost_after_s))
         self.registry.register(_PendingWebhooks(session_factory))
+        self.registry.register(PlatformMetrics(session_factory, lost_after_s=lost_after_s))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

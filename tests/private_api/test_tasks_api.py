@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime, timedelta
 
 from inference_server.capacity import NEEDS_HEADER_GPU
 from inference_server.contract import SERVICE_TOKEN_HEADER, FailureCategory, TaskStatus, broker_priority
@@ -10,6 +11,7 @@ from tests.private_api.helpers import (
     as_consumer,
     claim,
     make_zip,
+    register_consumer,
     register_model,
     row_counts,
     stored_files,
@@ -173,8 +175,8 @@ def test_metrics_count_tasks_and_submissions(client):
 
     text = client.get("/metrics").text
 
-    assert 'inference_tasks{status="pending"} 1.0' in text
-    assert 'inference_tasks{status="cancelled"} 1.0' in text
+    assert 'inference_tasks_in_status{status="pending"} 1.0' in text
+    assert 'inference_tasks_in_status{status="cancelled"} 1.0' in text
     assert 'inference_task_submissions_total{model="seg-model"} 2.0' in text
 
 
@@ -199,3 +201,58 @@ def test_submit_while_rabbitmq_down_still_accepts(start_app, make_settings):
     assert task["status"] == TaskStatus.PENDING
     assert task_row(client, task["uid"]).published_at is None
     assert submit(client).status_code == 201
+
+
+def metric_value(text: str, sample: str) -> float:
+    """The value of one exposition line, e.g. `inference_tasks_total{model="m",status="failed"}`."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split(" ")[1])
+    return 0.0
+
+
+def test_platform_metrics_move_as_a_task_runs_and_fails(client):
+    register_model(client)
+    model = 'model="seg-model"'
+    before = client.get("/metrics").text
+    assert "# TYPE inference_tasks_total counter" in before
+    assert "# TYPE inference_task_queue_seconds histogram" in before
+    assert "# TYPE inference_task_run_seconds histogram" in before
+    assert 'inference_queue_depth{queue="cpu"} 0.0' in before
+
+    uid = submit_ok(client)["uid"]
+    queued = client.get("/metrics").text
+    assert metric_value(queued, f'inference_tasks_total{{{model},status="submitted"}}') == 1
+    assert 'inference_queue_depth{queue="cpu"} 1.0' in queued
+
+    register_consumer(client, "consumer-a")
+    assert claim(client, uid).status_code == 200
+    beat = client.post(
+        "/consumers/consumer-a/heartbeat",
+        json={
+            "running_tasks": [uid],
+            "gpu_readings": [{"index": 0, "memory_used_bytes": 5, "utilization_ratio": 0.5}],
+        },
+        headers=as_consumer("consumer-a"),
+    )
+    assert beat.status_code == 200, beat.text
+    started = datetime.now(UTC)
+    failure = {
+        "error": "exit code 3",
+        "exit_code": 3,
+        "failure": FailureCategory.MODEL_EXIT_CODE,
+        "run_started_at": started.isoformat(),
+        "run_finished_at": (started + timedelta(seconds=2)).isoformat(),
+    }
+    failed = client.post(f"/tasks/{uid}/fail", json=failure, headers=as_consumer("consumer-a"))
+    assert failed.status_code == 200, failed.text
+
+    after = client.get("/metrics").text
+    assert metric_value(after, f'inference_tasks_total{{{model},status="failed"}}') == 1
+    assert metric_value(after, f"inference_task_queue_seconds_count{{{model}}}") == 1
+    assert metric_value(after, f'inference_task_run_seconds_count{{{model},outcome="failed"}}') == 1
+    assert metric_value(after, f'inference_task_run_seconds_bucket{{le="1.0",{model},outcome="failed"}}') == 0
+    assert metric_value(after, f'inference_task_run_seconds_bucket{{le="2.5",{model},outcome="failed"}}') == 1
+    assert 'inference_queue_depth{queue="cpu"} 0.0' in after
+    assert 'inference_consumer_running_tasks{consumer="consumer-a"} 1.0' in after
+    assert 'inference_gpu_memory_used_bytes{consumer="consumer-a",gpu="0"} 5.0' in after
