@@ -556,6 +556,47 @@ class ConsumerPublic(ConsumerRegistration):
     last_seen_at: datetime
 
 
+class AuditAction(StrEnum):
+    """What an audit entry records: a change to a model, a task, a key or a consumer."""
+
+    MODEL_REGISTERED = "model.registered"
+    MODEL_UPDATED = "model.updated"
+    MODEL_REMOVED = "model.removed"
+    TASK_CANCELLED = "task.cancelled"
+    TASK_DELETED = "task.deleted"
+    KEY_CREATED = "key.created"
+    KEY_REVOKED = "key.revoked"
+    KEY_LIMITS_SET = "key.limits_set"
+    KEY_WEBHOOK_SECRET_ROTATED = "key.webhook_secret_rotated"
+    CONSUMER_DRAINED = "consumer.drained"
+    CONSUMER_RESUMED = "consumer.resumed"
+
+
+# Audit actors that are no API key: the full-access service token, and the operator command
+# working on the database directly.
+AUDIT_ACTOR_PLATFORM = "platform"
+AUDIT_ACTOR_OPERATOR_CLI = "operator CLI"
+AUDIT_ACTOR_ANONYMOUS = "anonymous"
+AUDIT_PAGE_DEFAULT = 100
+AUDIT_PAGE_MAX = 1000
+
+
+class AuditEntry(BaseModel):
+    """One entry of the audit trail. `actor` is a key's name (with `actor_role`), "anonymous",
+    "platform" or "operator CLI"; `target` the model id, task uid, key name or consumer id;
+    `details` a few facts about the change (the fields a PATCH set), never a key or a secret."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    at: AwareDatetime
+    actor: str
+    actor_role: ApiKeyRole | None = None
+    action: AuditAction
+    target: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
 class HealthReport(BaseModel):
     status: str
     checks: dict[str, str]
@@ -589,6 +630,8 @@ class PrivateRoutes:
     CONSUMER_HEARTBEAT = "/consumers/{consumer_id}/heartbeat"
     # POST drains (no new tasks), DELETE resumes.
     CONSUMER_DRAIN = "/consumers/{consumer_id}/drain"
+    # The audit trail, newest first; read only: no route changes or removes an entry.
+    AUDIT = "/audit"
     HEALTH_LIVE = "/health/live"
     HEALTH_READY = "/health/ready"
     METRICS = "/metrics"
@@ -606,6 +649,7 @@ class PublicRoutes:
     MODEL = "/api/models/{human_readable_id}"
     CONSUMERS = "/api/consumers"
     CONSUMER_DRAIN = "/api/consumers/{consumer_id}/drain"
+    AUDIT = "/api/audit"
     HEALTH_LIVE = "/health/live"
     HEALTH_READY = "/health/ready"
     METRICS = "/metrics"

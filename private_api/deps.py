@@ -55,6 +55,7 @@ __all__ = [
     "SessionDep",
     "SettingsDep",
     "ZipUploadsDep",
+    "require_audit_reader",
     "require_operator_actor",
     "require_service_token",
     "require_task_holder",
@@ -118,6 +119,8 @@ ROUTE_GRANTS: Mapping[tuple[str, str], frozenset[ServiceRole]] = {
     ("GET", PrivateRoutes.CONSUMERS): _PUBLIC_API,
     ("POST", PrivateRoutes.CONSUMER_DRAIN): _PUBLIC_API,
     ("DELETE", PrivateRoutes.CONSUMER_DRAIN): _PUBLIC_API,
+    # For operator keys only (require_audit_reader): who did what, across every user.
+    ("GET", PrivateRoutes.AUDIT): _PUBLIC_API,
 }
 
 
@@ -231,3 +234,10 @@ async def require_operator_actor(actor: ActorDep) -> None:
     headers) always passes."""
     if actor is not None and not actor.is_operator:
         raise ActorForbidden("only operator keys may see and drain consumers")
+
+
+async def require_audit_reader(actor: ActorDep) -> None:
+    """The audit trail is for operator keys when relayed for one (it names every user's
+    actions); the platform itself (no acting headers) always passes."""
+    if actor is not None and not actor.is_operator:
+        raise ActorForbidden("only operator keys may read the audit trail")

@@ -25,7 +25,8 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from inference_server.contract import MAX_PRIORITY, ApiKeyRole, Principal
+from inference_server.contract import MAX_PRIORITY, ApiKeyRole, AuditAction, Principal
+from private_api import audit
 from private_api.exceptions import Conflict, NotFound, Unprocessable
 from private_api.models import ApiKey, utcnow
 
@@ -99,6 +100,7 @@ def create_key(
     role: ApiKeyRole,
     max_priority: int | None = None,
     max_active_tasks: int | None = None,
+    actor: audit.AuditActor = audit.PLATFORM,
 ) -> tuple[str, ApiKeyInfo]:
     """A new key for `name`; returns the key itself (its only appearance) and its description.
     Limits left None take the role's default."""
@@ -126,6 +128,8 @@ def create_key(
         try:
             session.flush()
             info = ApiKeyInfo.model_validate(row)
+            details = {"role": role.value, "max_priority": max_priority, "max_active_tasks": max_active_tasks}
+            audit.record(session, actor, AuditAction.KEY_CREATED, name, details)
             session.commit()
         except IntegrityError:
             session.rollback()
@@ -160,6 +164,7 @@ def set_limits(
     name_or_id: str,
     max_priority: int | None = _UNSET,
     max_active_tasks: int | None = _UNSET,
+    actor: audit.AuditActor = audit.PLATFORM,
 ) -> ApiKeyInfo:
     """Change a key's limits; a limit given as None returns to the role's default, one not given
     stays. Takes effect at the key's next submission."""
@@ -173,6 +178,9 @@ def set_limits(
     if max_active_tasks is not _UNSET:
         row.max_active_tasks = max_active_tasks
     info = ApiKeyInfo.model_validate(row)
+    changed = {"max_priority": max_priority, "max_active_tasks": max_active_tasks}
+    details = {field: value for field, value in changed.items() if value is not _UNSET}
+    audit.record(session, actor, AuditAction.KEY_LIMITS_SET, row.name, details)
     session.commit()
     log.info("key %r (id %s): max priority %s, max active tasks %s", row.name, row.key_id,
              row.max_priority, row.max_active_tasks)  # fmt: skip
@@ -207,23 +215,27 @@ def submission_limits(
     return SubmissionLimits(max_priority=max_priority, max_active_tasks=max_active)
 
 
-def webhook_secret(*, session: Session, name_or_id: str, rotate: bool = False) -> tuple[str, ApiKeyInfo]:
+def webhook_secret(
+    *, session: Session, name_or_id: str, rotate: bool = False, actor: audit.AuditActor = audit.PLATFORM
+) -> tuple[str, ApiKeyInfo]:
     """The key's webhook secret and its description; with `rotate`, a new secret first, which
     signs every delivery from then on (those already queued included)."""
     row = _by_name_or_id(session, name_or_id)
     if rotate:
         row.webhook_secret = new_webhook_secret()
+        audit.record(session, actor, AuditAction.KEY_WEBHOOK_SECRET_ROTATED, row.name)
         log.info("rotated the webhook secret of key %r (id %s)", row.name, row.key_id)
     secret, info = row.webhook_secret, ApiKeyInfo.model_validate(row)
     session.commit()
     return secret, info
 
 
-def revoke_key(*, session: Session, name_or_id: str) -> ApiKeyInfo:
+def revoke_key(*, session: Session, name_or_id: str, actor: audit.AuditActor = audit.PLATFORM) -> ApiKeyInfo:
     """Revoke the key with this name or id; revoking a revoked key changes nothing."""
     row = _by_name_or_id(session, name_or_id)
     if row.revoked_at is None:
         row.revoked_at = utcnow()
+        audit.record(session, actor, AuditAction.KEY_REVOKED, row.name)
         log.info("revoked key %r (id %s)", row.name, row.key_id)
     info = ApiKeyInfo.model_validate(row)
     session.commit()

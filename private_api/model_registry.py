@@ -9,8 +9,8 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from inference_server.contract import ModelCreate, ModelPublic, ModelUpdate
-from private_api import blob_sharing
+from inference_server.contract import AuditAction, ModelCreate, ModelPublic, ModelUpdate
+from private_api import audit, blob_sharing
 from private_api.access import Actor, refuse_loosened_isolation
 from private_api.blobs import BlobStore, StoredBlob
 from private_api.exceptions import ActorForbidden, Conflict, NotFound, Unprocessable
@@ -72,6 +72,14 @@ def create_model(
     try:
         session.flush()
         public = ModelPublic.model_validate(model)
+        details = {"container_tag": params.container_tag, "model_available": params.model_available}
+        audit.record(
+            session,
+            audit.AuditActor.of(actor),
+            AuditAction.MODEL_REGISTERED,
+            model.human_readable_id,
+            details,
+        )
         session.commit()
     except IntegrityError as exc:
         session.rollback()
@@ -93,6 +101,15 @@ def update_model(
     for field, value in values.items():
         setattr(model, field, value)
     public = ModelPublic.model_validate(model)
+    # The fields set and their new values (limits, switches, texts): a model holds no secret.
+    changed = changes.model_dump(mode="json", exclude_unset=True)
+    audit.record(
+        session,
+        audit.AuditActor.of(actor),
+        AuditAction.MODEL_UPDATED,
+        human_readable_id,
+        {"changed": changed},
+    )
     session.commit()
     log.info("updated model %s: %s", human_readable_id, sorted(changes.model_fields_set))
     return public
@@ -143,6 +160,7 @@ def delete_model(
         .execution_options(synchronize_session=False)
     )
     session.delete(model)
+    audit.record(session, audit.AuditActor.of(actor), AuditAction.MODEL_REMOVED, human_readable_id)
     try:
         session.commit()
     except IntegrityError as exc:

@@ -296,3 +296,21 @@ class Consumer(Base):
     draining: Mapped[bool]
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class AuditRecord(Base):
+    """One entry of the audit trail (private_api/audit.py). Append-only: rows are inserted in the
+    transaction of the change they record and nothing in the platform updates or deletes them;
+    no route, service function or retention sweep touches an existing row."""
+
+    __tablename__ = "audit_entries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # A key's name, "anonymous", "platform" or "operator CLI" (contract.AUDIT_ACTOR_*).
+    actor: Mapped[str] = mapped_column(String(255), index=True)
+    actor_role: Mapped[ApiKeyRole | None] = mapped_column(StrEnumText(ApiKeyRole))
+    # An AuditAction value; plain String(64), as StrEnumText's 16 characters are too few.
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str] = mapped_column(String(255), index=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -18,8 +18,15 @@ from datetime import datetime
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session
 
-from inference_server.contract import MAX_PRIORITY, ApiKeyRole, ConsumerPublic
+from inference_server.contract import (
+    AUDIT_PAGE_DEFAULT,
+    MAX_PRIORITY,
+    ApiKeyRole,
+    AuditAction,
+    ConsumerPublic,
+)
 from inference_server.settings import ENV_PREFIX
+from private_api.audit import OPERATOR_CLI, list_entries
 from private_api.config import PrivateSettings
 from private_api.consumer_registry import list_consumers, set_draining
 from private_api.db import make_engine, make_session_factory, upgrade_database
@@ -80,6 +87,7 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
             role=role,
             max_priority=args.max_priority,
             max_active_tasks=args.max_active_tasks,
+            actor=OPERATOR_CLI,
         )
         secret, _info = webhook_secret(session=session, name_or_id=info.key_id)
     # The key alone on stdout, so `KEY=$(inference-server keys create alice)` works.
@@ -96,7 +104,9 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
 
 def _cmd_keys_webhook_secret(args: argparse.Namespace) -> int:
     with _key_session(args) as session:
-        secret, info = webhook_secret(session=session, name_or_id=args.name_or_id, rotate=args.rotate)
+        secret, info = webhook_secret(
+            session=session, name_or_id=args.name_or_id, rotate=args.rotate, actor=OPERATOR_CLI
+        )
     # The secret alone on stdout, so `SECRET=$(inference-server keys webhook-secret alice)` works.
     print(secret, flush=True)
     what = "new webhook secret (it signs every delivery from now on)" if args.rotate else "webhook secret"
@@ -118,7 +128,7 @@ def _cmd_keys_set(args: argparse.Namespace) -> int:
         print("nothing to change: give --max-priority and/or --max-active-tasks", file=sys.stderr)
         return 2
     with _key_session(args) as session:
-        info = set_limits(session=session, name_or_id=args.name_or_id, **changes)
+        info = set_limits(session=session, name_or_id=args.name_or_id, actor=OPERATOR_CLI, **changes)
     print(
         f"key {info.name!r} (id {info.key_id}): max priority {_limit(info.max_priority)}, "
         f"max active tasks {_limit(info.max_active_tasks)} (from its next submission)"
@@ -154,7 +164,7 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
 
 def _cmd_keys_revoke(args: argparse.Namespace) -> int:
     with _key_session(args) as session:
-        info = revoke_key(session=session, name_or_id=args.name_or_id)
+        info = revoke_key(session=session, name_or_id=args.name_or_id, actor=OPERATOR_CLI)
     print(
         f"key {info.name!r} (id {info.key_id}) is revoked since {_when(info.revoked_at)}; "
         "the public API refuses it within seconds"
@@ -203,6 +213,7 @@ def _cmd_consumers_drain(args: argparse.Namespace) -> int:
             consumer_id=args.consumer_id,
             draining=draining,
             lost_after_s=DatabaseSettings().consumer_lost_after_s,
+            actor=OPERATOR_CLI,
         )
     if draining:
         running = len(consumer.running_tasks)
@@ -215,8 +226,26 @@ def _cmd_consumers_drain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit_list(args: argparse.Namespace) -> int:
+    with _key_session(args) as session:
+        entries = list_entries(
+            session=session, action=args.action, actor=args.actor, target=args.target, limit=args.limit
+        )
+    if args.json:
+        print(json.dumps([entry.model_dump(mode="json") for entry in entries], indent=2))
+        return 0
+    rows = [("ID", "AT", "ACTOR", "ACTION", "TARGET", "DETAILS")]
+    rows += [
+        (str(entry.id), _when(entry.at), entry.actor + (f" ({entry.actor_role})" if entry.actor_role else ""),
+         str(entry.action), entry.target, json.dumps(entry.details, sort_keys=True) if entry.details else "-")
+        for entry in entries
+    ]  # fmt: skip
+    _print_table(rows)
+    return 0
+
+
 def add_operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Adds `db`, `keys` and `consumers` to a command line; each sets `handler(args) -> exit
+    """Adds `db`, `keys`, `consumers` and `audit` to a command line; each sets `handler(args) -> exit
     code`, and expects the top-level parser to define `--verbose`."""
     database = commands.add_parser("db", help="database maintenance")
     db_commands = database.add_subparsers(dest="db_command", required=True)
@@ -289,3 +318,24 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
         command.set_defaults(handler=_cmd_consumers_drain)
     for command in (consumer_list, drain, resume):
         command.add_argument("--database-url", help="default: IS_DATABASE_URL")
+
+    audit = commands.add_parser(
+        "audit",
+        help="read the audit trail: who changed models, tasks, keys and consumers, and when",
+        description="The audit trail in the platform's database, newest first: run this where "
+        "IS_DATABASE_URL reaches it, e.g. `docker compose exec private_api inference-server audit list`.",
+    )
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_list = audit_commands.add_parser("list", help="the newest entries, optionally filtered")
+    audit_list.add_argument("--action", type=AuditAction, choices=list(AuditAction), help="only this action")
+    audit_list.add_argument("--actor", help="only entries by this key name (or platform, operator CLI)")
+    audit_list.add_argument("--target", help="only entries about this model id, task uid, key or consumer")
+    audit_list.add_argument(
+        "--limit",
+        type=int,
+        default=AUDIT_PAGE_DEFAULT,
+        help=f"at most this many (default {AUDIT_PAGE_DEFAULT})",
+    )
+    audit_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    audit_list.add_argument("--database-url", help="default: IS_DATABASE_URL")
+    audit_list.set_defaults(handler=_cmd_audit_list)

@@ -8,6 +8,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from inference_server.contract import (
+    AuditEntry,
     ConsumerPublic,
     HealthReport,
     ModelCreate,
@@ -30,6 +31,7 @@ SchemaT = TypeVar("SchemaT", bound=BaseModel)
 _MODEL_LIST = TypeAdapter(list[ModelPublic])
 _TASK_LIST = TypeAdapter(list[TaskPublic])
 _CONSUMER_LIST = TypeAdapter(list[ConsumerPublic])
+_AUDIT_LIST = TypeAdapter(list[AuditEntry])
 
 
 def _parse(schema: type[SchemaT], data: Any) -> SchemaT:
@@ -223,6 +225,18 @@ async def set_consumer_draining(
         headers=encode_acting_headers(caller),
     )
     return _parse(ConsumerPublic, data)
+
+
+async def list_audit_entries(
+    api: PrivateAPI, filters: dict[str, Any], *, caller: Principal
+) -> list[AuditEntry]:
+    """The audit trail, newest first; `filters` are the query parameters GET /api/audit was given."""
+    params = {name: value for name, value in filters.items() if value is not None}
+    data = await api.call("GET", PrivateRoutes.AUDIT, params=params, headers=encode_acting_headers(caller))
+    try:
+        return _AUDIT_LIST.validate_python(data)
+    except ValidationError as exc:
+        raise UpstreamHTTPError(502, f"private API answered with an unexpected body: {exc}") from exc
 
 
 async def readiness(api: PrivateAPI) -> tuple[bool, HealthReport]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from private_api.routes import auth, consumer, consumers, health, models, tasks
+from private_api.routes import audit, auth, consumer, consumers, health, models, tasks
 
 api_router = APIRouter()
 api_router.include_router(health.router)
@@ -13,3 +13,4 @@ api_router.include_router(tasks.router)
 api_router.include_router(consumer.router)
 api_router.include_router(consumers.router)
 api_router.include_router(auth.router)
+api_router.include_router(audit.router)

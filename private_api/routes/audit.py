@@ -15,10 +15,10 @@ from inference_server.contract import (
     PrivateRoutes,
 )
 from private_api import audit
-from private_api.deps import SessionDep, require_operator_actor, require_service_token
+from private_api.deps import SessionDep, require_audit_reader, require_service_token
 
 router = APIRouter(
-    tags=["audit"], dependencies=[Depends(require_service_token), Depends(require_operator_actor)]
+    tags=["audit"], dependencies=[Depends(require_service_token), Depends(require_audit_reader)]
 )
 
 

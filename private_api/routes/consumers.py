@@ -16,7 +16,9 @@ from inference_server.contract import (
     PrivateRoutes,
 )
 from private_api import consumer_registry
+from private_api.audit import AuditActor
 from private_api.deps import (
+    ActorDep,
     MaintenanceDep,
     SessionDep,
     SettingsDep,
@@ -85,9 +87,15 @@ def list_consumers(session: SessionDep, settings: SettingsDep) -> list[ConsumerP
     responses=_UNKNOWN,
     dependencies=[Depends(require_operator_actor)],
 )
-def drain_consumer(consumer_id: ConsumerId, session: SessionDep, settings: SettingsDep) -> ConsumerPublic:
+def drain_consumer(
+    consumer_id: ConsumerId, session: SessionDep, settings: SettingsDep, actor: ActorDep
+) -> ConsumerPublic:
     return consumer_registry.set_draining(
-        session=session, consumer_id=consumer_id, draining=True, lost_after_s=settings.consumer_lost_after_s
+        session=session,
+        consumer_id=consumer_id,
+        draining=True,
+        lost_after_s=settings.consumer_lost_after_s,
+        actor=AuditActor.of(actor),
     )
 
 
@@ -98,10 +106,18 @@ def drain_consumer(consumer_id: ConsumerId, session: SessionDep, settings: Setti
     dependencies=[Depends(require_operator_actor)],
 )
 def resume_consumer(
-    consumer_id: ConsumerId, session: SessionDep, settings: SettingsDep, maintenance: MaintenanceDep
+    consumer_id: ConsumerId,
+    session: SessionDep,
+    settings: SettingsDep,
+    maintenance: MaintenanceDep,
+    actor: ActorDep,
 ) -> ConsumerPublic:
     consumer = consumer_registry.set_draining(
-        session=session, consumer_id=consumer_id, draining=False, lost_after_s=settings.consumer_lost_after_s
+        session=session,
+        consumer_id=consumer_id,
+        draining=False,
+        lost_after_s=settings.consumer_lost_after_s,
+        actor=AuditActor.of(actor),
     )
     maintenance.publish_soon()
     return consumer

@@ -68,6 +68,8 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/consumers"): frozenset({PUBLIC}),
     ("POST", "/consumers/{consumer_id}/drain"): frozenset({PUBLIC}),
     ("DELETE", "/consumers/{consumer_id}/drain"): frozenset({PUBLIC}),
+    # Relayed for operator keys only (tests/private_api/test_audit.py).
+    ("GET", "/audit"): frozenset({PUBLIC}),
 }
 # Open to anyone: orchestrators probe liveness without a secret.
 OPEN = {("GET", "/health/live")}
