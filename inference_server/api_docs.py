@@ -51,7 +51,6 @@ def install_offline_docs(app: FastAPI) -> None:
 
     app.mount(ASSETS_PATH, StaticFiles(directory=ASSETS_DIRECTORY), name="api-docs-assets")
 
-    @app.get(DOCS_PATH, include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
         root = _root_path(request)
         return get_swagger_ui_html(
@@ -63,7 +62,6 @@ def install_offline_docs(app: FastAPI) -> None:
             swagger_ui_parameters=SWAGGER_UI_PARAMETERS,
         )
 
-    @app.get(REDOC_PATH, include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         root = _root_path(request)
         page = get_redoc_html(
@@ -75,6 +73,10 @@ def install_offline_docs(app: FastAPI) -> None:
         )
         page.headers["Content-Security-Policy"] = REDOC_CONTENT_SECURITY_POLICY
         return page
+
+    # Plain routes, as FastAPI adds its own pages: outside the API's routes and their access rules.
+    app.add_route(DOCS_PATH, swagger_ui, include_in_schema=False)
+    app.add_route(REDOC_PATH, redoc, include_in_schema=False)
 
 
 def _root_path(request: Request) -> str:

@@ -17,6 +17,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from inference_server.api_docs import ASSETS_PATH, DOCS_PATH, REDOC_PATH
 from inference_server.contract import CONSUMER_ID_HEADER, SERVICE_TOKEN_HEADER, TaskStatus
 from local_platform.launcher import (
     CONSUMER_TOKEN_FILE,
@@ -110,13 +111,13 @@ def app_routes(client: TestClient) -> set[tuple[str, str]]:
         entries: list = list(iter_route_contexts(app.routes))
     except ImportError:
         entries = list(app.routes)
-    docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    docs = {app.openapi_url, DOCS_PATH, REDOC_PATH, ASSETS_PATH, app.swagger_ui_oauth2_redirect_url}
     routes: set[tuple[str, str]] = set()
     for entry in entries:
         if isinstance(getattr(entry, "original_route", entry), APIRoute):
             routes.update((method, entry.path) for method in entry.methods)
         else:
-            # FastAPI's own documentation pages: they describe the routes and hold no data.
+            # The documentation pages and their assets: they describe the routes and hold no data.
             assert entry.path in docs, f"{entry.path}: a route that is not an APIRoute has no rule here"
     return routes
 
