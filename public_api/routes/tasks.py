@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from inference_server.contract import (
+    FOLLOW_PARAM,
     HUMAN_READABLE_ID_PATTERN,
     LOG_MEDIA_TYPE,
     MAX_PRIORITY,
@@ -26,6 +27,7 @@ from inference_server.contract import (
 )
 from public_api import service
 from public_api.deps import PrivateAPIDep, SettingsDep, TaskCallerDep, task_caller
+from public_api.log_follow import follow_log
 from public_api.relay import stream_back, upload_body
 from public_api.routes._docs import COMMON_RESPONSES, V12_POLL_RESPONSES, error, zip_upload_body
 
@@ -158,11 +160,26 @@ async def task_status(uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep) -
     summary="A task's container log (stdout and stderr)",
     response_class=StreamingResponse,
     responses={
-        200: {"description": "The log so far; empty before the task ran.", "content": {"text/plain": {}}},
+        200: {
+            "description": "The log so far; empty before the task ran. With follow=true, the log "
+            "as it grows (chunked) until the task has ended and its final log is in.",
+            "content": {"text/plain": {}},
+        },
         404: error("No such task."),
     },
 )
-async def task_logs(uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep) -> StreamingResponse:
+async def task_logs(
+    uid: TaskUid,
+    api: PrivateAPIDep,
+    caller: TaskCallerDep,
+    follow: Annotated[
+        bool, Query(alias=FOLLOW_PARAM, description="Stream the log while the task runs, until it ends.")
+    ] = False,
+) -> StreamingResponse:
+    if follow:
+        # Asked here, before the answer starts: an unknown task is a 404, not an empty stream.
+        task = await service.get_task(api, uid, caller=caller)
+        return StreamingResponse(follow_log(api, task, caller=caller), media_type=LOG_MEDIA_TYPE)
     upstream = await service.open_logs(api, uid, caller=caller)
     return stream_back(upstream, media_type=LOG_MEDIA_TYPE)
 
