@@ -86,6 +86,8 @@ _CONSUMER = frozenset({ServiceRole.CONSUMER})
 # only on tasks it holds (the service layer checks X-Consumer-Id; require_task_holder for input).
 ROUTE_GRANTS: Mapping[tuple[str, str], frozenset[ServiceRole]] = {
     ("GET", PrivateRoutes.HEALTH_READY): _PUBLIC_API,
+    # The public API serves the platform's metrics at its /metrics (to operators and Prometheus).
+    ("GET", PrivateRoutes.METRICS): _PUBLIC_API,
     ("POST", PrivateRoutes.AUTH_RESOLVE): _PUBLIC_API,
     ("GET", PrivateRoutes.MODELS): _PUBLIC_API,
     ("POST", PrivateRoutes.MODELS): _PUBLIC_API,

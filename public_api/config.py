@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from inference_server.settings import ServiceSettings
+from inference_server.settings import ServiceSettings, ServiceToken
 
 
 class PublicSettings(ServiceSettings):
@@ -27,6 +27,9 @@ class PublicSettings(ServiceSettings):
     # ALLOW_PUBLIC_POST_MODEL).
     anonymous_tasks: bool = False
     anonymous_models: bool = False
+    # A Bearer token that may read /metrics and nothing else, for Prometheus; unset: only
+    # operator keys may. Checked like a service token (long, not blank).
+    metrics_token: ServiceToken | None = None
     # How long a resolved key is trusted without asking the private API again: a revoked key
     # stops working within this many seconds.
     key_cache_ttl_s: float = Field(default=5.0, ge=0, le=10)

@@ -7,7 +7,9 @@ The rules, in one place:
 - listing models: any valid key, or anyone when either anonymous switch is on;
 - registering, changing and removing models: operator keys, or anyone with IS_ANONYMOUS_MODELS;
 - listing and draining consumers: operator keys only, whatever the anonymous switches say (the
-  consumers' hosts are the operators' own).
+  consumers' hosts are the operators' own);
+- /metrics: operator keys, or the metrics token (IS_METRICS_TOKEN, for Prometheus), whatever
+  the anonymous switches say (the platform's figures name every model and consumer).
 A key that is sent is always checked: a wrong or revoked one is a 401 even where anonymous
 callers are let in, so a typo never silently turns into anonymous access.
 
@@ -18,6 +20,7 @@ body. Each failed key check also spends the caller's address's budget (ratelimit
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
 from typing import Annotated, Any
@@ -45,7 +48,8 @@ _x_token = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="The 
 class Access(Enum):
     """What a route asks of its caller."""
 
-    OPEN = "open"  # health, metrics, docs
+    OPEN = "open"  # health, docs
+    METRICS = "metrics"  # an operator key or IS_METRICS_TOKEN
     TASKS = "tasks"
     READ_MODELS = "read models"
     OPERATOR = "operator"
@@ -81,6 +85,34 @@ async def resolve_caller(request: Request, resolver: KeyResolver) -> Principal |
     return principal
 
 
+def is_metrics_token(key: str | None, settings: PublicSettings) -> bool:
+    """Whether `key` is IS_METRICS_TOKEN (compared in constant time; never when it is unset)."""
+    token = settings.metrics_token
+    return (
+        key is not None
+        and token is not None
+        and hmac.compare_digest(key.encode(), token.get_secret_value().encode())
+    )
+
+
+async def authorize_metrics(request: Request, resolver: KeyResolver, settings: PublicSettings) -> None:
+    """Raises the refusal unless the request carries the metrics token or an operator's key. The
+    token is looked at first, so it is never sent to the private API as a key to resolve."""
+    try:
+        key = presented_key(request)
+    except PublicAPIError as exc:
+        raise refused(request, exc) from None
+    if is_metrics_token(key, settings):
+        return
+    principal = await resolve_caller(request, resolver)
+    if principal is None:
+        raise refused(request, missing_key())
+    if not principal.is_operator:
+        raise PublicAPIError(
+            403, "only operator keys or the metrics token (IS_METRICS_TOKEN) may read /metrics"
+        )
+
+
 def authorize(
     request: Request, principal: Principal | None, access: Access, settings: PublicSettings
 ) -> None:
@@ -97,7 +129,7 @@ def authorize(
     if access is Access.OPERATOR and not principal.is_operator:
         raise PublicAPIError(403, "only operators may register, change or remove models")
     if access is Access.OPERATOR_KEY and not principal.is_operator:
-        raise PublicAPIError(403, "only operator keys may see and drain consumers")
+        raise PublicAPIError(403, "only operator keys may see and drain consumers or read the audit trail")
 
 
 async def declared_key_headers(
@@ -116,6 +148,18 @@ async def current_principal(
 
 
 PrincipalDep = Annotated[Principal | None, Depends(current_principal)]
+
+
+async def metrics_reader(
+    request: Request,
+    resolver: KeyResolverDep,
+    settings: SettingsDep,
+    _documented: Annotated[None, Depends(declared_key_headers)],
+) -> None:
+    await authorize_metrics(request, resolver, settings)
+
+
+MetricsReaderDep = Annotated[None, Depends(metrics_reader)]
 
 
 # The Access each caller dependency enforces: how access_for reads a route's rule off the route.
@@ -139,6 +183,7 @@ task_caller = _caller_allowed(Access.TASKS)
 model_reader = _caller_allowed(Access.READ_MODELS)
 require_operator = _caller_allowed(Access.OPERATOR)
 require_operator_key = _caller_allowed(Access.OPERATOR_KEY)
+_ACCESS_OF_DEPENDENCY[metrics_reader] = Access.METRICS
 
 TaskCallerDep = Annotated[Principal | None, Depends(task_caller)]
 # An operator, or anyone when IS_ANONYMOUS_MODELS is on (None: anonymous).
@@ -174,5 +219,7 @@ async def check_forwarded_request(
     """Raises the refusal when the request Traefik describes (X-Forwarded-Method,
     X-Forwarded-Uri) may not pass. Only headers are looked at: the body stays with Traefik."""
     access = access_for(request.app.state.access_routes, method, uri)
-    if access is not Access.OPEN:
+    if access is Access.METRICS:
+        await authorize_metrics(request, resolver, settings)
+    elif access is not Access.OPEN:
         authorize(request, await resolve_caller(request, resolver), access, settings)

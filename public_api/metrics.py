@@ -7,6 +7,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from public_api.platform_metrics import PlatformMetricsFetch
+
 
 class Metrics:
     """One registry per app, so several apps in one process (tests) never share counters."""
@@ -26,6 +28,7 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
             registry=self.registry,
         )
+        self.platform = PlatformMetricsFetch(self.registry)
 
 
 class MetricsMiddleware:

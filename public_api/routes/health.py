@@ -1,14 +1,17 @@
-"""Liveness, readiness and Prometheus metrics; no authentication, Traefik and probes call these."""
+"""Liveness and readiness (no authentication: Traefik and probes call these) and Prometheus
+metrics (an operator key or IS_METRICS_TOKEN)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from inference_server.contract import HealthReport, PublicRoutes
 from public_api import service
-from public_api.deps import PrivateAPIDep
+from public_api.deps import MetricsReaderDep, PrivateAPIDep
+from public_api.metrics import Metrics
+from public_api.platform_metrics import render
 
 router = APIRouter(tags=["health"])
 
@@ -29,7 +32,12 @@ async def ready(api: PrivateAPIDep) -> JSONResponse:
     return JSONResponse(report.model_dump(), status_code=200 if is_ready else 503)
 
 
-@router.get(PublicRoutes.METRICS, summary="Prometheus metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
-    registry = request.app.state.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+@router.get(
+    PublicRoutes.METRICS,
+    summary="Prometheus metrics: requests, and the platform's tasks, queues, consumers and GPUs",
+    response_class=Response,
+    responses={401: {"description": "No key or token."}, 403: {"description": "A user key."}},
+)
+async def metrics(request: Request, api: PrivateAPIDep, _reader: MetricsReaderDep) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    return Response(await render(metrics.registry, metrics.platform, api), media_type=CONTENT_TYPE_LATEST)

@@ -39,7 +39,7 @@ CONSUMER = "consumer"
 # (method, path) -> the roles besides the full-access token that may call it.
 EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/health/ready"): frozenset({PUBLIC}),
-    ("GET", "/metrics"): frozenset(),
+    ("GET", "/metrics"): frozenset({PUBLIC}),
     ("POST", "/auth/resolve"): frozenset({PUBLIC}),
     ("GET", "/models"): frozenset({PUBLIC}),
     ("POST", "/models"): frozenset({PUBLIC}),

@@ -172,7 +172,14 @@ def start_private_api(data_dir: Path, rabbitmq_url: str, queue_name: str) -> Ser
 ANONYMOUS_ALLOWED = {"anonymous_tasks": True, "anonymous_models": True}
 # Every test client comes from 127.0.0.1, and the permission and fuzz tests refuse far more than
 # a minute's budget of keyless requests on purpose; test_hostile_requests.py sets a small one.
-TEST_DEFAULTS = {**ANONYMOUS_ALLOWED, "unauthenticated_rate_per_minute": 1_000_000}
+# What Prometheus presents to read /metrics in these tests (IS_METRICS_TOKEN).
+METRICS_TOKEN = "metrics-token-for-tests-0123456789"
+METRICS_HEADERS = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+TEST_DEFAULTS = {
+    **ANONYMOUS_ALLOWED,
+    "unauthenticated_rate_per_minute": 1_000_000,
+    "metrics_token": METRICS_TOKEN,
+}
 
 
 def start_public_api(private_url: str, **overrides: object) -> ServerThread:

@@ -29,6 +29,8 @@ from public_api.auth import MISSING_KEY_DETAIL
 from tests.helpers import register_model_public
 from tests.public_api.stack import (
     BASE_IMAGE_TAG,
+    METRICS_HEADERS,
+    METRICS_TOKEN,
     ConsumerDriver,
     PrivateStack,
     make_zip,
@@ -407,15 +409,31 @@ def test_callers_cannot_claim_an_identity_through_the_acting_headers(
     assert _status_as_operator(strict_url, keys, uid) is not None
 
 
-def test_health_docs_and_metrics_need_no_key(strict_url: str) -> None:
-    for path in (
-        PublicRoutes.HEALTH_LIVE,
-        PublicRoutes.HEALTH_READY,
-        PublicRoutes.METRICS,
-        "/docs",
-        "/openapi.json",
-    ):
+def test_health_and_docs_need_no_key(strict_url: str) -> None:
+    for path in (PublicRoutes.HEALTH_LIVE, PublicRoutes.HEALTH_READY, "/docs", "/openapi.json"):
         assert shared_http().get(strict_url + path).status_code == 200, path
+
+
+@pytest.mark.parametrize("url_fixture", ["strict_url", "open_url"])
+def test_metrics_are_for_operator_keys_and_the_metrics_token(
+    request: pytest.FixtureRequest, url_fixture: str, keys: Keys
+) -> None:
+    """Whatever the anonymous switches say: the platform's figures name every model and consumer."""
+    url = request.getfixturevalue(url_fixture) + PublicRoutes.METRICS
+    anonymous = shared_http().get(url)
+    assert anonymous.status_code == 401 and anonymous.json()["detail"]
+    for who in ("user_a", "user_b"):
+        refused = shared_http().get(url, headers=keys.headers(who))
+        assert refused.status_code == 403, who
+        assert "IS_METRICS_TOKEN" in refused.json()["detail"]
+    wrong = shared_http().get(url, headers={"Authorization": "Bearer " + METRICS_TOKEN[::-1]})
+    assert wrong.status_code == 401
+    for headers in (keys.headers("operator"), METRICS_HEADERS):
+        allowed = shared_http().get(url, headers=headers)
+        assert allowed.status_code == 200, allowed.text
+        assert "# TYPE inference_tasks_total counter" in allowed.text  # the platform's, fetched
+        assert "inference_platform_metrics_up 1.0" in allowed.text
+        assert "# TYPE public_api_requests_total counter" in allowed.text  # its own
 
 
 def test_a_revoked_key_stops_working_within_the_cache_time(private_api: PrivateStack, model: str) -> None:

@@ -13,6 +13,7 @@ from local_platform.ports import free_port
 from tests.public_api.stack import (
     ANONYMOUS_ALLOWED,
     BASE_IMAGE_TAG,
+    METRICS_HEADERS,
     PrivateStack,
     ServerThread,
     make_zip,
@@ -223,7 +224,7 @@ def test_health(http: httpx.Client, public_url: str) -> None:
 def test_metrics_count_requests_by_route_template(http: httpx.Client, public_url: str) -> None:
     for uid in ("0123456789abcdef0001", "0123456789abcdef0002"):
         assert http.get(public_url + PublicRoutes.TASK.format(uid=uid)).status_code == 554
-    response = http.get(public_url + PublicRoutes.METRICS)
+    response = http.get(public_url + PublicRoutes.METRICS, headers=METRICS_HEADERS)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     lines = response.text.splitlines()
