@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 SERVICE_TOKEN_FILE = "service.token"
 PUBLIC_API_TOKEN_FILE = "public-api.token"
 CONSUMER_TOKEN_FILE = "consumer.token"
+# What Prometheus presents to read the public API's /metrics (IS_METRICS_TOKEN).
+METRICS_TOKEN_FILE = "metrics.token"
 # What only the private API may hold: the database (its URL carries the password) and the
 # other services' tokens. The public API also gets no RabbitMQ URL: it never talks to the broker.
 _PRIVATE_API_ONLY_ENV: tuple[str, ...] = ("IS_DATABASE_URL", "IS_PUBLIC_API_TOKEN", "IS_CONSUMER_TOKEN")
@@ -164,6 +166,9 @@ class LocalPlatform:
         self.consumer_token = os.environ.get("IS_CONSUMER_TOKEN") or load_or_create_secret(
             self.data_dir / CONSUMER_TOKEN_FILE
         )
+        self.metrics_token = os.environ.get("IS_METRICS_TOKEN") or load_or_create_secret(
+            self.data_dir / METRICS_TOKEN_FILE
+        )
 
     @property
     def public_url(self) -> str:
@@ -221,6 +226,8 @@ class LocalPlatform:
         for name in withheld:
             env.pop(name, None)
         env["IS_SERVICE_TOKEN"] = token
+        if module == "public_api":
+            env["IS_METRICS_TOKEN"] = self.metrics_token  # the only service that checks it
         return env
 
     def _service(self, name: str, module: str, *args: str) -> ServiceProcess:

@@ -192,7 +192,8 @@ def test_make_cert_names_the_domain_localhost_and_loopback(tls_cert: tuple[Path,
 
 def _public_api_requests(platform: LocalPlatform) -> dict[tuple[str, str, str], float]:
     """The public API's own request counts by (method, route, status), read from its /metrics."""
-    text = httpx.get(platform.public_url + PublicRoutes.METRICS, timeout=10.0).text
+    metrics_token = {"Authorization": f"Bearer {platform.metrics_token}"}
+    text = httpx.get(platform.public_url + PublicRoutes.METRICS, headers=metrics_token, timeout=10.0).text
     counts: dict[tuple[str, str, str], float] = {}
     for family in text_string_to_metric_families(text):
         if family.name != "public_api_requests":
