@@ -186,6 +186,8 @@ def _submit(client: InferenceClient, args: argparse.Namespace) -> int:
 def _report_change(task: TaskPublic) -> None:
     """One stderr line per change while `submit --wait` waits, so a user sees why nothing happens."""
     reason = f": {task.waiting_reason}" if task.waiting_reason else ""
+    if task.progress is not None and not task.status.is_terminal:
+        reason += f" {task.progress:.0%}" + (f" {task.progress_message}" if task.progress_message else "")
     print(f"infer: task {task.uid} {task.status}{reason}", file=sys.stderr, flush=True)
 
 
@@ -221,6 +223,14 @@ def _get(client: InferenceClient, args: argparse.Namespace) -> int:
 
 
 def _logs(client: InferenceClient, args: argparse.Namespace) -> int:
+    if args.follow:
+        text = ""
+        for text in client.follow_logs(args.uid):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        if text and not text.endswith("\n"):
+            sys.stdout.write("\n")
+        return 0
     text = client.logs(args.uid)
     sys.stdout.write(text if not text or text.endswith("\n") else text + "\n")
     return 0
@@ -420,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("uid", metavar="UID")
         command.set_defaults(handler=handler)
+        if name == "logs":
+            command.add_argument(
+                "-f", "--follow", action="store_true", help="print the log as it grows, until the task ends"
+            )
 
     consumers = commands.add_parser("consumers", help="list, drain or resume job consumers (operators)")
     consumer_commands = consumers.add_subparsers(dest="consumers_command", required=True, metavar="COMMAND")

@@ -31,6 +31,7 @@ from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 
 from inference_server.contract import (
+    FOLLOW_PARAM,
     MODEL_PARAMS_SCHEMA_FIELD,
     ConsumerPublic,
     ModelPublic,
@@ -263,9 +264,16 @@ class InferenceClient:
             ) from exc
 
     @contextmanager
-    def _stream(self, method: str, path: str) -> Iterator[httpx.Response]:
+    def _stream(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> Iterator[httpx.Response]:
+        options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
-            with self._http.stream(method, path) as response:
+            with self._http.stream(method, path, params=params, **options) as response:
                 if response.is_error:
                     response.read()
                     raise _error_from(response)
@@ -445,15 +453,17 @@ class InferenceClient:
     ) -> TaskPublic:
         """Poll until the task is finished, failed, cancelled or gone; returns its last status.
 
-        `on_change` is called with the task on the first poll and again each time its status or
-        its waiting_reason differs from the last call's, the terminal status included.
+        `on_change` is called with the task on the first poll and again each time its status,
+        its waiting_reason or the progress the model reports differs from the last call's, the
+        terminal status included.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        last_reported: tuple[TaskStatus, str | None] | None = None
+        last_reported: tuple[TaskStatus, str | None, float | None, str | None] | None = None
         while True:
             task = self.status(uid)
-            if on_change is not None and (task.status, task.waiting_reason) != last_reported:
-                last_reported = (task.status, task.waiting_reason)
+            seen = (task.status, task.waiting_reason, task.progress, task.progress_message)
+            if on_change is not None and seen != last_reported:
+                last_reported = seen
                 on_change(task)
             if task.status.is_terminal:
                 return task
@@ -488,6 +498,18 @@ class InferenceClient:
 
     def logs(self, uid: str) -> str:
         return self._request("GET", PublicRoutes.TASK_LOGS.format(uid=_quoted(uid))).text
+
+    def follow_logs(self, uid: str) -> Iterator[str]:
+        """A task's log as it grows, in pieces, until the task has ended and its final log is in.
+
+        No read timeout: a model may print nothing for longer than any sensible one, and the
+        server ends the answer itself when the task ends.
+        """
+        follow_timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0), read=None)
+        path = PublicRoutes.TASK_LOGS.format(uid=_quoted(uid))
+        with self._stream("GET", path, params={FOLLOW_PARAM: "true"}, timeout=follow_timeout) as response:
+            # A connection lost midway raises in _stream, as the client's error.
+            yield from response.iter_text()
 
     def cancel(self, uid: str) -> TaskPublic:
         return self._parse(
