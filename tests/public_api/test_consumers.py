@@ -101,6 +101,8 @@ def test_others_are_refused(
         assert answer.status_code == status, answer.text
         assert isinstance(answer.json()["detail"], str)
     if status == 403:
-        assert answers[0].json()["detail"] == "only operator keys may see and drain consumers"
+        assert answers[0].json()["detail"] == (
+            "only operator keys may see and drain consumers or read the audit trail"
+        )
     listed = shared_http().get(urls["strict"] + PublicRoutes.CONSUMERS, headers=keys["operator"]).json()
     assert {consumer["id"]: consumer["draining"] for consumer in listed}[consumer_id] is False
