@@ -23,6 +23,7 @@ from inference_server.contract import (
     ConsumerHeartbeatReply,
     ConsumerPublic,
     ConsumerRegistration,
+    GpuReading,
     HeartbeatReply,
     PrivateRoutes,
     RunTimes,
@@ -238,12 +239,15 @@ class PrivateApiClient:
         )
         return ConsumerPublic.model_validate(response.json())
 
-    def consumer_heartbeat(self, running_tasks: list[str]) -> ConsumerHeartbeatReply:
-        """Say this consumer is alive and what it runs; 404 (an HTTP error) when the registry
-        does not know it, so it registers again."""
+    def consumer_heartbeat(
+        self, running_tasks: list[str], gpu_readings: list[GpuReading] | None = None
+    ) -> ConsumerHeartbeatReply:
+        """Say this consumer is alive, what it runs and what its real GPUs use; 404 (an HTTP
+        error) when the registry does not know it, so it registers again."""
+        beat = ConsumerHeartbeat(running_tasks=running_tasks, gpu_readings=gpu_readings or [])
         response = self._request(
             "POST",
             self._path(PrivateRoutes.CONSUMER_HEARTBEAT, consumer_id=self.consumer_id),
-            json=ConsumerHeartbeat(running_tasks=running_tasks).model_dump(mode="json"),
+            json=beat.model_dump(mode="json"),
         )
         return ConsumerHeartbeatReply.model_validate(response.json())

@@ -13,6 +13,7 @@ import time
 
 from inference_server.backoff import Backoff
 from inference_server.contract import ConsumerHeartbeatReply, ConsumerRegistration
+from job_consumer.gpu_readings import read_gpu_readings
 from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,12 @@ class RegistryPresence:
         self._follow(reply)
 
     def _heartbeat(self, running_tasks: list[str]) -> ConsumerHeartbeatReply:
+        readings = read_gpu_readings(self.registration.gpus)
         if not self.registered:
             self._register()
-            return self.api.consumer_heartbeat(running_tasks)
+            return self.api.consumer_heartbeat(running_tasks, readings)
         try:
-            return self.api.consumer_heartbeat(running_tasks)
+            return self.api.consumer_heartbeat(running_tasks, readings)
         except PrivateApiHttpError as exc:
             if exc.status_code != 404:
                 raise
@@ -73,7 +75,7 @@ class RegistryPresence:
             log.warning("consumer %s: unknown to the registry; registering again", self.api.consumer_id)
             self.registered = False
             self._register()
-            return self.api.consumer_heartbeat(running_tasks)
+            return self.api.consumer_heartbeat(running_tasks, readings)
 
     def _register(self) -> None:
         self.api.register(self.registration)
