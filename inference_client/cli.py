@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -20,7 +20,9 @@ from pydantic import BaseModel
 
 from inference_client.client import InferenceClient, InferenceClientError
 from inference_server.contract import (
+    AUDIT_PAGE_MAX,
     MAX_PRIORITY,
+    AuditAction,
     ConsumerPublic,
     GpuInfo,
     ModelPublic,
@@ -287,6 +289,44 @@ def _consumers_resume(client: InferenceClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(client: InferenceClient, args: argparse.Namespace) -> int:
+    entries = client.list_audit_entries(
+        action=args.action,
+        actor=args.actor,
+        target=args.target,
+        since=args.since,
+        until=args.until,
+        before_id=args.before_id,
+        limit=args.limit,
+    )
+    if args.json:
+        _print_json(entries)
+        return 0
+    rows = [("ID", "AT", "ACTOR", "ACTION", "TARGET", "DETAILS")]
+    rows += [
+        (
+            str(entry.id),
+            _time(entry.at),
+            entry.actor if entry.actor_role is None else f"{entry.actor} ({entry.actor_role})",
+            str(entry.action),
+            entry.target,
+            json.dumps(entry.details, sort_keys=True) if entry.details else "-",
+        )
+        for entry in entries
+    ]
+    _print_table(rows)
+    return 0
+
+
+def _aware_time(text: str) -> datetime:
+    """An ISO 8601 time; one without an offset is taken as UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an ISO 8601 time like 2026-12-02T09:00Z, not {text!r}") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -447,6 +487,26 @@ def build_parser() -> argparse.ArgumentParser:
         command = consumer_commands.add_parser(name, help=text)
         command.add_argument("consumer_id", metavar="ID", help="the consumer's id (see 'consumers list')")
         command.set_defaults(handler=handler)
+
+    audit = commands.add_parser(
+        "audit", help="who changed models, tasks, keys and consumers, and when, newest first (operators)"
+    )
+    audit.add_argument("--action", type=AuditAction, choices=list(AuditAction), help="only this action")
+    audit.add_argument("--actor", help="only entries by this key name (or platform, 'operator CLI')")
+    audit.add_argument("--target", help="only entries about this model id, task uid, key name or consumer id")
+    audit.add_argument("--since", type=_aware_time, metavar="TIME", help="only at or after this ISO time")
+    audit.add_argument("--until", type=_aware_time, metavar="TIME", help="only before this ISO time")
+    audit.add_argument(
+        "--before-id", type=_positive_int, metavar="ID", help="the next page: entries older than ID"
+    )
+    audit.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help=f"at most N entries (default 100, at most {AUDIT_PAGE_MAX})",
+    )
+    audit.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    audit.set_defaults(handler=_audit)
 
     get = commands.add_parser("get", help="download a finished task's output")
     get.add_argument("uid", metavar="UID")

@@ -22,6 +22,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -33,6 +34,8 @@ from tqdm import tqdm
 from inference_server.contract import (
     FOLLOW_PARAM,
     MODEL_PARAMS_SCHEMA_FIELD,
+    AuditAction,
+    AuditEntry,
     ConsumerPublic,
     ModelPublic,
     PublicRoutes,
@@ -59,6 +62,7 @@ _TASK = TypeAdapter(TaskPublic)
 _TASK_LIST = TypeAdapter(list[TaskPublic])
 _CONSUMER = TypeAdapter(ConsumerPublic)
 _CONSUMER_LIST = TypeAdapter(list[ConsumerPublic])
+_AUDIT_LIST = TypeAdapter(list[AuditEntry])
 _T = TypeVar("_T")
 
 
@@ -538,3 +542,30 @@ class InferenceClient:
     def _set_draining(self, method: str, consumer_id: str) -> ConsumerPublic:
         path = PublicRoutes.CONSUMER_DRAIN.format(consumer_id=_quoted(consumer_id))
         return self._parse(_CONSUMER, self._json(self._request(method, path)))
+
+    # -- audit trail (operator keys) -----------------------------------------------------------
+
+    def list_audit_entries(
+        self,
+        *,
+        action: AuditAction | None = None,
+        actor: str | None = None,
+        target: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        before_id: int | None = None,
+        limit: int | None = None,
+    ) -> list[AuditEntry]:
+        """Who changed models, tasks, keys and consumers, newest first; operator keys only. Page on
+        with `before_id` set to the last entry's id."""
+        filters = {
+            "action": action,
+            "actor": actor,
+            "target": target,
+            "since": None if since is None else since.isoformat(),
+            "until": None if until is None else until.isoformat(),
+            "before_id": before_id,
+            "limit": limit,
+        }
+        params = {name: value for name, value in filters.items() if value is not None}
+        return self._parse(_AUDIT_LIST, self._json(self._request("GET", PublicRoutes.AUDIT, params=params)))
