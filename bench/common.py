@@ -38,6 +38,7 @@ from inference_server.contract import (
 from inference_server.file_trees import remove_tree
 from inference_server.zipsafe import ZipLimits, extract_zip, zip_directory
 from job_consumer.config import ConsumerSettings
+from job_consumer.container_runtime import DockerRuntime
 from job_consumer.runner import LABEL_TASK, ModelRunner
 from local_platform.examples import DEFAULT_BASE_IMAGE, register_model
 from local_platform.launcher import LocalPlatform
@@ -513,7 +514,7 @@ class RawRunner:
             work_dir=scratch,
         )
         self.docker = docker.from_env(timeout=300)
-        self.runner = _BenchRunner(self.docker, self.settings)
+        self.runner = _BenchRunner(DockerRuntime(self.docker), self.settings)
         self.limits = ZipLimits(
             max_total_bytes=self.settings.zip_max_total_bytes,
             max_files=self.settings.zip_max_files,
