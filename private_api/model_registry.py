@@ -101,18 +101,28 @@ def update_model(
     for field, value in values.items():
         setattr(model, field, value)
     public = ModelPublic.model_validate(model)
-    # The fields set and their new values (limits, switches, texts): a model holds no secret.
-    changed = changes.model_dump(mode="json", exclude_unset=True)
     audit.record(
         session,
         audit.AuditActor.of(actor),
         AuditAction.MODEL_UPDATED,
         human_readable_id,
-        {"changed": changed},
+        _update_details(changes),
     )
     session.commit()
     log.info("updated model %s: %s", human_readable_id, sorted(changes.model_fields_set))
     return public
+
+
+# Fields whose values may run to kilobytes: an audit entry names them, without their values.
+_BULKY_FIELDS = frozenset({"description", "params_schema"})
+
+
+def _update_details(changes: ModelUpdate) -> dict[str, Any]:
+    """What an update's audit entry says: every field it set, and the new values of the limits
+    and switches (a model holds no secret)."""
+    changed = changes.model_dump(mode="json", exclude_unset=True)
+    values = {field: value for field, value in changed.items() if field not in _BULKY_FIELDS}
+    return {"fields": sorted(changed), "values": values}
 
 
 def model_zip_key(*, session: Session, human_readable_id: str) -> str:

@@ -36,6 +36,9 @@ are never held back. The key is checked before any request body is read.
 
 **Consumers.** Operator keys list the job consumers with their state (`/api/consumers`) and
 drain or resume one (`/api/consumers/{consumer_id}/drain`, POST and DELETE).
+
+**Audit trail.** Operator keys read who registered, changed and removed models, cancelled and
+deleted tasks, managed keys and drained consumers, and when (`/api/audit`, newest first).
 """
 
 
