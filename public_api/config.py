@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from inference_server.settings import ServiceSettings, ServiceToken
 
@@ -30,6 +30,12 @@ class PublicSettings(ServiceSettings):
     # A Bearer token that may read /metrics and nothing else, for Prometheus; unset: only
     # operator keys may. Checked like a service token (long, not blank).
     metrics_token: ServiceToken | None = None
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose passes `IS_METRICS_TOKEN: ${IS_METRICS_TOKEN:-}` as "" when .env leaves it out.
+        return None if value == "" else value
     # How long a resolved key is trusted without asking the private API again: a revoked key
     # stops working within this many seconds.
     key_cache_ttl_s: float = Field(default=5.0, ge=0, le=10)

@@ -3,7 +3,7 @@
 #   inference-server/app:latest   the three services (Dockerfile at the repository root)
 # and, only for the official images that can be neither found locally nor pulled, stand-ins
 # made from the local Debian base image (docker-images/README.md):
-#   inference-server/standin-rabbitmq, -postgres, -traefik
+#   inference-server/standin-rabbitmq, -postgres, -traefik (and -prometheus with IS_MONITORING=1)
 # It writes build/images.env with the image each compose variable should name, e.g.
 #   docker compose --env-file .env --env-file build/images.env up -d
 #
@@ -33,6 +33,7 @@ IMAGES_ENV="$BUILD_DIR/images.env"
 REAL_RABBITMQ="rabbitmq:3.13-management"
 REAL_POSTGRES="postgres:16"
 REAL_TRAEFIK="traefik:v3.6"
+REAL_PROMETHEUS="prom/prometheus:v2.53.0"
 
 say() { echo "[build-images] $*" >&2; }
 die() { echo "[build-images] ERROR: $*" >&2; exit 1; }
@@ -130,6 +131,11 @@ if [ "$WHAT" != app ]; then
     else
         say "TRAEFIK_IMAGE: using $REAL_TRAEFIK"
         echo "TRAEFIK_IMAGE=$REAL_TRAEFIK" >>"$IMAGES_ENV.partial"
+    fi
+    # Only for the optional `monitoring` profile, so other deployments do not wait for it.
+    if [ "${IS_MONITORING:-0}" = 1 ]; then
+        pick PROMETHEUS_IMAGE "$REAL_PROMETHEUS" inference-server/standin-prometheus:latest \
+            "$ROOT/docker-images/prometheus"
     fi
     mv "$IMAGES_ENV.partial" "$IMAGES_ENV"
     say "image choices written to $IMAGES_ENV"
