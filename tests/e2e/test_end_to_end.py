@@ -129,6 +129,7 @@ def test_each_v12_status_code_is_reached(platform_factory, test_images, tmp_path
     failed = status_of(base, failing)
     assert failed["status"] == "failed"
     assert failed["exit_code"] == 3
+    assert failed["failure"] == "model_exit_code"  # decided by the consumer's verdict, kept
     assert "synthetic failure" in failed["error"]
     logs = requests.get(f"{base}/api/tasks/{failing}/logs", timeout=30)
     assert logs.status_code == 200
@@ -294,3 +295,14 @@ def test_brain_mask_example_segments_a_synthetic_scan(platform_factory, example_
     assert entry["voxels_in_mask"] == int(mask.sum())
     # 2 mm isotropic voxels: 8 mm3 each.
     assert entry["mask_volume_ml"] == pytest.approx(mask.sum() * 8 / 1000)
+
+
+def test_a_model_whose_image_is_missing_fails_as_image_missing(platform_factory, tmp_path):
+    """The engine has no such image: not the model's fault, and retrying it would not help."""
+    platform = platform_factory(consumers=1)
+    register_image(platform, "ghost", "inference-server/no-such-image:never-built")
+    uid = submit(platform.public_url, "ghost", make_zip({"in.txt": b"1"}))
+    assert poll_until_done(platform.public_url, uid).status_code == 552
+    failed = status_of(platform.public_url, uid)
+    assert (failed["status"], failed["failure"]) == ("failed", "image_missing")
+    assert "is not present" in failed["error"]
