@@ -36,6 +36,7 @@ class PublicSettings(ServiceSettings):
     def _empty_is_unset(cls, value: object) -> object:
         # Compose passes `IS_METRICS_TOKEN: ${IS_METRICS_TOKEN:-}` as "" when .env leaves it out.
         return None if value == "" else value
+
     # How long a resolved key is trusted without asking the private API again: a revoked key
     # stops working within this many seconds.
     key_cache_ttl_s: float = Field(default=5.0, ge=0, le=10)
