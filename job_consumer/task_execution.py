@@ -22,7 +22,7 @@ from job_consumer.active_task import ActiveTask, StopReason
 from job_consumer.config import ConsumerSettings
 from job_consumer.live_logs import LiveLog, LogRefused
 from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable
-from job_consumer.progress import Progress
+from job_consumer.progress import Progress, latest_progress
 from job_consumer.runner import ModelRunError, ModelRunner, RunResult
 from job_consumer.verdict import Failed, Stopped, output_too_large, run_error, verdict_for
 from job_consumer.workspace import ModelCache, ModelZipMismatch, TaskWorkspace
@@ -192,7 +192,11 @@ class TaskExecutor:
             )
         except ModelRunError as exc:
             live_log.stop()
-            self._upload_logs(task, f"{LOG_PREFIX} {exc}\n")
+            # What the model printed before the run was lost stays, above why.
+            printed = live_log.text()
+            if printed and not printed.endswith("\n"):
+                printed += "\n"
+            self._upload_logs(task, f"{printed}{LOG_PREFIX} {exc}\n", live_log.progress)
             raise _TaskError.of(run_error(exc)) from exc
         finally:
             # Nothing live may land after the final log, which replaces it.
@@ -223,7 +227,10 @@ class TaskExecutor:
             ", out of memory" if result.oom_killed else "",
             ", stopped" if result.cancelled else "",
         )
-        self._upload_logs(task, self._compose_logs(task, result) + _removed_note(removed))
+        # The progress too: a line printed just before the exit may not have been shipped live.
+        self._upload_logs(
+            task, self._compose_logs(task, result) + _removed_note(removed), latest_progress(result.logs)
+        )
         verdict = verdict_for(result, task.stop_reason, max_output_bytes=self.settings.max_output_bytes)
         if isinstance(verdict, Stopped):
             self._finish_stopped(task, verdict.reason)
@@ -409,10 +416,10 @@ class TaskExecutor:
         live_log.start(name=f"live-log-{task.uid}")
         return live_log
 
-    def _upload_logs(self, task: ActiveTask, text: str) -> None:
+    def _upload_logs(self, task: ActiveTask, text: str, progress: Progress | None = None) -> None:
         text = self._scrub(text)
         try:
-            self._with_retry(task, lambda: self.api.upload_logs(task.uid, text))
+            self._with_retry(task, lambda: self.api.upload_logs(task.uid, text, progress))
         except PrivateApiHttpError as exc:
             log.info("task %s: logs not accepted (%s)", task.uid, exc.detail)
         except PrivateApiUnavailable as exc:

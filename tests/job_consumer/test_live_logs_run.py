@@ -88,3 +88,19 @@ def test_the_live_log_stops_at_the_cap_with_a_marker(private_api, make_consumer,
     wait_until(lambda: private_api.task(task.uid).status == TaskStatus.FINISHED, 30, "the task to finish")
     consumer.request_stop(now=False)
     worker.join(30)
+
+
+def test_progress_printed_just_before_the_exit_is_in_the_status(private_api, make_consumer, test_images):
+    model_id = f"quick-{secrets.token_hex(4)}"
+    script = b"echo INFERENCE_PROGRESS 1 all done\n"
+    private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": script}))
+    task = private_api.submit(model_id, {"x.txt": b"x"})
+    consumer = make_consumer()
+    worker = ConsumerThread(consumer).start()
+
+    wait_until(lambda: private_api.task(task.uid).status == TaskStatus.FINISHED, 30, "the task to finish")
+    consumer.request_stop(now=False)
+    worker.join(30)
+
+    finished = private_api.task(task.uid)
+    assert (finished.progress, finished.progress_message) == (1.0, "all done")
