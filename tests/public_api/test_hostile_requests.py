@@ -21,6 +21,7 @@ from public_api.main import create_app
 from public_api.ratelimit import FailureBudget, client_address
 from tests.public_api.hostile import HUGE, MIB, MULTIPART, json_body, multipart_body, send
 from tests.public_api.stack import (
+    METRICS_HEADERS,
     SERVICE_TOKEN,
     PrivateStack,
     PublicProcess,
@@ -336,6 +337,11 @@ AUTH_CHECK_CASES = [
     ("POST", "/no/such/route", "user", "strict", 200),
     ("GET", "/health/live", "anonymous", "strict", 200),
     ("POST", "/api/tasks/", "wrong key", "anonymous tasks", 401),
+    # /metrics: the metrics token or an operator key, whatever the switches say.
+    ("GET", "/metrics", "anonymous", "anonymous tasks", 401),
+    ("GET", "/metrics", "user", "strict", 403),
+    ("GET", "/metrics", "operator", "strict", 200),
+    ("GET", "/metrics", "metrics token", "strict", 200),
 ]
 
 
@@ -367,6 +373,7 @@ def check_keys(private_api: PrivateStack) -> dict[str, dict[str, str]]:
         "user": {"Authorization": f"Bearer {user}"},
         "operator": {"X-Token": operator},
         "wrong key": {"Authorization": "Bearer isk_00000000_" + "x" * 43},
+        "metrics token": METRICS_HEADERS,
     }
 
 
