@@ -256,3 +256,17 @@ def test_platform_metrics_move_as_a_task_runs_and_fails(client):
     assert 'inference_queue_depth{queue="cpu"} 0.0' in after
     assert 'inference_consumer_running_tasks{consumer="consumer-a"} 1.0' in after
     assert 'inference_gpu_memory_used_bytes{consumer="consumer-a",gpu="0"} 5.0' in after
+
+
+def test_platform_counters_are_the_same_from_every_process_and_after_a_restart(start_app, settings):
+    """Read from the database, not counted in memory: a second private API process (or this one
+    restarted) reports what the first one saw."""
+    first = start_app(settings)
+    register_model(first)
+    uid = submit_ok(first)["uid"]
+    first.post(f"/tasks/{uid}/cancel")
+    second = start_app(settings)
+    for client in (first, second):
+        text = client.get("/metrics").text
+        assert metric_value(text, 'inference_tasks_total{model="seg-model",status="submitted"}') == 1
+        assert metric_value(text, 'inference_tasks_total{model="seg-model",status="cancelled"}') == 1
