@@ -52,7 +52,10 @@ def database_url(request) -> str:
     try:
         with engine.begin() as connection:
             connection.execute(
-                text("TRUNCATE webhook_deliveries, tasks, models, api_keys, consumers, audit_entries RESTART IDENTITY")
+                text(
+                    "TRUNCATE webhook_deliveries, tasks, models, api_keys, consumers, audit_entries"
+                    " RESTART IDENTITY"
+                )
             )
     finally:
         engine.dispose()
