@@ -62,7 +62,7 @@ command -v openssl >/dev/null || missing+=(openssl)
 # The browser tests (pytest marker `browser`) drive Debian's Chromium through Playwright, which
 # cannot download a browser of its own here.
 command -v chromium >/dev/null || missing+=(chromium)
-# The Prometheus test (tests/infrastructure/test_prometheus.py) scrapes a running platform with
+# The Prometheus test (tests/e2e/test_prometheus.py) scrapes a running platform with
 # the real server; only its binary is used, never a system service.
 command -v prometheus >/dev/null || missing+=(prometheus)
 if [ "${#missing[@]}" -gt 0 ]; then
