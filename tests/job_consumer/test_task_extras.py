@@ -77,7 +77,7 @@ class StandInPrivateApi:
     def download_model_from(self, uid: str, dest: Path) -> str:
         return self._serve("model_from output", self.model_from_zip, dest)
 
-    def upload_logs(self, uid: str, text: str) -> None:
+    def upload_logs(self, uid: str, text: str, progress=None) -> None:
         pass
 
     def upload_output(self, uid: str, zip_path: Path, run_times=None) -> None:
