@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum, StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 SERVICE_TOKEN_HEADER = "X-Service-Token"
 CONSUMER_ID_HEADER = "X-Consumer-Id"
@@ -45,6 +45,23 @@ TASK_UID_RE = re.compile(TASK_UID_PATTERN)
 # Consumer ids end up in Docker labels, HTTP headers and file names, so keep them plain.
 CONSUMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 CONSUMER_ID_RE = re.compile(CONSUMER_ID_PATTERN)
+
+
+_NUMBER_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _iso_8601_only(value: Any) -> Any:
+    """Pydantic reads a bare number as Unix seconds; a filter documented as an ISO 8601 time
+    refuses one instead of guessing what `until=0.5` meant."""
+    if isinstance(value, int | float):  # bool is an int too
+        raise ValueError("an ISO 8601 time is expected, e.g. 2026-12-01T09:00:00Z")
+    if isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
+        raise ValueError("an ISO 8601 time is expected, e.g. 2026-12-01T09:00:00Z")
+    return value
+
+
+# A time with its zone, written in ISO 8601 (query filters such as the audit trail's).
+IsoTime = Annotated[AwareDatetime, BeforeValidator(_iso_8601_only)]
 
 
 class TaskStatus(StrEnum):

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import AwareDatetime
 
 from inference_server.contract import (
     AUDIT_PAGE_DEFAULT,
     AUDIT_PAGE_MAX,
     AuditAction,
     AuditEntry,
+    IsoTime,
     PrivateRoutes,
 )
 from private_api import audit
@@ -28,8 +28,8 @@ def list_audit_entries(
     action: AuditAction | None = None,
     actor: Annotated[str | None, Query(max_length=255)] = None,
     target: Annotated[str | None, Query(max_length=255)] = None,
-    since: AwareDatetime | None = None,
-    until: AwareDatetime | None = None,
+    since: IsoTime | None = None,
+    until: IsoTime | None = None,
     before_id: Annotated[int | None, Query(ge=1)] = None,
     limit: Annotated[int, Query(ge=1, le=AUDIT_PAGE_MAX)] = AUDIT_PAGE_DEFAULT,
 ) -> list[AuditEntry]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import AwareDatetime
 
 from inference_server.contract import (
     AUDIT_PAGE_DEFAULT,
     AUDIT_PAGE_MAX,
     AuditAction,
     AuditEntry,
+    IsoTime,
     PublicRoutes,
 )
 from public_api import service
@@ -45,11 +45,9 @@ async def list_audit_entries(
         Query(max_length=255, description="Only entries about this model id, task uid, key or consumer."),
     ] = None,
     since: Annotated[
-        AwareDatetime | None, Query(description="Only entries at or after this time (ISO 8601).")
+        IsoTime | None, Query(description="Only entries at or after this time (ISO 8601).")
     ] = None,
-    until: Annotated[
-        AwareDatetime | None, Query(description="Only entries before this time (ISO 8601).")
-    ] = None,
+    until: Annotated[IsoTime | None, Query(description="Only entries before this time (ISO 8601).")] = None,
     before_id: Annotated[
         int | None, Query(ge=1, description="Only entries older than this id: the next page.")
     ] = None,
