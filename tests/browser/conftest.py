@@ -44,7 +44,9 @@ class OfflinePage:
     blocked_urls: list[str] = field(default_factory=list)
 
 
-@pytest.fixture(scope="session")
+# Module-scoped, not session-scoped: Playwright's sync API keeps an asyncio loop running in this
+# thread while it is started, and every later test that calls asyncio.run() would then fail.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     executable = shutil.which("chromium")
     if executable is None:
