@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum, StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -22,6 +22,7 @@ CONSUMER_ID_HEADER = "X-Consumer-Id"
 # client send it as `X-Token: <key>`, accepted the same way.
 API_KEY_HEADER = "X-Token"
 API_KEY_MAX_LENGTH = 512
+DASHBOARD_TOKEN_MAX_LENGTH = 128
 # Who a relayed user request acts for: set by the public API on task routes and trusted by the
 # private API only because the service token comes with it. The role is an ApiKeyRole value or
 # ANONYMOUS_ROLE; without these headers a caller acts as the platform itself (consumers, tools).
@@ -246,12 +247,19 @@ class ModelBehaviour(BaseModel):
         description="Answer a task whose image ID, model zip, input and params match a finished "
         "task's with that task's output, without running a container.",
     )
+    # Consumers keep a container of a warm model created ahead (not started) even before they
+    # have run it, so its first task starts without the create; other models get one only after
+    # a consumer ran them.
+    warm: bool = Field(
+        default=False,
+        description="Consumers keep a container of this model created ahead, ready to start.",
+    )
 
 
 # The switches an operator sets on purpose to loosen a model's isolation.
 MODEL_SWITCHES = ("allow_network", "run_as_root", "writable_rootfs")
 # Every true/false field of a model (JSON bodies must send real booleans for these).
-MODEL_FLAGS = (*MODEL_SWITCHES, "cacheable")
+MODEL_FLAGS = (*MODEL_SWITCHES, "cacheable", "warm")
 MODEL_NUMERIC_LIMITS = ("timeout_s", "memory_mb", "cpus", "gpu_memory_mb", "pids", "tmp_mb")
 MODEL_DESCRIPTION_MAX_LENGTH = 10_000
 
@@ -395,6 +403,9 @@ class TaskPublic(BaseModel):
     uid: str
     model_human_readable_id: str
     status: TaskStatus
+    # The name of the key that submitted it (None: an anonymous task); operators see it on every
+    # task, a user only on their own.
+    owner: str | None = None
     priority: int = 0
     attempts: int = 0
     exit_code: int | None = None
@@ -614,6 +625,75 @@ class AuditEntry(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class DashboardLogin(BaseModel):
+    """Body of the private API's POST /sessions: the API key a dashboard user logged in with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=1, max_length=API_KEY_MAX_LENGTH)
+
+
+class DashboardSessionToken(BaseModel):
+    """Body of POST /sessions/resolve and /sessions/end: the session cookie's value. Tokens travel
+    in bodies, never in paths or query strings, so no access log records one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(min_length=1, max_length=DASHBOARD_TOKEN_MAX_LENGTH)
+
+
+class DashboardSession(BaseModel):
+    """A live dashboard session: whom it acts for, the CSRF token every action must echo, and
+    when it ends. Ended by logout, by its expiry, or by its key being revoked."""
+
+    principal: Principal
+    csrf_token: str
+    expires_at: AwareDatetime
+
+
+class DashboardSessionCreated(DashboardSession):
+    """The answer to a login: the session plus its token, shown this once (stored hashed)."""
+
+    token: str
+
+
+class ModelTimings(BaseModel):
+    """Median queue wait (submitted to started) and run time of one model's tasks that ended in
+    the overview's window; None where none did."""
+
+    model: str
+    tasks_ended: int
+    queue_wait_s_median: float | None = None
+    run_s_median: float | None = None
+
+
+class OverviewPoint(BaseModel):
+    """One bucket of the overview's history: tasks that ended in it, and the tasks waiting at its
+    end (from the tasks' own times, so the history needs no sampler)."""
+
+    at: AwareDatetime
+    finished: int
+    failed: int
+    queue_depth: int
+
+
+class PlatformOverview(BaseModel):
+    """What the dashboard's overview shows. `scope` "all" for operators; "own" for a user, whose
+    task figures count their own tasks only (queues and consumers are the platform's)."""
+
+    scope: Literal["all", "own"]
+    generated_at: AwareDatetime
+    queue_depth: dict[str, int]
+    pending: int
+    running: int
+    consumers: dict[str, int]
+    finished_last_hour: int
+    failed_last_hour: int
+    models: list[ModelTimings]
+    history: list[OverviewPoint]
+    history_bucket_s: int
+
+
 class HealthReport(BaseModel):
     status: str
     checks: dict[str, str]
@@ -649,6 +729,13 @@ class PrivateRoutes:
     CONSUMER_DRAIN = "/consumers/{consumer_id}/drain"
     # The audit trail, newest first; read only: no route changes or removes an entry.
     AUDIT = "/audit"
+    # Dashboard sessions: POST SESSIONS logs in with a key (DashboardLogin); RESOLVE answers
+    # whom a session token acts for; END logs out. Called by the public API only.
+    SESSIONS = "/sessions"
+    SESSION_RESOLVE = "/sessions/resolve"
+    SESSION_END = "/sessions/end"
+    # The dashboard overview for the acting caller (PlatformOverview).
+    OVERVIEW = "/overview"
     HEALTH_LIVE = "/health/live"
     HEALTH_READY = "/health/ready"
     METRICS = "/metrics"
@@ -667,6 +754,9 @@ class PublicRoutes:
     CONSUMERS = "/api/consumers"
     CONSUMER_DRAIN = "/api/consumers/{consumer_id}/drain"
     AUDIT = "/api/audit"
+    OVERVIEW = "/api/overview"
+    # Server-rendered pages for people (login with a key, then a session cookie).
+    DASHBOARD = "/dashboard"
     HEALTH_LIVE = "/health/live"
     HEALTH_READY = "/health/ready"
     METRICS = "/metrics"
@@ -685,6 +775,22 @@ PROGRESS_MESSAGE_PARAM = "progress_message"
 PROGRESS_MESSAGE_MAX_CHARS = 500
 # GET PublicRoutes.TASK_LOGS?follow=true streams the log until the task ends.
 FOLLOW_PARAM = "follow"
+
+# Task list filters (GET /api/tasks/ and the private /tasks), beside status, limit and offset:
+# the model's id, the owner (operators only; a user's list is always their own) and the start of
+# a uid (TASK_UID_SEARCH_MIN_CHARS or more).
+TASK_FILTER_MODEL = "model"
+TASK_FILTER_OWNER = "owner"
+TASK_FILTER_UID = "uid"
+TASK_UID_SEARCH_MIN_CHARS = 4
+OVERVIEW_HOURS_DEFAULT = 6
+OVERVIEW_HOURS_MAX = 48
+
+# The dashboard's session cookie (HttpOnly, SameSite=Strict, Secure behind HTTPS) and the header
+# (or form field) that carries the session's CSRF token on every action.
+DASHBOARD_SESSION_COOKIE = "is_dashboard_session"
+DASHBOARD_CSRF_HEADER = "X-CSRF-Token"
+DASHBOARD_CSRF_FIELD = "csrf_token"
 
 MAX_PRIORITY = 9
 # Declared identically by the private API (publisher) and every consumer: RabbitMQ refuses a

@@ -107,6 +107,7 @@ class Model(Base):
     run_as_root: Mapped[bool]
     writable_rootfs: Mapped[bool] = mapped_column(default=False)
     cacheable: Mapped[bool] = mapped_column(default=False)
+    warm: Mapped[bool] = mapped_column(default=False)
     params_schema: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
