@@ -8,12 +8,20 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from inference_server.contract import (
+    DASHBOARD_TOKEN_MAX_LENGTH,
+    OVERVIEW_HOURS_DEFAULT,
+    TASK_FILTER_MODEL,
+    TASK_FILTER_OWNER,
+    TASK_FILTER_UID,
     AuditEntry,
     ConsumerPublic,
+    DashboardSession,
+    DashboardSessionCreated,
     HealthReport,
     ModelCreate,
     ModelPublic,
     ModelUpdate,
+    PlatformOverview,
     Principal,
     PrivateRoutes,
     TaskPublic,
@@ -25,7 +33,7 @@ from inference_server.contract import (
 )
 from public_api.errors import PublicAPIError, UpstreamHTTPError, UpstreamUnavailableError, V12Error
 from public_api.relay import UploadBody
-from public_api.upstream import PrivateAPI, checked
+from public_api.upstream import PrivateAPI, Reply, checked
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
 _MODEL_LIST = TypeAdapter(list[ModelPublic])
@@ -86,9 +94,28 @@ async def submit_task(
 
 
 async def list_tasks(
-    api: PrivateAPI, *, caller: Principal | None, status: TaskStatus | None, limit: int, offset: int
+    api: PrivateAPI,
+    *,
+    caller: Principal | None,
+    status: TaskStatus | None,
+    limit: int,
+    offset: int,
+    model: str | None = None,
+    owner: str | None = None,
+    uid: str | None = None,
 ) -> list[TaskPublic]:
-    params = _without_none({"status": status, "limit": limit, "offset": offset})
+    """The caller's tasks (every task for operators), newest first; `owner` narrows an operator's
+    list to one key's tasks, `uid` to the tasks whose uid starts with it."""
+    params = _without_none(
+        {
+            "status": status,
+            "limit": limit,
+            "offset": offset,
+            TASK_FILTER_MODEL: model,
+            TASK_FILTER_OWNER: owner,
+            TASK_FILTER_UID: uid,
+        }
+    )
     data = await api.call("GET", PrivateRoutes.TASKS, params=params, headers=encode_acting_headers(caller))
     try:
         return _TASK_LIST.validate_python(data)
@@ -237,6 +264,61 @@ async def list_audit_entries(
         return _AUDIT_LIST.validate_python(data)
     except ValidationError as exc:
         raise UpstreamHTTPError(502, f"private API answered with an unexpected body: {exc}") from exc
+
+
+def _body_of(reply: Reply) -> Any:
+    try:
+        return reply.json()
+    except ValueError as exc:
+        raise UpstreamHTTPError(502, "private API answered with a body that is not JSON") from exc
+
+
+def _refused_with_challenge(reply: Reply) -> bool:
+    """A 401 with a Bearer challenge: the private API's "no such key or session". A 401 without
+    one means it refused this service's own token, which upstream_error reports as such."""
+    return reply.status_code == 401 and reply.headers.get("www-authenticate", "").startswith("Bearer")
+
+
+def _plausible_session_token(token: str) -> bool:
+    # A cookie no session could have is not worth a private API call (nor a 422 from it).
+    return 0 < len(token) <= DASHBOARD_TOKEN_MAX_LENGTH and token.isascii() and token.isprintable()
+
+
+async def create_dashboard_session(api: PrivateAPI, key: str) -> DashboardSessionCreated | None:
+    """A new dashboard session for the owner of `key`; None when the key is unknown or revoked."""
+    reply = await api.exchange("POST", PrivateRoutes.SESSIONS, json={"key": key})
+    if _refused_with_challenge(reply):
+        return None
+    return _parse(DashboardSessionCreated, _body_of(checked(reply)))
+
+
+async def resolve_dashboard_session(api: PrivateAPI, token: str) -> DashboardSession | None:
+    """Whom the session `token` acts for; None when it is unknown, expired or ended, or its key
+    was revoked."""
+    if not _plausible_session_token(token):
+        return None
+    reply = await api.exchange("POST", PrivateRoutes.SESSION_RESOLVE, json={"token": token})
+    if _refused_with_challenge(reply):
+        return None
+    return _parse(DashboardSession, _body_of(checked(reply)))
+
+
+async def end_dashboard_session(api: PrivateAPI, token: str) -> None:
+    """Logs the session out; ending an unknown or already ended session does nothing."""
+    if not _plausible_session_token(token):
+        return
+    checked(await api.exchange("POST", PrivateRoutes.SESSION_END, json={"token": token}))
+
+
+async def overview(
+    api: PrivateAPI, *, caller: Principal | None, hours: int = OVERVIEW_HOURS_DEFAULT
+) -> PlatformOverview:
+    """The dashboard's overview as `caller` may see it: every task for operators, their own for
+    users; the last `hours` hours of history."""
+    data = await api.call(
+        "GET", PrivateRoutes.OVERVIEW, params={"hours": hours}, headers=encode_acting_headers(caller)
+    )
+    return _parse(PlatformOverview, data)
 
 
 async def readiness(api: PrivateAPI) -> tuple[bool, HealthReport]:
