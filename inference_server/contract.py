@@ -441,6 +441,43 @@ class TaskPublic(BaseModel):
     progress_message: str | None = None
 
 
+# GET PublicRoutes.TASK_STATUS?wait=S[&seen=STATUS]: a long poll answered as soon as the task's
+# state (task_state) differs from what the caller saw (the status `seen`, else the state at the
+# time of the request), or after S seconds (WAIT_MIN_S..WAIT_MAX_S) with the state as it is.
+WAIT_PARAM = "wait"
+SEEN_PARAM = "seen"
+WAIT_MIN_S = 1.0
+WAIT_MAX_S = 60.0
+TASKS_WAIT_MAX_UIDS = 10_000
+EVENT_STREAM_MEDIA_TYPE = "text/event-stream"
+
+
+def task_state(task: TaskPublic) -> str:
+    """What a waiting client has seen of a task: its status and progress. `?wait=` and the event
+    stream answer when this changes, so a long poll also reports a running model's progress."""
+    progress = "" if task.progress is None else repr(task.progress)
+    return f"{task.status.value}:{progress}"
+
+
+class TaskWaitRequest(BaseModel):
+    """Body of the private API's POST TASKS_WAIT: for each uid, the states (task_state) its
+    waiting clients last saw. Answered as soon as one of those tasks is in another state, or
+    after timeout_s with nothing changed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    states: dict[str, list[str]] = Field(max_length=TASKS_WAIT_MAX_UIDS)
+    timeout_s: float = Field(ge=0.0, le=WAIT_MAX_S)
+
+
+class TaskWaitAnswer(BaseModel):
+    """The tasks whose state differs from one the caller gave (as they are now), and the uids
+    that are unknown (never existed, or their row is gone)."""
+
+    changed: list[TaskPublic] = Field(default_factory=list)
+    unknown: list[str] = Field(default_factory=list)
+
+
 class RunTimes(BaseModel):
     """When a task's container started and ended, as a consumer reports them with its verdict
     (query parameters of the output upload; fields of a TaskFailure). Both or neither: a failure
@@ -736,6 +773,9 @@ class PrivateRoutes:
     SESSION_END = "/sessions/end"
     # The dashboard overview for the acting caller (PlatformOverview).
     OVERVIEW = "/overview"
+    # Long poll for many tasks at once (TaskWaitRequest -> TaskWaitAnswer): the public API's
+    # one watcher per process waits here for all of its waiting clients.
+    TASKS_WAIT = "/tasks/wait"
     HEALTH_LIVE = "/health/live"
     HEALTH_READY = "/health/ready"
     METRICS = "/metrics"
@@ -750,6 +790,8 @@ class PublicRoutes:
     TASK_STATUS = "/api/tasks/{uid}/status"
     TASK_LOGS = "/api/tasks/{uid}/logs"
     TASK_CANCEL = "/api/tasks/{uid}/cancel"
+    # Server-sent events: the task's state (TaskPublic) at each change, until it has ended.
+    TASK_EVENTS = "/api/tasks/{uid}/events"
     MODEL = "/api/models/{human_readable_id}"
     CONSUMERS = "/api/consumers"
     CONSUMER_DRAIN = "/api/consumers/{consumer_id}/drain"
@@ -813,3 +855,14 @@ class TaskQueue(StrEnum):
 
     def queue_name(self, base: str) -> str:
         return f"{base}.{self.value}"
+
+
+# A cancelled running task's uid, pushed by the private API to every consumer: a fanout exchange
+# named after the queue base, declared identically by both sides (CANCEL_EXCHANGE_ARGUMENTS);
+# each consumer reads it through an exclusive auto-delete queue of its own. The heartbeat's
+# keep_running stays the fallback when the broker loses the message.
+CANCEL_EXCHANGE_TYPE = "fanout"
+
+
+def cancel_exchange_name(queue_base: str) -> str:
+    return f"{queue_base}.cancel"
