@@ -22,6 +22,8 @@ from private_api.models import Task, UTCDateTime
 ACTIVE_STATUSES = (TaskStatus.PENDING, TaskStatus.RUNNING)
 # How many rows one round of background work (outbox, reaper) takes on.
 BATCH_SIZE = 200
+# Set in a session's info by a task change; its commit wakes the task waiters (task_events.py).
+TASK_CHANGED_MARK = "task_changed"
 
 
 def new_task_uid() -> str:
@@ -44,7 +46,10 @@ def update_task(session: Session, *conditions: Any, **values: Any) -> bool:
         update(Task).where(*conditions).values(**values).execution_options(synchronize_session=False)
     )
     # An UPDATE's result is a CursorResult, with its rowcount; Session.execute is typed as Result.
-    return cast(CursorResult[Any], result).rowcount == 1
+    changed = cast(CursorResult[Any], result).rowcount == 1
+    if changed:
+        session.info[TASK_CHANGED_MARK] = True
+    return changed
 
 
 def load_task(session: Session, uid: str) -> Task | None:
