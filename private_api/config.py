@@ -64,6 +64,9 @@ class PrivateSettings(BrokerSettings, ZipLimitSettings):
     # Files of tasks that ended longer ago than this are removed (rows kept); 0 keeps them forever.
     retention_days: float = Field(default=30.0, ge=0)
     retention_interval_s: float = Field(default=600.0, gt=0)
+    # How long a dashboard login lasts (dashboard_sessions.py); logout or revoking its key ends
+    # it sooner.
+    dashboard_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
 
     # Webhooks (webhook_destinations.py, webhook_delivery.py). The hosts a webhook_url may name,
     # comma-separated, each "host" (any port) or "host:port"; empty refuses every webhook, so the

@@ -102,6 +102,8 @@ ROUTE_GRANTS: Mapping[tuple[str, str], frozenset[ServiceRole]] = {
     ("GET", PrivateRoutes.TASK): _PUBLIC_API,
     ("DELETE", PrivateRoutes.TASK): _PUBLIC_API,
     ("POST", PrivateRoutes.TASK_CANCEL): _PUBLIC_API,
+    # The public API's task watcher: states only, for uids its callers were allowed to read.
+    ("POST", PrivateRoutes.TASKS_WAIT): _PUBLIC_API,
     ("GET", PrivateRoutes.TASK_OUTPUT): _PUBLIC_API,
     ("GET", PrivateRoutes.TASK_LOGS): _PUBLIC_API,
     ("GET", PrivateRoutes.TASK_INPUT): _CONSUMER,
@@ -123,6 +125,12 @@ ROUTE_GRANTS: Mapping[tuple[str, str], frozenset[ServiceRole]] = {
     ("DELETE", PrivateRoutes.CONSUMER_DRAIN): _PUBLIC_API,
     # For operator keys only (require_audit_reader): who did what, across every user.
     ("GET", PrivateRoutes.AUDIT): _PUBLIC_API,
+    # The dashboard's logins, kept here so every public API replica sees a logout or revocation.
+    ("POST", PrivateRoutes.SESSIONS): _PUBLIC_API,
+    ("POST", PrivateRoutes.SESSION_RESOLVE): _PUBLIC_API,
+    ("POST", PrivateRoutes.SESSION_END): _PUBLIC_API,
+    # Scoped by the acting caller: a user's task figures count their own tasks only.
+    ("GET", PrivateRoutes.OVERVIEW): _PUBLIC_API,
 }
 
 

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from private_api import chains, consumer_registry, leases, outbox, scheduling
+from private_api import chains, consumer_registry, dashboard_sessions, leases, outbox, scheduling
 from private_api.blobs import BlobStore
 from private_api.queue import TaskPublisher
 from private_api.retention import expire_old_tasks
@@ -143,7 +143,8 @@ class MaintenanceLoop:
         self._wake.set()
 
     def sweep_once(self) -> int:
-        """The scheduler's sweeps: unrunnable tasks past their timeout fail; long-lost consumers go."""
+        """The scheduler's sweeps: unrunnable tasks past their timeout fail; long-lost consumers go;
+        expired dashboard sessions are deleted."""
         with self._session_factory() as session:
             failed = 0
             if self._unrunnable_timeout_s:
@@ -153,7 +154,8 @@ class MaintenanceLoop:
             forgotten = consumer_registry.forget_lost_consumers(
                 session=session, forget_after_s=self._consumer_forget_after_s
             )
-            return failed + forgotten
+            ended_sessions = dashboard_sessions.prune_expired(session=session)
+            return failed + forgotten + ended_sessions
 
     def expire_once(self) -> int:
         if self._blobs is None or not self._retention:

@@ -315,3 +315,21 @@ class AuditRecord(Base):
     action: Mapped[str] = mapped_column(String(64), index=True)
     target: Mapped[str] = mapped_column(String(255), index=True)
     details: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class DashboardSessionRecord(Base):
+    """A dashboard login (private_api/dashboard_sessions.py), kept here rather than in a public API
+    process so that logout and key revocation end it on every replica at once. Only the token's
+    SHA-256 is stored: a copy of the database opens no session."""
+
+    __tablename__ = "dashboard_sessions"
+    __table_args__ = (Index("ix_dashboard_sessions_expires_at", "expires_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    csrf_token: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    api_key: Mapped[ApiKey] = relationship(lazy="joined", innerjoin=True)

@@ -51,14 +51,14 @@ QUEUE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 *
 RUN_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
 
 
-def _seconds_between(session: Session, start: Any, end: Any) -> ColumnElement[Any]:
+def seconds_between(session: Session, start: Any, end: Any) -> ColumnElement[Any]:
     """end - start in seconds, in SQL: SQLite keeps times as text, PostgreSQL as timestamps."""
     if session.get_bind().dialect.name == "sqlite":
         return (func.julianday(end) - func.julianday(start)) * 86400.0
     return func.extract("epoch", end - start)
 
 
-def _ended_as() -> ColumnElement[str | None]:
+def ended_as() -> ColumnElement[str | None]:
     """How a task ended, read back even after it expired or was deleted (None: it has not)."""
     return case(
         (Task.failure == FailureCategory.CANCELLED.value, literal(TaskStatus.CANCELLED.value)),
@@ -111,7 +111,7 @@ def _task_families(session: Session) -> Iterator[Metric]:
         select(model, func.count()).select_from(Task).join(Model, Model.id == Task.model_id).group_by(model)
     ):
         totals.add_metric([name, SUBMITTED], count)
-    ended = _ended_as().label("ended")
+    ended = ended_as().label("ended")
     ended_rows = session.execute(
         select(model, ended, func.count())
         .select_from(Task)
@@ -130,18 +130,18 @@ def _task_families(session: Session) -> Iterator[Metric]:
         "Seconds from submission to the start of the task's latest attempt",
         ["model"],
         [model],
-        _seconds_between(session, Task.created_at, Task.started_at),
+        seconds_between(session, Task.created_at, Task.started_at),
         Task.started_at.is_not(None),
         QUEUE_BUCKETS,
     )
-    outcome = _ended_as()
+    outcome = ended_as()
     yield _histogram(
         session,
         RUN_SECONDS,
         "Seconds the model's container ran (its consumer's clock), by how the task ended",
         ["model", "outcome"],
         [model, outcome],
-        _seconds_between(session, Task.run_started_at, Task.run_finished_at),
+        seconds_between(session, Task.run_started_at, Task.run_finished_at),
         and_(Task.run_finished_at.is_not(None), Task.finished_at.is_not(None), outcome.is_not(None)),
         RUN_BUCKETS,
     )

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -17,7 +18,7 @@ from private_api.config import PrivateSettings
 from private_api.exceptions import ActorForbidden, Conflict, DomainError, NotFound, TooManyActiveTasks
 from private_api.keys import submission_limits
 from private_api.model_registry import required_model
-from private_api.models import ApiKey, Task, utcnow
+from private_api.models import ApiKey, Model, Task, utcnow
 from private_api.outbox import Publish, dispatch
 from private_api.queue import TaskPublisher
 from private_api.scheduling import SchedulingPolicy, pending_task_waiting_reason, waiting_reasons
@@ -171,6 +172,28 @@ def get_task(
     return public
 
 
+@dataclass(frozen=True)
+class TaskFilters:
+    """What a task list may be narrowed to, beside its state: a model's id, an owner's key name,
+    and the start of a uid (LIKE wildcards in it match only themselves)."""
+
+    model: str | None = None
+    owner: str | None = None
+    uid_prefix: str | None = None
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        conditions: list[ColumnElement[bool]] = []
+        if self.model is not None:
+            conditions.append(Task.model.has(Model.human_readable_id == self.model))
+        if self.owner is not None:
+            # Added to the caller's own scope, never instead of it: a user naming someone else
+            # gets an empty list.
+            conditions.append(Task.owner == self.owner)
+        if self.uid_prefix is not None:
+            conditions.append(Task.uid.startswith(self.uid_prefix, autoescape=True))
+        return conditions
+
+
 def list_tasks(
     *,
     session: Session,
@@ -179,6 +202,7 @@ def list_tasks(
     limit: int = 100,
     offset: int = 0,
     policy: SchedulingPolicy | None = None,
+    filters: TaskFilters | None = None,
 ) -> list[TaskPublic]:
     """The tasks `actor` may see, newest first; deleted ones are left out. With `policy`, pending
     ones say why they wait (waiting_reason).
@@ -191,6 +215,8 @@ def list_tasks(
     statement = select(Task).where(Task.status != TaskStatus.DELETED, *owner_conditions(actor))
     if status is not None:
         statement = statement.where(Task.status == status)
+    if filters is not None:
+        statement = statement.where(*filters.conditions())
     tasks = list(session.scalars(statement.order_by(Task.id.desc()).offset(offset).limit(limit)))
     reasons = waiting_reasons(session, policy, tasks) if policy is not None else {}
     return [task_public(task).model_copy(update={"waiting_reason": reasons.get(task.uid)}) for task in tasks]

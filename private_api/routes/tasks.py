@@ -12,6 +12,10 @@ from inference_server.contract import (
     HUMAN_READABLE_ID_PATTERN,
     LOG_MEDIA_TYPE,
     MAX_PRIORITY,
+    TASK_FILTER_MODEL,
+    TASK_FILTER_OWNER,
+    TASK_FILTER_UID,
+    TASK_UID_SEARCH_MIN_CHARS,
     PrivateRoutes,
     TaskPublic,
     TaskStatus,
@@ -115,9 +119,20 @@ def list_tasks(
     status: TaskStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
+    model: Annotated[str | None, Query(alias=TASK_FILTER_MODEL, max_length=128)] = None,
+    owner: Annotated[str | None, Query(alias=TASK_FILTER_OWNER, max_length=255)] = None,
+    uid: Annotated[
+        str | None, Query(alias=TASK_FILTER_UID, min_length=TASK_UID_SEARCH_MIN_CHARS, max_length=64)
+    ] = None,
 ) -> list[TaskPublic]:
     return task_lifecycle.list_tasks(
-        session=session, actor=actor, status=status, limit=limit, offset=offset, policy=policy
+        session=session,
+        actor=actor,
+        status=status,
+        limit=limit,
+        offset=offset,
+        policy=policy,
+        filters=task_lifecycle.TaskFilters(model=model, owner=owner, uid_prefix=uid),
     )
 
 

@@ -17,7 +17,11 @@ from inference_server.contract import (
     LOG_MEDIA_TYPE,
     MAX_PRIORITY,
     PARAMS_MAX_BYTES,
+    TASK_FILTER_MODEL,
+    TASK_FILTER_OWNER,
+    TASK_FILTER_UID,
     TASK_UID_PATTERN,
+    TASK_UID_SEARCH_MIN_CHARS,
     ZIP_MEDIA_TYPE,
     PublicRoutes,
     TaskPublic,
@@ -120,8 +124,31 @@ async def list_tasks(
     status: Annotated[TaskStatus | None, Query(description="Only tasks in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+    model: Annotated[
+        str | None, Query(alias=TASK_FILTER_MODEL, max_length=128, description="Only this model's tasks.")
+    ] = None,
+    owner: Annotated[
+        str | None,
+        Query(
+            alias=TASK_FILTER_OWNER,
+            max_length=255,
+            description="Only the tasks of this key's name (operators; a user's list is always their own).",
+        ),
+    ] = None,
+    uid: Annotated[
+        str | None,
+        Query(
+            alias=TASK_FILTER_UID,
+            min_length=TASK_UID_SEARCH_MIN_CHARS,
+            max_length=64,
+            description=f"Only tasks whose uid starts with this ({TASK_UID_SEARCH_MIN_CHARS} "
+            "characters or more).",
+        ),
+    ] = None,
 ) -> list[TaskPublic]:
-    return await service.list_tasks(api, caller=caller, status=status, limit=limit, offset=offset)
+    return await service.list_tasks(
+        api, caller=caller, status=status, limit=limit, offset=offset, model=model, owner=owner, uid=uid
+    )
 
 
 @router.get(

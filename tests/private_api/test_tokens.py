@@ -52,6 +52,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/tasks/{uid}"): frozenset({PUBLIC}),
     ("DELETE", "/tasks/{uid}"): frozenset({PUBLIC}),
     ("POST", "/tasks/{uid}/cancel"): frozenset({PUBLIC}),
+    ("POST", "/tasks/wait"): frozenset({PUBLIC}),
     ("GET", "/tasks/{uid}/output"): frozenset({PUBLIC}),
     ("GET", "/tasks/{uid}/logs"): frozenset({PUBLIC}),
     ("GET", "/tasks/{uid}/input"): frozenset({CONSUMER}),
@@ -71,6 +72,11 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("DELETE", "/consumers/{consumer_id}/drain"): frozenset({PUBLIC}),
     # Relayed for operator keys only (tests/private_api/test_audit.py).
     ("GET", "/audit"): frozenset({PUBLIC}),
+    # The dashboard's sessions and overview (tests/private_api/test_dashboard_sessions.py).
+    ("POST", "/sessions"): frozenset({PUBLIC}),
+    ("POST", "/sessions/resolve"): frozenset({PUBLIC}),
+    ("POST", "/sessions/end"): frozenset({PUBLIC}),
+    ("GET", "/overview"): frozenset({PUBLIC}),
 }
 # Open to anyone: orchestrators probe liveness without a secret.
 OPEN = {("GET", "/health/live")}
