@@ -8,6 +8,7 @@ The rules, in one place:
 - registering, changing and removing models: operator keys, or anyone with IS_ANONYMOUS_MODELS;
 - listing and draining consumers: operator keys only, whatever the anonymous switches say (the
   consumers' hosts are the operators' own);
+- the overview (/api/overview): any valid key, whatever the anonymous switches say;
 - /metrics: operator keys, or the metrics token (IS_METRICS_TOKEN, for Prometheus), whatever
   the anonymous switches say (the platform's figures name every model and consumer).
 A key that is sent is always checked: a wrong or revoked one is a 401 even where anonymous
@@ -183,6 +184,8 @@ task_caller = _caller_allowed(Access.TASKS)
 model_reader = _caller_allowed(Access.READ_MODELS)
 require_operator = _caller_allowed(Access.OPERATOR)
 require_operator_key = _caller_allowed(Access.OPERATOR_KEY)
+# Any valid key, whatever the anonymous switches say (the dashboard's overview).
+require_key = _caller_allowed(Access.KEY)
 _ACCESS_OF_DEPENDENCY[metrics_reader] = Access.METRICS
 
 TaskCallerDep = Annotated[Principal | None, Depends(task_caller)]
@@ -190,6 +193,8 @@ TaskCallerDep = Annotated[Principal | None, Depends(task_caller)]
 ModelManagerDep = Annotated[Principal | None, Depends(require_operator)]
 # Always an operator's key.
 OperatorKeyDep = Annotated[Principal, Depends(require_operator_key)]
+# Always a key, a user's or an operator's.
+KeyHolderDep = Annotated[Principal, Depends(require_key)]
 
 
 def _route_access(route: APIRoute) -> Access:

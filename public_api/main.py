@@ -15,7 +15,7 @@ from public_api.config import PublicSettings
 from public_api.errors import install_error_handlers
 from public_api.metrics import Metrics, MetricsMiddleware
 from public_api.ratelimit import FailureBudget
-from public_api.routes import access, audit, consumers, health, models, tasks
+from public_api.routes import access, audit, consumers, health, models, overview, tasks
 from public_api.upstream import PrivateAPI
 
 DESCRIPTION = """\
@@ -71,7 +71,15 @@ def create_app(settings: PublicSettings | None = None) -> FastAPI:
     install_json_body_limit(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
-    routers = (tasks.router, models.router, consumers.router, audit.router, access.router, health.router)
+    routers = (
+        tasks.router,
+        models.router,
+        consumers.router,
+        audit.router,
+        overview.router,
+        access.router,
+        health.router,
+    )
     for router in routers:
         app.include_router(router)
     # Every route with the dependencies it runs (/docs and /openapi.json included), for the
