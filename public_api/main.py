@@ -12,6 +12,8 @@ from inference_server.api_docs import install_offline_docs
 from inference_server.serving import install_json_body_limit
 from public_api.auth import KeyResolver
 from public_api.config import PublicSettings
+from public_api.dashboard import DashboardSessionCache
+from public_api.dashboard import router as dashboard_router
 from public_api.errors import install_error_handlers
 from public_api.metrics import Metrics, MetricsMiddleware
 from public_api.ratelimit import FailureBudget
@@ -68,6 +70,7 @@ def create_app(settings: PublicSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.failure_budget = FailureBudget(settings.unauthenticated_rate_per_minute)
+    app.state.dashboard_sessions = DashboardSessionCache(settings.key_cache_ttl_s)
     install_json_body_limit(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
@@ -79,6 +82,7 @@ def create_app(settings: PublicSettings | None = None) -> FastAPI:
         overview.router,
         access.router,
         health.router,
+        dashboard_router,
     )
     for router in routers:
         app.include_router(router)
