@@ -21,6 +21,7 @@ from private_api.metrics import Metrics
 from private_api.queue import TaskPublisher
 from private_api.routes import api_router
 from private_api.scheduling import SchedulingPolicy
+from private_api.task_events import TaskEvents
 from private_api.webhook_delivery import DeliveryPolicy, WebhookSender
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
     settings = settings if settings is not None else PrivateSettings()
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
     session_factory = make_session_factory(engine)
+    task_events = TaskEvents(session_factory)
+    task_events.attach(session_factory)
     blobs = BlobStore(settings.blob_dir)
     publisher = TaskPublisher(settings.rabbitmq_url, settings.queue_name)
     scheduling = SchedulingPolicy.of(settings)
@@ -63,10 +66,12 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
         await run_in_threadpool(blobs.remove_stale_temp_files)
         maintenance.start()
         webhooks.start()
+        await task_events.start()
         log.info("private API ready (queue %s, data in %s)", settings.queue_name, settings.data_dir)
         try:
             yield
         finally:
+            await task_events.stop()
             await run_in_threadpool(webhooks.stop)
             await run_in_threadpool(maintenance.stop)
             await run_in_threadpool(publisher.close)
@@ -91,6 +96,7 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
     app.state.scheduling = scheduling
     app.state.maintenance = maintenance
     app.state.webhooks = webhooks
+    app.state.task_events = task_events
     app.state.metrics = Metrics(session_factory, lost_after_s=settings.consumer_lost_after_s)
     install_json_body_limit(app)
     install_error_handlers(app)

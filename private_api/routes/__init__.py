@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from private_api.routes import audit, auth, consumer, consumers, health, models, overview, sessions, task_waits, tasks
+from private_api.routes import (
+    audit,
+    auth,
+    consumer,
+    consumers,
+    health,
+    models,
+    overview,
+    sessions,
+    task_waits,
+    tasks,
+)
 
 api_router = APIRouter()
 api_router.include_router(health.router)

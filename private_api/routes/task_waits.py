@@ -1,0 +1,44 @@
+"""The batched long poll the public API's task watcher waits on (task_events.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+
+from inference_server.contract import PrivateRoutes, TaskWaitAnswer, TaskWaitRequest
+from inference_server.serving import app_state
+from private_api.deps import require_service_token
+from private_api.task_events import TaskEvents
+
+router = APIRouter(tags=["tasks"], dependencies=[Depends(require_service_token)])
+
+TaskEventsDep = Annotated[TaskEvents, Depends(app_state("task_events"))]
+
+
+async def _until_disconnected(request: Request) -> None:
+    # The body is read already: the next message is the disconnect (or the end of the answer).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.post(PrivateRoutes.TASKS_WAIT, response_model=TaskWaitAnswer)
+async def wait_for_tasks(wait: TaskWaitRequest, request: Request, events: TaskEventsDep) -> TaskWaitAnswer:
+    """Answered as soon as one of the tasks is in a state other than those given for it (at once
+    if one is already), or after timeout_s with an empty answer. Holds no thread and no database
+    connection while it waits; a caller that hangs up ends its wait."""
+    answer = asyncio.ensure_future(events.wait(wait.states, wait.timeout_s))
+    hang_up = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait((answer, hang_up), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hang_up.cancel()
+        if not answer.done():
+            answer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hang_up
+    if answer.cancelled():
+        return TaskWaitAnswer()
+    return answer.result()
