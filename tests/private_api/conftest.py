@@ -53,8 +53,8 @@ def database_url(request) -> str:
         with engine.begin() as connection:
             connection.execute(
                 text(
-                    "TRUNCATE webhook_deliveries, tasks, models, api_keys, consumers, audit_entries"
-                    " RESTART IDENTITY"
+                    "TRUNCATE webhook_deliveries, tasks, models, dashboard_sessions, api_keys, consumers,"
+                    " audit_entries RESTART IDENTITY"
                 )
             )
     finally:
