@@ -55,11 +55,13 @@ def compose() -> list[str]:
 @pytest.fixture(scope="session")
 def deployment_images(docker_client: docker.DockerClient, base_image: str) -> dict[str, str]:
     """scripts/build_images.sh, exactly as an operator runs it: the service image from the local
-    base, and stand-ins for whichever official images cannot be pulled here."""
+    base, and stand-ins for whichever official images cannot be pulled here, Prometheus's too
+    (IS_MONITORING=1), for the `monitoring` profile the compose deployment starts."""
     env = {
         **base_process_env(),
         "IS_BASE_IMAGE": base_image,
         "IS_VENV": str(Path(sys.executable).parent.parent),
+        "IS_MONITORING": "1",
     }
     started = time.monotonic()
     run(["bash", str(BUILD_IMAGES), "all"], env=env, timeout=900)
@@ -69,7 +71,13 @@ def deployment_images(docker_client: docker.DockerClient, base_image: str) -> di
         for line in IMAGES_ENV.read_text().splitlines()
         if "=" in line and not line.startswith("#")
     )
-    assert set(images) == {"APP_IMAGE", "RABBITMQ_IMAGE", "POSTGRES_IMAGE", "TRAEFIK_IMAGE"}
+    assert set(images) == {
+        "APP_IMAGE",
+        "RABBITMQ_IMAGE",
+        "POSTGRES_IMAGE",
+        "TRAEFIK_IMAGE",
+        "PROMETHEUS_IMAGE",
+    }
     for image in images.values():
         docker_client.images.get(image)
     return images
@@ -107,6 +115,12 @@ def deployment_settings(tmp_path: Path, deployment_images: dict[str, str]) -> di
         "IS_BIND_ADDRESS": "127.0.0.1",
         "IS_HTTP_PORT": str(free_port()),
         "IS_HTTPS_PORT": str(free_port()),
+        # The monitoring profiles: what Prometheus presents to read /metrics, where Prometheus
+        # and Grafana listen, Grafana's admin password.
+        "IS_METRICS_TOKEN": secrets.token_urlsafe(24),
+        "IS_PROMETHEUS_PORT": str(free_port()),
+        "IS_GRAFANA_PORT": str(free_port()),
+        "GRAFANA_ADMIN_PASSWORD": secrets.token_urlsafe(24),
         # Dependants start only after a healthy probe: probe often so the test does not idle.
         "IS_HEALTHCHECK_INTERVAL": "2s",
         # An idle consumer exits at once on SIGTERM; this only bounds a broken teardown.

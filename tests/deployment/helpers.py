@@ -1,10 +1,15 @@
-"""Running the docker CLI and Compose from the deployment tests."""
+"""Running the docker CLI and Compose from the deployment tests, and asking the deployed
+Prometheus."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from typing import Any
 
+import httpx
+
+from tests.helpers import wait_until
 from tests.traefik.helpers import REPO_ROOT
 
 
@@ -34,3 +39,35 @@ def base_process_env() -> dict[str, str]:
         "DOCKER_TLS_VERIFY",
     )
     return {name: os.environ[name] for name in keep if name in os.environ}
+
+
+def prometheus_query(prometheus_url: str, expression: str) -> list[dict[str, Any]]:
+    """The samples of an instant query; [] while Prometheus is not answering yet."""
+    try:
+        response = httpx.get(f"{prometheus_url}/api/v1/query", params={"query": expression}, timeout=10.0)
+    except httpx.TransportError:
+        return []
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "success", body
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def assert_prometheus_scrapes_the_platform(prometheus_url: str, timeout: float = 120.0) -> None:
+    """The deployed Prometheus reads the public API's /metrics with the metrics token (its target
+    up; refused, it would read 0) and holds the queue wait of the task that ran before."""
+
+    def target_up() -> bool:
+        return any(
+            sample["value"][1] == "1"
+            for sample in prometheus_query(prometheus_url, 'up{job="inference-server"}')
+        )
+
+    wait_until(target_up, timeout, "the compose Prometheus to scrape the public API", 1.0)
+
+    def queue_wait_counted() -> bool:
+        samples = prometheus_query(prometheus_url, "sum(inference_task_queue_seconds_count)")
+        return bool(samples) and float(samples[0]["value"][1]) > 0
+
+    wait_until(queue_wait_counted, timeout, "inference_task_queue_seconds_count > 0 in Prometheus", 1.0)

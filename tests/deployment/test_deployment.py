@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from inference_server.contract import SERVICE_TOKEN_HEADER, PrivateRoutes, PublicRoutes
-from tests.deployment.helpers import base_process_env, run
+from tests.deployment.helpers import assert_prometheus_scrapes_the_platform, base_process_env, run
 from tests.helpers import register_model_public, wait_until
 from tests.traefik.helpers import REPO_ROOT, FrontDoor, answers, run_task
 
@@ -326,7 +326,13 @@ def test_compose_deployment_runs_a_task_over_https(
     test_session_id: str,
 ) -> None:
     project = f"is{test_session_id}c".lower()
-    settings = {**deployment_settings, "COMPOSE_PROFILES": "cpu", "IS_CONSUMER_PREFIX": project}
+    # With the monitoring profile: its Prometheus scrapes this deployment (Grafana's profile
+    # stays off, its image cannot be had here).
+    settings = {
+        **deployment_settings,
+        "COMPOSE_PROFILES": "cpu,monitoring",
+        "IS_CONSUMER_PREFIX": project,
+    }
     env_file = write_env_file(tmp_path / "compose.env", settings)
     base = [*compose, "-p", project, "-f", str(COMPOSE_FILE), "--env-file", str(env_file)]
     label = {"label": f"com.docker.compose.project={project}"}
@@ -337,7 +343,8 @@ def test_compose_deployment_runs_a_task_over_https(
             for container in docker_client.containers.list(filters=label)
             if any(container.ports.values())
         }
-        assert published == {"traefik"}
+        # Traefik for everyone; Prometheus's UI on loopback (IS_BIND_ADDRESS) only.
+        assert published == {"traefik", "prometheus"}
         private_api_labels = [label["label"], "com.docker.compose.service=private_api"]
         uid = exercise_front_door(
             front_door(settings), settings, passthrough_image, docker_client, private_api_labels
@@ -348,6 +355,7 @@ def test_compose_deployment_runs_a_task_over_https(
             [label["label"], "com.docker.compose.service=public_api"],
             [label["label"], "com.docker.compose.service=consumer_cpu"],
         )
+        assert_prometheus_scrapes_the_platform(f"http://127.0.0.1:{settings['IS_PROMETHEUS_PORT']}")
     finally:
         run(
             [*base, "down", "--volumes", "--remove-orphans", "--timeout", "30"],
