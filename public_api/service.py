@@ -8,6 +8,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from inference_server.contract import (
+    API_KEY_MAX_LENGTH,
     DASHBOARD_TOKEN_MAX_LENGTH,
     OVERVIEW_HOURS_DEFAULT,
     TASK_FILTER_MODEL,
@@ -279,13 +280,21 @@ def _refused_with_challenge(reply: Reply) -> bool:
     return reply.status_code == 401 and reply.headers.get("www-authenticate", "").startswith("Bearer")
 
 
+def _plausible(secret: str, max_length: int) -> bool:
+    # A key or cookie nothing could have issued is not worth a private API call (nor its 422).
+    return 0 < len(secret) <= max_length and secret.isascii() and secret.isprintable()
+
+
 def _plausible_session_token(token: str) -> bool:
-    # A cookie no session could have is not worth a private API call (nor a 422 from it).
-    return 0 < len(token) <= DASHBOARD_TOKEN_MAX_LENGTH and token.isascii() and token.isprintable()
+    return _plausible(token, DASHBOARD_TOKEN_MAX_LENGTH)
 
 
 async def create_dashboard_session(api: PrivateAPI, key: str) -> DashboardSessionCreated | None:
-    """A new dashboard session for the owner of `key`; None when the key is unknown or revoked."""
+    """A new dashboard session for the owner of `key`; None when the key is unknown, revoked or
+    malformed."""
+    key = key.strip()
+    if not _plausible(key, API_KEY_MAX_LENGTH):
+        return None
     reply = await api.exchange("POST", PrivateRoutes.SESSIONS, json={"key": key})
     if _refused_with_challenge(reply):
         return None
