@@ -22,6 +22,7 @@ from inference_client.client import InferenceClient, InferenceClientError
 from inference_server.contract import (
     AUDIT_PAGE_MAX,
     MAX_PRIORITY,
+    TASK_UID_SEARCH_MIN_CHARS,
     AuditAction,
     ConsumerPublic,
     GpuInfo,
@@ -194,7 +195,9 @@ def _report_change(task: TaskPublic) -> None:
 
 
 def _list(client: InferenceClient, args: argparse.Namespace) -> int:
-    tasks = client.list_tasks(status=args.status, limit=args.limit)
+    tasks = client.list_tasks(
+        status=args.status, limit=args.limit, model=args.model, owner=args.owner, uid=args.uid
+    )
     if args.json:
         _print_json(tasks)
         return 0
@@ -347,6 +350,12 @@ def _list_limit(text: str) -> int:
     return value
 
 
+def _uid_start(text: str) -> str:
+    if len(text) < TASK_UID_SEARCH_MIN_CHARS:
+        raise argparse.ArgumentTypeError(f"give at least {TASK_UID_SEARCH_MIN_CHARS} characters: {text!r}")
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -458,6 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="your tasks, newest first (an operator's key: all)")
     listing.add_argument("--status", choices=[str(status) for status in TaskStatus], help="only these")
     listing.add_argument("--limit", type=_list_limit, default=100, metavar="N", help="1-1000 (default 100)")
+    listing.add_argument("--model", metavar="ID", help="only this model's tasks")
+    listing.add_argument("--owner", metavar="NAME", help="only the tasks of this key name (operators)")
+    listing.add_argument(
+        "--uid",
+        type=_uid_start,
+        metavar="START",
+        help=f"only tasks whose uid starts with this ({TASK_UID_SEARCH_MIN_CHARS} characters or more)",
+    )
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(handler=_list)
 

@@ -34,6 +34,9 @@ from tqdm import tqdm
 from inference_server.contract import (
     FOLLOW_PARAM,
     MODEL_PARAMS_SCHEMA_FIELD,
+    TASK_FILTER_MODEL,
+    TASK_FILTER_OWNER,
+    TASK_FILTER_UID,
     AuditAction,
     AuditEntry,
     ConsumerPublic,
@@ -436,11 +439,23 @@ class InferenceClient:
             raise InferenceClientError(None, f"unexpected answer to a submission: {data!r}")
         return uid
 
-    def list_tasks(self, status: TaskStatus | str | None = None, limit: int = 100) -> list[TaskPublic]:
-        """The key owner's tasks, newest first (with an operator's key: everyone's)."""
+    def list_tasks(
+        self,
+        status: TaskStatus | str | None = None,
+        limit: int = 100,
+        *,
+        model: str | None = None,
+        owner: str | None = None,
+        uid: str | None = None,
+    ) -> list[TaskPublic]:
+        """The key owner's tasks, newest first (with an operator's key: everyone's). `model` keeps
+        one model's tasks, `owner` one key name's (for operators: a user's list is always their
+        own), `uid` those whose uid starts with it (TASK_UID_SEARCH_MIN_CHARS or more)."""
         params: dict[str, Any] = {"limit": limit}
         if status is not None:
             params["status"] = str(status)
+        filters = {TASK_FILTER_MODEL: model, TASK_FILTER_OWNER: owner, TASK_FILTER_UID: uid}
+        params |= {name: value for name, value in filters.items() if value is not None}
         return self._parse(_TASK_LIST, self._json(self._request("GET", PublicRoutes.TASKS, params=params)))
 
     def status(self, uid: str) -> TaskPublic:
