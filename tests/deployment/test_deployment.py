@@ -343,7 +343,7 @@ def test_compose_deployment_runs_a_task_over_https(
             for container in docker_client.containers.list(filters=label)
             if any(container.ports.values())
         }
-        # Traefik for everyone; Prometheus's UI on loopback (IS_BIND_ADDRESS) only.
+        # Traefik for everyone; Prometheus's UI on loopback (IS_MONITORING_BIND_ADDRESS unset) only.
         assert published == {"traefik", "prometheus"}
         private_api_labels = [label["label"], "com.docker.compose.service=private_api"]
         uid = exercise_front_door(
