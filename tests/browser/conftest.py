@@ -8,20 +8,26 @@ nothing outside was even attempted (an aborted request alone could go unnoticed 
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Browser, Page, Request, Route, sync_playwright
+from playwright.sync_api import Browser, Page, Request, Route, ViewportSize, sync_playwright
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 # Schemes whose "requests" never leave the browser.
 LOCAL_SCHEMES = frozenset({"data", "blob", "about"})
 # A laptop screen: what the screenshots show and the layout the tests see.
-VIEWPORT = {"width": 1280, "height": 800}
+VIEWPORT: ViewportSize = {"width": 1366, "height": 768}
+SCREENSHOTS_DIR = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# Screenshots under docs/ are rewritten only on request, so a normal run leaves the tree clean.
+UPDATE_SCREENSHOTS = os.environ.get("IS_UPDATE_SCREENSHOTS") == "1"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -59,9 +65,24 @@ def browser() -> Iterator[Browser]:
             launched.close()
 
 
+def save_screenshot(page: Page, name: str) -> None:
+    """docs/screenshots/<name>.png of what the page shows now, when IS_UPDATE_SCREENSHOTS=1."""
+    if UPDATE_SCREENSHOTS:
+        SCREENSHOTS_DIR.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS_DIR / f"{name}.png"))
+
+
 @pytest.fixture
 def offline_page(browser: Browser) -> Iterator[OfflinePage]:
     """A fresh context (no cookies shared between tests) whose page can reach loopback only."""
+    with open_offline_page(browser) as offline:
+        yield offline
+
+
+@contextmanager
+def open_offline_page(browser: Browser) -> Iterator[OfflinePage]:
+    """A page in a context of its own (its own cookies) that can reach loopback only; for a test
+    that needs several people at once."""
     context = browser.new_context(viewport=VIEWPORT)
     offline = OfflinePage(page=context.new_page())
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,9 +22,8 @@ from local_platform.launcher import LocalPlatform
 from local_platform.ports import free_port
 from public_api.config import PublicSettings
 from public_api.main import create_app
-from tests.browser.conftest import LOOPBACK_HOSTS, OfflinePage
+from tests.browser.conftest import LOOPBACK_HOSTS, OfflinePage, save_screenshot
 
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "screenshots" / "docs.png"
 # Swagger UI fetches the schema and renders it in the browser; a slow CI machine gets time.
 RENDER_TIMEOUT_MS = 30_000
 
@@ -88,8 +86,7 @@ def test_swagger_ui_renders_the_v12_operations_with_the_network_blocked(
     # Every path in the schema is an operation on the page (some wrap with zero-width spaces).
     assert {path.replace("\u200b", "") for path in rendered_paths} >= set(schema["paths"])
     assert offline_page.blocked_urls == []
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
+    save_screenshot(page, "docs")
 
 
 def test_redoc_renders_with_the_network_blocked(platform: LocalPlatform, offline_page: OfflinePage) -> None:
