@@ -112,13 +112,33 @@ def test_no_private_api_route_is_reachable_through_traefik(
     assert direct.status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/api/rawdata", "/api/http/routers", "/dashboard/", "/ping"])
+@pytest.mark.parametrize("path", ["/api/rawdata", "/api/http/routers", "/ping"])
 def test_traefik_api_dashboard_and_ping_are_not_exposed(front_door: FrontDoor, path: str) -> None:
     with front_door.client() as client:
         response = client.get(path)
     assert response.status_code == 404
     # The 404 comes from the public API (JSON detail), not from a Traefik handler.
     assert "detail" in response.json()
+
+
+def test_dashboard_is_the_platforms_own_reached_without_a_key_with_a_secure_cookie(
+    front_door: FrontDoor,
+) -> None:
+    # /dashboard/ is where Traefik's own dashboard would be; here it leads to the platform's
+    # login page, which needs no key to reach (the dashboard checks its session cookie itself).
+    with front_door.client(anonymous=True, follow_redirects=True) as client:
+        page = client.get("/dashboard/")
+        assert page.status_code == 200, page.text
+        assert page.url.path == f"{PublicRoutes.DASHBOARD}/login"
+        assert 'name="key"' in page.text
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        login = client.post(
+            f"{PublicRoutes.DASHBOARD}/login", data={"key": front_door.api_key}, follow_redirects=False
+        )
+    assert login.status_code == 303, login.text
+    # The browser came over HTTPS (Traefik's X-Forwarded-Proto): the session cookie is Secure.
+    attributes = {part.strip().lower() for part in login.headers["set-cookie"].split(";")}
+    assert {"secure", "httponly", "samesite=strict"} <= attributes
 
 
 @pytest.mark.parametrize("path", [PublicRoutes.HEALTH_LIVE, "/no/such/page"])
