@@ -246,8 +246,17 @@ def test_the_operators_pages_show_the_platform(
     save_screenshot(page, "dashboard-tasks")
 
     page.goto(f"{platform.public_url}{DASHBOARD}/consumers")
-    expect(page.locator("tr[data-consumer]")).to_contain_text(running[:13], timeout=SEEN_TIMEOUT_MS)
+    consumer_row = page.locator("tr[data-consumer]")
+    expect(consumer_row).to_contain_text(running[:13], timeout=SEEN_TIMEOUT_MS)
     save_screenshot(page, "dashboard-consumers")
+    # Drain asks first (a confirm dialog, accepted here), then resume.
+    page.once("dialog", lambda dialog: dialog.accept())
+    consumer_row.get_by_role("button", name="Drain").click()
+    expect(consumer_row.locator(".status")).to_have_text("draining", timeout=SEEN_TIMEOUT_MS)
+    consumer_row.get_by_role("button", name="Resume").click()
+    expect(consumer_row.locator(".status")).to_have_text("busy", timeout=SEEN_TIMEOUT_MS)
+    page.goto(f"{platform.public_url}{DASHBOARD}/audit?action=consumer.drained")
+    expect(page.locator('tr[data-action="consumer.drained"]')).to_have_count(1)
 
     page.goto(f"{platform.public_url}{DASHBOARD}/tasks/{finished}")
     expect(page.locator("#log")).to_contain_text("quick work done")
