@@ -619,6 +619,8 @@ class ConsumerPublic(ConsumerRegistration):
     running_tasks: list[str]
     registered_at: datetime
     last_seen_at: datetime
+    # NVML's readings of its real GPUs at its latest heartbeat (empty for simulated GPUs or none).
+    gpu_readings: list[GpuReading] = Field(default_factory=list)
 
 
 class AuditAction(StrEnum):

@@ -62,6 +62,7 @@ def _public(consumer: Consumer, *, now: datetime, lost_after_s: float) -> Consum
             "running_tasks": list(consumer.running_tasks),
             "registered_at": consumer.registered_at,
             "last_seen_at": consumer.last_seen_at,
+            "gpu_readings": consumer.gpu_readings or [],
         }
     )
 

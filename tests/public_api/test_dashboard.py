@@ -16,6 +16,9 @@ from inference_server.contract import (
     DASHBOARD_CSRF_HEADER,
     DASHBOARD_SESSION_COOKIE,
     ApiKeyRole,
+    ConsumerHeartbeat,
+    GpuReading,
+    PrivateRoutes,
     PublicRoutes,
 )
 from public_api.config import PublicSettings
@@ -23,7 +26,7 @@ from public_api.dashboard.routes import router as dashboard_router
 from public_api.deps import Access, access_for
 from public_api.main import create_app
 from tests.helpers import make_zip
-from tests.public_api.stack import PrivateStack, register_model, start_public_api
+from tests.public_api.stack import ConsumerDriver, PrivateStack, register_model, start_public_api
 
 DASHBOARD = PublicRoutes.DASHBOARD
 CSRF_INPUT = re.compile(rf'name="{DASHBOARD_CSRF_FIELD}" value="([^"]+)"')
@@ -262,3 +265,46 @@ def test_traefiks_check_lets_every_dashboard_route_through_to_its_own_cookie_che
         uri = path.replace("{uid}", "0123456789abcdef0123456789abcdef").replace("{name}", "dashboard.css")
         uri = uri.replace("{human_readable_id}", "m").replace("{consumer_id}", "c")
         assert access_for(routes, method, uri) is Access.OPEN, (method, uri)
+
+
+def test_the_consumers_page_shows_a_gpus_memory_use_and_utilisation_from_its_heartbeat(
+    base_url: str, private_api: PrivateStack, keys: dict[str, str]
+) -> None:
+    consumer_id = f"dash-gpu-{secrets.token_hex(3)}"
+    driver = ConsumerDriver(private_api.url, consumer_id)
+    try:
+        registered = driver.http.put(
+            PrivateRoutes.CONSUMER.format(consumer_id=consumer_id),
+            json={
+                "host": "gpu-host",
+                "cpus": 16,
+                "memory_mb": 65536,
+                "gpus": [
+                    {"index": 0, "uuid": "GPU-a", "name": "H200", "memory_total_mb": 143_771},
+                    {"index": 1, "uuid": "GPU-b", "name": "H200", "memory_total_mb": 143_771},
+                ],
+                "takes_gpu_tasks": True,
+            },
+        )
+        assert registered.status_code == 200, registered.text
+        # NVML read GPU 0 only (GPU 1's figures are unknown).
+        beat = ConsumerHeartbeat(
+            gpu_readings=[GpuReading(index=0, memory_used_bytes=20 * 1024**3, utilization_ratio=0.42)]
+        )
+        answered = driver.http.post(
+            PrivateRoutes.CONSUMER_HEARTBEAT.format(consumer_id=consumer_id), json=beat.model_dump()
+        )
+        assert answered.status_code == 200, answered.text
+    finally:
+        driver.close()
+
+    with browser_client(base_url) as client:
+        log_in(client, keys["operator"])
+        fragment = client.get(f"{DASHBOARD}/fragments/consumers")
+
+    assert fragment.status_code == 200
+    row = fragment.text.split(f'data-consumer="{consumer_id}"')[1].split("</tr>")[0]
+    gpus = re.findall(r'data-gpu="(\d)">(.*?)</div>', row, re.DOTALL)
+    figures = {index: " ".join(text.split()) for index, text in gpus}
+    assert figures["0"] == "#0 H200, 20.0 GiB of 140.4 GiB used, 42% busy"
+    assert figures["1"] == "#1 H200, 140.4 GiB"
