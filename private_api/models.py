@@ -130,6 +130,8 @@ class Task(Base):
         Index("ix_tasks_input_from", "input_from"),
         Index("ix_tasks_model_from", "model_from"),
         Index("ix_tasks_model_from_blob_key", "model_from_blob_key"),
+        # The overview (overview.py) reads what ended lately.
+        Index("ix_tasks_finished_at", "finished_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -129,12 +129,13 @@ def _history(
         outcome_counts.append(_count(and_(in_bucket, ended == TaskStatus.FINISHED.value)))
         outcome_counts.append(_count(and_(in_bucket, ended == TaskStatus.FAILED.value)))
     outcomes = session.execute(select(*outcome_counts).where(Task.finished_at > start, *scope)).one()
-    # Only tasks still waiting at the window's start or submitted since can count at any end.
+    # Only a task still pending or running, or one that ended within the window, can have waited
+    # at one of its ends (the first condition, on indexed columns, keeps the scan short).
     depths = session.execute(
         select(*[_count(_waiting_at(end)) for end in ends]).where(
-            Task.created_at <= now,
+            or_(Task.status.in_([TaskStatus.PENDING, TaskStatus.RUNNING]), Task.finished_at > start),
             or_(Task.started_at.is_(None), Task.started_at > start),
-            or_(Task.finished_at.is_(None), Task.finished_at > start),
+            Task.created_at <= now,
         )
     ).one()
     return [
