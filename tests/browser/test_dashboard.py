@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 DASHBOARD = PublicRoutes.DASHBOARD
 # Long enough to be cancelled while it runs; each line a second, with a progress line beside it.
 TICKING = (
-    "i=1; while [ $i -le 100 ]; do echo line $i; echo INFERENCE_PROGRESS $i% tick $i; "
+    "i=1; while [ $i -le 300 ]; do echo line $i; echo INFERENCE_PROGRESS $((i / 3))% tick $i; "
     "sleep 1; i=$((i+1)); done\n"
 )
 QUICK = "echo quick work done; echo result > /output/result.txt\n"

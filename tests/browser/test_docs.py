@@ -17,10 +17,11 @@ from fastapi.routing import APIRoute
 from starlette.routing import Route
 
 from inference_server.api_docs import DOCS_PATH, REDOC_PATH
-from inference_server.contract import PublicRoutes
+from inference_server.contract import DASHBOARD_SESSION_COOKIE, PublicRoutes
 from local_platform.launcher import LocalPlatform
 from local_platform.ports import free_port
 from public_api.config import PublicSettings
+from public_api.dashboard.routes import STATIC_FILES
 from public_api.main import create_app
 from tests.browser.conftest import LOOPBACK_HOSTS, OfflinePage, save_screenshot
 
@@ -120,10 +121,11 @@ def served_html_pages(base_url: str, paths: list[str], headers: dict[str, str]) 
 def public_get_paths_without_parameters() -> list[str]:
     """Every GET route of the public API that needs no path parameter, hidden ones included."""
     app = create_app(PublicSettings(service_token=secrets.token_urlsafe(24)))
+    # access_routes, not app.router.routes: FastAPI keeps an included router's routes inside it.
     return sorted(
         {
             route.path
-            for route in app.router.routes
+            for route in app.state.access_routes
             if isinstance(route, APIRoute | Route)
             and "GET" in (route.methods or ())
             and "{" not in route.path
@@ -135,10 +137,25 @@ def test_no_html_page_the_public_api_serves_references_anything_outside_it(
     platform: LocalPlatform, operator_key: str
 ) -> None:
     paths = public_get_paths_without_parameters()
-    pages = served_html_pages(platform.public_url, paths, {"Authorization": f"Bearer {operator_key}"})
+    # Logged in to the dashboard too, so its pages are scanned as an operator sees them (without
+    # a session each would lead to the login page).
+    login = httpx.post(f"{platform.public_url}{PublicRoutes.DASHBOARD}/login", data={"key": operator_key})
+    assert login.status_code == 303, login.text
+    session_cookie = f"{DASHBOARD_SESSION_COOKIE}={login.cookies[DASHBOARD_SESSION_COOKIE]}"
+    headers = {"Authorization": f"Bearer {operator_key}", "Cookie": session_cookie}
+    pages = served_html_pages(platform.public_url, paths, headers)
+    assets = {
+        path: httpx.get(f"{platform.public_url}{path}", timeout=10).text
+        for path in (f"{PublicRoutes.DASHBOARD}/static/{name}" for name in STATIC_FILES)
+    }
 
-    assert {DOCS_PATH, REDOC_PATH} <= set(pages), f"pages found: {sorted(pages)}"
-    assert {path: refs for path, html in pages.items() if (refs := external_references(html))} == {}
+    dashboard_pages = {
+        f"{PublicRoutes.DASHBOARD}/{page}" for page in ("overview", "tasks", "models", "audit")
+    }
+    assert {DOCS_PATH, REDOC_PATH, *dashboard_pages} <= set(pages), f"pages found: {sorted(pages)}"
+    assert all("Log out" in pages[path] for path in dashboard_pages)
+    scanned = {**pages, **assets}
+    assert {path: refs for path, text in scanned.items() if (refs := external_references(text))} == {}
 
 
 def test_the_private_api_documentation_references_nothing_outside_it(platform: LocalPlatform) -> None:

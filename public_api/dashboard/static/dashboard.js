@@ -26,8 +26,9 @@ function poll(element) {
   let busy = false;
 
   async function refresh() {
-    // A form being filled in or a slow answer: skip this round rather than pile up requests.
-    if (busy || document.hidden || element.contains(document.activeElement)) {
+    // A field being filled in or a slow answer: skip this round rather than pile up requests.
+    const typing = element.contains(document.activeElement) && document.activeElement.matches("input, select, textarea");
+    if (busy || document.hidden || typing) {
       return;
     }
     busy = true;
