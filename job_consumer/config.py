@@ -50,6 +50,12 @@ class ConsumerSettings(BrokerSettings, ZipLimitSettings):
     # runs the container anyway), so such a consumer refuses to start unless the operator
     # accepts models running unlimited there.
     allow_unenforced_limits: bool = False
+    # Where a model image missing from this engine is pulled from (host[:port] of the lab
+    # registry; empty: never pulled), and the login for it: a username and the file holding the
+    # password (a Swarm secret). job_consumer/image_pull.py.
+    model_registry: str = ""
+    registry_username: str = ""
+    registry_password_file: str = ""
     data_dir: Path = Path("./data")
     work_dir: Path | None = None
 

@@ -20,6 +20,7 @@ from inference_server.file_trees import directory_size, make_inert
 from inference_server.zipsafe import UnsafeZipError, ZipLimits, zip_directory
 from job_consumer.active_task import ActiveTask, StopReason
 from job_consumer.config import ConsumerSettings
+from job_consumer.image_pull import ImagePuller, ImagePullError, puller_for
 from job_consumer.live_logs import LiveLog, LogRefused
 from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable
 from job_consumer.progress import Progress, latest_progress
@@ -123,6 +124,15 @@ class TaskExecutor:
                 except Exception as exc:  # owned, so the periodic sweep tries again
                     log.warning("task %s: could not remove %s yet: %r", task.uid, workspace.root, exc)
 
+    def _image_puller(self) -> ImagePuller:
+        settings = self.settings
+        return puller_for(
+            self.runner.runtime.client,
+            settings.model_registry,
+            settings.registry_username,
+            settings.registry_password_file,
+        )
+
     def heartbeat(self, task: ActiveTask) -> None:
         """Renew the task's lease; stop the task when it was cancelled or the lease is lost."""
         if task.stop_reason in (StopReason.CANCELLED, StopReason.LEASE_LOST):
@@ -153,6 +163,12 @@ class TaskExecutor:
         if task.stop_reason is not None:
             self._finish_stopped(task, task.stop_reason)
             return
+        try:
+            self._image_puller().ensure(model.container_tag)
+        except ImagePullError as exc:
+            raise _TaskError(
+                str(exc), retryable=exc.retryable, category=FailureCategory.IMAGE_MISSING
+            ) from exc
         # For a cacheable model the image is resolved to its ID once, asked about, and then run
         # by that ID: a tag rebuilt in between cannot make the run differ from what was asked.
         image: str | None = None
