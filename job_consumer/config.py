@@ -82,6 +82,15 @@ class ConsumerSettings(BrokerSettings, ZipLimitSettings):
     # Far above any task's run time: a model in use is mounted into a running container.
     model_cache_max_idle_days: NonNegativeFloat = 7.0
 
+    # Keep the next container of expected models created ahead (job_consumer/prepared_containers.py).
+    prepare_containers: bool = True
+    # A prepared container unused for this long is removed (a warm model's is created anew).
+    prepared_idle_s: PositiveFloat = 600.0
+    # How many of the models this consumer ran last keep a prepared container.
+    prepared_recent_models: int = Field(default=3, ge=1, le=64)
+    # How often prepared containers are checked (idle, image changed) and warm models re-read.
+    prepared_check_interval_s: PositiveFloat = 30.0
+
     # Size of the tmpfs at /tmp of a model that does not set tmp_mb; it counts against the
     # model's memory limit. Besides /output, the only place a model may write by default.
     default_tmp_mb: int = Field(default=256, ge=1, le=1024 * 1024)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Collection
 
 from job_consumer.config import ConsumerSettings
+from job_consumer.prepared_containers import PreparedContainers
 from job_consumer.runner import ModelRunner
 from job_consumer.workspace import ModelCache, owned_task_dirs, remove_owned, task_of_folder
 
@@ -16,12 +17,23 @@ log = logging.getLogger(__name__)
 class Housekeeper:
     """Sweeps at start-up and then every IS_CLEANUP_INTERVAL_S, between tasks or beside them."""
 
-    def __init__(self, settings: ConsumerSettings, *, runner: ModelRunner, models: ModelCache) -> None:
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        *,
+        runner: ModelRunner,
+        models: ModelCache,
+        prepared: PreparedContainers | None = None,
+    ) -> None:
         self.settings = settings
+        self.prepared = prepared
         self.work_dir = settings.resolved_work_dir
         self.runner = runner
         self.models = models
         self._next_sweep = 0.0
+
+    def _holds_slot(self, slot_key: str) -> bool:
+        return self.prepared is not None and self.prepared.holds(slot_key)
 
     @property
     def due(self) -> bool:
@@ -36,7 +48,9 @@ class Housekeeper:
         again at the next sweep, and the consumer goes on serving tasks meanwhile."""
         self._next_sweep = time.monotonic() + self.settings.cleanup_interval_s
         try:
-            removed = self.runner.remove_leftovers(keep_task_uids=keep_task_uids)
+            removed = self.runner.remove_leftovers(
+                keep_task_uids=keep_task_uids, keep_prepared=self._holds_slot
+            )
             if removed:
                 log.info("removed %d leftover container(s)", removed)
         except Exception as exc:
@@ -47,7 +61,7 @@ class Housekeeper:
             log.warning("could not list the work dir %s: %r", self.work_dir, exc)
             folders = []
         for folder in folders:
-            if task_of_folder(folder) in keep_task_uids:
+            if task_of_folder(folder) in keep_task_uids or self._holds_slot(folder.name):
                 continue
             try:
                 remove_owned(folder)

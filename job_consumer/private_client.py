@@ -25,6 +25,7 @@ from inference_server.contract import (
     ConsumerRegistration,
     GpuReading,
     HeartbeatReply,
+    ModelPublic,
     PrivateRoutes,
     RunTimes,
     TaskClaim,
@@ -227,6 +228,11 @@ class PrivateApiClient:
             json=TaskRelease(reason=reason[:2000]).model_dump(mode="json"),
         )
         return TaskPublic.model_validate(response.json())
+
+    def list_models(self) -> list[ModelPublic]:
+        """Every registered model (the consumer reads which are warm)."""
+        response = self._request("GET", PrivateRoutes.MODELS)
+        return [ModelPublic.model_validate(model) for model in response.json()]
 
     # --- this consumer in the registry -----------------------------------------------------------
 

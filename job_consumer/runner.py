@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -36,6 +38,13 @@ log = logging.getLogger(__name__)
 LABEL_MANAGED = "inference-server.managed"
 LABEL_CONSUMER = "inference-server.consumer"
 LABEL_TASK = "inference-server.task"
+# A container created ahead of its task (job_consumer/prepared_containers.py): no task label, as
+# labels are fixed at create; this one names its slot, and LABEL_PROCESS the consumer process
+# that made it, so a sweep on the same host knows it from a dead consumer's.
+LABEL_PREPARED = "inference-server.prepared"
+LABEL_PROCESS = "inference-server.process"
+# A task's container is named is-task-<uid>-<random>, a prepared one too once a task has it.
+TASK_CONTAINER_PREFIX = "is-task-"
 UNPRIVILEGED_USER = "65534:65534"  # nobody:nogroup
 # Where a task's params are, in its container; absent when the task has none.
 PARAMS_PATH = "/params.json"
@@ -124,6 +133,37 @@ def _never() -> bool:
     return False
 
 
+def _never_str(_: str) -> bool:
+    return False
+
+
+def this_process() -> str:
+    """This consumer process as LABEL_PROCESS names it: host, pid and the pid's start time (a
+    reused pid is another process)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def process_is_dead(label: str) -> bool:
+    """Whether the process LABEL_PROCESS names is known to be gone: on this host only (another
+    host's, or a label that is not one, is never judged dead)."""
+    host, _, rest = label.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    return _start_time(int(pid)) != started
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22); "" if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: count from its closing one.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
 class ModelRunner:
     """Starts the model image with /input, /output and /model bind-mounted, and waits for it."""
 
@@ -169,6 +209,10 @@ class ModelRunner:
             LABEL_TASK: task_uid,
         }
 
+    @staticmethod
+    def container_name(task_uid: str) -> str:
+        return f"{TASK_CONTAINER_PREFIX}{task_uid}-{secrets.token_hex(3)}"
+
     def image_id(self, container_tag: str) -> str | None:
         """The ID of the image the tag names now; None when the engine has no such image or
         cannot say (the run by tag then reports what is wrong)."""
@@ -192,9 +236,11 @@ class ModelRunner:
         limits = self.limits_for(model)
         # Same absolute path inside and outside: a consumer that itself runs in a container,
         # with the engine's socket and the work dir mounted at the same path, still works.
+        # Absolute, symlinks kept: a prepared container's folders are bound through a link that
+        # is pointed at its task's workspace when the task comes (the engine follows it at start).
         volumes = {
-            str(input_dir.resolve()): {"bind": "/input", "mode": "ro"},
-            str(output_dir.resolve()): {"bind": "/output", "mode": "rw"},
+            os.path.abspath(input_dir): {"bind": "/input", "mode": "ro"},
+            os.path.abspath(output_dir): {"bind": "/output", "mode": "rw"},
         }
         if model_dir is not None:
             volumes[str(model_dir.resolve())] = {"bind": "/model", "mode": "ro"}
@@ -202,7 +248,7 @@ class ModelRunner:
             volumes[str(params_file.resolve())] = {"bind": PARAMS_PATH, "mode": "ro"}
         options: dict[str, Any] = {
             "image": image or model.container_tag,
-            "name": f"is-task-{task_uid}-{secrets.token_hex(3)}",
+            "name": self.container_name(task_uid),
             "labels": self.labels_for(task_uid),
             "volumes": volumes,
             "cap_drop": ["ALL"],
@@ -256,24 +302,34 @@ class ModelRunner:
         image: str | None = None,
         should_stop: Callable[[], bool] = _never,
         on_output: Callable[[bytes], None] | None = None,
+        prepared: Container | None = None,
     ) -> RunResult:
         """Run the model to its end. `on_output` gets the container's output as it comes, from a
-        thread of its own, for the live log."""
-        options = self.container_options(
-            task_uid=task_uid,
-            model=model,
-            input_dir=input_dir,
-            output_dir=output_dir,
-            model_dir=model_dir,
-            params_file=params_file,
-            image=image,
-        )
+        thread of its own, for the live log. `prepared`: a container created ahead with exactly
+        these options (bar its name and labels), started instead of creating one; should it not
+        start, one is created as usual (it is removed all the same)."""
+        try:
+            options = self.container_options(
+                task_uid=task_uid,
+                model=model,
+                input_dir=input_dir,
+                output_dir=output_dir,
+                model_dir=model_dir,
+                params_file=params_file,
+                image=image,
+            )
+        except BaseException:
+            if prepared is not None:
+                self._dispose(prepared)
+            raise
         limits = self.limits_for(model)
         started = time.monotonic()
         # The monotonic clock measures the run; the wall clock only places its start, so the
         # reported end minus start is exactly duration_s whatever the wall clock does meanwhile.
         started_at = datetime.now(UTC)
         if should_stop():
+            if prepared is not None:
+                self._dispose(prepared)
             return RunResult(None, False, False, True, "", 0.0, limits)
         container: Container | None = None
         output_reader: threading.Thread | None = None
@@ -281,8 +337,10 @@ class ModelRunner:
             # create + start rather than run(): run() pulls on a missing image and, if start
             # fails, leaves a created container behind without returning a handle to it.
             try:
-                container = self.docker.containers.create(**options)
-                container.start()
+                container = self._start_prepared(prepared, task_uid) if prepared is not None else None
+                if container is None:
+                    container = self.docker.containers.create(**options)
+                    container.start()
             except docker.errors.ImageNotFound as exc:
                 if image is not None and image != model.container_tag:
                     # The image the cache was asked about was removed since (its tag rebuilt
@@ -339,6 +397,25 @@ class ModelRunner:
             started_at=started_at,
             finished_at=started_at + timedelta(seconds=duration_s),
         )
+
+    def _start_prepared(self, prepared: Container, task_uid: str) -> Container | None:
+        """The prepared container, started; None (and it removed) when it would not start."""
+        try:
+            prepared.start()
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            log.warning(
+                "task %s: prepared container %s did not start (%s); creating one",
+                task_uid,
+                prepared.short_id,
+                exc,
+            )
+            self._dispose(prepared)
+            return None
+        return prepared
+
+    def remove_now(self, container: Container) -> None:
+        """Remove a container that will not run, before returning."""
+        self._remove(container)
 
     def _read_output(self, container: Container, on_output: Callable[[bytes], None]) -> threading.Thread:
         """Follow the container's output (stdout and stderr, as `logs` reads them) until it exits."""
@@ -432,18 +509,48 @@ class ModelRunner:
             # The periodic sweep of labelled containers will find it again.
             log.warning("could not remove container %s: %s", container.short_id, exc)
 
-    def remove_leftovers(self, keep_task_uids: Collection[str] = ()) -> int:
-        """Remove this consumer's labelled containers except the running tasks' (crash leftovers)."""
+    def remove_leftovers(
+        self, keep_task_uids: Collection[str] = (), keep_prepared: Callable[[str], bool] = _never_str
+    ) -> int:
+        """Remove this consumer's labelled containers except the running tasks' and the prepared
+        ones `keep_prepared` (asked by slot) still holds (crash leftovers), and the prepared
+        containers of dead consumer processes on this host, whatever their consumer id."""
         filters: dict[str, str | list[str] | bool] = {
             "label": [f"{LABEL_MANAGED}=true", f"{LABEL_CONSUMER}={self.settings.consumer_id}"]
         }
         removed = 0
         # sparse: no inspect per container, so one vanishing meanwhile cannot fail the listing.
         for container in self.docker.containers.list(all=True, sparse=True, filters=filters):
-            task_uid = (container.attrs.get("Labels") or {}).get(LABEL_TASK)
-            if task_uid in keep_task_uids:
+            labels = container.attrs.get("Labels") or {}
+            slot = labels.get(LABEL_PREPARED)
+            if slot is not None:
+                if keep_prepared(slot):
+                    continue
+                log.info("removing leftover prepared container %s (slot %s)", container.short_id, slot)
+            else:
+                task_uid = labels.get(LABEL_TASK)
+                if task_uid in keep_task_uids:
+                    continue
+                log.info("removing leftover container %s of task %s", container.short_id, task_uid)
+            self._remove(container)
+            removed += 1
+        return removed + self._remove_dead_processes_prepared()
+
+    def _remove_dead_processes_prepared(self) -> int:
+        """Prepared containers whose consumer process on this host is gone (SIGKILLed)."""
+        filters: dict[str, str | list[str] | bool] = {"label": [f"{LABEL_MANAGED}=true", LABEL_PREPARED]}
+        removed = 0
+        for container in self.docker.containers.list(all=True, sparse=True, filters=filters):
+            labels = container.attrs.get("Labels") or {}
+            if labels.get(LABEL_CONSUMER) == self.settings.consumer_id:
+                continue  # this consumer's own: the sweep above decided
+            if not process_is_dead(labels.get(LABEL_PROCESS, "")):
                 continue
-            log.info("removing leftover container %s of task %s", container.short_id, task_uid)
+            log.info(
+                "removing prepared container %s of dead consumer %s",
+                container.short_id,
+                labels.get(LABEL_CONSUMER),
+            )
             self._remove(container)
             removed += 1
         return removed

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -22,6 +23,7 @@ from job_consumer.active_task import ActiveTask, StopReason
 from job_consumer.config import ConsumerSettings
 from job_consumer.image_pull import ImagePuller, ImagePullError, puller_for
 from job_consumer.live_logs import LiveLog, LogRefused
+from job_consumer.prepared_containers import PreparedContainer, PreparedContainers
 from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable
 from job_consumer.progress import Progress, latest_progress
 from job_consumer.runner import ModelRunError, ModelRunner, RunResult
@@ -79,6 +81,7 @@ class TaskExecutor:
         runner: ModelRunner,
         models: ModelCache,
         stopping_now: Callable[[], bool],
+        prepared: PreparedContainers | None = None,
     ) -> None:
         self.settings = settings
         self.work_dir = settings.resolved_work_dir
@@ -86,6 +89,7 @@ class TaskExecutor:
         self.runner = runner
         self.models = models
         self._stopping_now = stopping_now
+        self.prepared = prepared
         # Tasks the result cache answered, no container run; worker threads count them.
         self.cache_hits = 0
         self._counts_lock = threading.Lock()
@@ -123,6 +127,9 @@ class TaskExecutor:
                     workspace.remove()
                 except Exception as exc:  # owned, so the periodic sweep tries again
                     log.warning("task %s: could not remove %s yet: %r", task.uid, workspace.root, exc)
+            if self.prepared is not None:
+                # The answer has gone out: the model's next container is prepared meanwhile.
+                self.prepared.task_done(task.claim.model)
 
     def _image_puller(self) -> ImagePuller:
         settings = self.settings
@@ -179,20 +186,94 @@ class TaskExecutor:
         if task.stop_reason is not None:
             self._finish_stopped(task, task.stop_reason)
             return
-        try:
-            self._with_retry(task, lambda: self.api.download_input(task.uid, workspace.input_zip))
-            workspace.unpack_input(self._input_limits(task))
-        except UnsafeZipError as exc:
-            raise _TaskError(f"input zip refused: {exc}", retryable=False) from exc
-        except PrivateApiHttpError as exc:
-            self._raise_for_download(task, "input", exc)
-        model_dir = self._mounted_model_dir(task, workspace)
+        # Reserved before the download, so that a container created for this task is created
+        # while the input downloads.
         params = task.claim.task.params
         params_file = workspace.write_params(params) if params is not None else None
+        reservation = self._reserve_container(task, workspace, params_file, image)
+        prepared: PreparedContainer | None = None
+        try:
+            try:
+                self._with_retry(task, lambda: self.api.download_input(task.uid, workspace.input_zip))
+                workspace.unpack_input(self._input_limits(task))
+            except UnsafeZipError as exc:
+                raise _TaskError(f"input zip refused: {exc}", retryable=False) from exc
+            except PrivateApiHttpError as exc:
+                self._raise_for_download(task, "input", exc)
+            model_dir = self._mounted_model_dir(task, workspace)
+            prepared = self._prepared_container(reservation, task, model_dir, params_file)
+            reservation = None
+            if task.stop_reason is not None:
+                if prepared is not None and self.prepared is not None:
+                    self.prepared.discard(prepared)
+                    prepared = None
+                self._finish_stopped(task, task.stop_reason)
+                return
+            if prepared is not None and self.prepared is not None:
+                if self.prepared.hand_over(prepared, task.uid, workspace):
+                    image = prepared.image_id
+                else:
+                    self.prepared.discard(prepared)
+                    prepared = None
+            # The runner owns the container from here on (it removes it, started or not).
+            self._run_and_conclude(task, workspace, model_dir, params_file, image, prepared)
+        finally:
+            if reservation is not None:
+                self._discard_reservation(reservation)
+            if prepared is not None and self.prepared is not None:
+                self.prepared.release_slot(prepared)
 
-        if task.stop_reason is not None:
-            self._finish_stopped(task, task.stop_reason)
+    def _reserve_container(
+        self, task: ActiveTask, workspace: TaskWorkspace, params_file: Path | None, image: str | None
+    ) -> Future[PreparedContainer | None] | None:
+        """The container this task starts instead of creating one after its download (see
+        prepared_containers); none for a model_from task, whose /model is its own download."""
+        if self.prepared is None or task.claim.task.model_from is not None:
+            return None
+        return self.prepared.reserve(task.uid, task.claim.model, image, workspace, params_file)
+
+    def _prepared_container(
+        self,
+        reservation: Future[PreparedContainer | None] | None,
+        task: ActiveTask,
+        model_dir: Path | None,
+        params_file: Path | None,
+    ) -> PreparedContainer | None:
+        if reservation is None or self.prepared is None:
+            return None
+        try:
+            prepared = reservation.result()
+        except Exception:
+            log.exception("task %s: no prepared container; creating one", task.uid)
+            return None
+        if prepared is None:
+            return None
+        fits = self.prepared.fits(prepared, task.uid, task.claim.model, model_dir, params_file)
+        if task.stop_reason is not None or not fits:
+            self.prepared.discard(prepared)
+            return None
+        return prepared
+
+    def _discard_reservation(self, reservation: Future[PreparedContainer | None]) -> None:
+        """A task that ended before its run: what was reserved for it goes."""
+        assert self.prepared is not None
+        try:
+            prepared = reservation.result()
+        except Exception:
             return
+        if prepared is not None:
+            self.prepared.discard(prepared)
+
+    def _run_and_conclude(
+        self,
+        task: ActiveTask,
+        workspace: TaskWorkspace,
+        model_dir: Path | None,
+        params_file: Path | None,
+        image: str | None,
+        prepared: PreparedContainer | None,
+    ) -> None:
+        model = task.claim.model
         live_log = self._live_log(task)
         try:
             result = self.runner.run(
@@ -205,6 +286,7 @@ class TaskExecutor:
                 image=image,
                 should_stop=task.should_stop,
                 on_output=live_log.feed,
+                prepared=prepared.container if prepared is not None else None,
             )
         except ModelRunError as exc:
             live_log.stop()

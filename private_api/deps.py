@@ -89,7 +89,8 @@ ROUTE_GRANTS: Mapping[tuple[str, str], frozenset[ServiceRole]] = {
     # The public API serves the platform's metrics at its /metrics (to operators and Prometheus).
     ("GET", PrivateRoutes.METRICS): _PUBLIC_API,
     ("POST", PrivateRoutes.AUTH_RESOLVE): _PUBLIC_API,
-    ("GET", PrivateRoutes.MODELS): _PUBLIC_API,
+    # Consumers read the list for the models marked warm (a container created ahead for each).
+    ("GET", PrivateRoutes.MODELS): _PUBLIC_API | _CONSUMER,
     ("POST", PrivateRoutes.MODELS): _PUBLIC_API,
     ("GET", PrivateRoutes.MODEL): _PUBLIC_API,
     ("PATCH", PrivateRoutes.MODEL): _PUBLIC_API,

@@ -15,7 +15,7 @@ import pytest
 from inference_server.contract import PrivateRoutes, TaskPublic, TaskStatus
 from job_consumer.consumer import Consumer, ConsumerConfigError
 from job_consumer.container_runtime import ContainerRuntime
-from job_consumer.runner import LABEL_CONSUMER, LABEL_MANAGED, LABEL_TASK
+from job_consumer.runner import LABEL_CONSUMER, LABEL_MANAGED, LABEL_TASK, TASK_CONTAINER_PREFIX
 from job_consumer.workspace import MODELS_DIR, OWNER_FILE, TEMP_PREFIX
 from tests import images
 from tests.helpers import wait_until
@@ -44,12 +44,20 @@ def hrid(prefix: str) -> str:
 
 
 def running_container(engine, uid: str):
-    found = engine.containers.list(sparse=True, filters={"label": f"{LABEL_TASK}={uid}", "status": "running"})
+    found = task_containers(engine, uid, status="running")
     return found[0] if found else None
 
 
-def task_containers(engine, uid: str) -> list:
-    return engine.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_TASK}={uid}"})
+def task_containers(engine, uid: str, **filters: str) -> list:
+    """The task's containers: labelled with its uid, or prepared ahead and named for it when
+    it took them (labels are fixed at create)."""
+    labelled = engine.containers.list(
+        all=True, sparse=True, filters={"label": f"{LABEL_TASK}={uid}", **filters}
+    )
+    named = engine.containers.list(
+        all=True, sparse=True, filters={"name": f"{TASK_CONTAINER_PREFIX}{uid}-", **filters}
+    )
+    return list({container.id: container for container in [*labelled, *named]}.values())
 
 
 def task_folders(work_dir: Path, uid: str) -> list[Path]:

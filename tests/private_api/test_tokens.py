@@ -41,7 +41,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/health/ready"): frozenset({PUBLIC}),
     ("GET", "/metrics"): frozenset({PUBLIC}),
     ("POST", "/auth/resolve"): frozenset({PUBLIC}),
-    ("GET", "/models"): frozenset({PUBLIC}),
+    ("GET", "/models"): frozenset({PUBLIC, CONSUMER}),
     ("POST", "/models"): frozenset({PUBLIC}),
     ("GET", "/models/{human_readable_id}"): frozenset({PUBLIC}),
     ("PATCH", "/models/{human_readable_id}"): frozenset({PUBLIC}),
