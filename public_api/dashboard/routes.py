@@ -33,6 +33,7 @@ from inference_server.contract import (
 )
 from public_api import service
 from public_api.auth import invalid_key
+from public_api.config import PublicSettings
 from public_api.dashboard.forms import (
     model_create_from,
     model_update_from,
@@ -56,6 +57,7 @@ from public_api.dashboard.sessions import (
 from public_api.deps import Access, PrivateAPIDep, SettingsDep, authorize, refused
 from public_api.errors import PublicAPIError, UpstreamHTTPError, V12Error
 from public_api.relay import UploadBody, stream_back
+from public_api.upstream import PrivateAPI
 
 DASHBOARD = PublicRoutes.DASHBOARD
 OVERVIEW_PATH = f"{DASHBOARD}/overview"
@@ -93,7 +95,7 @@ async def _checked_form(request: Request, session: DashboardSession) -> dict[str
     return form
 
 
-def _require(request: Request, session: DashboardSession, access: Access, settings: Any) -> None:
+def _require(request: Request, session: DashboardSession, access: Access, settings: PublicSettings) -> None:
     """The API's own rule for `access` (deps.authorize), applied to the session's principal."""
     authorize(request, session.principal, access, settings)
 
@@ -152,7 +154,7 @@ async def log_out(request: Request, api: PrivateAPIDep, session: SessionDep) -> 
 # --- overview ------------------------------------------------------------------------------------
 
 
-async def _overview(api: Any, session: DashboardSession, hours: int) -> dict[str, Any]:
+async def _overview(api: PrivateAPI, session: DashboardSession, hours: int) -> dict[str, Any]:
     overview = await service.overview(api, caller=session.principal, hours=hours)
     return {"overview": overview, "chart": throughput_chart(overview.history), "hours": hours}
 
@@ -179,7 +181,9 @@ async def overview_fragment(
 # --- tasks ---------------------------------------------------------------------------------------
 
 
-async def _task_list(request: Request, api: Any, session: DashboardSession, page: int) -> dict[str, Any]:
+async def _task_list(
+    request: Request, api: PrivateAPI, session: DashboardSession, page: int
+) -> dict[str, Any]:
     query = request.query_params
     filters = {name: query.get(name, "").strip() for name in ("status", "model", "owner", "uid")}
     if filters["status"] and filters["status"] not in TaskStatus.__members__.values():
@@ -228,7 +232,7 @@ async def tasks_fragment(
     return render("_tasks.html", await _task_list(request, api, session, page), session=session)
 
 
-async def _log_tail(api: Any, task: TaskPublic, session: DashboardSession) -> str:
+async def _log_tail(api: PrivateAPI, task: TaskPublic, session: DashboardSession) -> str:
     if task.started_at is None:
         return ""
     try:
@@ -244,7 +248,7 @@ async def _log_tail(api: Any, task: TaskPublic, session: DashboardSession) -> st
     return text[-LOG_TAIL_CHARS:]
 
 
-async def _task(api: Any, uid: str, session: DashboardSession) -> dict[str, Any]:
+async def _task(api: PrivateAPI, uid: str, session: DashboardSession) -> dict[str, Any]:
     task = await service.get_task(api, uid, caller=session.principal)
     return {"task": task, "log": await _log_tail(api, task, session), "ended": task.status in ENDED_STATES}
 
@@ -343,7 +347,9 @@ async def update_model(
 # --- consumers (operators) -----------------------------------------------------------------------
 
 
-async def _consumers(request: Request, api: Any, settings: Any, session: DashboardSession) -> dict[str, Any]:
+async def _consumers(
+    request: Request, api: PrivateAPI, settings: PublicSettings, session: DashboardSession
+) -> dict[str, Any]:
     _require(request, session, Access.OPERATOR_KEY, settings)
     return {"consumers": await service.list_consumers(api, caller=session.principal)}
 
@@ -364,7 +370,13 @@ async def consumers_fragment(
 
 
 async def _set_draining(
-    consumer_id: str, request: Request, api: Any, settings: Any, session: DashboardSession, *, draining: bool
+    consumer_id: str,
+    request: Request,
+    api: PrivateAPI,
+    settings: PublicSettings,
+    session: DashboardSession,
+    *,
+    draining: bool,
 ) -> Response:
     _require(request, session, Access.OPERATOR_KEY, settings)
     await _checked_form(request, session)
