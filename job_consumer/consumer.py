@@ -50,6 +50,7 @@ from job_consumer.capacity_probe import probe_capacity
 from job_consumer.config import ConsumerSettings
 from job_consumer.container_runtime import ContainerRuntime, runtime_named
 from job_consumer.housekeeping import Housekeeper
+from job_consumer.prepared_containers import PreparedContainers
 from job_consumer.private_client import PrivateApiClient, PrivateApiHttpError, PrivateApiUnavailable
 from job_consumer.registry_presence import RegistryPresence
 from job_consumer.runner import ModelRunner
@@ -145,14 +146,29 @@ class Consumer:
         self.runtime.start()
         self.runner = ModelRunner(self.runtime, settings, remove_in_background=True)
         self.models = ModelCache(self.work_dir, settings.consumer_id, settings.input_zip_limits)
+        self.prepared = (
+            PreparedContainers(
+                settings,
+                runner=self.runner,
+                models=self.models,
+                list_models=self.api.list_models,
+                runs=lambda model: self.capacity.never_fits(TaskNeeds.of_model(model)) is None,
+                stopping=self._should_exit,
+            )
+            if settings.prepare_containers
+            else None
+        )
         self.executor = TaskExecutor(
             settings,
             api=self.api,
             runner=self.runner,
             models=self.models,
             stopping_now=lambda: self._stop_now,
+            prepared=self.prepared,
         )
-        self.housekeeper = Housekeeper(settings, runner=self.runner, models=self.models)
+        self.housekeeper = Housekeeper(
+            settings, runner=self.runner, models=self.models, prepared=self.prepared
+        )
         self.presence = RegistryPresence(
             self.api,
             self.registration,
@@ -243,6 +259,8 @@ class Consumer:
         )
         make_private_dir(self.work_dir)
         self._cleanup()
+        if self.prepared is not None:
+            self.prepared.start()
         self.presence.beat([])
         backoff = Backoff(self.settings.reconnect_backoff_max_s)
         try:
@@ -259,6 +277,8 @@ class Consumer:
                     self._reconnect_at = time.monotonic() + backoff.next()
         finally:
             self._disconnect()
+            if self.prepared is not None:
+                self.prepared.close()
             self.runner.close()
             if self._owns_api:
                 self.api.close()
