@@ -48,6 +48,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+WARM_HELP = "consumers keep a container of the model created ahead, even before its first task"
+
+
 def _say_error(message: str) -> None:
     print(f"infer: error: {' '.join(str(message).split())}", file=sys.stderr)
 
@@ -155,11 +158,20 @@ def _models_add(client: InferenceClient, args: argparse.Namespace) -> int:
         progress=_progress(args),
         params_schema=schema,
         cacheable=args.cacheable,
+        warm=args.warm,
         gpu_memory_mb=args.gpu_memory_mb,
         cpus=args.cpus,
         memory_mb=args.memory_mb,
     )
     _print_json(model)
+    return 0
+
+
+def _models_update(client: InferenceClient, args: argparse.Namespace) -> int:
+    changes = {"warm": args.warm} if args.warm is not None else {}
+    if not changes:
+        raise InferenceClientError(None, "nothing to change: give --warm or --no-warm")
+    _print_json(client.update_model(args.model, **changes))
     return 0
 
 
@@ -413,7 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="deterministic: a task with the same image, model zip, input and params reuses an output",
     )
+    models_add.add_argument("--warm", action="store_true", help=WARM_HELP)
     models_add.set_defaults(handler=_models_add)
+    models_update = model_commands.add_parser("update", help="change a registered model (operators)")
+    models_update.add_argument("model", metavar="MODEL", help="the model's id")
+    models_update.add_argument(
+        "--warm", action=argparse.BooleanOptionalAction, default=None, help=f"{WARM_HELP} (--no-warm: not)"
+    )
+    models_update.set_defaults(handler=_models_update)
 
     submit = commands.add_parser("submit", help="submit a zip or a folder as a task; prints its uid")
     submit.add_argument("model", metavar="MODEL", help="the model's id")

@@ -342,6 +342,7 @@ class InferenceClient:
         progress: bool | None = False,
         params_schema: dict[str, Any] | None = None,
         cacheable: bool = False,
+        warm: bool = False,
         **limits: Any,
     ) -> ModelPublic:
         """Register a model; `model_zip` (a zip or a folder) is unpacked at /model for every task.
@@ -349,6 +350,7 @@ class InferenceClient:
         `params_schema`: a JSON Schema every task's params must satisfy (checked at submission).
         `cacheable`: the model is deterministic, so a task with the same image, model zip, input
         and params is answered with an earlier task's output, without running.
+        `warm`: consumers keep a container of the model created ahead, even before its first task.
         `limits` are passed on as query parameters; None leaves one at the platform default:
         timeout_s, memory_mb, cpus, gpu_memory_mb (GPU memory one task needs, in MiB; with
         use_gpu), pids, tmp_mb (size of the tmpfs at /tmp), allow_network, run_as_root,
@@ -365,6 +367,8 @@ class InferenceClient:
         if cacheable:
             # Sent only when set, so a server that predates the cache is served as before.
             params["cacheable"] = True
+        if warm:
+            params["warm"] = True
         fields = None if params_schema is None else {MODEL_PARAMS_SCHEMA_FIELD: json.dumps(params_schema)}
         if model_zip is None:
             data = self._upload(
@@ -380,6 +384,12 @@ class InferenceClient:
                     text_fields=fields,
                 )
         return self._parse(_MODEL, data)
+
+    def update_model(self, human_readable_id: str, **changes: Any) -> ModelPublic:
+        """Change a model (operators): only the fields given change, e.g. warm=True, memory_mb=4096
+        (None returns a limit to the platform default)."""
+        path = PublicRoutes.MODEL.format(human_readable_id=_quoted(human_readable_id))
+        return self._parse(_MODEL, self._json(self._request("PATCH", path, json=changes)))
 
     # -- tasks ---------------------------------------------------------------------------------
 
