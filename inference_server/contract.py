@@ -817,6 +817,12 @@ PROGRESS_LINE_PREFIX = "INFERENCE_PROGRESS"
 PROGRESS_PARAM = "progress"
 PROGRESS_MESSAGE_PARAM = "progress_message"
 PROGRESS_MESSAGE_MAX_CHARS = 500
+# The output upload (POST PrivateRoutes.TASK_OUTPUT) may carry the task's final log as this text
+# field of its form, with the progress as PROGRESS_PARAM / PROGRESS_MESSAGE_PARAM fields: one
+# request instead of a log PUT and the upload. The separate log upload stays accepted.
+OUTPUT_LOG_FIELD = "log"
+# A final log above this goes up on its own (the form's text fields are bounded).
+OUTPUT_LOG_MAX_BYTES = 512 * 1024
 # GET PublicRoutes.TASK_LOGS?follow=true streams the log until the task ends.
 FOLLOW_PARAM = "follow"
 
