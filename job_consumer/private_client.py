@@ -13,6 +13,7 @@ import httpx
 from inference_server.contract import (
     CONSUMER_ID_HEADER,
     LOG_MEDIA_TYPE,
+    OUTPUT_LOG_FIELD,
     PROGRESS_MESSAGE_PARAM,
     PROGRESS_PARAM,
     SERVICE_TOKEN_HEADER,
@@ -204,14 +205,33 @@ class PrivateApiClient:
             params=params,
         )
 
-    def upload_output(self, uid: str, zip_path: Path, run_times: RunTimes | None = None) -> TaskPublic:
-        """Finish the task with its output and the container's run times (query parameters)."""
+    def upload_output(
+        self,
+        uid: str,
+        zip_path: Path,
+        run_times: RunTimes | None = None,
+        final_log: str | None = None,
+        progress: Progress | None = None,
+    ) -> TaskPublic:
+        """Finish the task with its output and the container's run times (query parameters), and
+        with its final log and progress when given (form fields: one request, not two)."""
         path = self._path(PrivateRoutes.TASK_OUTPUT, uid=uid)
         params = (run_times or RunTimes()).model_dump(mode="json", exclude_none=True)
+        form: dict[str, str] = {}
+        if final_log is not None:
+            form[OUTPUT_LOG_FIELD] = final_log
+            if progress is not None:
+                form[PROGRESS_PARAM] = repr(progress.fraction)
+                if progress.message is not None:
+                    form[PROGRESS_MESSAGE_PARAM] = progress.message
         with open(zip_path, "rb") as body:
             # httpx reads a file object in chunks, so the zip is never held whole in memory.
             response = self._request(
-                "POST", path, params=params, files={"zip_file": ("output.zip", body, ZIP_MEDIA_TYPE)}
+                "POST",
+                path,
+                params=params,
+                data=form,
+                files={"zip_file": ("output.zip", body, ZIP_MEDIA_TYPE)},
             )
         return TaskPublic.model_validate(response.json())
 

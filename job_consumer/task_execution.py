@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from inference_server.backoff import Backoff
-from inference_server.contract import FailureCategory, RunTimes, TaskFailure
+from inference_server.contract import OUTPUT_LOG_MAX_BYTES, FailureCategory, RunTimes, TaskFailure
 from inference_server.file_trees import directory_size, make_inert
 from inference_server.zipsafe import UnsafeZipError, ZipLimits, zip_directory
 from job_consumer.active_task import ActiveTask, StopReason
@@ -326,10 +326,11 @@ class TaskExecutor:
             ", stopped" if result.cancelled else "",
         )
         # The progress too: a line printed just before the exit may not have been shipped live.
-        self._upload_logs(
-            task, self._compose_logs(task, result) + _removed_note(removed), latest_progress(result.logs)
-        )
+        final_log = self._scrub(self._compose_logs(task, result) + _removed_note(removed))
+        progress = latest_progress(result.logs)
         verdict = verdict_for(result, task.stop_reason, max_output_bytes=self.settings.max_output_bytes)
+        if isinstance(verdict, (Stopped, Failed)) or inert_error is not None:
+            self._upload_logs(task, final_log, progress)
         if isinstance(verdict, Stopped):
             self._finish_stopped(task, verdict.reason)
             return
@@ -337,28 +338,52 @@ class TaskExecutor:
             raise _TaskError.of(verdict)
         if inert_error is not None:
             raise _TaskError(f"could not check /output: {_os_reason(inert_error)}", retryable=False)
-        self._upload_output(task, workspace, result.run_times)
+        self._upload_output(task, workspace, result.run_times, final_log, progress)
 
-    def _upload_output(self, task: ActiveTask, workspace: TaskWorkspace, run_times: RunTimes) -> None:
+    def _upload_output(
+        self,
+        task: ActiveTask,
+        workspace: TaskWorkspace,
+        run_times: RunTimes,
+        final_log: str,
+        progress: Progress | None,
+    ) -> None:
+        """The output, with the final log in the same request when it is small enough (else, and
+        whenever the output does not go up, the log goes up on its own first)."""
+        with_output = len(final_log.encode("utf-8", errors="replace")) <= OUTPUT_LOG_MAX_BYTES
+        if not with_output:
+            self._upload_logs(task, final_log, progress)
         limit = self.settings.max_output_bytes
         try:
-            if directory_size(workspace.output_dir, stop_above=limit) > limit:
-                raise _TaskError.of(output_too_large(limit))
-            files = zip_directory(workspace.output_dir, workspace.output_zip, self.settings.output_zip_limits)
-        except UnsafeZipError as exc:
-            raise _TaskError(f"output refused: /output cannot be zipped: {exc}", retryable=False) from exc
-        except OSError as exc:
-            raise _TaskError(f"could not zip /output: {_os_reason(exc)}", retryable=True) from exc
+            try:
+                if directory_size(workspace.output_dir, stop_above=limit) > limit:
+                    raise _TaskError.of(output_too_large(limit))
+                files = zip_directory(
+                    workspace.output_dir, workspace.output_zip, self.settings.output_zip_limits
+                )
+            except UnsafeZipError as exc:
+                raise _TaskError(f"output refused: /output cannot be zipped: {exc}", retryable=False) from exc
+            except OSError as exc:
+                raise _TaskError(f"could not zip /output: {_os_reason(exc)}", retryable=True) from exc
+        except _TaskError:
+            if with_output:
+                self._upload_logs(task, final_log, progress)
+            raise
+        carried = final_log if with_output else None
         try:
             self._with_run_times(
                 task,
                 run_times,
-                lambda times: self.api.upload_output(task.uid, workspace.output_zip, times),
+                lambda times: self.api.upload_output(
+                    task.uid, workspace.output_zip, times, final_log=carried, progress=progress
+                ),
             )
         except PrivateApiHttpError as exc:
             if exc.is_conflict:
                 log.warning("task %s: output not accepted (%s); discarded", task.uid, exc.detail)
                 return
+            if with_output:
+                self._upload_logs(task, final_log, progress)
             raise _TaskError(f"output refused by the private API: {exc.detail}", retryable=False) from exc
         log.info("task %s: finished, %d output file(s) uploaded", task.uid, files)
 

@@ -30,6 +30,7 @@ from private_api.outbox import dispatch
 from private_api.queue import TaskPublisher
 from private_api.scheduling import SchedulingPolicy
 from private_api.task_rows import BATCH_SIZE, describe_holder, load_task, sql_time, task_public, update_task
+from private_api.uploads import FinalLog, store_log
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +347,32 @@ def store_logs(
         _raise_not_holder(session, uid, consumer_id)
     session.commit()
     blobs.delete(old_key)
+
+
+def store_final_log(
+    *,
+    session: Session,
+    blobs: BlobStore,
+    uid: str,
+    consumer_id: str,
+    final_log: FinalLog,
+    max_bytes: int,
+) -> None:
+    """The final log an output upload carried, stored as a log upload would be."""
+    log_blob = store_log(blobs, final_log.text, max_bytes=max_bytes)
+    try:
+        store_logs(
+            session=session,
+            blobs=blobs,
+            uid=uid,
+            consumer_id=consumer_id,
+            log_blob=log_blob,
+            progress=final_log.progress,
+            progress_message=final_log.progress_message,
+        )
+    except BaseException:
+        blobs.delete(log_blob.key)
+        raise
 
 
 def reap_expired_leases(

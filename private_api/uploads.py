@@ -18,6 +18,12 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from inference_server.contract import (
+    OUTPUT_LOG_FIELD,
+    PROGRESS_MESSAGE_MAX_CHARS,
+    PROGRESS_MESSAGE_PARAM,
+    PROGRESS_PARAM,
+)
 from inference_server.zipsafe import UnsafeZipError, ZipLimits, inspect_zip
 from private_api.blobs import BlobStore, BlobTooLarge, BlobWriter, StoredBlob
 from private_api.exceptions import BadInput, TooLarge, Unprocessable
@@ -333,4 +339,50 @@ async def _receive_log(request: Request, *, blobs: BlobStore, max_bytes: int) ->
         return await run_in_threadpool(keeper.finish)
     except BaseException:
         writer.abort()  # not awaited: must happen even when the request was cancelled
+        raise
+
+
+@dataclass(frozen=True)
+class FinalLog:
+    """The final log an output upload carried in its form (OUTPUT_LOG_FIELD), with its progress."""
+
+    text: bytes
+    progress: float | None = None
+    progress_message: str | None = None
+
+    @classmethod
+    def of_form(cls, text_fields: dict[str, str]) -> FinalLog | None:
+        """None when the form has no log (the consumer sent it on its own); 422 for bad progress."""
+        text = text_fields.get(OUTPUT_LOG_FIELD)
+        if text is None:
+            return None
+        progress: float | None = None
+        raw_progress = text_fields.get(PROGRESS_PARAM)
+        if raw_progress is not None:
+            try:
+                progress = float(raw_progress)
+            except ValueError:
+                progress = None
+            if progress is None or not 0.0 <= progress <= 1.0:
+                raise Unprocessable(
+                    f"{PROGRESS_PARAM} must be a number from 0 to 1, not {raw_progress[:50]!r}"
+                )
+        message = text_fields.get(PROGRESS_MESSAGE_PARAM)
+        if message is not None and len(message) > PROGRESS_MESSAGE_MAX_CHARS:
+            raise Unprocessable(
+                f"{PROGRESS_MESSAGE_PARAM} is longer than {PROGRESS_MESSAGE_MAX_CHARS} characters"
+            )
+        return cls(text.encode("utf-8"), progress, message if progress is not None else None)
+
+
+def store_log(blobs: BlobStore, text: bytes, *, max_bytes: int) -> StoredBlob:
+    """A log that came whole (a form field) into the store, cut in the middle past `max_bytes`
+    as a streamed one is."""
+    writer = blobs.writer("logs", suffix=".txt")
+    keeper = _HeadAndTail(writer, max_bytes)
+    try:
+        keeper.feed(text)
+        return keeper.finish()
+    except BaseException:
+        writer.abort()
         raise

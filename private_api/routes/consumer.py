@@ -31,7 +31,7 @@ from private_api.deps import (
     ZipUploadsDep,
     require_service_token,
 )
-from private_api.uploads import log_upload, zip_request_body
+from private_api.uploads import FinalLog, log_upload, zip_request_body
 
 router = APIRouter(tags=["consumer"], dependencies=[Depends(require_service_token)])
 
@@ -76,6 +76,7 @@ async def upload_output(
     consumer_id: ConsumerIdDep,
     session: SessionDep,
     settings: SettingsDep,
+    blobs: BlobsDep,
     uploads: ZipUploadsDep,
     run_times: Annotated[RunTimes, Query()],
     publisher: PublisherDep,
@@ -86,6 +87,18 @@ async def upload_output(
     await run_in_threadpool(leases.check_run_times, session=session, uid=uid, run_times=run_times)
     await run_in_threadpool(session.close)
     async with uploads.zip("outputs", settings.output_zip_limits) as output_blob:
+        final_log = FinalLog.of_form(uploads.text_fields)
+        if final_log is not None:
+            # The final log came with the output (one request); stored first, while it runs.
+            await run_in_threadpool(
+                leases.store_final_log,
+                session=session,
+                blobs=blobs,
+                uid=uid,
+                consumer_id=consumer_id,
+                final_log=final_log,
+                max_bytes=settings.max_log_bytes,
+            )
         return await run_in_threadpool(
             leases.store_output,
             session=session,

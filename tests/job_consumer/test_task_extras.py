@@ -80,7 +80,7 @@ class StandInPrivateApi:
     def upload_logs(self, uid: str, text: str, progress=None) -> None:
         pass
 
-    def upload_output(self, uid: str, zip_path: Path, run_times=None) -> None:
+    def upload_output(self, uid: str, zip_path: Path, run_times=None, final_log=None, progress=None) -> None:
         self.outputs[uid] = zip_members(zip_path.read_bytes())
 
     def fail(self, uid: str, failure: TaskFailure) -> None:
