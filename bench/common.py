@@ -39,7 +39,7 @@ from inference_server.file_trees import remove_tree
 from inference_server.zipsafe import ZipLimits, extract_zip, zip_directory
 from job_consumer.config import ConsumerSettings
 from job_consumer.container_runtime import DockerRuntime
-from job_consumer.runner import LABEL_TASK, ModelRunner
+from job_consumer.runner import ModelRunner, task_of_container
 from local_platform.examples import DEFAULT_BASE_IMAGE, register_model
 from local_platform.launcher import LocalPlatform
 from local_platform.ports import free_port
@@ -401,9 +401,7 @@ class ContainerStarts:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> ContainerStarts:
-        self._events = self._docker.events(
-            decode=True, filters={"type": "container", "event": "start", "label": LABEL_TASK}
-        )
+        self._events = self._docker.events(decode=True, filters={"type": "container", "event": "start"})
         self._thread = threading.Thread(target=self._read, name="container-starts", daemon=True)
         self._thread.start()
         return self
@@ -423,7 +421,8 @@ class ContainerStarts:
 
     def count(self, events: Iterable[dict[str, Any]]) -> None:
         for event in events:
-            task_uid = ((event.get("Actor") or {}).get("Attributes") or {}).get(LABEL_TASK)
+            # A container prepared ahead has no task label; it carries its task's name instead.
+            task_uid = task_of_container((event.get("Actor") or {}).get("Attributes") or {})
             if task_uid:
                 with self._lock:
                     self._counts[task_uid] += 1

@@ -8,7 +8,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -135,6 +135,18 @@ def _never() -> bool:
 
 def _never_str(_: str) -> bool:
     return False
+
+
+def task_of_container(attributes: Mapping[str, str]) -> str | None:
+    """The task a container ran for, from its labels or engine event attributes: its task label,
+    or, for one prepared ahead (no task label), the name it took when the task took it."""
+    labelled = attributes.get(LABEL_TASK)
+    if labelled:
+        return labelled
+    name = attributes.get("name", "").lstrip("/")
+    if name.startswith(TASK_CONTAINER_PREFIX) and "-" in name[len(TASK_CONTAINER_PREFIX) :]:
+        return name[len(TASK_CONTAINER_PREFIX) :].rsplit("-", 1)[0]
+    return None
 
 
 def this_process() -> str:

@@ -25,6 +25,7 @@ from job_consumer.runner import (
     LABEL_PROCESS,
     LABEL_TASK,
     ModelRunner,
+    task_of_container,
     this_process,
 )
 from job_consumer.workspace import ModelCache, TaskWorkspace
@@ -298,3 +299,12 @@ def test_the_sweep_removes_prepared_containers_of_dead_consumer_processes_only(
         for container in made:
             with contextlib.suppress(docker.errors.NotFound):
                 container.remove(force=True)
+
+
+def test_a_containers_task_is_known_by_its_label_or_by_the_name_a_prepared_one_took() -> None:
+    uid = "kC89ezVIQpAwH2LuIXUs-THUarrRdajR"
+    assert task_of_container({LABEL_TASK: uid, "name": "whatever"}) == uid
+    assert task_of_container({"name": ModelRunner.container_name(uid)}) == uid
+    assert task_of_container({"name": f"/{ModelRunner.container_name(uid)}"}) == uid
+    assert task_of_container({"name": "is-prepared-1a2b3c4d"}) is None
+    assert task_of_container({}) is None
