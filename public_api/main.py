@@ -18,6 +18,7 @@ from public_api.errors import install_error_handlers
 from public_api.metrics import Metrics, MetricsMiddleware
 from public_api.ratelimit import FailureBudget
 from public_api.routes import access, audit, consumers, health, models, overview, tasks
+from public_api.task_watch import TaskWatch
 from public_api.upstream import PrivateAPI
 
 DESCRIPTION = """\
@@ -52,9 +53,11 @@ def create_app(settings: PublicSettings | None = None) -> FastAPI:
         # One pooled client per process: connections to the private API are reused by all requests.
         app.state.private_api = PrivateAPI(settings)
         app.state.key_resolver = KeyResolver(app.state.private_api, settings.key_cache_ttl_s)
+        app.state.task_watch = TaskWatch(settings)
         try:
             yield
         finally:
+            await app.state.task_watch.aclose()
             await app.state.private_api.aclose()
 
     app = FastAPI(

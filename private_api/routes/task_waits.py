@@ -34,11 +34,10 @@ async def wait_for_tasks(wait: TaskWaitRequest, request: Request, events: TaskEv
     try:
         await asyncio.wait((answer, hang_up), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        hang_up.cancel()
-        if not answer.done():
-            answer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await hang_up
-    if answer.cancelled():
-        return TaskWaitAnswer()
-    return answer.result()
+        for waiting in (hang_up, answer):
+            if not waiting.done():
+                waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+    # The caller hung up: the answer goes nowhere.
+    return answer.result() if not answer.cancelled() else TaskWaitAnswer()

@@ -12,16 +12,21 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from inference_server.contract import (
+    EVENT_STREAM_MEDIA_TYPE,
     FOLLOW_PARAM,
     HUMAN_READABLE_ID_PATTERN,
     LOG_MEDIA_TYPE,
     MAX_PRIORITY,
     PARAMS_MAX_BYTES,
+    SEEN_PARAM,
     TASK_FILTER_MODEL,
     TASK_FILTER_OWNER,
     TASK_FILTER_UID,
     TASK_UID_PATTERN,
     TASK_UID_SEARCH_MIN_CHARS,
+    WAIT_MAX_S,
+    WAIT_MIN_S,
+    WAIT_PARAM,
     ZIP_MEDIA_TYPE,
     PublicRoutes,
     TaskPublic,
@@ -29,11 +34,12 @@ from inference_server.contract import (
     TaskSubmitFields,
     V12Code,
 )
-from public_api import service
+from public_api import service, task_watch
 from public_api.deps import PrivateAPIDep, SettingsDep, TaskCallerDep, task_caller
 from public_api.log_follow import follow_log
 from public_api.relay import stream_back, upload_body
 from public_api.routes._docs import COMMON_RESPONSES, V12_POLL_RESPONSES, error, zip_upload_body
+from public_api.task_watch import TaskWatchDep
 
 router = APIRouter(tags=["tasks"], dependencies=[Depends(task_caller)], responses=COMMON_RESPONSES)
 
@@ -174,12 +180,68 @@ async def delete_task(uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep) -
 
 @router.get(
     PublicRoutes.TASK_STATUS,
-    summary="A task's status as JSON",
+    summary="A task's status as JSON, at once or as soon as it changes",
     response_model=TaskPublic,
-    responses={404: error("No such task, or it was deleted.")},
+    description=(
+        f"With `{WAIT_PARAM}=S`, a long poll: answered as soon as the task's status or progress "
+        f"differs from what you saw (`{SEEN_PARAM}`, a status; without it, the state at the time of "
+        "the request), or after S seconds with the status as it is then."
+    ),
+    responses={
+        404: error("No such task, or it was deleted."),
+        422: error(f"`{WAIT_PARAM}` outside {WAIT_MIN_S:g}..{WAIT_MAX_S:g}, or `{SEEN_PARAM}` not a status."),
+    },
 )
-async def task_status(uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep) -> Response:
-    return Response(await service.task_status_json(api, uid, caller=caller), media_type="application/json")
+async def task_status(
+    uid: TaskUid,
+    api: PrivateAPIDep,
+    caller: TaskCallerDep,
+    watch: TaskWatchDep,
+    wait: Annotated[
+        float | None,
+        Query(
+            alias=WAIT_PARAM,
+            ge=WAIT_MIN_S,
+            le=WAIT_MAX_S,
+            description="Wait up to this many seconds for the task to change.",
+        ),
+    ] = None,
+    seen: Annotated[
+        TaskStatus | None,
+        Query(alias=SEEN_PARAM, description=f"The status you last saw (with `{WAIT_PARAM}`)."),
+    ] = None,
+) -> Response:
+    if wait is None:
+        body = await service.task_status_json(api, uid, caller=caller)
+    else:
+        body = await task_watch.status_after_change(api, watch, uid, caller=caller, wait_s=wait, seen=seen)
+    return Response(body, media_type="application/json")
+
+
+@router.get(
+    PublicRoutes.TASK_EVENTS,
+    summary="A task's changes as server-sent events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "`text/event-stream`: first the task as it is, then one event at each "
+            "change of its status or progress (`event:` the status, `data:` the task's JSON), "
+            "ending after a final status; a comment line while nothing changes.",
+            "content": {EVENT_STREAM_MEDIA_TYPE: {}},
+        },
+        404: error("No such task."),
+    },
+)
+async def task_events(
+    uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep, watch: TaskWatchDep
+) -> StreamingResponse:
+    # Asked before the answer starts: an unknown task is a 404, not an empty stream.
+    task = await service.get_task(api, uid, caller=caller)
+    return StreamingResponse(
+        task_watch.task_events(watch, task),
+        media_type=EVENT_STREAM_MEDIA_TYPE,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.get(
