@@ -357,8 +357,10 @@ class PreparedContainers:
                 reason = f"unused for {self.settings.prepared_idle_s:g} s"
             elif self.runner.image_id(model.container_tag) != prepared.image_id:
                 reason = f"{model.container_tag} names another image now"
-            elif model != prepared.model:
-                reason = "its model was changed"
+            elif not self.fits(prepared, prepared.slot_key, model, *self._mount_of(model)):
+                # Only what shapes the container counts (limits, switches, model zip), not its
+                # description, so a model read from the list again does not churn containers.
+                reason = "its model's settings changed"
             if reason is None:
                 continue
             with self._lock:
@@ -424,6 +426,10 @@ class PreparedContainers:
                 self._preparing.discard(model.human_readable_id)
 
     # --- containers ---------------------------------------------------------------------------------
+
+    def _mount_of(self, model: ModelPublic) -> tuple[Path | None, None]:
+        """fits()'s /model and /params.json for a model's next task (no params)."""
+        return self._model_mount(model)[1], None
 
     def _model_mount(self, model: ModelPublic) -> tuple[bool, Path | None]:
         """Whether /model can be bound before the task unpacks anything, and what: nothing for a

@@ -13,7 +13,7 @@ from typing import Any
 import docker.errors
 import pytest
 
-from inference_server.contract import TaskStatus
+from inference_server.contract import PrivateRoutes, TaskStatus
 from job_consumer.config import ConsumerSettings
 from job_consumer.consumer import Consumer
 from job_consumer.container_runtime import ContainerRuntime
@@ -177,6 +177,37 @@ def test_a_retagged_image_drops_the_prepared_container_and_the_task_runs_the_new
     consumer.request_stop()
     assert worker.join(30) == 2
     assert prepared_of(engine, consumer.settings.consumer_id) == []
+
+
+def test_a_changed_model_gets_a_new_prepared_container_and_an_idle_one_goes(
+    private_api, make_consumer, test_images, engine
+):
+    model_id = hrid("changing")
+    private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": COPY_SCRIPT}))
+    consumer = make_consumer(prepared_check_interval_s=0.3, prepared_idle_s=4)
+    worker = ConsumerThread(consumer).start()
+    consumer_id = consumer.settings.consumer_id
+    task = private_api.submit(model_id, {"a.txt": b"a"})
+    wait_until(lambda: finished(private_api, task.uid), 60, "the task")
+    [old] = wait_until(lambda: prepared_of(engine, consumer_id), 30, "a prepared container")
+
+    changed = private_api.http.patch(
+        PrivateRoutes.MODEL.format(human_readable_id=model_id), json={"memory_mb": 300}
+    )
+    assert changed.status_code == 200, changed.text
+
+    def replaced() -> list[Any]:
+        now = prepared_of(engine, consumer_id)
+        return [c for c in now if c.id != old.id and c.attrs["HostConfig"]["Memory"] == 300 * 1024 * 1024]
+
+    assert len(wait_until(replaced, 30, "a container prepared with the model's new memory limit")) == 1
+    with pytest.raises(docker.errors.NotFound):
+        engine.containers.get(old.id)
+    # Unused past IS_PREPARED_IDLE_S: removed, and not prepared again for a model not run since.
+    wait_until(lambda: prepared_of(engine, consumer_id) == [], 30, "the idle container removed")
+    wait_until(lambda: slot_folders(consumer) == [], 10, "its slot folder removed")
+    consumer.request_stop()
+    assert worker.join(30) == 1
 
 
 def test_with_preparing_off_tasks_run_and_nothing_is_prepared(
