@@ -75,6 +75,8 @@ SLOT_PREFIX = "prepared-"
 # resolve a bind's source when the container starts, so the task's input is not moved and its
 # output lands in its own workspace, as in a container created for it.
 BOUND_LINK = "bound"
+# How long shutdown waits for the checker to end its turn.
+CHECKER_JOIN_S = 10.0
 # What a prepared container's options may differ in from a task's own: fixed at create.
 _PER_CONTAINER_OPTIONS = ("name", "labels")
 
@@ -169,7 +171,8 @@ class PreparedContainers:
             self._closed = True
         self._wake.set()
         if self._checker is not None:
-            self._checker.join()
+            # Bounded: it may be waiting on the private API's model list; closed, it prepares nothing.
+            self._checker.join(timeout=CHECKER_JOIN_S)
         self._workers.shutdown(wait=True, cancel_futures=True)
         self._for_tasks.shutdown(wait=True)
         with self._lock:
