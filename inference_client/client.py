@@ -34,9 +34,13 @@ from tqdm import tqdm
 from inference_server.contract import (
     FOLLOW_PARAM,
     MODEL_PARAMS_SCHEMA_FIELD,
+    SEEN_PARAM,
     TASK_FILTER_MODEL,
     TASK_FILTER_OWNER,
     TASK_FILTER_UID,
+    WAIT_MAX_S,
+    WAIT_MIN_S,
+    WAIT_PARAM,
     AuditAction,
     AuditEntry,
     ConsumerPublic,
@@ -47,11 +51,14 @@ from inference_server.contract import (
     TaskSubmitFields,
     V12Code,
     error_detail,
+    task_state,
 )
 from inference_server.data_folder import OPERATOR_KEY_FILE
 from inference_server.zipsafe import UnsafeZipError, zip_directory
 
 CHUNK_SIZE = 1024 * 1024
+# How long one long poll of `wait` asks the server to hold on (it answers sooner on a change).
+LONG_POLL_S = 30.0
 
 _V12_MEANINGS: dict[int, str] = {
     V12Code.PENDING: "the task is not finished yet (pending or running)",
@@ -473,6 +480,18 @@ class InferenceClient:
             _TASK, self._json(self._request("GET", PublicRoutes.TASK_STATUS.format(uid=_quoted(uid))))
         )
 
+    def status_after_change(self, uid: str, seen: TaskStatus, wait_s: float) -> TaskPublic:
+        """The task as soon as its status or progress changes (at once if its status is not
+        `seen`), or after `wait_s` seconds as it is then: GET status?wait= (a long poll)."""
+        wait_s = min(max(wait_s, WAIT_MIN_S), WAIT_MAX_S)
+        response = self._request(
+            "GET",
+            PublicRoutes.TASK_STATUS.format(uid=_quoted(uid)),
+            params={WAIT_PARAM: f"{wait_s:g}", SEEN_PARAM: seen.value},
+            timeout=httpx.Timeout(wait_s + 30.0, connect=10.0),
+        )
+        return self._parse(_TASK, self._json(response))
+
     def wait(
         self,
         uid: str,
@@ -480,7 +499,11 @@ class InferenceClient:
         timeout: float | None = None,
         on_change: Callable[[TaskPublic], None] | None = None,
     ) -> TaskPublic:
-        """Poll until the task is finished, failed, cancelled or gone; returns its last status.
+        """Wait until the task is finished, failed, cancelled or gone; returns its last status.
+
+        The server is asked to answer on change (`status_after_change`), so the end is known the
+        moment it happens; a server that does not know long polls (it refuses the parameter, or
+        answers at once with nothing changed) is polled every `poll_interval` seconds instead.
 
         `on_change` is called with the task on the first poll and again each time its status,
         its waiting_reason or the progress the model reports differs from the last call's, the
@@ -488,8 +511,9 @@ class InferenceClient:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         last_reported: tuple[TaskStatus, str | None, float | None, str | None] | None = None
+        long_polls = True
+        task = self.status(uid)
         while True:
-            task = self.status(uid)
             seen = (task.status, task.waiting_reason, task.progress, task.progress_message)
             if on_change is not None and seen != last_reported:
                 last_reported = seen
@@ -500,8 +524,26 @@ class InferenceClient:
                 raise InferenceClientError(
                     None, f"task {uid} is still {task.status} after waiting {timeout:g} s"
                 )
+            if long_polls:
+                wait_s = LONG_POLL_S if deadline is None else min(LONG_POLL_S, deadline - time.monotonic())
+                asked_at = time.monotonic()
+                try:
+                    answer = self.status_after_change(uid, task.status, wait_s)
+                except InferenceClientError as exc:
+                    if exc.status_code not in (400, 422):
+                        raise
+                    long_polls = False  # a server that refuses ?wait=
+                else:
+                    # Nothing changed, yet answered at once: a server that ignores ?wait=.
+                    unchanged = task_state(answer) == task_state(task)
+                    if unchanged and time.monotonic() - asked_at < min(wait_s, WAIT_MIN_S) / 2:
+                        long_polls = False
+                    task = answer
+                    if long_polls:
+                        continue
             pause = poll_interval if deadline is None else min(poll_interval, deadline - time.monotonic())
             time.sleep(max(pause, 0.0))
+            task = self.status(uid)
 
     def download(self, uid: str, dest_path: str | Path, progress: bool | None = False) -> Path:
         """Save the output zip of a finished task; a failed download leaves no partial file."""

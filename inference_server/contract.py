@@ -442,8 +442,9 @@ class TaskPublic(BaseModel):
 
 
 # GET PublicRoutes.TASK_STATUS?wait=S[&seen=STATUS]: a long poll answered as soon as the task's
-# state (task_state) differs from what the caller saw (the status `seen`, else the state at the
-# time of the request), or after S seconds (WAIT_MIN_S..WAIT_MAX_S) with the state as it is.
+# state (task_state: status, progress, waiting_reason) differs from what the caller saw (the
+# status `seen`, else the state at the time of the request), or after S seconds
+# (WAIT_MIN_S..WAIT_MAX_S) with the state as it is.
 WAIT_PARAM = "wait"
 SEEN_PARAM = "seen"
 WAIT_MIN_S = 1.0
@@ -453,10 +454,11 @@ EVENT_STREAM_MEDIA_TYPE = "text/event-stream"
 
 
 def task_state(task: TaskPublic) -> str:
-    """What a waiting client has seen of a task: its status and progress. `?wait=` and the event
-    stream answer when this changes, so a long poll also reports a running model's progress."""
+    """What a waiting client has seen of a task: its status, the progress its model reports and,
+    while pending, why it waits. `?wait=` and the event stream answer when this changes, so a
+    long poll also reports a running model's progress and a pending task's new waiting_reason."""
     progress = "" if task.progress is None else repr(task.progress)
-    return f"{task.status.value}:{progress}"
+    return f"{task.status.value}:{progress}:{task.waiting_reason or ''}"
 
 
 class TaskWaitRequest(BaseModel):

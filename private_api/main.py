@@ -32,11 +32,11 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
     settings = settings if settings is not None else PrivateSettings()
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
     session_factory = make_session_factory(engine)
-    task_events = TaskEvents(session_factory)
-    task_events.attach(session_factory)
     blobs = BlobStore(settings.blob_dir)
     publisher = TaskPublisher(settings.rabbitmq_url, settings.queue_name)
     scheduling = SchedulingPolicy.of(settings)
+    task_events = TaskEvents(session_factory, policy=scheduling)
+    task_events.attach(session_factory)
     maintenance = MaintenanceLoop(
         session_factory=session_factory,
         publisher=publisher,

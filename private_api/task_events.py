@@ -7,7 +7,8 @@ hop to a worker thread, one connection for the query only) whenever
 - a transaction of this process that changed a task committed: `task_rows.update_task` marks the
   session and the sessionmaker's after_commit hook (`attach`) pokes the loop, so a change made
   here reaches its waiters within one query; and
-- RECHECK_S passed, so changes made by other private API processes are seen too.
+- RECHECK_S passed, so changes made by other private API processes are seen too, and a pending
+  task's new waiting_reason (consumers came or went).
 
 Pokes while a read runs are folded into the next read, so a burst of commits costs one query
 more, not one each.
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inference_server.contract import TaskPublic, TaskWaitAnswer, task_state
 from private_api.models import Task
+from private_api.scheduling import SchedulingPolicy, waiting_reasons
 from private_api.task_rows import TASK_CHANGED_MARK, task_public
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,16 @@ class _Waiter:
 class TaskEvents:
     """The private API process's notifier; `start` and `stop` it in the app's lifespan."""
 
-    def __init__(self, sessions: sessionmaker[Session], *, recheck_s: float = RECHECK_S) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        policy: SchedulingPolicy | None = None,
+        recheck_s: float = RECHECK_S,
+    ) -> None:
         self._sessions = sessions
+        # With it, a pending task's state includes its waiting_reason, as GET /tasks/{uid} shows.
+        self._policy = policy
         self._recheck_s = recheck_s
         self._waiters: set[_Waiter] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,6 +165,9 @@ class TaskEvents:
         with self._sessions() as session:
             for start in range(0, len(ordered), READ_CHUNK):
                 chunk = ordered[start : start + READ_CHUNK]
-                for task in session.scalars(select(Task).where(Task.uid.in_(chunk))):
+                tasks = list(session.scalars(select(Task).where(Task.uid.in_(chunk))))
+                reasons = {} if self._policy is None else waiting_reasons(session, self._policy, tasks)
+                for task in tasks:
                     current[task.uid] = task_public(task)
+                    current[task.uid].waiting_reason = reasons.get(task.uid)
         return current

@@ -12,6 +12,7 @@ from sqlalchemy import update
 from inference_server.contract import PrivateRoutes, TaskPublic, TaskStatus, TaskWaitAnswer, task_state
 from private_api.db import make_engine, make_session_factory
 from private_api.models import Task
+from private_api.scheduling import SchedulingPolicy
 from private_api.task_events import TaskEvents
 from private_api.task_rows import update_task
 from tests.private_api.helpers import claim, register_model, submit_ok
@@ -24,8 +25,10 @@ def _wait(client, states: dict[str, list[str]], timeout_s: float) -> TaskWaitAns
 
 
 def _pending_task(client) -> TaskPublic:
+    """A new task as GET /tasks/{uid} shows it: with its waiting_reason, part of its state."""
     register_model(client)
-    return TaskPublic.model_validate(submit_ok(client))
+    uid = submit_ok(client)["uid"]
+    return TaskPublic.model_validate(client.get(PrivateRoutes.TASK.format(uid=uid)).json())
 
 
 def test_a_state_other_than_the_one_seen_is_answered_at_once(client) -> None:
@@ -99,7 +102,9 @@ def test_many_waiters_are_answered_by_one_read_per_change(client, settings) -> N
     sessions = make_session_factory(make_engine(settings.database_url))
 
     async def scenario() -> tuple[list[TaskWaitAnswer], int]:
-        events = TaskEvents(sessions, recheck_s=30)  # no periodic re-check: pokes only
+        events = TaskEvents(
+            sessions, policy=SchedulingPolicy.of(settings), recheck_s=30
+        )  # no periodic re-check: pokes only
         events.attach(sessions)
         await events.start()
         try:
@@ -133,7 +138,7 @@ def test_a_rolled_back_change_wakes_nobody(client, settings) -> None:
     sessions = make_session_factory(make_engine(settings.database_url))
 
     async def scenario() -> int:
-        events = TaskEvents(sessions, recheck_s=30)
+        events = TaskEvents(sessions, policy=SchedulingPolicy.of(settings), recheck_s=30)
         events.attach(sessions)
         await events.start()
         try:
