@@ -46,6 +46,7 @@ from inference_server.contract import (
     TaskQueue,
 )
 from job_consumer.active_task import ActiveTask, StopReason
+from job_consumer.cancel_listener import CancelListener
 from job_consumer.capacity_probe import probe_capacity
 from job_consumer.config import ConsumerSettings
 from job_consumer.container_runtime import ContainerRuntime, runtime_named
@@ -202,6 +203,14 @@ class Consumer:
         self._api_backoff = Backoff(settings.reconnect_backoff_max_s)
         self._wake = threading.Event()
         self._fatal: ConsumerConfigError | None = None
+        # Cancels pushed by the private API stop a running task at once (heartbeats: fallback).
+        self.cancel_listener = CancelListener(
+            settings.rabbitmq_url,
+            settings.queue_name,
+            self._cancel_pushed,
+            heartbeat_s=settings.amqp_heartbeat_s,
+            backoff_max_s=settings.reconnect_backoff_max_s,
+        )
 
     # --- control ---------------------------------------------------------------------------
 
@@ -261,6 +270,7 @@ class Consumer:
         self._cleanup()
         if self.prepared is not None:
             self.prepared.start()
+        self.cancel_listener.start()
         self.presence.beat([])
         backoff = Backoff(self.settings.reconnect_backoff_max_s)
         try:
@@ -277,6 +287,7 @@ class Consumer:
                     self._reconnect_at = time.monotonic() + backoff.next()
         finally:
             self._disconnect()
+            self.cancel_listener.stop()
             if self.prepared is not None:
                 self.prepared.close()
             self.runner.close()
@@ -577,6 +588,13 @@ class Consumer:
         self._running = {**self._running, task.uid: _Running(task, worker, next_heartbeat)}
         self.tasks_started += 1
         worker.start()
+
+    def _cancel_pushed(self, uid: str) -> None:
+        """From the cancel listener's thread: stop the task's container now if it runs here."""
+        running = self._running.get(uid)
+        if running is not None:
+            log.info("task %s: cancelled (pushed by the private API); stopping the container", uid)
+            running.task.stop(StopReason.CANCELLED)
 
     def _reap_finished(self) -> None:
         finished = [uid for uid, running in self._running.items() if not running.worker.is_alive()]

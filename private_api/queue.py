@@ -25,7 +25,14 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from inference_server.backoff import Backoff
 from inference_server.capacity import TaskNeeds
-from inference_server.contract import MAX_PRIORITY, TASK_QUEUE_ARGUMENTS, TaskQueue, broker_priority
+from inference_server.contract import (
+    CANCEL_EXCHANGE_TYPE,
+    MAX_PRIORITY,
+    TASK_QUEUE_ARGUMENTS,
+    TaskQueue,
+    broker_priority,
+    cancel_exchange_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,7 @@ class TaskPublisher:
     ) -> None:
         self.queue_name = queue_name
         self.queue_names = {queue: queue.queue_name(queue_name) for queue in TaskQueue}
+        self.cancel_exchange = cancel_exchange_name(queue_name)
         self._parameters = pika.URLParameters(url)
         self._parameters.connection_attempts = 1
         self._parameters.socket_timeout = connect_timeout_s
@@ -86,6 +94,7 @@ class TaskPublisher:
                 channel = connection.channel()
                 for name in self.queue_names.values():
                     channel.queue_declare(name, durable=True, arguments=TASK_QUEUE_ARGUMENTS)
+                channel.exchange_declare(self.cancel_exchange, CANCEL_EXCHANGE_TYPE, durable=True)
                 channel.confirm_delivery()
             except BaseException:
                 connection.close()
@@ -150,6 +159,31 @@ class TaskPublisher:
                     # Unroutable/nacked (queue deleted under us) or a dead connection: reopen,
                     # which also re-declares the queue.
                     log.warning("publishing task %s failed (attempt %d): %r", uid, attempt, exc)
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self._drop()
+            return False
+
+    def publish_cancel(self, uid: str) -> bool:
+        """Tell every consumer at once that task `uid` was cancelled, so the one running it stops
+        its container now rather than at its next heartbeat (which stays the fallback). True
+        once the broker took it; False, never an exception, when it did not."""
+        properties = pika.BasicProperties(content_type="text/plain")
+        with self._lock:
+            for attempt in (1, 2):
+                channel = self._open_channel()
+                if channel is None:
+                    return False
+                try:
+                    # Not mandatory: with no consumer listening nobody runs the task anyway.
+                    channel.basic_publish(
+                        exchange=self.cancel_exchange,
+                        routing_key="",
+                        body=uid.encode("utf-8"),
+                        properties=properties,
+                    )
+                    return True
+                except BROKER_ERRORS as exc:
+                    log.warning("pushing the cancel of task %s failed (attempt %d): %r", uid, attempt, exc)
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     self._drop()
             return False

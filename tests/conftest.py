@@ -16,7 +16,7 @@ import pika
 import psycopg
 import pytest
 
-from inference_server.contract import TaskQueue
+from inference_server.contract import TaskQueue, cancel_exchange_name
 
 pytest_plugins = ["tests.platform_fixtures", "tests.container_runtimes"]
 
@@ -38,12 +38,14 @@ def rabbitmq_url() -> str:
 
 
 def _delete_queue(rabbitmq_url: str, name: str) -> None:
-    """The queue `name` and the per-class queues the platform derives from it (TaskQueue)."""
+    """The queue `name`, the per-class queues the platform derives from it (TaskQueue) and its
+    cancel exchange."""
     connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
     try:
         channel = connection.channel()
         for queue in (name, *(task_queue.queue_name(name) for task_queue in TaskQueue)):
             channel.queue_delete(queue)
+        channel.exchange_delete(cancel_exchange_name(name))
     finally:
         connection.close()
 

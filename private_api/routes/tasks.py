@@ -22,6 +22,7 @@ from inference_server.contract import (
     TaskSubmitFields,
 )
 from private_api import chains, model_registry, task_lifecycle, task_params, webhooks
+from private_api.cancel_push import push_cancel
 from private_api.db import QuickQueriesDep
 from private_api.deps import (
     ActorDep,
@@ -194,10 +195,16 @@ def get_task_logs(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDe
 
 
 @router.post(PrivateRoutes.TASK_CANCEL, response_model=TaskPublic)
-def cancel_task(uid: str, session: SessionDep, actor: ActorDep) -> TaskPublic:
-    return task_lifecycle.cancel_task(session=session, uid=uid, actor=actor)
+def cancel_task(uid: str, session: SessionDep, actor: ActorDep, publisher: PublisherDep) -> TaskPublic:
+    task = task_lifecycle.cancel_task(session=session, uid=uid, actor=actor)
+    push_cancel(publisher, task)
+    return task
 
 
 @router.delete(PrivateRoutes.TASK, response_model=TaskPublic)
-def delete_task(uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep) -> TaskPublic:
-    return task_lifecycle.delete_task(session=session, blobs=blobs, uid=uid, actor=actor)
+def delete_task(
+    uid: str, session: SessionDep, blobs: BlobsDep, actor: ActorDep, publisher: PublisherDep
+) -> TaskPublic:
+    task = task_lifecycle.delete_task(session=session, blobs=blobs, uid=uid, actor=actor)
+    push_cancel(publisher, task)
+    return task
