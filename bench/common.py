@@ -33,6 +33,7 @@ from inference_server.contract import (
     PrivateRoutes,
     PublicRoutes,
     TaskPublic,
+    TaskQueue,
     V12Code,
 )
 from inference_server.file_trees import remove_tree
@@ -360,7 +361,8 @@ class BenchPlatform:
     def wait_consumers(self, count: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            _, consumers = queue_consumer_count(self.ctx.rabbitmq_url, self.queue)
+            # Consumers listen on the per-class queues (TaskQueue); the bench's tasks are CPU tasks.
+            _, consumers = queue_consumer_count(self.ctx.rabbitmq_url, TaskQueue.CPU.queue_name(self.queue))
             if consumers >= count:
                 return
             for name, process in self.platform.processes.items():

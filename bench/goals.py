@@ -21,7 +21,7 @@ _COMPARE: dict[Comparison, Callable[[Any, Any], bool]] = {
     "==": operator.eq,
 }
 
-PHASES = ("dispatch", "throughput", "bigfiles", "polling", "queue")
+PHASES = ("dispatch", "throughput", "bigfiles", "polling", "queue", "push")
 # Parallel tasks the throughput phase measures; each level has a goal of its own.
 THROUGHPUT_LEVELS = (1, 2, 4)
 
@@ -79,6 +79,10 @@ GOALS: tuple[Goal, ...] = (
     Goal("poll_p99_ms", "Polling, 200 clients x 1 req/s: p99", "<", 50, "ms"),
     Goal("poll_errors", "Polling errors, both loads", "==", 0),
     Goal("queue_all_ran_once", "Queue: all later run exactly once", "==", True),
+    Goal("notify_latency_ms_p50", "Output stored to the waiting client knowing it: p50", "<=", 20, "ms"),
+    Goal("cancel_running_s_p50", "Cancel of a running task to its container's SIGTERM: p50", "<=", 2, "s"),
+    Goal("wait_1000_p99_ms", "1,000 clients waiting through `?wait=`: p99 notify latency", "<", 100, "ms"),
+    Goal("wait_1000_errors", "1,000 clients waiting through `?wait=`: errors", "==", 0),
 )
 GOALS_BY_KEY: dict[str, Goal] = {goal.key: goal for goal in GOALS}
 
@@ -138,6 +142,12 @@ def figures(details: dict[str, Any]) -> dict[str, Any]:
         "queue_all_ran_once": _get(details, "queue", "all_ran_once"),
         "queue_ran_once_sampled": _get(details, "queue", "sampled"),
         "queue_tasks_run": _get(details, "queue", "finished"),
+        "notify_latency_ms_p50": _get(details, "push", "notify_latency_ms_p50"),
+        "notify_latency_ms_p99": _get(details, "push", "notify_latency_ms_p99"),
+        "cancel_running_s_p50": _get(details, "push", "cancel_running_s_p50"),
+        "wait_1000_p99_ms": _get(details, "push", "wait_crowd", "p99_ms"),
+        "wait_1000_errors": _get(details, "push", "wait_crowd", "errors"),
+        "wait_crowd_clients": _get(details, "push", "wait_crowd", "clients"),
     }
 
 

@@ -34,6 +34,7 @@ from bench.common import (
 from bench.dispatch import run_dispatch, run_throughput
 from bench.goals import PHASES, headline, judge
 from bench.polling import run_polling
+from bench.push import run_push
 from bench.queue_depth import run_queue_depth
 from bench.report import TEMPLATE_PATH, markdown, plot
 from inference_server.file_trees import remove_tree
@@ -54,10 +55,14 @@ class Plan:
     poll_s: float
     queue_tasks: int
     queue_budget_s: float
+    # The push phase: notify-latency samples, and how many clients wait at once on how many tasks.
+    push_samples: int = 20
+    wait_clients: int = 1000
+    wait_tasks: int = 10
 
 
 FULL = Plan(30, 60, 3, 1024 * MIB, 3, 30.0, 5000, QUEUE_RUN_LIMIT_S)
-QUICK = Plan(5, 8, 1, 64 * MIB, 1, 5.0, 200, 45.0)
+QUICK = Plan(5, 8, 1, 64 * MIB, 1, 5.0, 200, 45.0, push_samples=5, wait_clients=200, wait_tasks=4)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -171,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             plan.queue_tasks,
             args.queue_budget_s if args.queue_budget_s is not None else plan.queue_budget_s,
         ),
+        "push": lambda: run_push(ctx, plan.push_samples, plan.wait_clients, plan.wait_tasks),
     }
     try:
         build_passthrough_image(ctx)

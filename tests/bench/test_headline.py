@@ -18,6 +18,12 @@ EVERY_GOAL_MET: dict[str, Any] = {
     "bigfiles": {"upload_mb_s": 130.0, "peak_rss_mb": {"public-api": 120.0}},
     "polling": {"paced": {"p99_ms": 30.0, "errors": 0}, "saturation": {"errors": 0}},
     "queue": {"all_ran_once": True},
+    "push": {
+        "notify_latency_ms_p50": 12.0,
+        "notify_latency_ms_p99": 40.0,
+        "cancel_running_s_p50": 0.8,
+        "wait_crowd": {"clients": 1000, "p99_ms": 60.0, "errors": 0},
+    },
 }
 
 
@@ -42,6 +48,10 @@ def test_a_run_that_meets_every_goal_has_none_missed_or_unmeasured() -> None:
         "poll_p99_ms",
         "poll_errors",
         "queue_all_ran_once",
+        "notify_latency_ms_p50",
+        "cancel_running_s_p50",
+        "wait_1000_p99_ms",
+        "wait_1000_errors",
     }
 
 
@@ -69,6 +79,10 @@ def test_no_figures_at_all_leaves_every_fixed_goal_unmeasured_and_none_missed() 
             "poll_p99_ms",
             "poll_errors",
             "queue_all_ran_once",
+            "notify_latency_ms_p50",
+            "cancel_running_s_p50",
+            "wait_1000_p99_ms",
+            "wait_1000_errors",
         ]
     )
     assert result["peak_rss_mb"] == {}
