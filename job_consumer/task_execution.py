@@ -186,10 +186,10 @@ class TaskExecutor:
         if task.stop_reason is not None:
             self._finish_stopped(task, task.stop_reason)
             return
-        # Reserved before the download, so that a container created for this task is created
-        # while the input downloads.
         params = task.claim.task.params
         params_file = workspace.write_params(params) if params is not None else None
+        # Reserved before the download, so that a container created for this task is created
+        # while the input downloads.
         reservation = self._reserve_container(task, workspace, params_file, image)
         prepared: PreparedContainer | None = None
         try:
