@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 UPSTREAM_WAIT_S = 25.0
 REISSUE_AFTER_S = 0.005
 RETRY_AFTER_S = 0.5
+# How long a caller's successful read of a task lets its next long polls of it skip that read:
+# a crowd of clients polling again after each change costs the private API nothing but the wait.
+READABLE_FOR_S = 10.0
+PRUNE_ABOVE = 4096
 # An idle event stream sends a comment this often, so proxies and clients keep it open.
 KEEPALIVE_S = 15.0
 KEEPALIVE = b": keep-alive\n\n"
@@ -79,6 +84,9 @@ class TaskWatch:
         )
         self._waiters: dict[str, set[_Waiter]] = {}
         self._registered = asyncio.Event()
+        # (uid, caller) -> until when the caller's read of the task counts; uid -> its latest state.
+        self._readable: dict[tuple[str, str], float] = {}
+        self._latest: dict[str, TaskPublic] = {}
         self._runner = asyncio.create_task(self._run(), name="task-watch")
         self.requests = 0  # upstream requests made (tests: a crowd costs a few, not one each)
 
@@ -87,6 +95,27 @@ class TaskWatch:
         with contextlib.suppress(asyncio.CancelledError):
             await self._runner
         await self._session.close()
+
+    @staticmethod
+    def _caller_key(caller: Principal | None) -> str:
+        return "" if caller is None else f"{caller.role.value}:{caller.name}"
+
+    def remember(self, uid: str, caller: Principal | None, task: TaskPublic) -> None:
+        """`caller` just read `task` (so may see it): its long polls skip the read for a while."""
+        if len(self._readable) > PRUNE_ABOVE:
+            now = time.monotonic()
+            self._readable = {key: until for key, until in self._readable.items() if until > now}
+            kept = {uid for uid, _ in self._readable}
+            self._latest = {uid: task for uid, task in self._latest.items() if uid in kept}
+        self._readable[(uid, self._caller_key(caller))] = time.monotonic() + READABLE_FOR_S
+        self._latest[uid] = task
+
+    def known(self, uid: str, caller: Principal | None) -> TaskPublic | None:
+        """The task's latest state this watch knows, if `caller` read it a moment ago."""
+        until = self._readable.get((uid, self._caller_key(caller)))
+        if until is None or until < time.monotonic():
+            return None
+        return self._latest.get(uid)
 
     @property
     def waiting(self) -> int:
@@ -177,6 +206,8 @@ class TaskWatch:
 
     def _deliver(self, answer: TaskWaitAnswer) -> None:
         for task in answer.changed:
+            if task.uid in self._latest:
+                self._latest[task.uid] = task
             now = task_state(task)
             for waiter in list(self._waiters.get(task.uid, ())):
                 if waiter.state != now and not waiter.answer.done():
@@ -202,10 +233,16 @@ async def status_after_change(
     """The task's status JSON as soon as its state differs from what the caller saw (`seen`, a
     status; else the state now), or after `wait_s` as it is then. Unknown or not the caller's:
     the same error as the plain status read."""
-    body = await service.task_status_json(api, uid, caller=caller)
-    task = TaskPublic.model_validate_json(body)
-    if seen is not None and task.status != seen:
-        return body
+    task = watch.known(uid, caller)
+    if task is None or (seen is not None and task.status != seen):
+        # The read checks that the caller may see the task; `known` skips it for a while after.
+        body = await service.task_status_json(api, uid, caller=caller)
+        task = TaskPublic.model_validate_json(body)
+        watch.remember(uid, caller, task)
+        if seen is not None and task.status != seen:
+            return body
+    # A state remembered from an earlier answer may be out of date: the private API compares
+    # it with the task as it is, and answers at once if they differ.
     with contextlib.suppress(TaskGone):  # the read below answers for it
         changed = await watch.changed(uid, task_state(task), wait_s)
         if changed is not None:
