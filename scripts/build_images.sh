@@ -4,6 +4,9 @@
 # and, only for the official images that can be neither found locally nor pulled, stand-ins
 # made from the local Debian base image (docker-images/README.md):
 #   inference-server/standin-rabbitmq, -postgres, -traefik (and -prometheus with IS_MONITORING=1)
+# and always the stack's lab registry, inference-server/standin-registry (Debian's docker-registry);
+# `dind` builds only inference-server/dind, the Docker engine in a container that the multi-node
+# swarm tests run as worker nodes (tests/multinode/).
 # It writes build/images.env with the image each compose variable should name, e.g.
 #   docker compose --env-file .env --env-file build/images.env up -d
 #
@@ -14,7 +17,7 @@
 #
 # Environment: IS_BASE_IMAGE (inference-server/base:bookworm), IS_APP_IMAGE
 # (inference-server/app:latest), IS_STANDINS=auto|always|never (auto), IS_VENV (.venv).
-# Usage: build_images.sh [app|standins|all]   (default all)
+# Usage: build_images.sh [app|standins|all|dind]   (default all)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,7 +41,7 @@ REAL_PROMETHEUS="prom/prometheus:v2.53.0"
 say() { echo "[build-images] $*" >&2; }
 die() { echo "[build-images] ERROR: $*" >&2; exit 1; }
 
-case "$WHAT" in app | standins | all) ;; *) die "usage: $0 [app|standins|all]" ;; esac
+case "$WHAT" in app | standins | all | dind) ;; *) die "usage: $0 [app|standins|all|dind]" ;; esac
 docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 \
     || die "base image $BASE_IMAGE is missing (scripts/setup.sh builds it)"
 mkdir -p "$BUILD_DIR"
@@ -106,6 +109,11 @@ pick() {  # pick VARIABLE REAL_IMAGE STANDIN_IMAGE STANDIN_CONTEXT
     echo "$variable=$standin" >>"$IMAGES_ENV.partial"
 }
 
+if [ "$WHAT" = dind ]; then
+    build "${IS_DIND_IMAGE:-inference-server/dind:latest}" "$ROOT/docker-images/dind"
+    exit 0
+fi
+
 if [ "$WHAT" != standins ]; then
     build_wheels
     build "$APP_IMAGE" "$ROOT" -f "$ROOT/Dockerfile"
@@ -137,6 +145,10 @@ if [ "$WHAT" != app ]; then
         pick PROMETHEUS_IMAGE "$REAL_PROMETHEUS" inference-server/standin-prometheus:latest \
             "$ROOT/docker-images/prometheus"
     fi
+    # The stack's registry: the stand-in's entrypoint turns REGISTRY_USER and the password secret
+    # into its login, which registry:2 does not, so it is built whether or not that can be pulled.
+    build inference-server/standin-registry:latest "$ROOT/docker-images/registry"
+    echo "REGISTRY_IMAGE=inference-server/standin-registry:latest" >>"$IMAGES_ENV.partial"
     mv "$IMAGES_ENV.partial" "$IMAGES_ENV"
     say "image choices written to $IMAGES_ENV"
 fi

@@ -77,6 +77,7 @@ def deployment_images(docker_client: docker.DockerClient, base_image: str) -> di
         "POSTGRES_IMAGE",
         "TRAEFIK_IMAGE",
         "PROMETHEUS_IMAGE",
+        "REGISTRY_IMAGE",
     }
     for image in images.values():
         docker_client.images.get(image)
@@ -100,6 +101,9 @@ def deployment_settings(tmp_path: Path, deployment_images: dict[str, str]) -> di
     make_cert("inference.test", cert_dir)
     work_dir = tmp_path / "work"
     work_dir.mkdir()
+    # The stack's registry secret (docker-stack.yaml `registry`).
+    registry_password_file = tmp_path / "registry_password"
+    registry_password_file.write_text(secrets.token_urlsafe(24))
     return {
         **deployment_images,
         "IS_SERVICE_TOKEN": secrets.token_urlsafe(32),
@@ -120,6 +124,9 @@ def deployment_settings(tmp_path: Path, deployment_images: dict[str, str]) -> di
         "IS_METRICS_TOKEN": secrets.token_urlsafe(24),
         "IS_PROMETHEUS_PORT": str(free_port()),
         "IS_GRAFANA_PORT": str(free_port()),
+        # The stack's registry listens on the manager's own network: a free port, not 5000.
+        "IS_REGISTRY_PORT": str(free_port()),
+        "IS_REGISTRY_SECRET_FILE": str(registry_password_file),
         "GRAFANA_ADMIN_PASSWORD": secrets.token_urlsafe(24),
         # Dependants start only after a healthy probe: probe often so the test does not idle.
         "IS_HEALTHCHECK_INTERVAL": "2s",
