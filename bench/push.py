@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ SIGTERM_SCRIPT = (
 )
 SIGTERM_LINE = re.compile(r"SIGTERM at (\d+\.\d+)")
 LONG_POLL_S = 30
+# What the errors were (this process's runs): a count per HTTP status and body start, or exception.
+ERROR_KINDS: Counter[str] = Counter()
 
 
 def _build_sigterm_image(base_image: str) -> None:
@@ -104,10 +107,12 @@ async def _wait_to_end(
                 known_at = time.time()
                 if r.status != 200:
                     errors += 1
+                    ERROR_KINDS[f"HTTP {r.status}: {body[:120]!r}"] += 1
                     await asyncio.sleep(0.5)
                     continue
-        except (aiohttp.ClientError, TimeoutError):
+        except (aiohttp.ClientError, TimeoutError) as exc:
             errors += 1
+            ERROR_KINDS[type(exc).__name__] += 1
             await asyncio.sleep(0.5)
             continue
         task = TaskPublic.model_validate_json(body)
@@ -204,6 +209,7 @@ def run_push(ctx: BenchContext, samples: int, crowd: int, crowd_tasks: int) -> d
             "latency_ms": summary(latencies) if latencies else None,
             "p99_ms": percentile(latencies, 99) if latencies else None,
             "errors": errors + unfinished,
+            "error_kinds": dict(ERROR_KINDS.most_common(5)),
         }
         peaks = bench.rss_mb()
         details["peak_rss_mb"] = {

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 import aiohttp
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # How long one request to the private API waits at most; clients wait longer across several.
 UPSTREAM_WAIT_S = 25.0
-REISSUE_AFTER_S = 0.005
+REISSUE_AFTER_S = 0.02
 RETRY_AFTER_S = 0.5
 # How long a caller's successful read of a task lets its next long polls of it skip that read:
 # a crowd of clients polling again after each change costs the private API nothing but the wait.
@@ -87,6 +87,7 @@ class TaskWatch:
         # (uid, caller) -> until when the caller's read of the task counts; uid -> its latest state.
         self._readable: dict[tuple[str, str], float] = {}
         self._latest: dict[str, TaskPublic] = {}
+        self._reads: dict[tuple[str, str], asyncio.Future[bytes]] = {}
         self._runner = asyncio.create_task(self._run(), name="task-watch")
         self.requests = 0  # upstream requests made (tests: a crowd costs a few, not one each)
 
@@ -109,6 +110,19 @@ class TaskWatch:
             self._latest = {uid: task for uid, task in self._latest.items() if uid in kept}
         self._readable[(uid, self._caller_key(caller))] = time.monotonic() + READABLE_FOR_S
         self._latest[uid] = task
+
+    async def read_once(
+        self, uid: str, caller: Principal | None, read: Callable[[], Awaitable[bytes]]
+    ) -> bytes:
+        """`read()`, shared by every request of the same caller for the same task made while it
+        runs: a crowd polling one task at once costs the private API one read, not one each."""
+        key = (uid, self._caller_key(caller))
+        flight = self._reads.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(read())
+            self._reads[key] = flight
+            flight.add_done_callback(lambda _done: self._reads.pop(key, None))
+        return await asyncio.shield(flight)
 
     def known(self, uid: str, caller: Principal | None) -> TaskPublic | None:
         """The task's latest state this watch knows, if `caller` read it a moment ago."""
@@ -236,7 +250,7 @@ async def status_after_change(
     task = watch.known(uid, caller)
     if task is None or (seen is not None and task.status != seen):
         # The read checks that the caller may see the task; `known` skips it for a while after.
-        body = await service.task_status_json(api, uid, caller=caller)
+        body = await watch.read_once(uid, caller, lambda: service.task_status_json(api, uid, caller=caller))
         task = TaskPublic.model_validate_json(body)
         watch.remember(uid, caller, task)
         if seen is not None and task.status != seen:
@@ -246,8 +260,10 @@ async def status_after_change(
     with contextlib.suppress(TaskGone):  # the read below answers for it
         changed = await watch.changed(uid, task_state(task), wait_s)
         if changed is not None:
+            # Who may see a task never changes; the caller's key is checked on every request.
+            watch.remember(uid, caller, changed)
             return changed.model_dump_json().encode()
-    return await service.task_status_json(api, uid, caller=caller)
+    return await watch.read_once(uid, caller, lambda: service.task_status_json(api, uid, caller=caller))
 
 
 def server_sent_event(task: TaskPublic) -> bytes:
