@@ -479,7 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--timeout", type=_positive_float, metavar="S", help="with --wait: give up after S s")
     submit.add_argument(
-        "--poll-interval", type=_positive_float, default=2.0, metavar="S", help="with --wait (default 2)"
+        "--poll-interval",
+        type=_positive_float,
+        default=2.0,
+        metavar="S",
+        help="with --wait, on servers without long polls (?wait=): seconds between polls (default 2)",
     )
     submit.set_defaults(handler=_submit)
 
