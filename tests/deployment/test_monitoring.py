@@ -127,7 +127,8 @@ def test_compose_monitoring_profiles_are_wired_as_designed(
     config = _render(compose, env_file, "monitoring", "grafana")
     services = config["services"]
     grafana, prometheus = services["grafana"], services["prometheus"]
-    # Only Traefik is open to all; the monitoring UIs listen on IS_MONITORING_BIND_ADDRESS (loopback unless set).
+    # Only Traefik is open to all; the monitoring UIs listen on IS_MONITORING_BIND_ADDRESS
+    # (loopback unless set).
     published = {
         name: {(port["host_ip"], port["published"]) for port in service["ports"]}
         for name, service in services.items()
