@@ -12,7 +12,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from inference_server.contract import PrivateRoutes, TaskPublic, TaskStatus
+from inference_server.contract import FailureCategory, PrivateRoutes, TaskPublic, TaskStatus
 from job_consumer.consumer import Consumer, ConsumerConfigError
 from job_consumer.container_runtime import ContainerRuntime
 from job_consumer.runner import LABEL_CONSUMER, LABEL_MANAGED, LABEL_TASK, TASK_CONTAINER_PREFIX
@@ -215,7 +215,9 @@ def test_missing_image_fails_that_task_and_the_consumer_goes_on(private_api, mak
     failed = private_api.task(broken.uid)
     assert failed.status == TaskStatus.FAILED
     assert "inference-server/not-built-anywhere:1" in failed.error
-    assert "not present" in failed.error
+    assert "is not on this engine" in failed.error
+    assert failed.failure == FailureCategory.IMAGE_MISSING
+    assert failed.attempts == 1  # a missing image is not retried
     assert failed.run_started_at is None and failed.run_finished_at is None  # no container ran
     assert private_api.task(good.uid).status == TaskStatus.FINISHED
 
