@@ -101,6 +101,14 @@ def finished(private_api: PrivateApiServer, uid: str) -> bool:
     return task.status == TaskStatus.FINISHED
 
 
+def gone(engine: docker.DockerClient, container_id: str) -> bool:
+    try:
+        engine.containers.get(container_id)
+    except docker.errors.NotFound:
+        return True
+    return False
+
+
 def slot_folders(consumer: Consumer) -> list[Path]:
     return sorted(consumer.settings.resolved_work_dir.glob(f"{SLOT_PREFIX}*"))
 
@@ -132,8 +140,8 @@ def test_the_next_task_starts_the_container_prepared_before_it_came_and_a_fresh_
     assert started == [ready.id]
     assert created_at(ready) < private_api.task(second.uid).created_at
     assert consumer.prepared.used_ready == 1
-    with pytest.raises(docker.errors.NotFound):
-        engine.containers.get(ready.id)  # used once, removed
+    # Used once, then removed (in the background, after the answer).
+    wait_until(lambda: gone(engine, ready.id), 30, "the used container removed")
 
     [fresh] = wait_until(lambda: prepared_of(engine, consumer_id), 30, "a fresh container prepared")
     assert fresh.id != ready.id
@@ -170,10 +178,12 @@ def test_a_retagged_image_drops_the_prepared_container_and_the_task_runs_the_new
 
     assert private_api.output(second.uid) == {"generation.txt": b"generation 2\n"}
     assert old.id not in started
-    with pytest.raises(docker.errors.NotFound):
-        engine.containers.get(old.id)
-    [fresh] = wait_until(lambda: prepared_of(engine, consumer.settings.consumer_id), 30, "a new one prepared")
-    assert fresh.image.id == second_image
+    wait_until(lambda: gone(engine, old.id), 30, "the old prepared container removed")
+    wait_until(
+        lambda: [c.image.id for c in prepared_of(engine, consumer.settings.consumer_id)] == [second_image],
+        30,
+        "one container prepared from the new image",
+    )
     consumer.request_stop()
     assert worker.join(30) == 2
     assert prepared_of(engine, consumer.settings.consumer_id) == []
@@ -201,8 +211,7 @@ def test_a_changed_model_gets_a_new_prepared_container_and_an_idle_one_goes(
         return [c for c in now if c.id != old.id and c.attrs["HostConfig"]["Memory"] == 300 * 1024 * 1024]
 
     assert len(wait_until(replaced, 30, "a container prepared with the model's new memory limit")) == 1
-    with pytest.raises(docker.errors.NotFound):
-        engine.containers.get(old.id)
+    wait_until(lambda: gone(engine, old.id), 30, "the old prepared container removed")
     # Unused past IS_PREPARED_IDLE_S: removed, and not prepared again for a model not run since.
     wait_until(lambda: prepared_of(engine, consumer_id) == [], 30, "the idle container removed")
     wait_until(lambda: slot_folders(consumer) == [], 10, "its slot folder removed")
