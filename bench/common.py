@@ -457,6 +457,9 @@ def _cli_args(options: dict[str, Any]) -> list[str]:
     for host, spec in options.get("volumes", {}).items():
         args += ["-v", f"{host}:{spec['bind']}:{spec['mode']}"]
     handled.add("volumes")
+    for key, value in options.get("environment", {}).items():
+        args += ["--env", f"{key}={value}"]
+    handled.add("environment")
     for cap in options.get("cap_drop", []):
         args += ["--cap-drop", cap]
     handled.add("cap_drop")
@@ -606,24 +609,63 @@ def free_disk_gib(path: Path) -> float:
     return shutil.disk_usage(path).free / 1024**3
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the ")" of the command name (which may hold spaces): field 3 onwards."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def process_cpu_s(pid: int) -> float | None:
     """utime + stime of a process in seconds (from /proc/<pid>/stat)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = _stat_fields(pid)
+    if fields is None:
         return None
     # After the ")" of the command name: state is field 3, utime 14 and stime 15 (1-based).
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live children of a process, of all its threads (/proc/<pid>/task/<tid>/children)."""
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                children += [int(child) for child in (task / "children").read_text().split()]
+    return children
+
+
+def process_tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) of a process and every descendant: the live ones' own, and
+    cutime + cstime, the children each has already waited for (a child that exits between two
+    readings is counted there, the kernel adds its time to its parent's on reaping)."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    # utime, stime, cutime, cstime: fields 14 to 17 (1-based), 11 to 14 here.
+    ticks = sum(int(value) for value in fields[11:15])
+    total = ticks / os.sysconf("SC_CLK_TCK")
+    for child in child_pids(pid):
+        total += process_tree_cpu_s(child) or 0.0
+    return total
+
+
 def platform_cpu_s(bench_platform: BenchPlatform) -> dict[str, float]:
+    """CPU seconds so far of each service process LocalPlatform started, its children included."""
     usage = {}
     for name, process in bench_platform.platform.processes.items():
         if process.running:
-            value = process_cpu_s(process.pid)
+            value = process_tree_cpu_s(process.pid)
             if value is not None:
                 usage[name] = value
     return usage
+
+
+def services_cpu_delta_s(before: dict[str, float], after: dict[str, float]) -> float:
+    """CPU the services spent between two platform_cpu_s readings; a service started in between
+    (a consumer added) counts from zero, its start-up included."""
+    return sum(value - before.get(name, 0.0) for name, value in after.items())
 
 
 def machine_busy_cpu_s() -> float | None:

@@ -24,6 +24,7 @@ from bench.common import (
     container_run_s,
     machine_busy_cpu_s,
     platform_cpu_s,
+    services_cpu_delta_s,
     submit_small,
     summary,
     try_download_v12,
@@ -170,7 +171,7 @@ def run_dispatch(ctx: BenchContext, reps: int, poll_interval_s: float = POLL_INT
 # --- throughput ---------------------------------------------------------------------------------
 
 
-def _platform_batch(client: httpx.Client, input_zip: Path, tasks: int, out_dir: Path) -> float:
+def platform_batch(client: httpx.Client, input_zip: Path, tasks: int, out_dir: Path) -> float:
     """Submit `tasks` at once, collect every output; returns the wall time of the whole batch."""
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -197,6 +198,9 @@ def run_throughput(ctx: BenchContext, tasks: int, reps: int) -> dict[str, Any]:
     phase_dir = ctx.work_dir / "throughput"
     input_zip = write_small_zip(phase_dir / "input.zip", size=1024)
     levels: dict[str, Any] = {}
+    # The services' CPU over every platform batch of the phase, and the tasks those batches ran.
+    services_cpu_total_s = 0.0
+    platform_tasks_total = 0
     with BenchPlatform(ctx, "throughput", consumers=1) as bench_platform:
         raw = RawRunner(bench_platform.model(), phase_dir / "raw")
         try:
@@ -221,22 +225,18 @@ def run_throughput(ctx: BenchContext, tasks: int, reps: int) -> dict[str, Any]:
                             if side == "raw":
                                 measured[side] = tasks / _raw_batch(raw, input_zip, tasks, level)
                             else:
-                                wall = _platform_batch(client, input_zip, tasks, phase_dir / "out")
+                                wall = platform_batch(client, input_zip, tasks, phase_dir / "out")
                                 measured[side] = tasks / wall
                             busy_after = machine_busy_cpu_s()
                             if busy_before is not None and busy_after is not None:
                                 cpu_ms_per_task[side].append((busy_after - busy_before) / tasks * 1000)
                             if side == "platform":
-                                services_after = platform_cpu_s(bench_platform)
-                                services_ms_per_task.append(
-                                    sum(
-                                        services_after[name] - services_before[name]
-                                        for name in services_after
-                                        if name in services_before
-                                    )
-                                    / tasks
-                                    * 1000
+                                services_spent_s = services_cpu_delta_s(
+                                    services_before, platform_cpu_s(bench_platform)
                                 )
+                                services_ms_per_task.append(services_spent_s / tasks * 1000)
+                                services_cpu_total_s += services_spent_s
+                                platform_tasks_total += tasks
                         raw_tps.append(measured["raw"])
                         platform_tps.append(measured["platform"])
                         ratios.append(measured["platform"] / measured["raw"])
@@ -265,4 +265,11 @@ def run_throughput(ctx: BenchContext, tasks: int, reps: int) -> dict[str, Any]:
         finally:
             raw.close()
         rss = bench_platform.rss_mb()
-    return {"levels": levels, "peak_rss_mb": rss}
+    return {
+        "levels": levels,
+        # Private API, public API and consumers (children included), all levels together.
+        "services_cpu_ms_per_task": (
+            services_cpu_total_s / platform_tasks_total * 1000 if platform_tasks_total else None
+        ),
+        "peak_rss_mb": rss,
+    }

@@ -120,6 +120,16 @@ def figures_table(results: dict[str, Any]) -> str:
                 f"{_fmt(cpu['platform'], 0)} vs {_fmt(cpu['raw'], 0)} "
                 f"(platform services: {_fmt(data.get('platform_services_cpu_ms_per_task'), 0)})",
             )
+    table.goal(goal("services_cpu_ms_per_task"), _fmt(results.get("services_cpu_ms_per_task"), 0))
+    table.info(
+        "Real model (brain-mask, 128^3 NIfTI): platform / raw `docker run --rm`, medians",
+        (
+            f"{_fmt(results.get('real_model_ratio'), 2)} ({_fmt(results.get('real_model_platform_s'), 2)} "
+            f"vs {_fmt(results.get('real_model_raw_s'), 2)} s)"
+            if results.get("real_model_ratio") is not None
+            else "n/a"
+        ),
+    )
     big = d.get("bigfiles") or {}
     size = _file_size(big) if big else None
     table.goal(goal("upload_mb_s"), _fmt(results.get("upload_mb_s")), file=size or "a big file")

@@ -36,6 +36,7 @@ from bench.goals import PHASES, headline, judge
 from bench.polling import run_polling
 from bench.push import run_push
 from bench.queue_depth import run_queue_depth
+from bench.real_model import run_real_model
 from bench.report import TEMPLATE_PATH, markdown, plot
 from inference_server.file_trees import remove_tree
 
@@ -59,10 +60,14 @@ class Plan:
     push_samples: int = 20
     wait_clients: int = 1000
     wait_tasks: int = 10
+    # The real model (brain-mask, 128^3) against the same container run bare, interleaved pairs.
+    real_model_reps: int = 5
 
 
 FULL = Plan(30, 60, 3, 1024 * MIB, 3, 30.0, 5000, QUEUE_RUN_LIMIT_S)
-QUICK = Plan(5, 8, 1, 64 * MIB, 1, 5.0, 200, 45.0, push_samples=5, wait_clients=200, wait_tasks=4)
+QUICK = Plan(
+    5, 8, 1, 64 * MIB, 1, 5.0, 200, 45.0, push_samples=5, wait_clients=200, wait_tasks=4, real_model_reps=3
+)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -177,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             args.queue_budget_s if args.queue_budget_s is not None else plan.queue_budget_s,
         ),
         "push": lambda: run_push(ctx, plan.push_samples, plan.wait_clients, plan.wait_tasks),
+        "real_model": lambda: run_real_model(ctx, plan.real_model_reps),
     }
     try:
         build_passthrough_image(ctx)

@@ -14,7 +14,10 @@ EVERY_GOAL_MET: dict[str, Any] = {
         "overhead_ms_median_vs_cli": 90.0,
         "peak_rss_mb": {"public-api": 80.0, "private-api": 100.0},
     },
-    "throughput": {"levels": {level: {"ratio": 0.95} for level in ("1", "2", "4")}},
+    "throughput": {
+        "levels": {level: {"ratio": 0.95} for level in ("1", "2", "4")},
+        "services_cpu_ms_per_task": 40.0,
+    },
     "bigfiles": {"upload_mb_s": 130.0, "peak_rss_mb": {"public-api": 120.0}},
     "polling": {"paced": {"p99_ms": 30.0, "errors": 0}, "saturation": {"errors": 0}},
     "queue": {"all_ran_once": True},
@@ -48,6 +51,7 @@ def test_a_run_that_meets_every_goal_has_none_missed_or_unmeasured() -> None:
         "poll_p99_ms",
         "poll_errors",
         "queue_all_ran_once",
+        "services_cpu_ms_per_task",
         "notify_latency_ms_p50",
         "cancel_running_s_p50",
         "wait_1000_p99_ms",
@@ -79,6 +83,7 @@ def test_no_figures_at_all_leaves_every_fixed_goal_unmeasured_and_none_missed() 
             "poll_p99_ms",
             "poll_errors",
             "queue_all_ran_once",
+            "services_cpu_ms_per_task",
             "notify_latency_ms_p50",
             "cancel_running_s_p50",
             "wait_1000_p99_ms",
@@ -98,7 +103,7 @@ def test_a_phase_that_did_not_run_leaves_only_its_goals_unmeasured() -> None:
 
 def test_a_missing_throughput_level_is_unmeasured_and_an_extra_one_is_not_judged() -> None:
     levels = {"1": {"ratio": 0.95}, "4": {"ratio": 0.5}, "8": {"ratio": 0.1}}
-    result = headline(with_changes(throughput={"levels": levels}))
+    result = headline(with_changes(throughput={"levels": levels, "services_cpu_ms_per_task": 40.0}))
     assert result["goals_not_measured"] == ["throughput_ratio_2"]
     assert result["goals_missed"] == ["throughput_ratio_4"]
     assert "throughput_ratio_8" not in result["goals"]
@@ -116,6 +121,8 @@ def test_a_missing_throughput_level_is_unmeasured_and_an_extra_one_is_not_judged
         ("polling", {"paced": {"p99_ms": 49.9, "errors": 0}}, "poll_p99_ms", True),
         ("polling", {"paced": {"p99_ms": 50.0, "errors": 0}}, "poll_p99_ms", False),
         ("queue", {"all_ran_once": False}, "queue_all_ran_once", False),
+        ("throughput", {"services_cpu_ms_per_task": 50.0}, "services_cpu_ms_per_task", True),
+        ("throughput", {"services_cpu_ms_per_task": 50.1}, "services_cpu_ms_per_task", False),
     ],
 )
 def test_each_goal_is_judged_at_its_boundary(
