@@ -12,7 +12,6 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -172,21 +171,14 @@ def publish_waiting(
 
 
 def free_turn_after_claim(
-    *, session: Session, publisher: TaskPublisher, policy: SchedulingPolicy, uid: str
+    *, session: Session, publisher: TaskPublisher, policy: SchedulingPolicy, uid: str, lane: Lane
 ) -> int:
-    """A claimed task left the broker, so its owner has a turn free in its lane: publish the
-    owner's next held task now rather than at the outbox's next round. Never raises for broker
-    or database trouble (the outbox catches up)."""
+    """A claimed task (`uid`, of `lane`, known from the claim: no query for it) left the broker,
+    so its owner has a turn free in its lane: publish the owner's next held task now rather than
+    at the outbox's next round. Never raises for broker or database trouble (the outbox catches up)."""
     if not policy.fair_share_queued_per_owner:
         return 0  # nothing is held for fair share
     try:
-        row = session.execute(
-            select(Task.owner, Model.use_gpu).join(Model, Task.model_id == Model.id).where(Task.uid == uid)
-        ).first()
-        session.rollback()
-        if row is None:
-            return 0
-        lane = Lane(owner=row.owner, gpu=bool(row.use_gpu))
         return publish_waiting(session=session, publisher=publisher, policy=policy, lane=lane)
     except SQLAlchemyError:
         session.rollback()

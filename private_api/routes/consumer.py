@@ -55,7 +55,13 @@ def claim_task(
         leases_enforced=request.app.state.maintenance.leases_enforced,
     )
     # After the claim's commit: the owner's next held task takes the turn it freed.
-    outbox.free_turn_after_claim(session=session, publisher=publisher, policy=policy, uid=uid)
+    outbox.free_turn_after_claim(
+        session=session,
+        publisher=publisher,
+        policy=policy,
+        uid=uid,
+        lane=outbox.Lane(owner=claim.task.owner, gpu=claim.model.use_gpu),
+    )
     return claim
 
 
