@@ -200,6 +200,8 @@ def run_throughput(ctx: BenchContext, tasks: int, reps: int) -> dict[str, Any]:
     levels: dict[str, Any] = {}
     # The services' CPU over every platform batch of the phase, and the tasks those batches ran.
     services_cpu_total_s = 0.0
+    # The same by kind of service (the consumers together): where to look first.
+    services_cpu_by_kind_s: dict[str, float] = {}
     platform_tasks_total = 0
     with BenchPlatform(ctx, "throughput", consumers=1) as bench_platform:
         raw = RawRunner(bench_platform.model(), phase_dir / "raw")
@@ -231,9 +233,15 @@ def run_throughput(ctx: BenchContext, tasks: int, reps: int) -> dict[str, Any]:
                             if busy_before is not None and busy_after is not None:
                                 cpu_ms_per_task[side].append((busy_after - busy_before) / tasks * 1000)
                             if side == "platform":
-                                services_spent_s = services_cpu_delta_s(
-                                    services_before, platform_cpu_s(bench_platform)
-                                )
+                                services_after = platform_cpu_s(bench_platform)
+                                services_spent_s = services_cpu_delta_s(services_before, services_after)
+                                for name, value in services_after.items():
+                                    kind = "consumers" if name.startswith("consumer-") else name
+                                    services_cpu_by_kind_s[kind] = (
+                                        services_cpu_by_kind_s.get(kind, 0.0)
+                                        + value
+                                        - services_before.get(name, 0.0)
+                                    )
                                 services_ms_per_task.append(services_spent_s / tasks * 1000)
                                 services_cpu_total_s += services_spent_s
                                 platform_tasks_total += tasks
@@ -271,5 +279,10 @@ def run_throughput(ctx: BenchContext, tasks: int, reps: int) -> dict[str, Any]:
         "services_cpu_ms_per_task": (
             services_cpu_total_s / platform_tasks_total * 1000 if platform_tasks_total else None
         ),
+        "services_cpu_ms_per_task_by_kind": {
+            kind: spent / platform_tasks_total * 1000
+            for kind, spent in sorted(services_cpu_by_kind_s.items())
+            if platform_tasks_total
+        },
         "peak_rss_mb": rss,
     }

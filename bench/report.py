@@ -204,6 +204,11 @@ def _throughput_cpu(levels: dict[str, Any]) -> str:
     return "; ".join(parts) or "n/a"
 
 
+def _services_cpu_by_kind(throughput: dict[str, Any]) -> str:
+    by_kind = throughput.get("services_cpu_ms_per_task_by_kind") or {}
+    return ", ".join(f"{kind} {_fmt(value, 0)} ms" for kind, value in by_kind.items()) or "n/a"
+
+
 def _phase_errors(errors: dict[str, str]) -> str:
     if not errors:
         return ""
@@ -260,6 +265,7 @@ def figure_texts(results: dict[str, Any]) -> dict[str, str]:
         "dispatch_stored_to_downloaded_ms": breakdown_ms("output_stored_until_downloaded"),
         "batch_poll_ms": _fmt(BATCH_POLL_INTERVAL_S * 1000, 0),
         "throughput_cpu_per_task": _throughput_cpu((d.get("throughput") or {}).get("levels") or {}),
+        "services_cpu_by_kind": _services_cpu_by_kind(d.get("throughput") or {}),
         "upload_direct_mb_s": _fmt(big.get("upload_direct_to_private_api_mb_s")),
         "disk_mb_s": _fmt(big.get("disk_read_sha256_write_mb_s")),
         "poll_p99_runs": ", ".join(_fmt(run.get("p99_ms")) for run in paced.get("runs") or []) or "n/a",
