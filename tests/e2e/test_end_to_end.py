@@ -305,4 +305,5 @@ def test_a_model_whose_image_is_missing_fails_as_image_missing(platform_factory,
     assert poll_until_done(platform.public_url, uid).status_code == 552
     failed = status_of(platform.public_url, uid)
     assert (failed["status"], failed["failure"]) == ("failed", "image_missing")
-    assert "is not present" in failed["error"]
+    assert "is not on this engine" in failed["error"]
+    assert failed["attempts"] == 1  # not retried: another try would not find it either
