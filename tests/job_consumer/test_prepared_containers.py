@@ -106,6 +106,12 @@ def gone(engine: docker.DockerClient, container_id: str) -> bool:
         engine.containers.get(container_id)
     except docker.errors.NotFound:
         return True
+    except docker.errors.APIError as exc:
+        # Podman's Docker-compatible API answers a container removed during the lookup with a 500
+        # "no such container" rather than a 404.
+        if "no such container" in str(exc.explanation):
+            return True
+        raise
     return False
 
 
