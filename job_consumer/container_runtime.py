@@ -272,7 +272,9 @@ class PodmanRuntime(ContainerRuntime):
         url = f"unix://{socket_path}"
         log.info("starting the Podman service on %s", url)
         # --time=0: it serves until stopped, however long the consumer waits between tasks.
-        # Its messages go to a file, not a pipe nobody reads (a full pipe would stall it).
+        # Its messages go to a file, not a pipe nobody reads (a full pipe would stall it). It runs
+        # in its own folder: conmon drops an `oom` marker in its working directory when a
+        # container is killed for memory, which would otherwise land in the consumer's.
         self._service_log = socket_path.with_suffix(".log")
         with self._service_log.open("wb") as service_log:
             self._service = subprocess.Popen(
@@ -280,6 +282,7 @@ class PodmanRuntime(ContainerRuntime):
                 stdin=subprocess.DEVNULL,
                 stdout=service_log,
                 stderr=subprocess.STDOUT,
+                cwd=socket_path.parent,
             )
         return url
 
