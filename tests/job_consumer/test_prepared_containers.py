@@ -66,11 +66,23 @@ def hrid(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
+def removed_meanwhile(exc: docker.errors.APIError) -> bool:
+    """Podman's Docker-compatible API answers a container removed during a lookup (a list
+    inspects each container it found) with a 500 "no such container" rather than a 404."""
+    return isinstance(exc, docker.errors.NotFound) or "no such container" in str(exc.explanation)
+
+
 def prepared_of(engine: docker.DockerClient, consumer_id: str) -> list[Any]:
     """The consumer's prepared containers, never started, not yet taken by a task."""
-    return engine.containers.list(
-        all=True, filters={"label": [LABEL_PREPARED, f"{LABEL_CONSUMER}={consumer_id}"]}
-    )
+    filters = {"label": [LABEL_PREPARED, f"{LABEL_CONSUMER}={consumer_id}"]}
+    for _ in range(10):
+        try:
+            return engine.containers.list(all=True, filters=filters)
+        except docker.errors.APIError as exc:
+            # Removed between the list and its inspection: list again.
+            if not removed_meanwhile(exc):
+                raise
+    return engine.containers.list(all=True, filters=filters)
 
 
 def created_at(container: Any) -> datetime:
@@ -104,12 +116,8 @@ def finished(private_api: PrivateApiServer, uid: str) -> bool:
 def gone(engine: docker.DockerClient, container_id: str) -> bool:
     try:
         engine.containers.get(container_id)
-    except docker.errors.NotFound:
-        return True
     except docker.errors.APIError as exc:
-        # Podman's Docker-compatible API answers a container removed during the lookup with a 500
-        # "no such container" rather than a 404.
-        if "no such container" in str(exc.explanation):
+        if removed_meanwhile(exc):
             return True
         raise
     return False
