@@ -139,51 +139,57 @@ class TaskPublisher:
             content_type="text/plain",
             headers=needs.to_headers(),
         )
-        routing_key = self.queue_names[needs.queue]
-        with self._lock:
-            # A connection that died while idle is only noticed on use: one retry on a fresh one.
-            for attempt in (1, 2):
-                channel = self._open_channel()
-                if channel is None:
-                    return False
-                try:
-                    channel.basic_publish(
-                        exchange="",
-                        routing_key=routing_key,
-                        body=uid.encode("utf-8"),
-                        properties=properties,
-                        mandatory=True,
-                    )
-                    return True
-                except BROKER_ERRORS as exc:
-                    # Unroutable/nacked (queue deleted under us) or a dead connection: reopen,
-                    # which also re-declares the queue.
-                    log.warning("publishing task %s failed (attempt %d): %r", uid, attempt, exc)
-                    self.last_error = f"{type(exc).__name__}: {exc}"
-                    self._drop()
-            return False
+        return self._publish(
+            f"publishing task {uid}",
+            exchange="",
+            routing_key=self.queue_names[needs.queue],
+            body=uid.encode("utf-8"),
+            properties=properties,
+            mandatory=True,
+        )
 
     def publish_cancel(self, uid: str) -> bool:
         """Tell every consumer at once that task `uid` was cancelled, so the one running it stops
         its container now rather than at its next heartbeat (which stays the fallback). True
         once the broker took it; False, never an exception, when it did not."""
-        properties = pika.BasicProperties(content_type="text/plain")
+        # Not mandatory: with no consumer listening nobody runs the task anyway.
+        return self._publish(
+            f"pushing the cancel of task {uid}",
+            exchange=self.cancel_exchange,
+            routing_key="",
+            body=uid.encode("utf-8"),
+            properties=pika.BasicProperties(content_type="text/plain"),
+        )
+
+    def _publish(
+        self,
+        what: str,
+        *,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: pika.BasicProperties,
+        mandatory: bool = False,
+    ) -> bool:
+        """basic_publish, True once the broker took it. A connection that died while idle is only
+        noticed on use: one retry on a fresh one. Unroutable/nacked (queue deleted under us) or a
+        dead connection: reopen, which also re-declares the queues and the exchange."""
         with self._lock:
             for attempt in (1, 2):
                 channel = self._open_channel()
                 if channel is None:
                     return False
                 try:
-                    # Not mandatory: with no consumer listening nobody runs the task anyway.
                     channel.basic_publish(
-                        exchange=self.cancel_exchange,
-                        routing_key="",
-                        body=uid.encode("utf-8"),
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        body=body,
                         properties=properties,
+                        mandatory=mandatory,
                     )
                     return True
                 except BROKER_ERRORS as exc:
-                    log.warning("pushing the cancel of task %s failed (attempt %d): %r", uid, attempt, exc)
+                    log.warning("%s failed (attempt %d): %r", what, attempt, exc)
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     self._drop()
             return False
