@@ -7,6 +7,8 @@ import os
 import subprocess
 from typing import Any
 
+import docker
+import docker.errors
 import httpx
 
 from tests.helpers import wait_until
@@ -71,3 +73,27 @@ def assert_prometheus_scrapes_the_platform(prometheus_url: str, timeout: float =
         return bool(samples) and float(samples[0]["value"][1]) > 0
 
     wait_until(queue_wait_counted, timeout, "inference_task_queue_seconds_count > 0 in Prometheus", 1.0)
+
+
+def leave_swarm(client: docker.DockerClient, *, had_gwbridge: bool) -> None:
+    """Leave the swarm this host's engine joined, and remove what joining created."""
+    run(["docker", "swarm", "leave", "--force"], check=False)
+    remove_created_gwbridge(client, had_gwbridge=had_gwbridge)
+
+
+def remove_created_gwbridge(client: docker.DockerClient, *, had_gwbridge: bool) -> None:
+    """Remove the docker_gwbridge network a swarm created unless it was there before (it stays
+    busy for a moment after the leave)."""
+    if had_gwbridge:
+        return
+
+    def gwbridge_removed() -> bool:
+        try:
+            client.networks.get("docker_gwbridge").remove()
+        except docker.errors.NotFound:
+            return True
+        except docker.errors.APIError:
+            return False
+        return True
+
+    wait_until(gwbridge_removed, 30, "removal of docker_gwbridge", 1.0)

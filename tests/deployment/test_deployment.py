@@ -20,7 +20,12 @@ import pytest
 import yaml
 
 from inference_server.contract import SERVICE_TOKEN_HEADER, PrivateRoutes, PublicRoutes
-from tests.deployment.helpers import assert_prometheus_scrapes_the_platform, base_process_env, run
+from tests.deployment.helpers import (
+    assert_prometheus_scrapes_the_platform,
+    base_process_env,
+    leave_swarm,
+    run,
+)
 from tests.helpers import register_model_public, wait_until
 from tests.traefik.helpers import REPO_ROOT, FrontDoor, answers, run_task
 
@@ -388,19 +393,7 @@ def single_node_swarm(docker_client: docker.DockerClient) -> Iterator[None]:
     try:
         yield
     finally:
-        run(["docker", "swarm", "leave", "--force"], check=False)
-        if not had_gwbridge:
-
-            def gwbridge_removed() -> bool:
-                try:
-                    docker_client.networks.get("docker_gwbridge").remove()
-                except docker.errors.NotFound:
-                    return True
-                except docker.errors.APIError:
-                    return False
-                return True
-
-            wait_until(gwbridge_removed, 30, "removal of docker_gwbridge", 1.0)
+        leave_swarm(docker_client, had_gwbridge=had_gwbridge)
 
 
 def remove_stack(docker_client: docker.DockerClient, stack: str) -> None:

@@ -23,7 +23,7 @@ import docker.errors
 from docker.models.containers import Container
 from docker.models.networks import Network
 
-from tests.deployment.helpers import run
+from tests.deployment.helpers import remove_created_gwbridge, run
 from tests.helpers import wait_until
 
 DIND_IMAGE = "inference-server/dind:latest"
@@ -181,18 +181,7 @@ def multi_node_swarm(
             _remove_quietly(lambda w=worker: w.container.remove(force=True, v=True))
         if in_swarm:
             run(["docker", "swarm", "leave", "--force"], check=False)
-        if not had_gwbridge:
-
-            def gwbridge_removed() -> bool:
-                try:
-                    client.networks.get("docker_gwbridge").remove()
-                except docker.errors.NotFound:
-                    return True
-                except docker.errors.APIError:
-                    return False
-                return True
-
-            wait_until(gwbridge_removed, 30, "removal of docker_gwbridge", 1.0)
+        remove_created_gwbridge(client, had_gwbridge=had_gwbridge)
         _remove_quietly(network.remove)
 
 
