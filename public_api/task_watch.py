@@ -7,9 +7,11 @@ database connection, no `private_api_concurrency` slot and no pooled connection 
 has a connection of its own, and the slots are taken only by each client's own short reads (the
 first, which also checks that the caller may see the task, and the last after a time-out).
 
-A client whose uid and state the request in flight does not cover yet has it sent again
-(after REISSUE_AFTER_S, so a crowd arriving at once costs a few requests, not one each); the
-private API compares states, not events, so nothing that changed in between is missed.
+A client whose uid and state no request in flight covers gets a new request that carries every
+waiting client (after REISSUE_AFTER_S, doubled for each request already out, so a crowd arriving at
+once costs a few requests, not one each). The older requests stay out until the new one has been
+out SUPERSEDED_AFTER_S, so an answer they are bringing is never dropped. The private API compares
+states, not events, so nothing that changed in between is missed.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated
 
 import aiohttp
@@ -45,6 +49,8 @@ log = logging.getLogger(__name__)
 # How long one request to the private API waits at most; clients wait longer across several.
 UPSTREAM_WAIT_S = 25.0
 REISSUE_AFTER_S = 0.02
+# A request is surely with the private API this long after it was sent: older ones can go.
+SUPERSEDED_AFTER_S = 0.5
 RETRY_AFTER_S = 0.5
 # How long a caller's successful read of a task lets its next long polls of it skip that read:
 # a crowd of clients polling again after each change costs the private API nothing but the wait.
@@ -66,6 +72,15 @@ class _Waiter:
         self.answer: asyncio.Future[TaskPublic | None] = asyncio.get_running_loop().create_future()
 
 
+@dataclass
+class _Ask:
+    """One request in flight to the private API: the states it carries, and since when."""
+
+    states: dict[str, list[str]]
+    request: asyncio.Task[TaskWaitAnswer]
+    sent_at: float
+
+
 class TaskWatch:
     """The process's one watcher; build it in the lifespan (it needs the running loop), `aclose` after."""
 
@@ -74,7 +89,7 @@ class TaskWatch:
         self._session = aiohttp.ClientSession(
             headers={SERVICE_TOKEN_HEADER: settings.service_token.get_secret_value()},
             # Its own few connections: waiting never takes a pooled one from the relayed calls.
-            connector=aiohttp.TCPConnector(limit=4, keepalive_timeout=60),
+            connector=aiohttp.TCPConnector(limit=8, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(
                 total=None,
                 connect=settings.private_api_connect_timeout_s,
@@ -155,56 +170,72 @@ class TaskWatch:
     def _states(self) -> dict[str, list[str]]:
         return {uid: sorted({waiter.state for waiter in waiters}) for uid, waiters in self._waiters.items()}
 
-    def _covered_by(self, states: dict[str, list[str]]) -> bool:
-        return all(
-            waiter.state in states.get(uid, ())
+    def _uncovered(self, asks: list[_Ask]) -> bool:
+        """Whether some client waits on a (uid, state) that no request in flight carries."""
+        return any(
+            not any(waiter.state in ask.states.get(uid, ()) for ask in asks)
             for uid, waiters in self._waiters.items()
             for waiter in waiters
         )
 
     async def _run(self) -> None:
-        while True:
-            if not self._waiters:
+        # Oldest first. Each request carries every client waiting when it was sent, so a younger
+        # one covers the older ones; they are cancelled only once it has been out for
+        # SUPERSEDED_AFTER_S. Cancelling them at once lost the answer they were bringing, and
+        # under a steady stream of new clients no answer got through for as long as it lasted.
+        asks: list[_Ask] = []
+        try:
+            while True:
                 self._registered.clear()
-                await self._registered.wait()
-            self._registered.clear()
-            states = self._states()
-            asking = asyncio.create_task(self._ask(states))
-            try:
-                answer = await self._answer_unless_outdated(asking, states)
-            except asyncio.CancelledError:
-                asking.cancel()
-                raise
-            except Exception as exc:
-                log.warning("waiting on the private API for %d task(s) failed: %r", len(states), exc)
-                await asyncio.sleep(RETRY_AFTER_S)
-                continue
-            if answer is not None:
-                self._deliver(answer)
+                now = time.monotonic()
+                if len(asks) > 1 and now - asks[-1].sent_at >= SUPERSEDED_AFTER_S:
+                    for superseded in asks[:-1]:
+                        superseded.request.cancel()
+                    del asks[:-1]
+                wake_at = asks[-1].sent_at + SUPERSEDED_AFTER_S if len(asks) > 1 else math.inf
+                if self._uncovered(asks):
+                    # A crowd arriving at once costs a few requests: each one more in flight
+                    # doubles the pause before the next.
+                    due = asks[-1].sent_at + REISSUE_AFTER_S * 2 ** (len(asks) - 1) if asks else now
+                    if due <= now:
+                        asks.append(self._send(self._states()))
+                    else:
+                        wake_at = min(wake_at, due)
+                if not asks:
+                    await self._registered.wait()
+                    continue
+                registered = asyncio.create_task(self._registered.wait())
+                try:
+                    await asyncio.wait(
+                        [registered, *(ask.request for ask in asks)],
+                        timeout=None if wake_at == math.inf else max(0.0, wake_at - time.monotonic()),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    registered.cancel()
+                if self._settle([ask for ask in asks if ask.request.done()]):
+                    await asyncio.sleep(RETRY_AFTER_S)
+                asks = [ask for ask in asks if not ask.request.done()]
+        finally:
+            for ask in asks:
+                ask.request.cancel()
 
-    async def _answer_unless_outdated(
-        self, asking: asyncio.Task[TaskWaitAnswer], states: dict[str, list[str]]
-    ) -> TaskWaitAnswer | None:
-        """The answer to `asking`; None when it was given up for a request that covers the
-        clients who came since."""
-        while True:
-            registered = asyncio.create_task(self._registered.wait())
-            try:
-                await asyncio.wait((asking, registered), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                registered.cancel()
-            if asking.done():
-                return asking.result()
-            self._registered.clear()
-            if self._covered_by(states):
+    def _send(self, states: dict[str, list[str]]) -> _Ask:
+        return _Ask(states, asyncio.create_task(self._ask(states)), time.monotonic())
+
+    def _settle(self, done: list[_Ask]) -> bool:
+        """Deliver the answers of finished requests; whether one of them failed."""
+        failed = False
+        for ask in done:
+            if ask.request.cancelled():
                 continue
-            await asyncio.sleep(REISSUE_AFTER_S)
-            if asking.done():
-                return asking.result()
-            asking.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asking
-            return None
+            error = ask.request.exception()
+            if error is None:
+                self._deliver(ask.request.result())
+            else:
+                log.warning("waiting on the private API for %d task(s) failed: %r", len(ask.states), error)
+                failed = True
+        return failed
 
     async def _ask(self, states: dict[str, list[str]]) -> TaskWaitAnswer:
         self.requests += 1
