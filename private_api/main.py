@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from inference_server.api_docs import install_offline_docs
-from inference_server.serving import install_json_body_limit
+from inference_server.serving import NO_OPENTELEMETRY, install_json_body_limit
 from private_api.blobs import BlobStore
 from private_api.config import PrivateSettings
 from private_api.db import QuickQueries, make_engine, make_session_factory, schema_revision_problem
@@ -82,6 +82,7 @@ def create_app(settings: PrivateSettings | None = None) -> FastAPI:
         summary="Database, blob store and queue behind the public API and the job consumers.",
         version="1.0",
         lifespan=lifespan,
+        telemetry=NO_OPENTELEMETRY,
         # /docs and /redoc are served from assets shipped with the platform (offline networks).
         docs_url=None,
         redoc_url=None,

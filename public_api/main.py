@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.routing import Route
 
 from inference_server.api_docs import install_offline_docs
-from inference_server.serving import install_json_body_limit
+from inference_server.serving import NO_OPENTELEMETRY, install_json_body_limit
 from public_api.auth import KeyResolver
 from public_api.config import PublicSettings
 from public_api.dashboard import DashboardSessionCache
@@ -65,6 +65,7 @@ def create_app(settings: PublicSettings | None = None) -> FastAPI:
         version="1.3.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        telemetry=NO_OPENTELEMETRY,
         # /docs and /redoc are served from assets shipped with the platform (offline networks).
         docs_url=None,
         redoc_url=None,
