@@ -65,16 +65,20 @@ class Goal:
 
 
 GOALS: tuple[Goal, ...] = (
-    Goal("dispatch_ratio", "Dispatch: platform / raw `docker run --rm`, medians", "<=", 1.25),
+    # The platform knows the model before the task comes, so it is to beat a bare run.
+    Goal("dispatch_ratio", "Dispatch: platform / raw `docker run --rm`, medians", "<=", 0.9),
     Goal("dispatch_overhead_ms_median", "Dispatch: median overhead", "<=", 150, "ms"),
     Goal(
         "throughput_ratio",
         "Throughput, {instance} consumer(s): platform / raw",
         ">=",
-        0.9,
+        0.95,
         instances=tuple(str(level) for level in THROUGHPUT_LEVELS),
     ),
-    Goal("upload_mb_s", "Upload {file} via the public API", ">=", 100, "MB/s"),
+    # Against this disk's own read + sha256 + write of the same file, measured in the same run.
+    Goal(
+        "upload_disk_ratio", "Upload {file} via the public API / the disk's read + sha256 + write", ">=", 0.8
+    ),
     Goal("peak_rss_mb", "Peak RSS `{instance}`", "<", 200, "MiB"),
     Goal("poll_p99_ms", "Polling, 200 clients x 1 req/s: p99", "<", 50, "ms"),
     Goal("poll_errors", "Polling errors, both loads", "==", 0),
@@ -116,6 +120,10 @@ def _scaled(stats: dict[str, Any] | None, factor: float) -> dict[str, Any] | Non
     }
 
 
+def _ratio(part: float | None, whole: float | None) -> float | None:
+    return None if part is None or not whole else part / whole
+
+
 def figures(details: dict[str, Any]) -> dict[str, Any]:
     """The headline figures of a run (results.json's top-level keys), None where not measured."""
     levels = _get(details, "throughput", "levels") or {}
@@ -135,6 +143,9 @@ def figures(details: dict[str, Any]) -> dict[str, Any]:
         ),
         "throughput_ratio": {level: data.get("ratio") for level, data in levels.items()},
         "upload_mb_s": _get(details, "bigfiles", "upload_mb_s"),
+        "upload_disk_ratio": _ratio(
+            _get(details, "bigfiles", "upload_mb_s"), _get(details, "bigfiles", "disk_read_sha256_write_mb_s")
+        ),
         "download_mb_s": _get(details, "bigfiles", "download_mb_s"),
         "peak_rss_mb": peak_rss,
         "peak_rss_mb_bigfiles": _get(details, "bigfiles", "peak_rss_mb"),
