@@ -90,6 +90,11 @@ class ConsumerSettings(BrokerSettings, ZipLimitSettings):
     prepared_recent_models: int = Field(default=3, ge=1, le=64)
     # How often prepared containers are checked (idle, image changed) and warm models re-read.
     prepared_check_interval_s: PositiveFloat = 30.0
+    # Start prepared containers ahead too, held at a gate until their task's input is in place
+    # (job_consumer/container_gate.py), with this static shell (Debian's busybox-static). Without
+    # a usable one, containers are only created ahead.
+    prepared_start_ahead: bool = True
+    gate_shell: Path | None = Path("/bin/busybox")
 
     # Size of the tmpfs at /tmp of a model that does not set tmp_mb; it counts against the
     # model's memory limit. Besides /output, the only place a model may write by default.

@@ -1,15 +1,19 @@
-"""Containers created ahead of their task: the next container of each model a consumer expects,
-created (not started) in a slot folder of its own, so that a task of that model only points the
-slot at its workspace and starts it.
+"""Containers prepared ahead of their task: the next container of each model a consumer expects,
+created in a slot folder of its own and, where a static gate shell is at hand, started too and
+held at a gate (container_gate) until a task of that model has moved its input into the slot.
+Without the gate, the container is only created, and a task points the slot at its workspace
+and starts it.
 
 Which models: the last IS_PREPARED_RECENT_MODELS distinct models this consumer ran, and those
 an operator marked `warm` (read from the private API's model list at start and every
 IS_PREPARED_CHECK_INTERVAL_S).
 
 A prepared container's /input and /output are bound through a link in its slot (BOUND_LINK),
-pointing at the slot until a task comes, then at the task's workspace: the engines (Docker and
-Podman alike) follow a bind's source when the container starts, so the task's input is not
-moved, and its output lands in its own workspace as in a container created for it.
+pointing at the slot until a task comes. The engines (Docker and Podman alike) follow a bind's
+source when the container starts: a container started ahead sees the slot's own folders, so its
+task's input is moved in there (renames within the work dir) and its output moved back into the
+task's workspace after the run; for one only created, the link is pointed at the task's
+workspace before the start, so nothing moves.
 
 Isolation does not change: a prepared container is created by `ModelRunner.container_options`,
 the very options of a per-task container, and serves one task only; after it is used, a fresh
@@ -54,6 +58,7 @@ from docker.models.containers import Container
 
 from inference_server.contract import ModelPublic
 from job_consumer.config import ConsumerSettings
+from job_consumer.container_gate import GATE_MOUNT, gated_command, image_argv, make_gate, usable_shell
 from job_consumer.runner import (
     LABEL_CONSUMER,
     LABEL_MANAGED,
@@ -87,7 +92,8 @@ def _signature(options: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class PreparedContainer:
-    """A created, never started container of `model`, its /input and /output in `slot`."""
+    """A container of `model` prepared ahead (created, and started if `gate`), its /input and
+    /output in `slot`."""
 
     container: Container
     model: ModelPublic
@@ -97,6 +103,9 @@ class PreparedContainer:
     # Created ahead, bound through the slot's link; else created for one task, bound to that
     # task's workspace itself (`slot` is the workspace then).
     ahead: bool = True
+    # Started ahead too, waiting at this gate (container_gate): its binds were resolved at its
+    # start, so its task's input moves into the slot and its output is collected from there.
+    gate: Path | None = None
     created_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -115,6 +124,16 @@ class PreparedContainer:
     @property
     def output_dir(self) -> Path:
         return self.bound / self.slot.output_dir.name
+
+    @property
+    def run_input_dir(self) -> Path | None:
+        """Where the task's input must be for this container to see it, if not in its workspace."""
+        return self.slot.input_dir if self.gate is not None else None
+
+    @property
+    def run_output_dir(self) -> Path | None:
+        """Where this container writes its output, if not in its task's workspace."""
+        return self.slot.output_dir if self.gate is not None else None
 
 
 class PreparedContainers:
@@ -154,6 +173,12 @@ class PreparedContainers:
             max_workers=min(8, settings.max_concurrent_tasks), thread_name_prefix="create"
         )
         self._checker: threading.Thread | None = None
+        self._gate_shell = usable_shell(settings.gate_shell) if settings.prepared_start_ahead else None
+        if settings.prepared_start_ahead and self._gate_shell is None:
+            log.info(
+                "no static gate shell at %s (Debian's busybox-static): containers are only created ahead",
+                settings.gate_shell,
+            )
         # Counted for tests and logs: tasks that started a container prepared before they came.
         self.used_ready = 0
 
@@ -270,6 +295,8 @@ class PreparedContainers:
         and give it the task's container name; False when that failed (then discard it)."""
         if not prepared.ahead:
             return True
+        if prepared.gate is not None:
+            return self._hand_over_started(prepared, task_uid, workspace)
         link = prepared.bound
         retargeted = link.with_name(f"{BOUND_LINK}.{secrets.token_hex(4)}")
         try:
@@ -287,6 +314,43 @@ class PreparedContainers:
                 retargeted.unlink()
             return False
         return True
+
+    def _hand_over_started(
+        self, prepared: PreparedContainer, task_uid: str, workspace: TaskWorkspace
+    ) -> bool:
+        """A started container sees its slot's folders: the task's input moves in there (renames
+        within the work dir) and the container takes the task's name."""
+        moved: list[Path] = []
+        try:
+            prepared.container.rename(self.runner.container_name(task_uid))
+            for entry in sorted(workspace.input_dir.iterdir()):
+                target = prepared.slot.input_dir / entry.name
+                os.rename(entry, target)
+                moved.append(target)
+        except (OSError, docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            log.warning(
+                "task %s: prepared container %s not handed over (%s)",
+                task_uid,
+                prepared.container.short_id,
+                exc,
+            )
+            # The task runs in a container of its own then, on its workspace as it was.
+            for target in moved:
+                with contextlib.suppress(OSError):
+                    os.rename(target, workspace.input_dir / target.name)
+            return False
+        return True
+
+    @staticmethod
+    def collect_output(prepared: PreparedContainer, workspace: TaskWorkspace) -> None:
+        """After a started container's run: its output, moved into the task's workspace."""
+        if prepared.run_output_dir is None:
+            return
+        try:
+            for entry in sorted(prepared.run_output_dir.iterdir()):
+                os.rename(entry, workspace.output_dir / entry.name)
+        except OSError as exc:
+            raise ModelRunError(f"could not collect the model's output: {exc}", retryable=True) from exc
 
     def release_slot(self, prepared: PreparedContainer) -> None:
         """After the run (the runner removed the container): a slot folder goes."""
@@ -471,13 +535,36 @@ class PreparedContainers:
                 LABEL_PREPARED: slot.root.name,
                 LABEL_PROCESS: this_process(),
             }
-            container = self.runner.docker.containers.create(**options)
+            signature = _signature(options)
+            gate, gated = self._gated(options, image_id, slot)
+            container = self.runner.docker.containers.create(**gated)
+            if gate is not None:
+                try:
+                    container.start()
+                except BaseException:
+                    self.runner.remove_now(container)
+                    raise
         except (ModelRunError, docker.errors.APIError, requests.exceptions.RequestException, OSError) as exc:
             log.info("no container prepared for %s: %s", model.human_readable_id, exc)
             if slot is not None:
                 self._remove_slot(slot)
             return None
-        return PreparedContainer(container, model, image_id, slot, _signature(options))
+        return PreparedContainer(container, model, image_id, slot, signature, gate=gate)
+
+    def _gated(
+        self, options: dict[str, Any], image_id: str, slot: TaskWorkspace
+    ) -> tuple[Path | None, dict[str, Any]]:
+        """`options` put behind a gate in the slot, when containers are started ahead (the image's
+        own command, read from the image, runs once the gate opens); else as they are."""
+        if self._gate_shell is None:
+            return None, options
+        argv = image_argv(self.runner.docker.images.get(image_id).attrs.get("Config") or {})
+        if argv is None:
+            return None, options
+        gate = make_gate(slot.root, self._gate_shell)
+        entrypoint, command = gated_command(argv)
+        volumes = {**options["volumes"], os.path.abspath(gate): {"bind": GATE_MOUNT, "mode": "ro"}}
+        return gate, {**options, "volumes": volumes, "entrypoint": entrypoint, "command": command}
 
     def _create_for_task(
         self,

@@ -31,6 +31,7 @@ from inference_server.contract import (
 )
 from inference_server.file_trees import directory_size
 from job_consumer.config import ConsumerSettings
+from job_consumer.container_gate import open_gate
 from job_consumer.container_runtime import ContainerRuntime
 
 log = logging.getLogger(__name__)
@@ -315,11 +316,13 @@ class ModelRunner:
         should_stop: Callable[[], bool] = _never,
         on_output: Callable[[bytes], None] | None = None,
         prepared: Container | None = None,
+        gate: Path | None = None,
     ) -> RunResult:
         """Run the model to its end. `on_output` gets the container's output as it comes, from a
         thread of its own, for the live log. `prepared`: a container created ahead with exactly
-        these options (bar its name and labels), started instead of creating one; should it not
-        start, one is created as usual (it is removed all the same)."""
+        these options (bar its name and labels), started instead of creating one, or, when it was
+        started ahead, let through its `gate` (container_gate); should that fail, one is created
+        as usual (it is removed all the same)."""
         try:
             options = self.container_options(
                 task_uid=task_uid,
@@ -349,7 +352,7 @@ class ModelRunner:
             # create + start rather than run(): run() pulls on a missing image and, if start
             # fails, leaves a created container behind without returning a handle to it.
             try:
-                container = self._start_prepared(prepared, task_uid) if prepared is not None else None
+                container = self._start_prepared(prepared, task_uid, gate) if prepared is not None else None
                 if container is None:
                     container = self.docker.containers.create(**options)
                     container.start()
@@ -410,8 +413,19 @@ class ModelRunner:
             finished_at=started_at + timedelta(seconds=duration_s),
         )
 
-    def _start_prepared(self, prepared: Container, task_uid: str) -> Container | None:
-        """The prepared container, started; None (and it removed) when it would not start."""
+    def _start_prepared(self, prepared: Container, task_uid: str, gate: Path | None) -> Container | None:
+        """The prepared container, started (or let through its gate); None (and it removed) when
+        it would not start."""
+        if gate is not None:
+            if open_gate(gate):
+                return prepared
+            log.warning(
+                "task %s: prepared container %s was not at its gate; creating one",
+                task_uid,
+                prepared.short_id,
+            )
+            self._dispose(prepared)
+            return None
         try:
             prepared.start()
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:

@@ -275,19 +275,25 @@ class TaskExecutor:
     ) -> None:
         model = task.claim.model
         live_log = self._live_log(task)
+        # A container started ahead sees its slot's folders (the input was moved there).
+        input_dir = (prepared.run_input_dir if prepared is not None else None) or workspace.input_dir
+        output_dir = (prepared.run_output_dir if prepared is not None else None) or workspace.output_dir
         try:
             result = self.runner.run(
                 task_uid=task.uid,
                 model=model,
-                input_dir=workspace.input_dir,
-                output_dir=workspace.output_dir,
+                input_dir=input_dir,
+                output_dir=output_dir,
                 model_dir=model_dir,
                 params_file=params_file,
                 image=image,
                 should_stop=task.should_stop,
                 on_output=live_log.feed,
                 prepared=prepared.container if prepared is not None else None,
+                gate=prepared.gate if prepared is not None else None,
             )
+            if prepared is not None:
+                PreparedContainers.collect_output(prepared, workspace)
         except ModelRunError as exc:
             live_log.stop()
             # What the model printed before the run was lost stays, above why.

@@ -52,6 +52,9 @@ command -v dockerd >/dev/null || missing+=(docker.io)
 # The consumer's second container runtime (IS_CONTAINER_RUNTIME=podman); daemonless: nothing to start.
 command -v podman >/dev/null || missing+=(podman)
 command -v iptables >/dev/null || missing+=(iptables)
+# The gate that holds a consumer's containers started ahead (job_consumer/container_gate.py):
+# a static shell, which any image can run.
+dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
 command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql)

@@ -60,6 +60,16 @@ def task_containers(engine, uid: str, **filters: str) -> list:
     return list({container.id: container for container in [*labelled, *named]}.values())
 
 
+def let_gated_model_end(consumer, uid: str) -> None:
+    """Drop `go` into the /output of the task's running container, which GATED_SCRIPT waits for:
+    its task folder's, or the slot's of a container started ahead (container_gate)."""
+    engine = consumer.runner.docker
+    container = wait_until(lambda: running_container(engine, uid), 30, f"task {uid}'s running container")
+    container.reload()
+    [output] = [mount["Source"] for mount in container.attrs["Mounts"] if mount["Destination"] == "/output"]
+    (Path(output) / "go").write_text("go")
+
+
 def task_folders(work_dir: Path, uid: str) -> list[Path]:
     """The task's work folders: one per attempt, <uid>-a<attempt>-<random>."""
     return sorted(work_dir.glob(f"{uid}-a*")) if work_dir.is_dir() else []
@@ -266,8 +276,7 @@ def test_first_stop_request_finishes_the_current_task(private_api, make_consumer
     wait_until(lambda: running_container(engine, task.uid), 30, "the model container to run")
 
     consumer.request_stop(now=False)
-    [folder] = task_folders(consumer.settings.resolved_work_dir, task.uid)
-    (folder / "output" / "go").write_text("go")
+    let_gated_model_end(consumer, task.uid)
 
     assert worker.join(30) == 1
     finished = private_api.task(task.uid)

@@ -13,6 +13,7 @@ from tests import images
 from tests.helpers import wait_until
 from tests.job_consumer.helpers import ConsumerThread
 from tests.job_consumer.stack import make_zip
+from tests.job_consumer.test_consumer import let_gated_model_end
 
 pytestmark = pytest.mark.docker
 
@@ -38,8 +39,7 @@ def consumer_runtime(container_runtime: ContainerRuntime) -> ContainerRuntime:
 
 
 def release_gate(consumer, uid: str) -> None:
-    [folder] = sorted(consumer.settings.resolved_work_dir.glob(f"{uid}-a*"))
-    (folder / "output" / "go").write_text("go")
+    let_gated_model_end(consumer, uid)
 
 
 def test_a_running_models_lines_and_progress_are_readable_before_it_ends(

@@ -16,6 +16,7 @@ import pytest
 from inference_server.contract import PrivateRoutes, TaskStatus
 from job_consumer.config import ConsumerSettings
 from job_consumer.consumer import Consumer
+from job_consumer.container_gate import GATE_MOUNT
 from job_consumer.container_runtime import ContainerRuntime
 from job_consumer.prepared_containers import SLOT_PREFIX, PreparedContainers
 from job_consumer.runner import (
@@ -85,6 +86,10 @@ def prepared_of(engine: docker.DockerClient, consumer_id: str) -> list[Any]:
     return engine.containers.list(all=True, filters=filters)
 
 
+def env_without_hostname(attrs: dict[str, Any]) -> list[str]:
+    return sorted(entry for entry in attrs["Config"]["Env"] if not entry.startswith("HOSTNAME="))
+
+
 def created_at(container: Any) -> datetime:
     # Engines write nanoseconds; fromisoformat takes microseconds at most.
     stamp = container.attrs["Created"].replace("Z", "+00:00")
@@ -127,12 +132,13 @@ def slot_folders(consumer: Consumer) -> list[Path]:
     return sorted(consumer.settings.resolved_work_dir.glob(f"{SLOT_PREFIX}*"))
 
 
+@pytest.mark.parametrize("start_ahead", [True, False], ids=["started-ahead", "created-ahead"])
 def test_the_next_task_starts_the_container_prepared_before_it_came_and_a_fresh_one_follows(
-    private_api, make_consumer, test_images, engine
+    private_api, make_consumer, test_images, engine, start_ahead: bool
 ):
     model_id = hrid("copy")
     private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": COPY_SCRIPT}))
-    consumer = make_consumer()
+    consumer = make_consumer(prepared_start_ahead=start_ahead)
     started = recording_prepared_starts(consumer)
     worker = ConsumerThread(consumer).start()
     consumer_id = consumer.settings.consumer_id
@@ -144,8 +150,16 @@ def test_the_next_task_starts_the_container_prepared_before_it_came_and_a_fresh_
     assert consumer.prepared is not None and consumer.prepared.used_ready == 0
 
     [ready] = wait_until(lambda: prepared_of(engine, consumer_id), 30, "a container prepared after it")
-    assert ready.status == "created"
     assert LABEL_TASK not in ready.labels and ready.labels[LABEL_PROCESS] == this_process()
+    if start_ahead:
+        # Started, and held at its gate: the model has not run, nothing is in its output.
+        assert ready.status == "running"
+        held = consumer.prepared.ready_for(model_id)
+        assert held is not None and held.gate is not None
+        assert list(held.slot.output_dir.iterdir()) == []
+        assert ready.logs() == b""
+    else:
+        assert ready.status == "created"
 
     second = private_api.submit(model_id, {"b.txt": b"second"})
     wait_until(lambda: finished(private_api, second.uid), 60, "the second task")
@@ -167,6 +181,35 @@ def test_the_next_task_starts_the_container_prepared_before_it_came_and_a_fresh_
     assert prepared_of(engine, consumer_id) == []
     assert engine.containers.list(all=True, filters={"label": f"{LABEL_CONSUMER}={consumer_id}"}) == []
     assert slot_folders(consumer) == []
+
+
+def test_a_task_still_runs_when_the_container_started_for_it_died_at_its_gate(
+    private_api, make_consumer, test_images, engine
+):
+    model_id = hrid("copy")
+    private_api.register_model(model_id, images.SCRIPT, model_zip=make_zip({"run.sh": COPY_SCRIPT}))
+    consumer = make_consumer()
+    started = recording_prepared_starts(consumer)
+    worker = ConsumerThread(consumer).start()
+    first = private_api.submit(model_id, {"a.txt": b"first"})
+    wait_until(lambda: finished(private_api, first.uid), 60, "the first task")
+    [ready] = wait_until(
+        lambda: prepared_of(engine, consumer.settings.consumer_id), 30, "a started container"
+    )
+    assert ready.status == "running"
+
+    ready.kill()
+    ready.wait(timeout=30)
+    second = private_api.submit(model_id, {"b.txt": b"second"})
+    wait_until(lambda: finished(private_api, second.uid), 60, "the second task")
+
+    # It was handed the dead container, found nobody at the gate, and ran in one of its own.
+    assert started == [ready.id]
+    assert private_api.output(second.uid) == {"b.txt": b"second"}
+    assert private_api.task(second.uid).attempts == 1
+    consumer.request_stop()
+    assert worker.join(30) == 2
+    assert prepared_of(engine, consumer.settings.consumer_id) == []
 
 
 def test_a_retagged_image_drops_the_prepared_container_and_the_task_runs_the_new_image(
@@ -299,6 +342,9 @@ def test_a_prepared_container_is_isolated_exactly_like_a_per_task_one(
                 model_dir=None,
             )
         )
+        # Started too, like the prepared one: Podman fills in parts of Env (HOME, TERM) at start.
+        per_task.start()
+        per_task.wait(timeout=30)
         prepared.container.reload()
         per_task.reload()
         ahead, own = prepared.container.attrs, per_task.attrs
@@ -306,9 +352,16 @@ def test_a_prepared_container_is_isolated_exactly_like_a_per_task_one(
             name: own["HostConfig"].get(name) for name in ISOLATION_FIELDS
         }
         assert ahead["Config"]["User"] == own["Config"]["User"] == "65534:65534"
+        # Started ahead, it runs the image's own command once its gate opens; the gate and its
+        # shell are bound read-only.
+        assert ahead["Config"]["Entrypoint"] == [f"{GATE_MOUNT}/sh"]
+        assert ahead["Config"]["Cmd"][-len(own["Config"]["Cmd"]) :] == own["Config"]["Cmd"]
+        [gate_mount] = [mount for mount in ahead["Mounts"] if mount["Destination"] == GATE_MOUNT]
+        assert gate_mount["RW"] is False
         assert ahead["HostConfig"]["ReadonlyRootfs"] is True
         assert ahead["HostConfig"]["CapDrop"]
-        assert sorted(ahead["Config"]["Env"]) == sorted(own["Config"]["Env"])
+        # Bar HOSTNAME, which Podman sets to each container's own id.
+        assert env_without_hostname(ahead) == env_without_hostname(own)
         workspace.remove()
     finally:
         if per_task is not None:

@@ -25,7 +25,13 @@ from tests import images
 from tests.helpers import wait_until
 from tests.job_consumer.helpers import ConsumerThread
 from tests.job_consumer.stack import consumers_on, make_zip, publish_uid, queue_depth
-from tests.job_consumer.test_consumer import GATED_SCRIPT, hrid, running_container, task_folders
+from tests.job_consumer.test_consumer import (
+    GATED_SCRIPT,
+    hrid,
+    let_gated_model_end,
+    running_container,
+    task_folders,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -39,8 +45,7 @@ def register_gated(private_api, prefix: str, **limits) -> str:
 
 
 def open_gate(consumer: Consumer, uid: str) -> None:
-    [folder] = task_folders(consumer.settings.resolved_work_dir, uid)
-    (folder / "output" / "go").write_text("go")
+    let_gated_model_end(consumer, uid)
 
 
 def running_uids(docker_client, uids: list[str]) -> set[str]:
