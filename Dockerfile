@@ -19,6 +19,10 @@ RUN install-into-venv project /src
 
 FROM ${BASE_IMAGE}
 ARG APP_UID=10001
+# The static shell that holds a consumer's containers started ahead (job_consumer/container_gate.py).
+RUN apt-get update -q \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends busybox-static \
+    && rm -rf /var/lib/apt/lists/*
 # Consumers override the user (root, or this user plus the docker group) to reach the docker
 # socket; the APIs run as this unprivileged user.
 RUN set -eu; \
