@@ -34,9 +34,26 @@ GATE_WORD = "go"
 # The consumer writes; the container's unprivileged user (an "other" here) reads.
 FIFO_MODE = 0o604
 SHELL_MODE = 0o555
-# Blocks in `read` on the FIFO until a writer comes; anything but the word is ignored.
-GATE_SCRIPT = (
-    f'until read -r word < {GATE_MOUNT}/{FIFO_NAME} && [ "$word" = {GATE_WORD} ]; do :; done; exec "$@"'
+# Blocks in `read` on the FIFO until a writer comes; anything but the word is ignored. Then it
+# runs the image's command as the engine would: the program found on the image's PATH (busybox
+# would otherwise run an applet of its own by that name, its `sh` or `date` for the image's),
+# with the same argv[0], and with no SHLVL of its own left in the environment.
+GATE_SCRIPT = "\n".join(
+    [
+        f'until read -r word < {GATE_MOUNT}/{FIFO_NAME} && [ "$word" = {GATE_WORD} ]; do :; done',
+        "unset word SHLVL",
+        "name=$1; prog=$1; shift",
+        "case $prog in */*) ;; *)",
+        '    found=""; IFS=:',
+        "    for dir in $PATH; do",
+        '        if [ -z "$found" ] && [ -f "$dir/$prog" ] && [ -x "$dir/$prog" ]; then found=$dir/$prog; fi',
+        "    done",
+        "    unset IFS",
+        '    [ -n "$found" ] || { echo "$prog: not found on PATH" >&2; exit 127; }',
+        "    prog=$found;;",
+        "esac",
+        'exec -a "$name" "$prog" "$@"',
+    ]
 )
 # How long opening the gate waits for the container to be at it (it normally is, long since).
 OPEN_WAIT_S = 2.0

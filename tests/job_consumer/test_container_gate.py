@@ -74,12 +74,27 @@ def test_nobody_at_the_gate_is_reported_not_waited_for(tmp_path: Path) -> None:
     assert open_gate(tmp_path / "no-gate", wait_s=0.2) is False
 
 
-def run_gate_script(gate: Path, argv: list[str]) -> subprocess.Popen[str]:
+def run_gate_script(gate: Path, argv: list[str], path: str | None = None) -> subprocess.Popen[str]:
     """The gate's own script under the real shell, with the gate folder where a container has it."""
     script = GATE_SCRIPT.replace(GATE_MOUNT, str(gate))
     return subprocess.Popen(
-        [str(gate / SHELL_NAME), "-c", script, "gate", *argv], stdout=subprocess.PIPE, text=True
+        [str(gate / SHELL_NAME), "-c", script, "gate", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PATH": os.environ["PATH"] if path is None else path},
     )
+
+
+def through_the_gate(
+    folder: Path, argv: list[str], path: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    folder.mkdir(exist_ok=True)
+    gate = make_gate(folder, STATIC_BUSYBOX)
+    waiting = run_gate_script(gate, argv, path)
+    assert open_gate(gate)
+    out, err = waiting.communicate(timeout=10)
+    return subprocess.CompletedProcess(argv, waiting.returncode, out, err)
 
 
 def test_the_shell_waits_at_the_gate_and_runs_the_command_once_it_opens(tmp_path: Path) -> None:
@@ -114,3 +129,24 @@ def test_only_the_word_opens_the_gate(tmp_path: Path) -> None:
     assert open_gate(gate)
     out, _ = waiting.communicate(timeout=10)
     assert out == "ran\n"
+
+
+def test_the_command_runs_as_the_engine_would_run_it(tmp_path: Path) -> None:
+    # The image's own programs, found on its PATH: busybox's `date` would print "%N" as is.
+    ran = through_the_gate(tmp_path / "a", ["date", "+%N"])
+    assert ran.returncode == 0 and ran.stdout.strip().isdigit(), ran
+    # argv[0] as given, and the gate's shell leaves nothing of its own in the environment.
+    ran = through_the_gate(tmp_path / "b", ["sh", "-c", 'echo "$0"; env'])
+    lines = ran.stdout.splitlines()
+    assert lines[0] == "sh"
+    assert sorted(line.split("=", 1)[0] for line in lines[1:]) == ["PATH", "PWD"]
+
+
+def test_a_command_not_on_the_path_fails_like_a_missing_executable(tmp_path: Path) -> None:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    # Busybox has a `date` of its own; it must not stand in for the image's.
+    missing = through_the_gate(tmp_path / "gate", ["date"], path=str(empty))
+    assert missing.returncode == 127
+    assert missing.stdout == ""
+    assert "date: not found on PATH" in missing.stderr
