@@ -16,9 +16,10 @@ task's workspace after the run; for one only created, the link is pointed at the
 workspace before the start, so nothing moves.
 
 Isolation does not change: a prepared container is created by `ModelRunner.container_options`,
-the very options of a per-task container, and serves one task only; after it is used, a fresh
-one is prepared in the background once the task's answer has gone out. What is fixed at create
-time and cannot be a task's:
+the very options of a per-task container, and serves one task only; as soon as a task takes it,
+a fresh one is prepared in the background (also after the answer of a task that had none), and a
+task of a model whose container is being prepared waits for that one rather than creating its
+own. What is fixed at create time and cannot be a task's:
 - its labels: a prepared container has no task label (LABEL_TASK) but LABEL_PREPARED (its slot)
   and LABEL_PROCESS (the consumer process), by which the sweeps know it; it takes the task's
   container name (is-task-<uid>-...) when the task takes it, before it starts;
@@ -80,6 +81,8 @@ SLOT_PREFIX = "prepared-"
 # resolve a bind's source when the container starts, so the task's input is not moved and its
 # output lands in its own workspace, as in a container created for it.
 BOUND_LINK = "bound"
+# How long a task waits for its model's container being prepared before creating its own.
+PREPARING_WAIT_S = 30.0
 # How long shutdown waits for the checker to end its turn.
 CHECKER_JOIN_S = 10.0
 # What a prepared container's options may differ in from a task's own: fixed at create.
@@ -163,8 +166,8 @@ class PreparedContainers:
         # Slots in this process's hands, from before their folder exists until it is removed:
         # the sweeps keep their folders and containers.
         self._slots: set[str] = set()
-        # Models a container is being prepared for in the background.
-        self._preparing: set[str] = set()
+        # Models a container is being prepared for in the background: set when that ends.
+        self._preparing: dict[str, threading.Event] = {}
         self._closed = False
         self._wake = threading.Event()
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
@@ -194,6 +197,9 @@ class PreparedContainers:
         the task's to remove)."""
         with self._lock:
             self._closed = True
+            waiting = list(self._preparing.values())
+        for preparing in waiting:  # tasks waiting on one go on (and create their own)
+            preparing.set()
         self._wake.set()
         if self._checker is not None:
             # Bounded: it may be waiting on the private API's model list; closed, it prepares nothing.
@@ -239,25 +245,65 @@ class PreparedContainers:
             if self._closed:
                 return None
             ready = None if params_file is not None else self._ready.pop(model.human_readable_id, None)
+            # Back-to-back tasks of a model: the container being prepared is ready sooner than
+            # one created from scratch now.
+            preparing = None if params_file is not None else self._preparing.get(model.human_readable_id)
         if ready is not None:
-            if ready.image_id == image_id and self.fits(ready, task_uid, model, model_dir, None):
+            if self._usable(ready, task_uid, model, image_id, model_dir):
                 done: Future[PreparedContainer | None] = Future()
                 done.set_result(ready)
-                with self._lock:
-                    self.used_ready += 1
                 return done
-            log.info(
-                "prepared container %s of %s is out of date; dropped",
-                ready.container.short_id,
-                model.human_readable_id,
-            )
             self._submit(self._remove, ready)
         try:
+            if ready is None and preparing is not None:
+                return self._for_tasks.submit(
+                    self._take_when_prepared, preparing, task_uid, model, image_id, workspace, model_dir
+                )
             return self._for_tasks.submit(
                 self._create_for_task, task_uid, model, image_id, workspace, model_dir, params_file
             )
         except RuntimeError:  # shut down meanwhile
             return None
+
+    def _usable(
+        self,
+        ready: PreparedContainer,
+        task_uid: str,
+        model: ModelPublic,
+        image_id: str,
+        model_dir: Path | None,
+    ) -> bool:
+        """Whether a task (without params) may take this prepared container; counted when so."""
+        if ready.image_id == image_id and self.fits(ready, task_uid, model, model_dir, None):
+            with self._lock:
+                self.used_ready += 1
+            return True
+        log.info(
+            "prepared container %s of %s is out of date; dropped",
+            ready.container.short_id,
+            model.human_readable_id,
+        )
+        return False
+
+    def _take_when_prepared(
+        self,
+        preparing: threading.Event,
+        task_uid: str,
+        model: ModelPublic,
+        image_id: str,
+        workspace: TaskWorkspace,
+        model_dir: Path | None,
+    ) -> PreparedContainer | None:
+        """The container being prepared for the task's model once it is ready (if no other task
+        took it first), else the task's own."""
+        preparing.wait(PREPARING_WAIT_S)
+        with self._lock:
+            ready = None if self._closed else self._ready.pop(model.human_readable_id, None)
+        if ready is not None:
+            if self._usable(ready, task_uid, model, image_id, model_dir):
+                return ready
+            self._remove(ready)
+        return self._create_for_task(task_uid, model, image_id, workspace, model_dir, None)
 
     def fits(
         self,
@@ -295,8 +341,20 @@ class PreparedContainers:
         and give it the task's container name; False when that failed (then discard it)."""
         if not prepared.ahead:
             return True
-        if prepared.gate is not None:
-            return self._hand_over_started(prepared, task_uid, workspace)
+        handed = (
+            self._hand_over_started(prepared, task_uid, workspace)
+            if prepared.gate is not None
+            else self._hand_over_created(prepared, task_uid, workspace)
+        )
+        if handed:
+            # The model's next container is prepared while this one runs: back-to-back tasks
+            # then find it ready.
+            self._prepare_soon(prepared.model)
+        return handed
+
+    def _hand_over_created(
+        self, prepared: PreparedContainer, task_uid: str, workspace: TaskWorkspace
+    ) -> bool:
         link = prepared.bound
         retargeted = link.with_name(f"{BOUND_LINK}.{secrets.token_hex(4)}")
         try:
@@ -453,10 +511,9 @@ class PreparedContainers:
                 or model.human_readable_id in self._ready
             ):
                 return
-            self._preparing.add(model.human_readable_id)
+            self._preparing[model.human_readable_id] = threading.Event()
         if not self._submit(self._prepare, model):
-            with self._lock:
-                self._preparing.discard(model.human_readable_id)
+            self._prepared(model)
 
     def _submit(self, call: Callable[..., Any], *args: Any) -> bool:
         try:
@@ -489,8 +546,14 @@ class PreparedContainers:
         except Exception:
             log.exception("could not prepare a container for %s", model.human_readable_id)
         finally:
-            with self._lock:
-                self._preparing.discard(model.human_readable_id)
+            self._prepared(model)
+
+    def _prepared(self, model: ModelPublic) -> None:
+        """The preparation for `model` is over (successful or not): tasks waiting on it go on."""
+        with self._lock:
+            done = self._preparing.pop(model.human_readable_id, None)
+        if done is not None:
+            done.set()
 
     # --- containers ---------------------------------------------------------------------------------
 
