@@ -16,10 +16,10 @@ task's workspace after the run; for one only created, the link is pointed at the
 workspace before the start, so nothing moves.
 
 Isolation does not change: a prepared container is created by `ModelRunner.container_options`,
-the very options of a per-task container, and serves one task only; as soon as a task takes it,
-a fresh one is prepared in the background (also after the answer of a task that had none), and a
-task of a model whose container is being prepared waits for that one rather than creating its
-own. What is fixed at create time and cannot be a task's:
+the very options of a per-task container, and serves one task only; a fresh one is prepared in
+the background once the task's answer has gone out (earlier, it slowed the running task down),
+and a task of a model whose container is being prepared waits for that one rather than creating
+its own. What is fixed at create time and cannot be a task's:
 - its labels: a prepared container has no task label (LABEL_TASK) but LABEL_PREPARED (its slot)
   and LABEL_PROCESS (the consumer process), by which the sweeps know it; it takes the task's
   container name (is-task-<uid>-...) when the task takes it, before it starts;
@@ -341,16 +341,9 @@ class PreparedContainers:
         and give it the task's container name; False when that failed (then discard it)."""
         if not prepared.ahead:
             return True
-        handed = (
-            self._hand_over_started(prepared, task_uid, workspace)
-            if prepared.gate is not None
-            else self._hand_over_created(prepared, task_uid, workspace)
-        )
-        if handed:
-            # The model's next container is prepared while this one runs: back-to-back tasks
-            # then find it ready.
-            self._prepare_soon(prepared.model)
-        return handed
+        if prepared.gate is not None:
+            return self._hand_over_started(prepared, task_uid, workspace)
+        return self._hand_over_created(prepared, task_uid, workspace)
 
     def _hand_over_created(
         self, prepared: PreparedContainer, task_uid: str, workspace: TaskWorkspace
