@@ -35,6 +35,7 @@ from inference_server.contract import (
     TaskPublic,
     TaskQueue,
     V12Code,
+    cancel_exchange_name,
 )
 from inference_server.file_trees import remove_tree
 from inference_server.zipsafe import ZipLimits, extract_zip, zip_directory
@@ -256,13 +257,21 @@ class BenchContext:
             log.warning("could not connect to RabbitMQ to delete the bench queues: %r", exc)
             return
         try:
-            for name in self.queues:
+            for base in self.queues:
+                # The platform's lanes (<base>.cpu, <base>.gpu) and its cancel exchange.
+                for name in (base, *(lane.queue_name(base) for lane in TaskQueue)):
+                    try:
+                        channel = connection.channel()
+                        channel.queue_delete(name)
+                        channel.close()
+                    except pika.exceptions.AMQPError as exc:
+                        log.warning("could not delete queue %s: %r", name, exc)
                 try:
                     channel = connection.channel()
-                    channel.queue_delete(name)
+                    channel.exchange_delete(cancel_exchange_name(base))
                     channel.close()
                 except pika.exceptions.AMQPError as exc:
-                    log.warning("could not delete queue %s: %r", name, exc)
+                    log.warning("could not delete exchange %s: %r", cancel_exchange_name(base), exc)
         finally:
             with contextlib.suppress(pika.exceptions.AMQPError):
                 connection.close()

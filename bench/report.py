@@ -273,13 +273,18 @@ def figure_texts(results: dict[str, Any]) -> dict[str, str]:
         "dispatch_queued_ms": breakdown_ms("queued_until_claimed"),
         "dispatch_claimed_to_stored_ms": _fmt(claimed_to_stored_ms, 0),
         "dispatch_raw_ms": _fmt(raw_ms, 0),
-        "dispatch_consumer_calls_ms": _fmt(claimed_to_stored_ms - raw_ms, 0),
+        "dispatch_container_ms": breakdown_ms("container_inside_consumer"),
+        # Claim, input download and unzip, the gate or the start, the zip, the output upload.
+        "dispatch_outside_container_ms": _fmt(
+            claimed_to_stored_ms - (breakdown.get("container_inside_consumer") or 0) * 1000, 0
+        ),
         "dispatch_stored_to_downloaded_ms": breakdown_ms("output_stored_until_downloaded"),
         "batch_poll_ms": _fmt(BATCH_POLL_INTERVAL_S * 1000, 0),
         "throughput_cpu_per_task": _throughput_cpu((d.get("throughput") or {}).get("levels") or {}),
         "services_cpu_by_kind": _services_cpu_by_kind(d.get("throughput") or {}),
         "upload_direct_mb_s": _fmt(big.get("upload_direct_to_private_api_mb_s")),
         "disk_mb_s": _fmt(big.get("disk_read_sha256_write_mb_s")),
+        "disk_fsync_mb_s": _fmt(big.get("disk_read_sha256_write_fsync_mb_s")),
         "poll_p99_runs": ", ".join(_fmt(run.get("p99_ms")) for run in paced.get("runs") or []) or "n/a",
         "phase_errors": _phase_errors(results.get("phase_errors") or {}),
     }
