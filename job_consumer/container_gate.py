@@ -9,9 +9,9 @@ command (`exec`). From then on the container runs exactly what a container creat
 would run: same image, options, limits, user and working directory; the model is PID 1 as usual.
 
 The gate is a folder of the slot, bound at GATE_MOUNT: the FIFO, which only the consumer can
-write (the container sees it read-only), and a hard link to the shell (or a copy, across file
-systems). A reader that sees anything but GATE_WORD (an opener that closed at once, say) waits
-again, so only the consumer's word opens it.
+write (the container sees it read-only), and a copy of the shell. A reader that sees anything
+but GATE_WORD (an opener that closed at once, say) waits again, so only the consumer's word
+opens it.
 """
 
 from __future__ import annotations
@@ -112,10 +112,8 @@ def make_gate(slot_root: Path, shell: Path) -> Path:
     fifo = gate / FIFO_NAME
     os.mkfifo(fifo, FIFO_MODE)
     os.chmod(fifo, FIFO_MODE)
-    try:
-        os.link(shell, gate / SHELL_NAME)
-    except OSError:
-        shutil.copyfile(shell, gate / SHELL_NAME)
+    # A copy (2 MB), never a hard link: that would share the system file's inode and its mode.
+    shutil.copyfile(shell, gate / SHELL_NAME)
     os.chmod(gate / SHELL_NAME, SHELL_MODE)
     return gate
 

@@ -46,6 +46,7 @@ def test_only_a_static_executable_is_taken_as_the_gate_shell(tmp_path: Path) -> 
 
 
 def test_the_gate_folder_holds_a_fifo_only_its_owner_writes_and_the_shell(tmp_path: Path) -> None:
+    mode_before = stat.S_IMODE(os.stat(STATIC_BUSYBOX).st_mode)
     gate = make_gate(tmp_path, STATIC_BUSYBOX)
     fifo = os.stat(gate / FIFO_NAME)
     assert stat.S_ISFIFO(fifo.st_mode)
@@ -53,6 +54,9 @@ def test_the_gate_folder_holds_a_fifo_only_its_owner_writes_and_the_shell(tmp_pa
     shell = gate / SHELL_NAME
     assert shell.read_bytes() == STATIC_BUSYBOX.read_bytes()
     assert os.access(shell, os.X_OK)
+    # Its own file: the system's shell keeps its inode and its mode.
+    assert os.stat(shell).st_ino != os.stat(STATIC_BUSYBOX).st_ino
+    assert stat.S_IMODE(os.stat(STATIC_BUSYBOX).st_mode) == mode_before
 
 
 def test_the_image_command_is_its_entrypoint_then_its_cmd() -> None:
