@@ -399,10 +399,11 @@ def container_run_s(task: TaskPublic) -> float | None:
 EVENTS_DRAIN_S = 1.0
 
 
-class ContainerStarts:
-    """Counts the model containers the Docker engine starts per task while open, from the
-    engine's own event stream (the consumers' task label says whose): the engine's record of every
-    start, where the platform keeps only each task's latest run."""
+class ContainerRuns:
+    """Counts the model containers that ran for each task while open, by their exits in the
+    engine's own event stream (the task label, or the task's name a prepared container takes,
+    says whose): the engine's record of every run, where the platform keeps only each task's
+    latest. Exits, not starts: a container started ahead is started before its task exists."""
 
     def __init__(self, docker_client: docker.DockerClient) -> None:
         self._docker = docker_client
@@ -411,9 +412,9 @@ class ContainerStarts:
         self._events: Any = None
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> ContainerStarts:
-        self._events = self._docker.events(decode=True, filters={"type": "container", "event": "start"})
-        self._thread = threading.Thread(target=self._read, name="container-starts", daemon=True)
+    def __enter__(self) -> ContainerRuns:
+        self._events = self._docker.events(decode=True, filters={"type": "container", "event": "die"})
+        self._thread = threading.Thread(target=self._read, name="container-runs", daemon=True)
         self._thread.start()
         return self
 
@@ -439,7 +440,7 @@ class ContainerStarts:
                     self._counts[task_uid] += 1
 
     def per_task(self, uids: Iterable[str]) -> Counter[str]:
-        """Starts of these tasks' containers (others' on the same engine are not counted)."""
+        """Runs of these tasks' containers (others' on the same engine are not counted)."""
         wanted = set(uids)
         with self._lock:
             return Counter({uid: count for uid, count in self._counts.items() if uid in wanted})

@@ -23,7 +23,7 @@ import httpx
 from bench.common import (
     BenchContext,
     BenchPlatform,
-    ContainerStarts,
+    ContainerRuns,
     queue_consumer_count,
     submit_small,
     write_small_zip,
@@ -91,9 +91,9 @@ def run_queue_depth(ctx: BenchContext, tasks: int, run_budget_s: float) -> dict[
             ready,
         )
 
-        # Listening before the first consumer starts, until the last has exited: every start counts.
+        # Listening before the first consumer starts, until the last has exited: every exit counts.
         docker_client = docker.from_env()
-        with ContainerStarts(docker_client) as container_starts:
+        with ContainerRuns(docker_client) as container_runs:
             bench_platform.add_consumers(CONSUMERS, wait=False)
             run_started = time.perf_counter()
             deadline = run_started + run_budget_s
@@ -116,7 +116,7 @@ def run_queue_depth(ctx: BenchContext, tasks: int, run_budget_s: float) -> dict[
         counts = _status_counts(bench_platform)
         attempts = _finished_attempts(bench_platform)
         docker_client.close()
-        started_per_task = container_starts.per_task(uids)
+        started_per_task = container_runs.per_task(uids)
         rss = bench_platform.rss_mb()
 
     finished = counts.get(TaskStatus.FINISHED, 0)
@@ -142,7 +142,7 @@ def run_queue_depth(ctx: BenchContext, tasks: int, run_budget_s: float) -> dict[
         "finished": finished,
         "finished_attempts": {str(key): value for key, value in attempts.items()},
         "containers_started": sum(started_per_task.values()),
-        "tasks_with_two_container_starts": started_twice,
+        "tasks_with_two_container_runs": started_twice,
         "tasks_run_per_s": rate,
         "estimated_s_for_all": len(uids) / rate if rate else None,
         "every_finished_task_ran_once": each_ran_once,

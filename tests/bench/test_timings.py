@@ -10,7 +10,7 @@ from typing import Any
 import docker
 import pytest
 
-from bench.common import ContainerStarts, container_run_s
+from bench.common import ContainerRuns, container_run_s
 from inference_server.contract import TaskPublic
 from job_consumer.runner import LABEL_TASK
 
@@ -45,34 +45,34 @@ def test_a_task_without_reported_run_times_has_no_container_run_time() -> None:
     assert container_run_s(TaskPublic.model_validate(status_json())) is None
 
 
-def start_event(task_uid: str | None) -> dict[str, Any]:
-    """A container start event as the engine streams it: the labels among the actor's attributes."""
+def exit_event(task_uid: str | None) -> dict[str, Any]:
+    """A container exit event as the engine streams it: the labels among the actor's attributes."""
     attributes = {"image": "passthrough", "name": "is-task-x"}
     if task_uid is not None:
         attributes[LABEL_TASK] = task_uid
-    return {"Type": "container", "Action": "start", "Actor": {"ID": "c0ffee", "Attributes": attributes}}
+    return {"Type": "container", "Action": "die", "Actor": {"ID": "c0ffee", "Attributes": attributes}}
 
 
-def test_container_starts_are_counted_per_task_of_ours_only() -> None:
-    counter = ContainerStarts(docker_client=None)  # type: ignore[arg-type]  # count() needs no engine
+def test_container_runs_are_counted_per_task_of_ours_only() -> None:
+    counter = ContainerRuns(docker_client=None)  # type: ignore[arg-type]  # count() needs no engine
     counter.count(
         [
-            start_event("ours-1"),
-            start_event("ours-2"),
-            start_event("ours-1"),
-            start_event("theirs"),
-            start_event(None),
+            exit_event("ours-1"),
+            exit_event("ours-2"),
+            exit_event("ours-1"),
+            exit_event("theirs"),
+            exit_event(None),
         ]
     )
     assert counter.per_task(["ours-1", "ours-2", "ours-3"]) == {"ours-1": 2, "ours-2": 1}
 
 
 @pytest.mark.docker
-def test_container_starts_come_from_the_engines_events(
+def test_container_runs_come_from_the_engines_events(
     docker_client: docker.DockerClient, base_image: str
 ) -> None:
     task_uid = f"benchtest{secrets.token_hex(8)}"
-    with ContainerStarts(docker_client) as starts:
+    with ContainerRuns(docker_client) as runs:
         for _ in range(2):
             docker_client.containers.run(base_image, ["true"], labels={LABEL_TASK: task_uid}, remove=True)
-    assert starts.per_task([task_uid]) == {task_uid: 2}
+    assert runs.per_task([task_uid]) == {task_uid: 2}

@@ -312,13 +312,14 @@ class Driver:
                 return float(line.split()[1])
         return 0.0
 
-    def containers_started(self, uid: str, since: float) -> int:
-        """Containers any consumer started for task `uid` since `since` (Unix seconds), by the task
-        label, or the task's name a container created ahead takes; removed ones count too."""
+    def containers_ran(self, uid: str, since: float) -> int:
+        """Containers that ran for task `uid` since `since` (Unix seconds), by their exits: the task
+        label, or the task's name a prepared container takes (one started ahead was started
+        before its task existed); removed ones count too."""
         events = self.docker_client.events(
             since=int(since),
             until=int(time.time()) + 1,
-            filters={"type": "container", "event": "start"},
+            filters={"type": "container", "event": "die"},
             decode=True,
         )
         return sum(
@@ -565,7 +566,7 @@ def test_a_cache_hit_starts_no_container_and_an_image_rebuilt_under_the_tag_miss
         "rebuilt image": after_rebuild,
         "hit on rebuilt": hit_after_rebuild,
     }
-    containers = {what: driver.containers_started(uid, since) for what, uid in uids.items()}
+    containers = {what: driver.containers_ran(uid, since) for what, uid in uids.items()}
     counted = (
         driver.private_metric("inference_cache_hits_total") - hits_before,
         driver.private_metric("inference_cache_misses_total") - misses_before,
@@ -686,7 +687,7 @@ def test_a_failed_upstream_fails_its_dependents_with_the_reason(idle_driver: Dri
     states = driver.wait_ended([upstream, by_input, by_model, downstream])
 
     dependents = {"input_from": by_input, "model_from": by_model, "two levels down": downstream}
-    containers = {what: driver.containers_started(uid, since) for what, uid in dependents.items()}
+    containers = {what: driver.containers_ran(uid, since) for what, uid in dependents.items()}
     print(
         f"in: a failing task and three tasks chained on it; out: upstream {states[upstream]['status']}, "
         + ", ".join(
@@ -701,7 +702,7 @@ def test_a_failed_upstream_fails_its_dependents_with_the_reason(idle_driver: Dri
     assert states[downstream]["status"] == "failed"
     assert "upstream" in states[downstream]["error"]
     assert containers == dict.fromkeys(dependents, 0)
-    assert driver.containers_started(upstream, since) >= 1
+    assert driver.containers_ran(upstream, since) >= 1
 
 
 def test_cancelling_or_deleting_an_upstream_ends_what_waits_on_it(idle_driver: Driver) -> None:
