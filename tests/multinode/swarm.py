@@ -129,6 +129,9 @@ def _start_worker(client: docker.DockerClient, network: Network, name: str) -> C
     )
 
 
+WORKER_REMOVE_TIMEOUT_S = 600
+
+
 def _remove_quietly(remove: object) -> None:
     with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
         remove()  # type: ignore[operator]
@@ -177,8 +180,14 @@ def multi_node_swarm(
             wait_until(lambda w=worker: swarm.node_state(w) == "ready", 60, f"node {worker.name} ready", 1.0)  # type: ignore[misc]
         yield swarm
     finally:
-        for worker in workers:
-            _remove_quietly(lambda w=worker: w.container.remove(force=True, v=True))
+        # A worker's engine keeps a full copy of every image and container layer (vfs): deleting
+        # them can outlast the client's usual 60 s under load.
+        usual_timeout, client.api.timeout = client.api.timeout, WORKER_REMOVE_TIMEOUT_S
+        try:
+            for worker in workers:
+                _remove_quietly(lambda w=worker: w.container.remove(force=True, v=True))
+        finally:
+            client.api.timeout = usual_timeout
         if in_swarm:
             run(["docker", "swarm", "leave", "--force"], check=False)
         remove_created_gwbridge(client, had_gwbridge=had_gwbridge)
