@@ -27,6 +27,10 @@ from tests.deployment.helpers import remove_created_gwbridge, run
 from tests.helpers import wait_until
 
 DIND_IMAGE = "inference-server/dind:latest"
+# On what the harness makes (workers, their network, the manager node): an interrupted run's
+# leftovers are recognised by it.
+HARNESS_LABEL = "inference-server.multinode"
+WORKER_PREFIX = "is-mn-"
 # Every capability this host may hand out except SYS_RESOURCE (which it lacks itself, so asking
 # for it, as --privileged does, fails the container's start).
 WORKER_CAPABILITIES = [
@@ -125,7 +129,7 @@ def _start_worker(client: docker.DockerClient, network: Network, name: str) -> C
         cap_add=WORKER_CAPABILITIES,
         security_opt=["seccomp=unconfined", "apparmor=unconfined"],
         volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
-        labels={"inference-server.multinode": name},
+        labels={HARNESS_LABEL: name},
     )
 
 
@@ -137,24 +141,72 @@ def _remove_quietly(remove: object) -> None:
         remove()  # type: ignore[operator]
 
 
+def _is_leftover_harness_swarm(client: docker.DockerClient) -> bool:
+    """Whether the swarm this engine manages is one this harness made and, interrupted, never
+    left: its manager node carries HARNESS_LABEL, or (harnesses before that label) every other
+    node is one of its dind workers."""
+    info = client.info()["Swarm"]
+    if info["LocalNodeState"] != "active" or not info.get("ControlAvailable"):
+        return False
+    nodes = client.nodes.list()
+    local = [node for node in nodes if node.id == info["NodeID"]]
+    if local and HARNESS_LABEL in local[0].attrs["Spec"].get("Labels", {}):
+        return True
+    others = [node for node in nodes if node.id != info["NodeID"]]
+    return bool(others) and all(
+        str(node.attrs["Description"]["Hostname"]).startswith(WORKER_PREFIX) for node in others
+    )
+
+
+def _remove_leftovers(client: docker.DockerClient) -> None:
+    """An interrupted run's workers, network and swarm."""
+    with _worker_remove_timeout(client):
+        for container in client.containers.list(all=True, filters={"label": HARNESS_LABEL}):
+            _remove_quietly(lambda c=container: c.remove(force=True, v=True))
+    run(["docker", "swarm", "leave", "--force"], check=False)
+    for network in client.networks.list(filters={"label": HARNESS_LABEL}):
+        _remove_quietly(network.remove)
+
+
+@contextlib.contextmanager
+def _worker_remove_timeout(client: docker.DockerClient) -> Iterator[None]:
+    # A worker's engine keeps a full copy of every image and container layer (vfs): deleting
+    # them can outlast the client's usual 60 s under load.
+    usual_timeout, client.api.timeout = client.api.timeout, WORKER_REMOVE_TIMEOUT_S
+    try:
+        yield
+    finally:
+        client.api.timeout = usual_timeout
+
+
+def _remove_workers(client: docker.DockerClient, workers: list[Worker]) -> None:
+    with _worker_remove_timeout(client):
+        for worker in workers:
+            _remove_quietly(lambda w=worker: w.container.remove(force=True, v=True))
+
+
 @contextlib.contextmanager
 def multi_node_swarm(
     client: docker.DockerClient, prefix: str, worker_labels: dict[str, dict[str, str]], work_dir: str
 ) -> Iterator[MultiNodeSwarm]:
     """A swarm of this host's engine (manager) and one dind worker per entry of `worker_labels`
-    (its node labels), each with `work_dir` made on it; everything is removed afterwards."""
+    (its node labels), each with `work_dir` made on it; everything is removed afterwards, each
+    step even where an earlier one failed. What an interrupted earlier run left is removed first."""
+    if _is_leftover_harness_swarm(client):
+        _remove_leftovers(client)
     swarm_state = client.info()["Swarm"]["LocalNodeState"]
     if swarm_state != "inactive":
         raise AssertionError(
             f"this engine's swarm state is {swarm_state!r}: the harness needs it out of any swarm"
         )
     had_gwbridge = bool(client.networks.list(names=["docker_gwbridge"]))
-    network = client.networks.create(
-        f"{prefix}-net", driver="bridge", labels={"inference-server.multinode": prefix}
-    )
+    network = client.networks.create(f"{prefix}-net", driver="bridge", labels={HARNESS_LABEL: prefix})
     workers: list[Worker] = []
-    in_swarm = False
-    try:
+    with contextlib.ExitStack() as teardown:
+        # Run last to first, every one even if one before it raised.
+        teardown.callback(_remove_quietly, network.remove)
+        teardown.callback(remove_created_gwbridge, client, had_gwbridge=had_gwbridge)
+        teardown.callback(_remove_workers, client, workers)
         for name, labels in worker_labels.items():
             workers.append(
                 Worker(f"{prefix}-{name}", labels, _start_worker(client, network, f"{prefix}-{name}"))
@@ -165,8 +217,10 @@ def multi_node_swarm(
             wait_until(worker.engine_answers, ENGINE_START_TIMEOUT_S, f"the engine of {worker.name}", 1.0)
             worker.docker("info")  # a failure here says why the engine is unwell
             run(["docker", "exec", worker.name, "mkdir", "-p", work_dir])
+        teardown.callback(run, ["docker", "swarm", "leave", "--force"], check=False)
         run(["docker", "swarm", "init", "--advertise-addr", manager_address])
-        in_swarm = True
+        manager_id = client.info()["Swarm"]["NodeID"]
+        run(["docker", "node", "update", "--label-add", f"{HARNESS_LABEL}={prefix}", manager_id])
         token = run(["docker", "swarm", "join-token", "-q", "worker"]).stdout.strip()
         for worker in workers:
             worker.docker("swarm", "join", "--token", token, f"{manager_address}:2377")
@@ -179,20 +233,7 @@ def multi_node_swarm(
         for worker in workers:
             wait_until(lambda w=worker: swarm.node_state(w) == "ready", 60, f"node {worker.name} ready", 1.0)  # type: ignore[misc]
         yield swarm
-    finally:
-        # A worker's engine keeps a full copy of every image and container layer (vfs): deleting
-        # them can outlast the client's usual 60 s under load.
-        usual_timeout, client.api.timeout = client.api.timeout, WORKER_REMOVE_TIMEOUT_S
-        try:
-            for worker in workers:
-                _remove_quietly(lambda w=worker: w.container.remove(force=True, v=True))
-        finally:
-            client.api.timeout = usual_timeout
-        if in_swarm:
-            run(["docker", "swarm", "leave", "--force"], check=False)
-        remove_created_gwbridge(client, had_gwbridge=had_gwbridge)
-        _remove_quietly(network.remove)
 
 
 def unique_prefix(test_session_id: str) -> str:
-    return f"is-mn-{test_session_id}-{secrets.token_hex(2)}".lower()
+    return f"{WORKER_PREFIX}{test_session_id}-{secrets.token_hex(2)}".lower()
