@@ -41,6 +41,7 @@ from inference_server.contract import (
     WAIT_MAX_S,
     WAIT_MIN_S,
     WAIT_PARAM,
+    WAKE_ON_PARAM,
     AuditAction,
     AuditEntry,
     ConsumerPublic,
@@ -50,6 +51,7 @@ from inference_server.contract import (
     TaskStatus,
     TaskSubmitFields,
     V12Code,
+    WakeOn,
     error_detail,
     task_state,
 )
@@ -480,14 +482,20 @@ class InferenceClient:
             _TASK, self._json(self._request("GET", PublicRoutes.TASK_STATUS.format(uid=_quoted(uid))))
         )
 
-    def status_after_change(self, uid: str, seen: TaskStatus, wait_s: float) -> TaskPublic:
-        """The task as soon as its status or progress changes (at once if its status is not
-        `seen`), or after `wait_s` seconds as it is then: GET status?wait= (a long poll)."""
+    def status_after_change(
+        self, uid: str, seen: TaskStatus, wait_s: float, on: WakeOn = WakeOn.CHANGE
+    ) -> TaskPublic:
+        """The task as soon as it changes in what `on` names (its status, progress or waiting
+        reason; its status; its end), at once if `seen` is already out of date, or after `wait_s`
+        seconds as it is then: GET status?wait= (a long poll)."""
         wait_s = min(max(wait_s, WAIT_MIN_S), WAIT_MAX_S)
+        params = {WAIT_PARAM: f"{wait_s:g}", SEEN_PARAM: seen.value}
+        if on is not WakeOn.CHANGE:  # the default, also on servers from before `on` existed
+            params[WAKE_ON_PARAM] = on.value
         response = self._request(
             "GET",
             PublicRoutes.TASK_STATUS.format(uid=_quoted(uid)),
-            params={WAIT_PARAM: f"{wait_s:g}", SEEN_PARAM: seen.value},
+            params=params,
             timeout=httpx.Timeout(wait_s + 30.0, connect=10.0),
         )
         return self._parse(_TASK, self._json(response))
@@ -507,8 +515,9 @@ class InferenceClient:
 
         `on_change` is called with the task on the first poll and again each time its status,
         its waiting_reason or the progress the model reports differs from the last call's, the
-        terminal status included.
+        terminal status included. Without it, the long polls ask to be woken by the end only.
         """
+        wake_on = WakeOn.END if on_change is None else WakeOn.CHANGE
         deadline = None if timeout is None else time.monotonic() + timeout
         last_reported: tuple[TaskStatus, str | None, float | None, str | None] | None = None
         long_polls = True
@@ -528,7 +537,7 @@ class InferenceClient:
                 wait_s = LONG_POLL_S if deadline is None else min(LONG_POLL_S, deadline - time.monotonic())
                 asked_at = time.monotonic()
                 try:
-                    answer = self.status_after_change(uid, task.status, wait_s)
+                    answer = self.status_after_change(uid, task.status, wait_s, wake_on)
                 except InferenceClientError as exc:
                     if exc.status_code not in (400, 422):
                         raise

@@ -441,29 +441,60 @@ class TaskPublic(BaseModel):
     progress_message: str | None = None
 
 
-# GET PublicRoutes.TASK_STATUS?wait=S[&seen=STATUS]: a long poll answered as soon as the task's
-# state (task_state: status, progress, waiting_reason) differs from what the caller saw (the
-# status `seen`, else the state at the time of the request), or after S seconds
-# (WAIT_MIN_S..WAIT_MAX_S) with the state as it is.
+# GET PublicRoutes.TASK_STATUS?wait=S[&seen=STATUS][&on=WAKE_ON]: a long poll answered as soon
+# as what the caller saw (the status `seen`, else the state at the time of the request) is out of
+# date at the granularity `on` asks for, or after S seconds (WAIT_MIN_S..WAIT_MAX_S) with the
+# state as it is. /events takes `on` too.
 WAIT_PARAM = "wait"
 SEEN_PARAM = "seen"
+WAKE_ON_PARAM = "on"
 WAIT_MIN_S = 1.0
 WAIT_MAX_S = 60.0
 TASKS_WAIT_MAX_UIDS = 10_000
 EVENT_STREAM_MEDIA_TYPE = "text/event-stream"
 
 
-def task_state(task: TaskPublic) -> str:
-    """What a waiting client has seen of a task: its status, the progress its model reports and,
-    while pending, why it waits. `?wait=` and the event stream answer when this changes, so a
-    long poll also reports a running model's progress and a pending task's new waiting_reason."""
+class WakeOn(StrEnum):
+    """What wakes a long poll or sends an event. A client that only wants the result asks for END:
+    a crowd of such clients is not woken, and does not poll again, each time the tasks it waits on
+    change status, report progress or get a new waiting_reason."""
+
+    CHANGE = "change"  # status, progress or waiting_reason (the default)
+    STATUS = "status"  # a new status
+    END = "end"  # the task ended: finished, failed or cancelled
+
+
+def task_state(task: TaskPublic, on: WakeOn = WakeOn.CHANGE) -> str:
+    """What a waiting client has seen of a task, as far as `on` cares. For CHANGE: its status,
+    the progress its model reports and, while pending, why it waits, so a long poll also reports a
+    running model's progress and a pending task's new waiting_reason."""
+    if on is WakeOn.END:
+        return f"{WakeOn.END.value}:{int(task.status.is_terminal)}"
+    if on is WakeOn.STATUS:
+        return f"{WakeOn.STATUS.value}:{task.status.value}"
+    # Unprefixed, as before WakeOn existed: a service of the previous release, during a rolling
+    # update, sends and compares these strings as they are.
     progress = "" if task.progress is None else repr(task.progress)
     return f"{task.status.value}:{progress}:{task.waiting_reason or ''}"
 
 
+def state_is_current(seen: str, task: TaskPublic) -> bool:
+    """Whether `seen` (a task_state of any WakeOn) still describes `task`."""
+    kind = seen.partition(":")[0]
+    on = WakeOn(kind) if kind in (WakeOn.STATUS.value, WakeOn.END.value) else WakeOn.CHANGE
+    return seen == task_state(task, on)
+
+
+def status_is_current(seen: TaskStatus, task: TaskPublic, on: WakeOn) -> bool:
+    """Whether a caller that saw the status `seen` has nothing new to learn, as far as `on` cares."""
+    if on is WakeOn.END:
+        return seen.is_terminal == task.status.is_terminal
+    return seen == task.status
+
+
 class TaskWaitRequest(BaseModel):
-    """Body of the private API's POST TASKS_WAIT: for each uid, the states (task_state) its
-    waiting clients last saw. Answered as soon as one of those tasks is in another state, or
+    """Body of the private API's POST TASKS_WAIT: for each uid, the states (task_state, of any
+    WakeOn) its waiting clients last saw. Answered as soon as one of those tasks is in another state, or
     after timeout_s with nothing changed."""
 
     model_config = ConfigDict(extra="forbid")

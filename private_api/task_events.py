@@ -25,7 +25,7 @@ import anyio.to_thread
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference_server.contract import TaskPublic, TaskWaitAnswer, task_state
+from inference_server.contract import TaskPublic, TaskWaitAnswer, state_is_current
 from private_api.models import Task
 from private_api.scheduling import SchedulingPolicy, waiting_reasons
 from private_api.task_rows import TASK_CHANGED_MARK, task_public
@@ -53,7 +53,7 @@ class _Waiter:
             task = current.get(uid)
             if task is None:
                 unknown.append(uid)
-            elif seen != {task_state(task)}:
+            elif not all(state_is_current(state, task) for state in seen):
                 changed.append(task)
         if changed or unknown:
             self.answer.set_result(TaskWaitAnswer(changed=changed, unknown=unknown))

@@ -37,6 +37,9 @@ from inference_server.contract import (
     TaskStatus,
     TaskWaitAnswer,
     TaskWaitRequest,
+    WakeOn,
+    state_is_current,
+    status_is_current,
     task_state,
 )
 from inference_server.serving import app_state
@@ -151,7 +154,7 @@ class TaskWatch:
         return sum(len(waiters) for waiters in self._waiters.values())
 
     async def changed(self, uid: str, state: str, timeout_s: float) -> TaskPublic | None:
-        """The task once its state (task_state) is not `state`; None after `timeout_s`; raises
+        """The task once `state` (a task_state) no longer describes it; None after `timeout_s`; raises
         TaskGone when the private API no longer knows the uid."""
         waiter = _Waiter(uid, state)
         self._waiters.setdefault(uid, set()).add(waiter)
@@ -253,9 +256,8 @@ class TaskWatch:
         for task in answer.changed:
             if task.uid in self._latest:
                 self._latest[task.uid] = task
-            now = task_state(task)
             for waiter in list(self._waiters.get(task.uid, ())):
-                if waiter.state != now and not waiter.answer.done():
+                if not state_is_current(waiter.state, task) and not waiter.answer.done():
                     waiter.answer.set_result(task)
         for uid in answer.unknown:
             for waiter in list(self._waiters.get(uid, ())):
@@ -274,22 +276,23 @@ async def status_after_change(
     caller: Principal | None,
     wait_s: float,
     seen: TaskStatus | None,
+    on: WakeOn = WakeOn.CHANGE,
 ) -> bytes:
-    """The task's status JSON as soon as its state differs from what the caller saw (`seen`, a
-    status; else the state now), or after `wait_s` as it is then. Unknown or not the caller's:
-    the same error as the plain status read."""
+    """The task's status JSON as soon as what the caller saw (`seen`, a status; else the state
+    now) is out of date as far as `on` cares, or after `wait_s` as it is then. Unknown or not the
+    caller's: the same error as the plain status read."""
     task = watch.known(uid, caller)
-    if task is None or (seen is not None and task.status != seen):
+    if task is None or (seen is not None and not status_is_current(seen, task, on)):
         # The read checks that the caller may see the task; `known` skips it for a while after.
         body = await watch.read_once(uid, caller, lambda: service.task_status_json(api, uid, caller=caller))
         task = TaskPublic.model_validate_json(body)
         watch.remember(uid, caller, task)
-        if seen is not None and task.status != seen:
+        if seen is not None and not status_is_current(seen, task, on):
             return body
     # A state remembered from an earlier answer may be out of date: the private API compares
     # it with the task as it is, and answers at once if they differ.
     with contextlib.suppress(TaskGone):  # the read below answers for it
-        changed = await watch.changed(uid, task_state(task), wait_s)
+        changed = await watch.changed(uid, task_state(task, on), wait_s)
         if changed is not None:
             # Who may see a task never changes; the caller's key is checked on every request.
             watch.remember(uid, caller, changed)
@@ -302,15 +305,15 @@ def server_sent_event(task: TaskPublic) -> bytes:
 
 
 async def task_events(
-    watch: TaskWatch, task: TaskPublic, *, keepalive_s: float | None = None
+    watch: TaskWatch, task: TaskPublic, *, on: WakeOn = WakeOn.CHANGE, keepalive_s: float | None = None
 ) -> AsyncIterator[bytes]:
-    """`task` (as the caller may see it), then the task at each change of its state, until it
-    has ended; a comment every `keepalive_s` while nothing changes."""
+    """`task` (as the caller may see it), then the task at each change of its state as far as
+    `on` cares, until it has ended; a comment every `keepalive_s` while nothing changes."""
     idle_s = KEEPALIVE_S if keepalive_s is None else keepalive_s
     yield server_sent_event(task)
     while not task.status.is_terminal:
         try:
-            changed = await watch.changed(task.uid, task_state(task), idle_s)
+            changed = await watch.changed(task.uid, task_state(task, on), idle_s)
         except TaskGone:
             return
         if changed is None:

@@ -27,12 +27,14 @@ from inference_server.contract import (
     WAIT_MAX_S,
     WAIT_MIN_S,
     WAIT_PARAM,
+    WAKE_ON_PARAM,
     ZIP_MEDIA_TYPE,
     PublicRoutes,
     TaskPublic,
     TaskStatus,
     TaskSubmitFields,
     V12Code,
+    WakeOn,
 )
 from public_api import service, task_watch
 from public_api.deps import PrivateAPIDep, SettingsDep, TaskCallerDep, task_caller
@@ -44,6 +46,10 @@ from public_api.task_watch import TaskWatchDep
 router = APIRouter(tags=["tasks"], dependencies=[Depends(task_caller)], responses=COMMON_RESPONSES)
 
 TaskUid = Annotated[str, Path(pattern=TASK_UID_PATTERN, description="The uid returned at submission.")]
+WakeOnQuery = Annotated[
+    WakeOn,
+    Query(alias=WAKE_ON_PARAM, description="What wakes the wait: any change, a new status, or the end."),
+]
 
 
 # Without the slash too: a redirect would make clients send a large upload twice (or not at all).
@@ -183,13 +189,19 @@ async def delete_task(uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep) -
     summary="A task's status as JSON, at once or as soon as it changes",
     response_model=TaskPublic,
     description=(
-        f"With `{WAIT_PARAM}=S`, a long poll: answered as soon as the task's status or progress "
-        f"differs from what you saw (`{SEEN_PARAM}`, a status; without it, the state at the time of "
-        "the request), or after S seconds with the status as it is then."
+        f"With `{WAIT_PARAM}=S`, a long poll: answered as soon as the task differs from what you "
+        f"saw (`{SEEN_PARAM}`, a status; without it, the state at the time of the request) in what "
+        f"`{WAKE_ON_PARAM}` names, or after S seconds with the status as it is then. "
+        f"`{WAKE_ON_PARAM}={WakeOn.CHANGE.value}` (the default): its status, progress or waiting "
+        f"reason; `{WakeOn.STATUS.value}`: its status; `{WakeOn.END.value}`: only its end, what a "
+        "client waiting for the result needs."
     ),
     responses={
         404: error("No such task, or it was deleted."),
-        422: error(f"`{WAIT_PARAM}` outside {WAIT_MIN_S:g}..{WAIT_MAX_S:g}, or `{SEEN_PARAM}` not a status."),
+        422: error(
+            f"`{WAIT_PARAM}` outside {WAIT_MIN_S:g}..{WAIT_MAX_S:g}, `{SEEN_PARAM}` not a status, "
+            f"or `{WAKE_ON_PARAM}` not one of {', '.join(WakeOn)}."
+        ),
     },
 )
 async def task_status(
@@ -210,11 +222,14 @@ async def task_status(
         TaskStatus | None,
         Query(alias=SEEN_PARAM, description=f"The status you last saw (with `{WAIT_PARAM}`)."),
     ] = None,
+    on: WakeOnQuery = WakeOn.CHANGE,
 ) -> Response:
     if wait is None:
         body = await service.task_status_json(api, uid, caller=caller)
     else:
-        body = await task_watch.status_after_change(api, watch, uid, caller=caller, wait_s=wait, seen=seen)
+        body = await task_watch.status_after_change(
+            api, watch, uid, caller=caller, wait_s=wait, seen=seen, on=on
+        )
     return Response(body, media_type="application/json")
 
 
@@ -225,20 +240,26 @@ async def task_status(
     responses={
         200: {
             "description": "`text/event-stream`: first the task as it is, then one event at each "
-            "change of its status or progress (`event:` the status, `data:` the task's JSON), "
-            "ending after a final status; a comment line while nothing changes.",
+            f"change of its status, progress or waiting reason (fewer with `{WAKE_ON_PARAM}`, as "
+            "for the long poll; `event:` the status, `data:` the task's JSON), ending after a "
+            "final status; a comment line while nothing changes.",
             "content": {EVENT_STREAM_MEDIA_TYPE: {}},
         },
         404: error("No such task."),
+        422: error(f"`{WAKE_ON_PARAM}` not one of {', '.join(WakeOn)}."),
     },
 )
 async def task_events(
-    uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep, watch: TaskWatchDep
+    uid: TaskUid,
+    api: PrivateAPIDep,
+    caller: TaskCallerDep,
+    watch: TaskWatchDep,
+    on: WakeOnQuery = WakeOn.CHANGE,
 ) -> StreamingResponse:
     # Asked before the answer starts: an unknown task is a 404, not an empty stream.
     task = await service.get_task(api, uid, caller=caller)
     return StreamingResponse(
-        task_watch.task_events(watch, task),
+        task_watch.task_events(watch, task, on=on),
         media_type=EVENT_STREAM_MEDIA_TYPE,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

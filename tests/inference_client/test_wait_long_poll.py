@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from inference_client.client import InferenceClient
-from inference_server.contract import WAIT_PARAM, PublicRoutes, TaskPublic, TaskStatus
+from inference_server.contract import WAIT_PARAM, WAKE_ON_PARAM, PublicRoutes, TaskPublic, TaskStatus, WakeOn
 from tests.helpers import ServerThread
 from tests.public_api.stack import ConsumerDriver, make_zip, submit
 
@@ -92,3 +92,38 @@ def test_wait_learns_the_end_from_a_long_poll_not_the_next_poll(
     assert task.status == TaskStatus.FINISHED
     assert changes == [TaskStatus.RUNNING, TaskStatus.FINISHED]
     assert latency < 2
+
+
+class RecordingServer:
+    """A status route that records each request's query and says the task finished."""
+
+    def __init__(self) -> None:
+        self.queries: list[dict[str, str]] = []
+        self.app = FastAPI()
+        self.app.get(PublicRoutes.TASK_STATUS)(self.status)
+
+    async def status(self, uid: str, request: Request) -> JSONResponse:
+        self.queries.append(dict(request.query_params))
+        # Pending at the first, plain read: the second request is the long poll.
+        status = TaskStatus.PENDING if len(self.queries) == 1 else TaskStatus.FINISHED
+        task = TaskPublic(uid=uid, model_human_readable_id="m", status=status, created_at=datetime.now(UTC))
+        return JSONResponse(task.model_dump(mode="json"))
+
+
+@pytest.mark.parametrize(("reports_changes", "wake_on"), [(False, WakeOn.END.value), (True, None)])
+def test_wait_asks_to_be_woken_by_the_end_unless_it_reports_changes(
+    reports_changes: bool, wake_on: str | None
+) -> None:
+    server = RecordingServer()
+    thread = ServerThread(server.app, name="recording-server").start()
+    try:
+        with InferenceClient(thread.url) as client:
+            on_change = (lambda _task: None) if reports_changes else None
+            task = client.wait(UID, poll_interval=60, timeout=30, on_change=on_change)
+    finally:
+        thread.stop()
+    assert task.status == TaskStatus.FINISHED
+    first, long_poll = server.queries
+    assert WAIT_PARAM not in first
+    assert WAIT_PARAM in long_poll
+    assert long_poll.get(WAKE_ON_PARAM) == wake_on

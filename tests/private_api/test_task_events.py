@@ -9,7 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import update
 
-from inference_server.contract import PrivateRoutes, TaskPublic, TaskStatus, TaskWaitAnswer, task_state
+from inference_server.contract import (
+    PrivateRoutes,
+    TaskPublic,
+    TaskStatus,
+    TaskWaitAnswer,
+    WakeOn,
+    task_state,
+)
 from private_api.db import make_engine, make_session_factory
 from private_api.models import Task
 from private_api.scheduling import SchedulingPolicy
@@ -52,6 +59,20 @@ def test_a_change_made_here_answers_the_wait_within_a_fraction_of_a_second(clien
         latency = time.monotonic() - claimed_at
     assert [(changed.uid, changed.status) for changed in answer.changed] == [(task.uid, TaskStatus.RUNNING)]
     assert latency < 0.4  # a commit here pokes the notifier; the 0.5 s re-check is not needed
+
+
+def test_a_wait_for_the_end_is_not_answered_by_the_start_but_by_the_end(client) -> None:
+    task = _pending_task(client)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(_wait, client, {task.uid: [task_state(task, WakeOn.END)]}, 20)
+        time.sleep(0.3)  # let the wait register first
+        assert claim(client, task.uid).status_code == 200
+        time.sleep(0.8)  # past RECHECK_S: a wait woken by the start would have its answer
+        assert not waiting.done()
+        cancelled = client.post(PrivateRoutes.TASK_CANCEL.format(uid=task.uid))
+        assert cancelled.status_code == 200, cancelled.text
+        answer = waiting.result(timeout=10)
+    assert [(changed.uid, changed.status) for changed in answer.changed] == [(task.uid, TaskStatus.CANCELLED)]
 
 
 def test_no_change_answers_empty_after_the_timeout(client) -> None:

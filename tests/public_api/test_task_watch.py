@@ -17,9 +17,11 @@ import pytest
 from inference_server.contract import (
     SEEN_PARAM,
     WAIT_PARAM,
+    WAKE_ON_PARAM,
     ApiKeyRole,
     PublicRoutes,
     TaskStatus,
+    WakeOn,
 )
 from public_api import task_watch
 from public_api.task_watch import TaskWatch
@@ -128,6 +130,67 @@ def test_progress_answers_a_long_poll_too(
     assert took < 10
 
 
+def test_a_long_poll_on_end_sleeps_through_the_start_and_progress_and_wakes_at_the_end(
+    url: str, model: str, watch: TaskWatch, consumer: ConsumerDriver
+) -> None:
+    uid = submit(url, model)
+    params = {SEEN_PARAM: TaskStatus.PENDING.value, WAKE_ON_PARAM: WakeOn.END.value}
+    with ThreadPoolExecutor(1) as pool:
+        polling = pool.submit(long_poll, url, uid, 30, **params)
+        waiting_on(watch, 1)
+        consumer.claim(uid)
+        response = consumer.http.put(
+            f"/tasks/{uid}/logs",
+            content=b"INFERENCE_PROGRESS 0.5 half\n",
+            headers={"content-type": "text/plain"},
+            params={"progress": 0.5, "progress_message": "half"},
+        )
+        assert response.status_code == 204, response.text
+        # Long enough for a poll woken by either change to have been answered.
+        time.sleep(1.0)
+        assert not polling.done()
+        consumer.finish(uid, make_zip({"output.txt": b"done"}))
+        answer, took = polling.result(timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == TaskStatus.FINISHED
+    assert took < 20
+
+
+def test_a_long_poll_on_status_is_not_woken_by_progress(
+    url: str, model: str, watch: TaskWatch, consumer: ConsumerDriver
+) -> None:
+    uid = submit(url, model)
+    consumer.claim(uid)
+    params = {SEEN_PARAM: TaskStatus.RUNNING.value, WAKE_ON_PARAM: WakeOn.STATUS.value}
+    with ThreadPoolExecutor(1) as pool:
+        polling = pool.submit(long_poll, url, uid, 30, **params)
+        waiting_on(watch, 1)
+        response = consumer.http.put(
+            f"/tasks/{uid}/logs",
+            content=b"INFERENCE_PROGRESS 0.25 a quarter\n",
+            headers={"content-type": "text/plain"},
+            params={"progress": 0.25, "progress_message": "a quarter"},
+        )
+        assert response.status_code == 204, response.text
+        time.sleep(1.0)
+        assert not polling.done()
+        consumer.finish(uid, make_zip({"output.txt": b"done"}))
+        answer, _ = polling.result(timeout=30)
+    assert answer.json()["status"] == TaskStatus.FINISHED
+
+
+def test_a_long_poll_on_end_for_a_task_already_ended_is_answered_at_once(
+    url: str, model: str, consumer: ConsumerDriver
+) -> None:
+    uid = submit(url, model)
+    consumer.claim(uid)
+    consumer.finish(uid, make_zip({"output.txt": b"done"}))
+    params = {SEEN_PARAM: TaskStatus.RUNNING.value, WAKE_ON_PARAM: WakeOn.END.value}
+    response, took = long_poll(url, uid, 30, **params)
+    assert response.json()["status"] == TaskStatus.FINISHED
+    assert took < 5
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -135,6 +198,7 @@ def test_progress_answers_a_long_poll_too(
         {WAIT_PARAM: 61},
         {WAIT_PARAM: "soon"},
         {WAIT_PARAM: 5, SEEN_PARAM: "sleeping"},
+        {WAIT_PARAM: 5, WAKE_ON_PARAM: "never"},
     ],
 )
 def test_bad_wait_values_are_422_with_a_detail(url: str, model: str, params: dict[str, object]) -> None:
@@ -153,11 +217,13 @@ def test_the_plain_status_read_is_unchanged(url: str, model: str) -> None:
     assert time.monotonic() - started < 5
 
 
-def read_events(url: str, uid: str, headers: dict[str, str] | None = None) -> list[tuple[str, dict]]:
+def read_events(
+    url: str, uid: str, headers: dict[str, str] | None = None, params: dict[str, str] | None = None
+) -> list[tuple[str, dict]]:
     """The events of one stream, read to its end."""
     events: list[tuple[str, dict]] = []
     with httpx.stream(
-        "GET", url + PublicRoutes.TASK_EVENTS.format(uid=uid), headers=headers, timeout=60
+        "GET", url + PublicRoutes.TASK_EVENTS.format(uid=uid), headers=headers, params=params, timeout=60
     ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -188,6 +254,20 @@ def test_the_event_stream_sends_each_change_and_ends_after_the_final_status(
     statuses = [name for name, _ in events]
     assert statuses == [TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.FINISHED]
     assert all(task["status"] == name and task["uid"] == uid for name, task in events)
+
+
+def test_an_event_stream_on_end_sends_the_task_now_and_its_end_only(
+    url: str, model: str, watch: TaskWatch, consumer: ConsumerDriver
+) -> None:
+    uid = submit(url, model)
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(read_events, url, uid, params={WAKE_ON_PARAM: WakeOn.END.value})
+        waiting_on(watch, 1)
+        consumer.claim(uid)
+        time.sleep(0.5)  # a stream woken by the start would have sent it by now
+        consumer.finish(uid, make_zip({"output.txt": b"done"}))
+        events = reading.result(timeout=30)
+    assert [name for name, _ in events] == [TaskStatus.PENDING, TaskStatus.FINISHED]
 
 
 def test_an_idle_event_stream_sends_keep_alive_comments(
