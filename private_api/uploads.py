@@ -1,14 +1,17 @@
 """Request bodies straight into the blob store: one pass, bounded memory, size limit while streaming.
 
 A multipart body is parsed as it arrives (python-multipart's push parser); the bytes of the
-file field go to a BlobWriter in ~1 MiB batches written from a worker thread, so neither the
-event loop blocks on disk nor is a file ever held whole in memory. The upload is cut off with
+file field go to a BlobWriter in ~1 MiB batches hashed and written by a worker thread while the
+next batch is received, so neither the event loop blocks on disk nor is a file ever held whole
+in memory (two batches at most). The upload is cut off with
 413 as soon as it crosses the limit, and every failure path deletes what was written.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -65,10 +68,14 @@ class _FormSink:
         # The other (text) fields of the form, by name: params, webhook_url, input_from, ...
         self.text_fields: dict[str, bytearray] = {}
         self.writer: BlobWriter | None = None
+        self._file_field_seen = False
+        self.file_bytes = 0
         self.buffer = bytearray()
         self.file_part_ended = False
         self.stored: StoredBlob | None = None
         self.body_complete = False
+        # Held by the worker thread for each batch, and by `discard`: a discard never races a write.
+        self._disk_lock = threading.Lock()
 
     def callbacks(self) -> MultipartCallbacks:
         return {
@@ -108,19 +115,20 @@ class _FormSink:
                 raise BadInput(f"the multipart body has more than one {text_name!r} field")
             self._text_part = self.text_fields[text_name] = bytearray()
             return
-        if self.writer is not None or self.stored is not None:
+        if self._file_field_seen:
             raise BadInput(f"the multipart body has more than one {self._field.decode()!r} field")
+        self._file_field_seen = True
         self.writer = self._blobs.writer(self._kind, suffix=".zip", max_bytes=self._max_bytes)
         self._in_file_part = True
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._in_file_part:
-            assert self.writer is not None
-            if self.writer.size + len(self.buffer) + (end - start) > self._max_bytes:
+            self.file_bytes += end - start
+            if self.file_bytes > self._max_bytes:
                 raise BlobTooLarge(
                     f"{self._field.decode()} is larger than the limit of {self._max_bytes} bytes"
                 )
-            self.buffer += data[start:end]
+            self.buffer += memoryview(data)[start:end]
             return
         # Other fields are kept for the route to read, but not without bound.
         self._other_bytes += end - start
@@ -137,24 +145,32 @@ class _FormSink:
     def _on_end(self) -> None:
         self.body_complete = True
 
-    # Disk work, run in a worker thread by the receiving coroutine.
+    def take_batch(self) -> tuple[bytearray, bool]:
+        """The file bytes buffered so far, and whether the file part ended after them."""
+        batch, self.buffer = self.buffer, bytearray()
+        ended, self.file_part_ended = self.file_part_ended, False
+        return batch, ended
 
-    def flush(self) -> None:
-        if self.writer is not None and self.buffer:
-            self.writer.write(self.buffer)
-            self.buffer.clear()
-        if self.writer is not None and self.file_part_ended:
-            self.stored = self.writer.commit()
-            self.writer = None
-            self.file_part_ended = False
+    # Disk work, run in a worker thread by the receiving coroutine, one batch at a time.
+
+    def write_batch(self, batch: bytearray, ended: bool) -> None:
+        with self._disk_lock:
+            if self.writer is None:  # nothing of the file yet, or discarded meanwhile
+                return
+            if batch:
+                self.writer.write(batch)
+            if ended:
+                self.stored = self.writer.commit()
+                self.writer = None
 
     def discard(self, blobs: BlobStore) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
-        if self.stored is not None:
-            blobs.delete(self.stored.key)
-            self.stored = None
+        with self._disk_lock:
+            if self.writer is not None:
+                self.writer.abort()
+                self.writer = None
+            if self.stored is not None:
+                blobs.delete(self.stored.key)
+                self.stored = None
 
 
 def _declared_length(request: Request) -> int | None:
@@ -198,29 +214,51 @@ async def _receive_multipart_file(
         raise TooLarge(f"the upload ({length} bytes) is larger than the limit of {max_bytes} bytes")
 
     sink = _FormSink(blobs, kind=kind, field=field, max_bytes=max_bytes)
+    # The batch being written while the next one is received: one core hashes and writes while
+    # the other parses (hashing and writing release the GIL).
+    writing: asyncio.Future[None] | None = None
+
+    async def hand_over_batch() -> None:
+        nonlocal writing
+        if writing is not None:
+            await writing
+        batch, ended = sink.take_batch()
+        writing = asyncio.ensure_future(run_in_threadpool(sink.write_batch, batch, ended))
+
     try:
         parser = MultipartParser(boundary, sink.callbacks())
         async for chunk in request.stream():
             parser.write(chunk)
             if len(sink.buffer) >= FLUSH_BYTES or sink.file_part_ended:
-                await run_in_threadpool(sink.flush)
+                await hand_over_batch()
         parser.finalize()
-        await run_in_threadpool(sink.flush)
+        await hand_over_batch()
+        assert writing is not None
+        await writing
         if not sink.body_complete or sink.writer is not None:
             raise BadInput("the multipart body ended before its closing boundary (upload cut short?)")
         if text_fields is not None:
             text_fields.update(_decoded_text_fields(sink))
     except FormParserError as exc:
+        _abandon(writing)
         sink.discard(blobs)
         raise BadInput(f"malformed multipart body: {exc}") from exc
     except BaseException:
+        _abandon(writing)
         # Synchronous on purpose: after a cancellation (client gone, server stopping) an await
-        # here could be cancelled too and leave the partial file behind.
+        # here could be cancelled too and leave the partial file behind. It waits for a batch
+        # being written, if any, then deletes the partial file; later batches find no writer.
         sink.discard(blobs)
         raise
     if sink.stored is None and required:
         raise Unprocessable(f"the multipart body has no file field {field!r}")
     return sink.stored
+
+
+def _abandon(writing: asyncio.Future[None] | None) -> None:
+    """A batch write no one will await: its outcome, an error too, is of no interest any more."""
+    if writing is not None:
+        writing.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _check_zip(blobs: BlobStore, blob: StoredBlob, field: str, limits: ZipLimits) -> None:
