@@ -34,12 +34,16 @@ GATE_WORD = "go"
 # The consumer writes; the container's unprivileged user (an "other" here) reads.
 FIFO_MODE = 0o604
 SHELL_MODE = 0o555
-# Blocks in `read` on the FIFO until a writer comes; anything but the word is ignored. Then it
+# Blocks in `read` on the FIFO until a writer comes; anything but the word is ignored. As the
+# container's PID 1 the shell would ignore SIGTERM (the kernel drops signals PID 1 has no handler
+# for), so a `docker stop` of a waiting container would last its whole timeout: the trap ends it at
+# once, and `exec` gives the model the default handling back. Once the word has come, it
 # runs the image's command as the engine would: the program found on the image's PATH (busybox
 # would otherwise run an applet of its own by that name, its `sh` or `date` for the image's),
 # with the same argv[0], and with no SHLVL of its own left in the environment.
 GATE_SCRIPT = "\n".join(
     [
+        "trap 'exit 143' TERM",
         f'until read -r word < {GATE_MOUNT}/{FIFO_NAME} && [ "$word" = {GATE_WORD} ]; do :; done',
         "unset word SHLVL",
         "name=$1; prog=$1; shift",

@@ -139,6 +139,12 @@ class PreparedContainer:
         return self.slot.output_dir if self.gate is not None else None
 
 
+def _not_handed_over(prepared: PreparedContainer, task_uid: str, error: Exception) -> None:
+    log.warning(
+        "task %s: prepared container %s not handed over (%s)", task_uid, prepared.container.short_id, error
+    )
+
+
 class PreparedContainers:
     """One consumer's prepared containers, at most one ready per model."""
 
@@ -355,12 +361,7 @@ class PreparedContainers:
             os.replace(retargeted, link)
             prepared.container.rename(self.runner.container_name(task_uid))
         except (OSError, docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            log.warning(
-                "task %s: prepared container %s not handed over (%s)",
-                task_uid,
-                prepared.container.short_id,
-                exc,
-            )
+            _not_handed_over(prepared, task_uid, exc)
             with contextlib.suppress(OSError):
                 retargeted.unlink()
             return False
@@ -379,12 +380,7 @@ class PreparedContainers:
                 os.rename(entry, target)
                 moved.append(target)
         except (OSError, docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            log.warning(
-                "task %s: prepared container %s not handed over (%s)",
-                task_uid,
-                prepared.container.short_id,
-                exc,
-            )
+            _not_handed_over(prepared, task_uid, exc)
             # The task runs in a container of its own then, on its workspace as it was.
             for target in moved:
                 with contextlib.suppress(OSError):

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import docker
 import pytest
 
 from job_consumer.container_gate import (
@@ -154,3 +155,27 @@ def test_a_command_not_on_the_path_fails_like_a_missing_executable(tmp_path: Pat
     assert missing.returncode == 127
     assert missing.stdout == ""
     assert "date: not found on PATH" in missing.stderr
+
+
+@pytest.mark.docker
+def test_a_container_waiting_at_the_gate_stops_at_once_on_sigterm(
+    tmp_path: Path, docker_client: docker.DockerClient, base_image: str
+) -> None:
+    # PID 1 without a handler ignores SIGTERM: without the gate's trap this stop would wait out
+    # its timeout and end in SIGKILL (137).
+    gate = make_gate(tmp_path, STATIC_BUSYBOX)
+    entrypoint, command = gated_command(["sleep", "300"])
+    container = docker_client.containers.run(
+        base_image,
+        command=command,
+        entrypoint=entrypoint,
+        volumes={str(gate): {"bind": GATE_MOUNT, "mode": "ro"}},
+        labels={"inference-server.test": "container-gate"},
+        detach=True,
+    )
+    try:
+        container.stop(timeout=60)
+        container.reload()
+        assert container.attrs["State"]["ExitCode"] == 143
+    finally:
+        container.remove(force=True)
