@@ -444,7 +444,7 @@ class TaskPublic(BaseModel):
 # GET PublicRoutes.TASK_STATUS?wait=S[&seen=STATUS][&on=WAKE_ON]: a long poll answered as soon
 # as what the caller saw (the status `seen`, else the state at the time of the request) is out of
 # date at the granularity `on` asks for, or after S seconds (WAIT_MIN_S..WAIT_MAX_S) with the
-# state as it is. /events takes `on` too.
+# state as it is; at once for a task that has ended. /events takes `on` too.
 WAIT_PARAM = "wait"
 SEEN_PARAM = "seen"
 WAKE_ON_PARAM = "on"

@@ -279,16 +279,19 @@ async def status_after_change(
     on: WakeOn = WakeOn.CHANGE,
 ) -> bytes:
     """The task's status JSON as soon as what the caller saw (`seen`, a status; else the state
-    now) is out of date as far as `on` cares, or after `wait_s` as it is then. Unknown or not the
-    caller's: the same error as the plain status read."""
+    now) is out of date as far as `on` cares, or after `wait_s` as it is then; at once for a task
+    that has ended, which will not change again. Unknown or not the caller's: the same error as
+    the plain status read."""
     task = watch.known(uid, caller)
     if task is None or (seen is not None and not status_is_current(seen, task, on)):
         # The read checks that the caller may see the task; `known` skips it for a while after.
         body = await watch.read_once(uid, caller, lambda: service.task_status_json(api, uid, caller=caller))
         task = TaskPublic.model_validate_json(body)
         watch.remember(uid, caller, task)
-        if seen is not None and not status_is_current(seen, task, on):
+        if task.status.is_terminal or (seen is not None and not status_is_current(seen, task, on)):
             return body
+    elif task.status.is_terminal:
+        return task.model_dump_json().encode()
     # A state remembered from an earlier answer may be out of date: the private API compares
     # it with the task as it is, and answers at once if they differ.
     with contextlib.suppress(TaskGone):  # the read below answers for it

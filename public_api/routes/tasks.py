@@ -194,7 +194,7 @@ async def delete_task(uid: TaskUid, api: PrivateAPIDep, caller: TaskCallerDep) -
         f"`{WAKE_ON_PARAM}` names, or after S seconds with the status as it is then. "
         f"`{WAKE_ON_PARAM}={WakeOn.CHANGE.value}` (the default): its status, progress or waiting "
         f"reason; `{WakeOn.STATUS.value}`: its status; `{WakeOn.END.value}`: only its end, what a "
-        "client waiting for the result needs."
+        "client waiting for the result needs. A task that has ended is answered at once."
     ),
     responses={
         404: error("No such task, or it was deleted."),
