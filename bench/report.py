@@ -239,6 +239,7 @@ def figure_texts(results: dict[str, Any]) -> dict[str, str]:
     breakdown = disp.get("platform_breakdown_median_s") or {}
     big = d.get("bigfiles") or {}
     paced = (d.get("polling") or {}).get("paced") or {}
+    crowd_any_change = (d.get("push") or {}).get("wait_crowd_any_change") or {}
 
     def breakdown_ms(key: str) -> str:
         return _fmt((breakdown.get(key) or 0) * 1000, 0)
@@ -285,6 +286,8 @@ def figure_texts(results: dict[str, Any]) -> dict[str, str]:
         "upload_direct_mb_s": _fmt(big.get("upload_direct_to_private_api_mb_s")),
         "disk_mb_s": _fmt(big.get("disk_read_sha256_write_mb_s")),
         "disk_fsync_mb_s": _fmt(big.get("disk_read_sha256_write_fsync_mb_s")),
+        "wait_any_change_p99_ms": _fmt(crowd_any_change.get("p99_ms")),
+        "wait_any_change_errors": _fmt(crowd_any_change.get("errors"), 0),
         "poll_p99_runs": ", ".join(_fmt(run.get("p99_ms")) for run in paced.get("runs") or []) or "n/a",
         "phase_errors": _phase_errors(results.get("phase_errors") or {}),
     }
