@@ -57,6 +57,7 @@ def _disk_copy_mb_s(source: Path, dest: Path, *, durable: bool = False) -> float
     """Read + sha256 + write of `source`; `durable`: and fsync, as the platform's blob store does
     before a blob counts (without it the copy may stay in the page cache)."""
     digest = hashlib.sha256()
+    os.sync()  # no writeback of the uploads before it in its time
     started = time.perf_counter()
     with source.open("rb") as reader, dest.open("wb") as writer:
         while block := reader.read(MIB):

@@ -187,9 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build_passthrough_image(ctx)
         for phase in phases:
+            # What an earlier phase wrote (gigabytes after the big files) would otherwise still be
+            # written back, with the kernel's CPU and the disk, during this one.
+            sync_started = time.monotonic()
+            os.sync()
             phase_started = time.monotonic()
             pressure_before = cpu_pressure_total_us()
-            log.info("=== %s ===", phase)
+            log.info(
+                "=== %s (after %.1f s writing back earlier phases' files) ===",
+                phase,
+                phase_started - sync_started,
+            )
             try:
                 details[phase] = runners[phase]()
                 details[phase]["environment"] = _environment(
