@@ -51,6 +51,8 @@ missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 # The consumer's second container runtime (IS_CONTAINER_RUNTIME=podman); daemonless: nothing to start.
 command -v podman >/dev/null || missing+=(podman)
+# Rootless Podman (tests/e2e/test_podman_rootless.py) maps the user's subordinate ids with these.
+command -v newuidmap >/dev/null || missing+=(uidmap)
 command -v iptables >/dev/null || missing+=(iptables)
 # The gate that holds a consumer's containers started ahead (job_consumer/container_gate.py):
 # a static shell, which any image can run.

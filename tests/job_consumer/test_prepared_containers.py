@@ -154,8 +154,11 @@ def test_the_next_task_starts_the_container_prepared_before_it_came_and_a_fresh_
     if start_ahead:
         # Started, and held at its gate: the model has not run, nothing is in its output.
         assert ready.status == "running"
-        held = consumer.prepared.ready_for(model_id)
-        assert held is not None and held.gate is not None
+        # The engine shows the container before the consumer has recorded it as ready.
+        held = wait_until(
+            lambda: consumer.prepared.ready_for(model_id), 30, "the container recorded as ready"
+        )
+        assert held.gate is not None
         assert list(held.slot.output_dir.iterdir()) == []
         assert ready.logs() == b""
     else:
