@@ -200,6 +200,8 @@ def test_a_task_still_runs_when_the_container_started_for_it_died_at_its_gate(
         lambda: prepared_of(engine, consumer.settings.consumer_id), 30, "a started container"
     )
     assert ready.status == "running"
+    # The engine shows the container before the consumer has recorded it as ready: kill it after.
+    wait_until(lambda: consumer.prepared.ready_for(model_id), 30, "the container recorded as ready")
 
     ready.kill()
     ready.wait(timeout=30)
