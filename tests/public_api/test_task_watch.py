@@ -75,6 +75,17 @@ def waiting_on(watch: TaskWatch, count: int) -> None:
     wait_until(lambda: watch.waiting >= count, 10, f"{count} waiting clients", interval=0.01)
 
 
+def report_progress(consumer: ConsumerDriver, uid: str, fraction: float, message: str) -> None:
+    """The consumer ships a log whose last line is the model's progress report."""
+    response = consumer.http.put(
+        f"/tasks/{uid}/logs",
+        content=f"INFERENCE_PROGRESS {fraction} {message}\n".encode(),
+        headers={"content-type": "text/plain"},
+        params={"progress": fraction, "progress_message": message},
+    )
+    assert response.status_code == 204, response.text
+
+
 def test_a_long_poll_is_answered_as_soon_as_the_task_changes(
     url: str, model: str, watch: TaskWatch, consumer: ConsumerDriver
 ) -> None:
@@ -118,13 +129,7 @@ def test_progress_answers_a_long_poll_too(
     with ThreadPoolExecutor(1) as pool:
         polling = pool.submit(long_poll, url, uid, 30, **{SEEN_PARAM: TaskStatus.RUNNING.value})
         waiting_on(watch, 1)
-        response = consumer.http.put(
-            f"/tasks/{uid}/logs",
-            content=b"INFERENCE_PROGRESS 0.5 half\n",
-            headers={"content-type": "text/plain"},
-            params={"progress": 0.5, "progress_message": "half"},
-        )
-        assert response.status_code == 204, response.text
+        report_progress(consumer, uid, 0.5, "half")
         answer, took = polling.result(timeout=30)
     assert (answer.json()["status"], answer.json()["progress"]) == (TaskStatus.RUNNING, 0.5)
     assert took < 10
@@ -139,13 +144,7 @@ def test_a_long_poll_on_end_sleeps_through_the_start_and_progress_and_wakes_at_t
         polling = pool.submit(long_poll, url, uid, 30, **params)
         waiting_on(watch, 1)
         consumer.claim(uid)
-        response = consumer.http.put(
-            f"/tasks/{uid}/logs",
-            content=b"INFERENCE_PROGRESS 0.5 half\n",
-            headers={"content-type": "text/plain"},
-            params={"progress": 0.5, "progress_message": "half"},
-        )
-        assert response.status_code == 204, response.text
+        report_progress(consumer, uid, 0.5, "half")
         # Long enough for a poll woken by either change to have been answered.
         time.sleep(1.0)
         assert not polling.done()
@@ -165,13 +164,7 @@ def test_a_long_poll_on_status_is_not_woken_by_progress(
     with ThreadPoolExecutor(1) as pool:
         polling = pool.submit(long_poll, url, uid, 30, **params)
         waiting_on(watch, 1)
-        response = consumer.http.put(
-            f"/tasks/{uid}/logs",
-            content=b"INFERENCE_PROGRESS 0.25 a quarter\n",
-            headers={"content-type": "text/plain"},
-            params={"progress": 0.25, "progress_message": "a quarter"},
-        )
-        assert response.status_code == 204, response.text
+        report_progress(consumer, uid, 0.25, "a quarter")
         time.sleep(1.0)
         assert not polling.done()
         consumer.finish(uid, make_zip({"output.txt": b"done"}))
